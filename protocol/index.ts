@@ -1,0 +1,44 @@
+export * from "./constants";
+export * from "./errors";
+export * from "./codec";
+export * from "./validate";
+export type * from "./bodies";
+// Encoding, ErrorCode and the state unions come from ./constants; a test checks they match the schemas.
+export type {
+  Id,
+  RequestId,
+  Name,
+  Metadata,
+  Version,
+  Timestamp,
+  ResultItem,
+  AckBody,
+  AckItem,
+  CancelBody,
+  CancelItem,
+  CancelTaskBody,
+  DisconnectBody,
+  ErrorBody,
+  HeartbeatBody,
+  HelloBody,
+  Sdk,
+  PoolsBody,
+  ProgressBody,
+  ProgressItem,
+  ReplyBody,
+  TaskView,
+  TemplateRef,
+  TaskError,
+  StepView,
+  StepError,
+  PoolView,
+  ResultBody,
+  Usage,
+  StatusBody,
+  StepBody,
+  StepDispatch,
+  SubmitBody,
+  TemplateSelector,
+  WaitBody,
+  WelcomeBody,
+} from "./types.generated";
