@@ -14,7 +14,7 @@ import {
   TaskStates,
 } from "../../protocol/constants";
 
-const common = loadSchemaFiles().find((f) => f.file === "common.json")!.schema as {
+const common = loadSchemaFiles().find((f) => f.file === "common.json")!.schema as unknown as {
   $defs: Record<string, { enum?: string[] }>;
 };
 const byFile = new Map(loadSchemaFiles().map((f) => [f.file, f.schema as Record<string, unknown>]));

@@ -1,0 +1,814 @@
+/**
+ * The broker: one ROUTER socket, a short receive loop, and one named verb per
+ * command. Timers send heartbeats, purge silent pools, expire leases and poll
+ * for work as a safety net. Step and task state change only through the
+ * state manager (StatePort); everything here is soft state that a restart
+ * rebuilds from HELLOs and PostgreSQL.
+ *
+ * Lifecycle:
+ *   created   constructed, nothing bound
+ *   running   bound, serving
+ *   stopping  no new claims; in-flight attempts finish or are handed back
+ *   stopped   socket closed, timers cleared
+ */
+import pino, { type Logger } from "pino";
+import { Router } from "zeromq";
+import {
+  BrokerCommands,
+  CancelReasons,
+  ClientCommands,
+  coerceError,
+  decodeMessage,
+  encodeMessage,
+  fault,
+  faultToErrorBody,
+  HARD_LIMIT_FACTOR,
+  MAX_CONSECUTIVE_ERRORS,
+  PoolCommands,
+  PROTOCOL_VERSION,
+  TaskStates,
+  type BodyOf,
+  type CancelReason,
+  type CommandName,
+  type Encoding,
+  type ErrorCode,
+  type Message,
+  type PoolView,
+  type ProtocolFault,
+  type StepDispatch,
+  type TaskView,
+} from "../protocol";
+import { Committer, type CommitReport } from "./committer";
+import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
+import { Outbox } from "./outbox";
+import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
+import type { ClaimedStep, CreateTaskRequest } from "./statePort";
+import { startZapHandler, type ZapHandler } from "./zap";
+
+const ACCEPTED = new Set<string>([
+  PoolCommands.HELLO,
+  PoolCommands.RESULT,
+  PoolCommands.PROGRESS,
+  PoolCommands.HEARTBEAT,
+  PoolCommands.DISCONNECT,
+  PoolCommands.ERROR,
+  ...Object.values(ClientCommands),
+]);
+const TERMINAL_TASK_STATES = new Set<string>([TaskStates.COMPLETE, TaskStates.ERROR, TaskStates.CANCELLED]);
+
+type BrokerState = "created" | "running" | "stopping" | "stopped";
+
+interface Waiter {
+  done(task: TaskView, finished: boolean): void;
+  timer: NodeJS.Timeout;
+}
+
+export interface SubmitResult {
+  task: TaskView;
+  created: boolean;
+}
+
+export class Broker {
+  readonly id: string;
+  readonly log: Logger;
+  private readonly opts: ResolvedOptions;
+  private readonly socket: Router;
+  private readonly outbox: Outbox;
+  private readonly pools = new PoolRegistry();
+  private readonly committer: Committer;
+  private readonly waiters = new Map<string, Set<Waiter>>();
+  /** Consecutive bad messages per peer, and peers ignored after too many. */
+  private readonly strikes = new Map<string, number>();
+  private readonly ignoredUntil = new Map<string, number>();
+  /** Attempts pools reclaimed in HELLO.running since this life started. */
+  private readonly adopted = new Set<string>();
+  private readonly timers: NodeJS.Timeout[] = [];
+  private zap: ZapHandler | undefined;
+  private unlisten: (() => Promise<void>) | undefined;
+  private state: BrokerState = "created";
+  private startedAt = new Date();
+  private boundEndpoints: string[] = [];
+  private dispatchWanted = false;
+  private dispatching: Promise<void> | undefined;
+  private recovered = false;
+
+  constructor(options: BrokerOptions) {
+    const base = options.logger ?? pino({ level: process.env.STEPBROKER_LOG_LEVEL ?? "info" });
+    this.opts = resolveOptions(options, base);
+    this.id = this.opts.brokerId;
+    this.log = base.child({ broker_id: this.id });
+    checkEndpoints(this.opts);
+    const curve = this.opts.curve;
+    this.socket = new Router({
+      // A send to a pool that is gone fails (EHOSTUNREACH) instead of vanishing,
+      // and the step goes back to ready.
+      mandatory: true,
+      // With mandatory, the default (-1) would block forever on a peer with no
+      // connection; 0 fails at once: EHOSTUNREACH = gone, EAGAIN = back-pressure.
+      sendTimeout: 0,
+      // A reconnecting pool keeps its routing id and takes over its old session.
+      handover: true,
+      // Credit bounds what the broker sends to a pool; these bound what a
+      // misbehaving peer can queue.
+      sendHighWaterMark: 100_000,
+      receiveHighWaterMark: 100_000,
+      // libzmq drops the connection of a grossly oversized message; a merely
+      // oversized one reaches us and is answered with message_too_large.
+      maxMessageSize: this.opts.maxMessageBytes * HARD_LIMIT_FACTOR,
+      // ZMTP heartbeats catch half-open TCP; application heartbeats catch stuck loops.
+      heartbeatInterval: this.opts.heartbeatMs,
+      heartbeatTimeout: this.opts.heartbeatMs * this.opts.heartbeatLiveness,
+      linger: 0,
+      ...(curve ? { curveServer: true, curveSecretKey: curve.secretKey, curvePublicKey: curve.publicKey } : {}),
+    });
+    this.outbox = new Outbox(this.socket, {
+      onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
+      onError: (identity, err) =>
+        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
+    });
+    this.committer = new Committer(this.opts.state, this.opts.commitBatch, (r) => this.afterCommit(r), this.log);
+  }
+
+  /** The endpoints actually bound (with `*` ports resolved). */
+  get endpoints(): string[] {
+    return [...this.boundEndpoints];
+  }
+
+  async start(): Promise<void> {
+    if (this.state !== "created") throw new Error(`broker cannot start from state ${this.state}`);
+    this.startedAt = new Date();
+    if (this.opts.curve) {
+      this.zap = await startZapHandler(this.opts.curve.allowedClientKeys ?? [], this.log);
+    }
+    for (const ep of this.opts.endpoints) {
+      try {
+        await this.socket.bind(ep);
+      } catch (e) {
+        const err = coerceError(e);
+        const code = (e as { code?: string }).code;
+        const hint = code === "EADDRINUSE" ? "another process uses this address; stop it or choose another endpoint" : err.message;
+        this.socket.close();
+        await this.zap?.close();
+        throw new Error(`cannot bind ${ep}: ${hint}`, { cause: err });
+      }
+      this.boundEndpoints.push(this.socket.lastEndpoint ?? ep);
+    }
+    this.state = "running";
+    this.unlisten = await this.opts.state.listenForWork(() => this.kickDispatch());
+    this.every(Math.max(10, Math.floor(this.opts.heartbeatMs / 2)), () => this.heartbeatTick());
+    this.every(this.opts.leaseCheckMs, () => this.expireLeases());
+    this.every(this.opts.pollMs, () => this.pollTick());
+    this.timers.push(setTimeout(() => void this.recoverOrphans(), this.opts.recoveryGraceMs));
+    void this.receiveLoop();
+    this.log.info(
+      { endpoints: this.boundEndpoints, protocol: PROTOCOL_VERSION },
+      `broker listening on ${this.boundEndpoints.join(", ")}`,
+    );
+    this.kickDispatch();
+  }
+
+  /**
+   * Stops serving: no new claims; in-flight attempts have `drainMs` to finish,
+   * the rest go back to ready without counting as an attempt; pending commits
+   * are flushed; pools are told to reconnect elsewhere. No step stays claimed
+   * by a broker that stopped cleanly.
+   */
+  async stop(opts: { drainMs?: number } = {}): Promise<void> {
+    if (this.state !== "running") {
+      if (this.state === "created") this.socket.close();
+      this.state = "stopped";
+      return;
+    }
+    this.state = "stopping";
+    for (const t of this.timers) clearInterval(t);
+    const drainMs = opts.drainMs ?? 5000;
+    const deadline = Date.now() + drainMs;
+    while (Date.now() < deadline && this.inFlightCount() > 0) await sleep(20);
+    await this.dispatching;
+    await this.committer.idle();
+    const leftover: InFlight[] = [];
+    for (const pool of [...this.pools.all()]) {
+      const held = this.pools.remove(pool.key);
+      leftover.push(...held);
+      if (held.length > 0) this.sendCancel(pool, held.map((f) => f.attemptId), CancelReasons.SHUTDOWN);
+      this.send(pool.identity, BrokerCommands.DISCONNECT, { code: "shutting_down", reason: "the broker is stopping" }, pool.encoding);
+    }
+    if (leftover.length > 0) {
+      await this.release(leftover.map((f) => f.attemptId), false, "broker shutdown");
+      this.log.info({ attempts: leftover.length }, `handed back ${leftover.length} unfinished attempts at shutdown`);
+    }
+    for (const [taskId, set] of this.waiters) {
+      const task = await this.opts.state.getTask(taskId, { includeSteps: true }).catch(() => null);
+      for (const w of set) {
+        clearTimeout(w.timer);
+        if (task) w.done(task, false);
+      }
+    }
+    this.waiters.clear();
+    this.committer.stop();
+    await Promise.race([this.outbox.flushed(), sleep(500)]);
+    await this.unlisten?.().catch(() => undefined);
+    this.outbox.close();
+    this.socket.close();
+    await this.zap?.close();
+    this.state = "stopped";
+    this.log.info("broker stopped");
+  }
+
+  // ---------------------------------------------------------------- in-process API
+
+  async submit(req: CreateTaskRequest): Promise<SubmitResult> {
+    const out = await this.opts.state.createTask(req);
+    if (out.created) this.kickDispatch();
+    return out;
+  }
+
+  status(taskId: string): Promise<TaskView | null> {
+    return this.opts.state.getTask(taskId, { includeSteps: true });
+  }
+
+  /** Resolves with the task when it ends, or as it is when `timeoutMs` passes (finished: false). */
+  async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean } | null> {
+    const task = await this.opts.state.getTask(taskId, { includeSteps: true });
+    if (!task) return null;
+    if (TERMINAL_TASK_STATES.has(task.state)) return { task, finished: true };
+    return new Promise((resolve) => {
+      const waiter: Waiter = {
+        done: (t, finished) => resolve({ task: t, finished }),
+        timer: setTimeout(() => {
+          this.waiters.get(taskId)?.delete(waiter);
+          void this.opts.state.getTask(taskId, { includeSteps: true }).then(
+            (t) => resolve({ task: t ?? task, finished: t ? TERMINAL_TASK_STATES.has(t.state) : false }),
+            () => resolve({ task, finished: false }),
+          );
+        }, timeoutMs),
+      };
+      let set = this.waiters.get(taskId);
+      if (!set) this.waiters.set(taskId, (set = new Set()));
+      set.add(waiter);
+    });
+  }
+
+  async cancel(taskId: string): Promise<TaskView | null> {
+    const out = await this.opts.state.cancelTask(taskId);
+    if (!out) return null;
+    const byPool = new Map<PoolRecord, string[]>();
+    for (const attemptId of out.cancelledAttempts) {
+      const held = this.pools.takeInFlight(attemptId);
+      if (!held) continue;
+      const list = byPool.get(held.pool) ?? [];
+      list.push(attemptId);
+      byPool.set(held.pool, list);
+    }
+    for (const [pool, ids] of byPool) this.sendCancel(pool, ids, CancelReasons.TASK_CANCELLED);
+    this.log.info({ task_id: taskId, cancelled_attempts: out.cancelledAttempts.length }, `cancelled task ${taskId}`);
+    this.kickDispatch();
+    const task = await this.opts.state.getTask(taskId, { includeSteps: true });
+    if (task) this.finishWaiters(taskId, task);
+    return task;
+  }
+
+  listPools(): PoolView[] {
+    return this.pools.view(Date.now());
+  }
+
+  /** Handler names some connected pool serves (for explain). */
+  servedHandlers(): Set<string> {
+    return this.pools.servedHandlers();
+  }
+
+  // ---------------------------------------------------------------- receive loop
+
+  private async receiveLoop(): Promise<void> {
+    try {
+      for await (const frames of this.socket) {
+        if (this.state === "stopped") break;
+        this.onMessage(frames);
+      }
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (this.state !== "stopping" && this.state !== "stopped" && code !== "EAGAIN") {
+        this.log.fatal({ err: coerceError(e) }, "receive loop failed; the broker can no longer serve");
+      }
+    }
+  }
+
+  private onMessage(frames: Buffer[]): void {
+    const identity = frames[0];
+    if (!identity) return;
+    const key = identityKey(identity);
+    const now = Date.now();
+    const ignored = this.ignoredUntil.get(key);
+    if (ignored !== undefined) {
+      if (now < ignored) return;
+      this.ignoredUntil.delete(key);
+    }
+    const pool = this.pools.get(key);
+    if (pool) pool.lastSeen = now;
+    const decoded = decodeMessage(frames.slice(1), { maxBytes: this.opts.maxMessageBytes, accept: ACCEPTED });
+    if (!decoded.ok) {
+      this.rejectMessage(identity, pool, decoded.fault, frames);
+      return;
+    }
+    this.strikes.delete(key);
+    try {
+      this.dispatchCommand(identity, key, pool, decoded.message, decoded.encoding);
+    } catch (e) {
+      const err = coerceError(e);
+      this.log.error({ err, peer: key, command: decoded.message.command }, "failed to handle a message");
+      this.sendError(identity, fault("internal_error", err.message, { command: decoded.message.command }), pool?.encoding);
+    }
+  }
+
+  private dispatchCommand(identity: Buffer, key: string, pool: PoolRecord | undefined, msg: Message, enc: Encoding): void {
+    switch (msg.command) {
+      case "HELLO":
+        return void this.registerPool(identity, key, msg.body).catch((e) => this.verbFailed("HELLO", identity, e));
+      case "RESULT":
+        return pool ? this.acceptResults(pool, msg.body) : this.requireHello(identity, "RESULT");
+      case "PROGRESS":
+        return pool ? void this.extendProgress(pool, msg.body).catch((e) => this.verbFailed("PROGRESS", identity, e)) : this.requireHello(identity, "PROGRESS");
+      case "HEARTBEAT":
+        return pool ? undefined : this.requireHello(identity, "HEARTBEAT");
+      case "DISCONNECT":
+        return pool ? void this.poolLeaving(pool, msg.body) : undefined;
+      case "ERROR":
+        return this.notePeerError(key, pool, msg.body);
+      case "SUBMIT":
+      case "STATUS":
+      case "WAIT":
+      case "CANCEL_TASK":
+      case "POOLS":
+        return void this.serveClient(identity, msg, enc);
+      default:
+        this.sendError(identity, fault("unknown_command", `${msg.command} is not accepted by the broker`), pool?.encoding);
+    }
+  }
+
+  // ---------------------------------------------------------------- pool verbs
+
+  private async registerPool(identity: Buffer, key: string, hello: BodyOf<"HELLO">): Promise<void> {
+    const previous = this.pools.get(key);
+    const running = new Set(hello.running ?? []);
+    if (previous) {
+      // A reconnect: whatever the pool no longer holds goes back at once.
+      const held = this.pools.remove(key);
+      const lost = held.filter((f) => !running.has(f.attemptId)).map((f) => f.attemptId);
+      if (lost.length > 0) await this.release(lost, true, "pool reconnected without it");
+    }
+    const encoding: Encoding = hello.encoding ?? "json";
+    const adopted = running.size > 0 ? await this.opts.state.adoptAttempts([...running], this.id) : [];
+    const pool = this.pools.register(identity, hello, encoding, Date.now());
+    for (const a of adopted) {
+      this.adopted.add(a.attemptId);
+      if (!pool.handlers.has(a.handler)) continue;
+      this.pools.addInFlight(pool, { ...a, sentAt: Date.now() });
+    }
+    this.send(
+      identity,
+      BrokerCommands.WELCOME,
+      {
+        broker_id: this.id,
+        encoding,
+        heartbeat_ms: this.opts.heartbeatMs,
+        heartbeat_liveness: this.opts.heartbeatLiveness,
+        max_message_bytes: this.opts.maxMessageBytes,
+        max_batch: this.opts.maxBatch,
+        adopted: adopted.map((a) => a.attemptId),
+      },
+      "json",
+    );
+    this.log.info(
+      {
+        pool_id: hello.pool_id,
+        handlers: hello.handlers,
+        capacity: hello.capacity,
+        encoding,
+        sdk: hello.sdk,
+        adopted: adopted.length,
+        reconnect: Boolean(previous),
+      },
+      `pool ${hello.pool_id} (${hello.sdk.language} ${hello.sdk.name} ${hello.sdk.version}) ${previous ? "reconnected" : "connected"}: ` +
+        `${hello.handlers.join(", ")}, capacity ${hello.capacity}, ${encoding}`,
+    );
+    this.kickDispatch();
+  }
+
+  private acceptResults(pool: PoolRecord, body: BodyOf<"RESULT">): void {
+    const now = Date.now();
+    for (const r of body.results) {
+      const held = this.pools.takeInFlight(r.attempt_id);
+      if (held && held.pool !== pool) {
+        // Another pool holds this attempt: nothing one pool sends may change another's steps.
+        this.pools.addInFlight(held.pool, held.flight);
+        this.log.warn(
+          { pool_id: pool.poolId, attempt_id: r.attempt_id, holder: held.pool.poolId },
+          `pool ${pool.poolId} sent a result for an attempt held by ${held.pool.poolId}; refused as stale`,
+        );
+        this.send(pool.identity, BrokerCommands.ACK, { acks: [{ attempt_id: r.attempt_id, outcome: "stale" }] }, pool.encoding);
+        continue;
+      }
+      pool.unacked++;
+      this.committer.add({
+        poolKey: pool.key,
+        identity: pool.identity,
+        receivedAt: now,
+        result: {
+          attemptId: r.attempt_id,
+          status: r.status,
+          ...(r.status === "complete" ? { output: r.output ?? null } : {}),
+          ...(r.error ? { error: r.error } : {}),
+          ...(r.duration_ms !== undefined ? { durationMs: r.duration_ms } : {}),
+          ...(r.usage ? { usage: r.usage } : {}),
+          poolId: pool.poolId,
+        },
+      });
+    }
+    // Credit came back: more work can go out while the commit runs.
+    this.kickDispatch();
+    if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
+  }
+
+  private afterCommit({ items, batch, ms }: CommitReport): void {
+    const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
+    const acks = new Map<string, { identity: Buffer; acks: { attempt_id: string; outcome: "stored" | "duplicate" | "stale" | "unknown" }[] }>();
+    for (const item of items) {
+      const outcome = outcomes.get(item.result.attemptId) ?? "unknown";
+      let entry = acks.get(item.poolKey);
+      if (!entry) acks.set(item.poolKey, (entry = { identity: item.identity, acks: [] }));
+      entry.acks.push({ attempt_id: item.result.attemptId, outcome });
+      const pool = this.pools.get(item.poolKey);
+      if (pool) pool.unacked = Math.max(0, pool.unacked - 1);
+      this.logOutcome(item.result.attemptId, item.result.status, outcome, item.result.durationMs, pool?.poolId);
+    }
+    for (const [poolKey, { identity, acks: list }] of acks) {
+      const encoding = this.pools.get(poolKey)?.encoding ?? "json";
+      for (let i = 0; i < list.length; i += this.opts.maxBatch) {
+        this.send(identity, BrokerCommands.ACK, { acks: list.slice(i, i + this.opts.maxBatch) }, encoding);
+      }
+    }
+    this.log.debug({ results: items.length, ms: Math.round(ms * 10) / 10 }, `committed ${items.length} results`);
+    if (batch.readied.length > 0) this.kickDispatch();
+    for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
+  }
+
+  private logOutcome(attemptId: string, status: string, outcome: string, durationMs: number | undefined, poolId: string | undefined): void {
+    const ms = durationMs !== undefined ? ` in ${Math.round(durationMs)} ms` : "";
+    if (outcome === "stored") {
+      this.log.debug({ attempt_id: attemptId, pool_id: poolId, status }, `${status === "complete" ? "completed" : "failed"} attempt${ms}`);
+    } else {
+      this.log.info(
+        { attempt_id: attemptId, pool_id: poolId, outcome },
+        `result for attempt ${attemptId} from ${poolId ?? "a departed pool"} was ${outcome}: acknowledged and ignored`,
+      );
+    }
+  }
+
+  private async extendProgress(pool: PoolRecord, body: BodyOf<"PROGRESS">): Promise<void> {
+    const ids = body.progress.map((p) => p.attempt_id);
+    const lost = await this.opts.state.extendLeases(ids);
+    for (const p of body.progress) {
+      const flight = pool.inFlight.get(p.attempt_id);
+      this.log.debug(
+        { pool_id: pool.poolId, attempt_id: p.attempt_id, task_id: flight?.taskId, step_id: flight?.stepId, fraction: p.fraction },
+        `progress on ${flight?.stepName ?? p.attempt_id}${p.message ? `: ${p.message}` : ""}`,
+      );
+    }
+    if (lost.length > 0) {
+      for (const id of lost) this.pools.takeInFlight(id);
+      this.sendCancel(pool, lost, CancelReasons.LEASE_LOST);
+    }
+  }
+
+  private poolLeaving(pool: PoolRecord, body: BodyOf<"DISCONNECT">): void {
+    pool.draining = true;
+    const handedBack: string[] = [];
+    for (const id of body.handed_back ?? []) if (this.pools.takeInFlight(id)) handedBack.push(id);
+    if (handedBack.length > 0) void this.release(handedBack, false, "pool handed it back");
+    this.log.info(
+      { pool_id: pool.poolId, handed_back: handedBack.length, in_flight: pool.inFlight.size, reason: body.reason },
+      `pool ${pool.poolId} is leaving${body.reason ? ` (${body.reason})` : ""}; ${pool.inFlight.size} attempts still to finish`,
+    );
+    if (pool.inFlight.size === 0) this.forgetDrainedPool(pool);
+    this.kickDispatch();
+  }
+
+  private forgetDrainedPool(pool: PoolRecord): void {
+    // Keep it while results wait for ACK, so the ACK finds its encoding; drop after.
+    this.pools.remove(pool.key);
+    this.log.info({ pool_id: pool.poolId }, `pool ${pool.poolId} disconnected`);
+  }
+
+  private notePeerError(key: string, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
+    this.log.warn(
+      { peer: key, pool_id: pool?.poolId, code: body.code, command: body.command, attempt_id: body.attempt_id },
+      `peer ${pool?.poolId ?? key} reported ${body.code}: ${body.message}`,
+    );
+  }
+
+  private requireHello(identity: Buffer, command: string): void {
+    this.sendError(identity, fault("hello_required", `${command} from a pool this broker does not know`, { command }));
+  }
+
+  private rejectMessage(identity: Buffer, pool: PoolRecord | undefined, f: ProtocolFault, frames: Buffer[]): void {
+    const key = identityKey(identity);
+    const strikes = (this.strikes.get(key) ?? 0) + 1;
+    this.strikes.set(key, strikes);
+    this.log.warn(
+      { peer: key, pool_id: pool?.poolId, code: f.code, command: f.command, schema_path: f.schemaPath, instance_path: f.instancePath, frames: frames.length - 1, strikes },
+      `rejected a message from ${pool?.poolId ?? "peer " + JSON.stringify(key)}: ${f.code}`,
+    );
+    // Never answer an ERROR with an ERROR: two confused peers would loop.
+    if (f.command !== PoolCommands.ERROR) this.sendError(identity, f, pool?.encoding);
+    if (strikes >= MAX_CONSECUTIVE_ERRORS) this.dropPeer(identity, pool, "too_many_errors");
+  }
+
+  /** ZeroMQ cannot close one peer of a ROUTER: drop its registration and ignore it for a while. */
+  private dropPeer(identity: Buffer, pool: PoolRecord | undefined, code: ErrorCode): void {
+    const key = identityKey(identity);
+    this.send(identity, BrokerCommands.DISCONNECT, { code, reason: `dropped: ${code}` }, pool?.encoding ?? "json");
+    this.strikes.delete(key);
+    this.ignoredUntil.set(key, Date.now() + this.opts.heartbeatMs * this.opts.heartbeatLiveness);
+    if (pool) void this.purgePool(pool, code);
+    this.log.warn({ peer: key, pool_id: pool?.poolId, code }, `dropped peer ${pool?.poolId ?? JSON.stringify(key)}: ${code}`);
+  }
+
+  private verbFailed(command: CommandName, identity: Buffer, e: unknown): void {
+    const err = coerceError(e);
+    this.log.error({ err, peer: identityKey(identity), command }, `failed to handle ${command}: ${err.message}`);
+    this.sendError(identity, fault("internal_error", err.message, { command }), this.pools.get(identityKey(identity))?.encoding);
+  }
+
+  // ---------------------------------------------------------------- client verbs
+
+  private async serveClient(identity: Buffer, msg: Message, enc: Encoding): Promise<void> {
+    const requestId = (msg.body as { request_id: string }).request_id;
+    const reply = (body: Omit<BodyOf<"REPLY">, "request_id">) =>
+      this.send(identity, "REPLY", { request_id: requestId, ...body }, enc);
+    const refuse = (code: ErrorCode, detail: string) =>
+      this.send(identity, BrokerCommands.ERROR, faultToErrorBody(fault(code, detail, { command: msg.command }), { request_id: requestId }), enc);
+    try {
+      if (this.state !== "running") return refuse("shutting_down", "The broker is stopping");
+      switch (msg.command) {
+        case "SUBMIT": {
+          const b = msg.body;
+          const req: CreateTaskRequest = { namespace: b.template.namespace, name: b.template.name, context: b.context };
+          if (b.template.version !== undefined) req.version = b.template.version;
+          if (b.idempotency_key !== undefined) req.idempotencyKey = b.idempotency_key;
+          if (b.priority !== undefined) req.priority = b.priority;
+          const out = await this.submit(req);
+          return reply({ task: out.task, created: out.created });
+        }
+        case "STATUS": {
+          const task = await this.status(msg.body.task_id);
+          return task ? reply({ task }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
+        }
+        case "WAIT": {
+          const out = await this.wait(msg.body.task_id, msg.body.timeout_ms);
+          return out ? reply({ task: out.task, finished: out.finished }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
+        }
+        case "CANCEL_TASK": {
+          const task = await this.cancel(msg.body.task_id);
+          return task ? reply({ task }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
+        }
+        case "POOLS":
+          return reply({ pools: this.listPools() });
+      }
+    } catch (e) {
+      const err = coerceError(e);
+      const code = (err as { code?: string }).code;
+      if (code === "unknown_template" || code === "invalid_request" || code === "unknown_task") {
+        return refuse(code, err.message);
+      }
+      this.log.error({ err, command: msg.command, request_id: requestId }, `failed to serve ${msg.command}`);
+      refuse("internal_error", err.message);
+    }
+  }
+
+  private async resolveFinishedTask(taskId: string, state: string): Promise<void> {
+    this.log.info({ task_id: taskId, state }, `task ${taskId} finished: ${state}`);
+    if (!this.waiters.has(taskId)) return;
+    const task = await this.opts.state.getTask(taskId, { includeSteps: true });
+    if (task) this.finishWaiters(taskId, task);
+  }
+
+  private finishWaiters(taskId: string, task: TaskView): void {
+    if (!TERMINAL_TASK_STATES.has(task.state)) return;
+    const set = this.waiters.get(taskId);
+    if (!set) return;
+    this.waiters.delete(taskId);
+    for (const w of set) {
+      clearTimeout(w.timer);
+      w.done(task, true);
+    }
+  }
+
+  // ---------------------------------------------------------------- dispatch
+
+  /** Asks for a dispatch round; rounds never overlap, and a request during one starts another. */
+  private kickDispatch(): void {
+    if (this.state !== "running") return;
+    this.dispatchWanted = true;
+    if (!this.dispatching) {
+      this.dispatching = this.dispatchLoop().finally(() => {
+        this.dispatching = undefined;
+      });
+    }
+  }
+
+  private async dispatchLoop(): Promise<void> {
+    while (this.dispatchWanted && this.state === "running") {
+      this.dispatchWanted = false;
+      const ready = this.pools.withCredit();
+      if (ready.length === 0) return;
+      const claimed = await Promise.all(ready.map((pool) => this.dispatchToPool(pool)));
+      // A full round means more work may be waiting.
+      if (claimed.some((full) => full)) this.dispatchWanted = true;
+    }
+  }
+
+  /** Claims up to the pool's credit of steps it serves and sends them; true when it filled the credit. */
+  private async dispatchToPool(pool: PoolRecord): Promise<boolean> {
+    const credit = this.pools.credit(pool);
+    if (credit === 0) return false;
+    let steps: ClaimedStep[];
+    try {
+      steps = await this.opts.state.claimSteps({ brokerId: this.id, handlers: [...pool.handlers], limit: credit });
+    } catch (e) {
+      this.log.error({ err: coerceError(e), pool_id: pool.poolId }, "claiming steps failed; retrying on the next poll");
+      return false;
+    }
+    if (steps.length === 0) return false;
+    if (this.pools.get(pool.key) !== pool || this.state !== "running") {
+      // The pool left while we claimed: give the steps back untouched.
+      await this.release(steps.map((s) => s.attemptId), false, "pool left before dispatch");
+      return false;
+    }
+    const now = Date.now();
+    const dispatches: StepDispatch[] = steps.map((s) => {
+      this.pools.addInFlight(pool, {
+        attemptId: s.attemptId,
+        stepId: s.stepId,
+        taskId: s.taskId,
+        stepName: s.stepName,
+        handler: s.handler,
+        attempt: s.attempt,
+        maxAttempts: s.maxAttempts,
+        sentAt: now,
+      });
+      return {
+        task_id: s.taskId,
+        step_id: s.stepId,
+        attempt_id: s.attemptId,
+        step_name: s.stepName,
+        handler: s.handler,
+        attempt: s.attempt,
+        max_attempts: s.maxAttempts,
+        timeout_ms: s.timeoutMs,
+        template: s.template,
+        context: s.context,
+        config: s.config,
+        inputs: s.inputs,
+      };
+    });
+    for (let i = 0; i < dispatches.length; i += this.opts.maxBatch) {
+      this.send(pool.identity, BrokerCommands.STEP, { steps: dispatches.slice(i, i + this.opts.maxBatch) }, pool.encoding);
+    }
+    if (this.log.isLevelEnabled("debug")) {
+      for (const s of steps) {
+        this.log.debug(
+          { task_id: s.taskId, step_id: s.stepId, attempt_id: s.attemptId, pool_id: pool.poolId },
+          `dispatched step ${s.stepName} to ${pool.poolId} (attempt ${s.attempt} of ${s.maxAttempts})`,
+        );
+      }
+    }
+    return steps.length === credit;
+  }
+
+  /** A message could not be delivered: the pool is gone. Its attempts go back. */
+  private onUndeliverable(identity: Buffer, frames: Buffer[]): void {
+    const pool = this.pools.get(identityKey(identity));
+    const command = frames[1]?.toString("latin1");
+    this.log.warn({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
+    if (pool) void this.purgePool(pool, "unreachable");
+  }
+
+  // ---------------------------------------------------------------- timers
+
+  private heartbeatTick(): void {
+    const now = Date.now();
+    const deadAfter = this.opts.heartbeatMs * this.opts.heartbeatLiveness;
+    for (const pool of [...this.pools.all()]) {
+      if (now - pool.lastSeen > deadAfter) {
+        void this.purgePool(pool, "missed heartbeats");
+      } else if (now - pool.lastSent >= this.opts.heartbeatMs) {
+        this.send(pool.identity, BrokerCommands.HEARTBEAT, { in_flight: pool.inFlight.size }, pool.encoding);
+      }
+    }
+    for (const [key, until] of this.ignoredUntil) if (until < now) this.ignoredUntil.delete(key);
+  }
+
+  /** Forgets a pool; its in-flight attempts go back to ready at once (each counts as an attempt). */
+  private async purgePool(pool: PoolRecord, why: string): Promise<void> {
+    if (this.pools.get(pool.key) !== pool) return;
+    const held = this.pools.remove(pool.key);
+    this.log.warn(
+      { pool_id: pool.poolId, in_flight: held.length, reason: why },
+      `pool ${pool.poolId} lost (${why}); ${held.length} in-flight attempts go back to ready`,
+    );
+    if (held.length > 0) await this.release(held.map((f) => f.attemptId), true, `pool lost: ${why}`);
+    this.kickDispatch();
+  }
+
+  private async expireLeases(): Promise<void> {
+    try {
+      const expired = await this.opts.state.expireLeases({ brokerId: this.id });
+      if (expired.length === 0) return;
+      const byPool = new Map<PoolRecord, string[]>();
+      for (const x of expired) {
+        const held = this.pools.takeInFlight(x.attemptId);
+        this.log.warn({ attempt_id: x.attemptId, task_id: x.taskId, pool_id: held?.pool.poolId }, `step ${x.stepName} timed out (attempt ${x.attemptId})`);
+        if (!held) continue;
+        const list = byPool.get(held.pool) ?? [];
+        list.push(x.attemptId);
+        byPool.set(held.pool, list);
+      }
+      for (const [pool, ids] of byPool) this.sendCancel(pool, ids, CancelReasons.TIMEOUT);
+      this.kickDispatch();
+    } catch (e) {
+      this.log.error({ err: coerceError(e) }, "expiring leases failed; retrying on the next tick");
+    }
+  }
+
+  private async pollTick(): Promise<void> {
+    this.kickDispatch();
+    for (const taskId of [...this.waiters.keys()]) {
+      const task = await this.opts.state.getTask(taskId, { includeSteps: true }).catch(() => null);
+      if (task) this.finishWaiters(taskId, task);
+    }
+  }
+
+  /**
+   * After a start, attempts leased by this broker's previous life that no pool
+   * reclaimed within the grace period go back to ready.
+   */
+  private async recoverOrphans(): Promise<void> {
+    if (this.recovered || this.state !== "running") return;
+    this.recovered = true;
+    try {
+      const released = await this.opts.state.recoverOrphans({ brokerId: this.id, startedBefore: this.startedAt, keep: [...this.adopted] });
+      if (released.length > 0) {
+        this.log.info({ attempts: released.length }, `recovered ${released.length} attempts left in flight by a previous run`);
+        this.kickDispatch();
+      }
+    } catch (e) {
+      this.recovered = false;
+      this.log.error({ err: coerceError(e) }, "recovering orphaned attempts failed; retrying shortly");
+      this.timers.push(setTimeout(() => void this.recoverOrphans(), this.opts.pollMs));
+    }
+  }
+
+  // ---------------------------------------------------------------- sending
+
+  private send<C extends CommandName>(identity: Buffer, command: C, body: BodyOf<C>, encoding: Encoding = "json"): void {
+    const pool = this.pools.get(identityKey(identity));
+    if (pool) pool.lastSent = Date.now();
+    this.outbox.send(identity, encodeMessage(command, body, encoding));
+  }
+
+  private sendError(identity: Buffer, f: ProtocolFault, encoding: Encoding = "json"): void {
+    this.send(identity, BrokerCommands.ERROR, faultToErrorBody(f), encoding);
+  }
+
+  private sendCancel(pool: PoolRecord, attemptIds: string[], reason: CancelReason): void {
+    for (let i = 0; i < attemptIds.length; i += this.opts.maxBatch) {
+      const cancels = attemptIds.slice(i, i + this.opts.maxBatch).map((attempt_id) => ({ attempt_id, reason }));
+      this.send(pool.identity, BrokerCommands.CANCEL, { cancels }, pool.encoding);
+    }
+  }
+
+  private async release(attemptIds: string[], countAttempt: boolean, reason: string): Promise<void> {
+    try {
+      await this.opts.state.releaseAttempts(attemptIds, { countAttempt, reason });
+    } catch (e) {
+      // The leases will expire and the steps follow their retry policy: slower, not lost.
+      this.log.error({ err: coerceError(e), attempts: attemptIds.length, reason }, "could not release attempts; their leases will expire instead");
+    }
+    this.kickDispatch();
+  }
+
+  private inFlightCount(): number {
+    let n = this.committer.pending;
+    for (const p of this.pools.all()) n += p.inFlight.size;
+    return n;
+  }
+
+  private every(ms: number, fn: () => unknown): void {
+    this.timers.push(setInterval(() => void fn(), ms));
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
