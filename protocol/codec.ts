@@ -26,6 +26,35 @@ const packr = new Packr({ useRecords: false, moreTypes: false, variableMapSize: 
 const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
 
 const SIGNATURE_BUF = Buffer.from(SIGNATURE);
+/** Another version of this protocol, as opposed to something else entirely. */
+const VERSIONED_SIGNATURE = new RegExp(`^${PROTOCOL_NAME}/[0-9]+$`);
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * MessagePack can carry what JSON cannot (binary, extension types such as
+ * timestamps, non-string keys); the protocol allows none of it, so both
+ * encodings decode to the same plain values.
+ */
+function plainDataProblem(value: unknown, depth = 0): string | undefined {
+  if (depth > 128) return "nesting deeper than 128 levels";
+  if (value === null || typeof value === "string" || typeof value === "boolean") return undefined;
+  if (typeof value === "number") return Number.isFinite(value) ? undefined : "a non-finite number";
+  if (Array.isArray(value)) {
+    for (const v of value) {
+      const p = plainDataProblem(v, depth + 1);
+      if (p) return p;
+    }
+    return undefined;
+  }
+  if (typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype) {
+    for (const v of Object.values(value)) {
+      const p = plainDataProblem(v, depth + 1);
+      if (p) return p;
+    }
+    return undefined;
+  }
+  return `a value of type ${value instanceof Uint8Array ? "binary" : value instanceof Date ? "timestamp extension" : typeof value}`;
+}
 const COMMAND_BUFS = new Map<string, Buffer>(Object.keys(COMMAND_SCHEMAS).map((c) => [c, Buffer.from(c)]));
 
 export function encodeBody(body: unknown, encoding: Encoding): Buffer {
@@ -84,6 +113,10 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   if (!value || typeof value !== "object" || Array.isArray(value)) {
     return { ok: false, fault: fault("undecodable_body", "The body is not an object", extra) };
   }
+  if (encoding === Encodings.MSGPACK) {
+    const problem = plainDataProblem(value);
+    if (problem) return { ok: false, fault: fault("undecodable_body", `The MessagePack body holds ${problem}, which the protocol does not allow`, extra) };
+  }
   return { ok: true, value: value as Record<string, unknown>, encoding };
 }
 
@@ -108,14 +141,14 @@ export function decodeMessage(frames: readonly Uint8Array[], opts: DecodeOptions
   const [sig, cmd, body] = frames as [Uint8Array, Uint8Array, Uint8Array];
   if (!SIGNATURE_BUF.equals(sig)) {
     const text = Buffer.from(sig).toString("latin1").slice(0, 40);
-    const code = text.startsWith(`${PROTOCOL_NAME}/`) ? "unsupported_version" : "malformed_frame";
+    const code = VERSIONED_SIGNATURE.test(text) ? "unsupported_version" : "malformed_frame";
     return {
       ok: false,
       fault: fault(code, `Signature frame is ${JSON.stringify(text)}, expected "${SIGNATURE}"`),
     };
   }
   const command = Buffer.from(cmd).toString("latin1");
-  if (!(command in COMMAND_SCHEMAS) || (opts.accept && !opts.accept.has(command))) {
+  if (!Object.hasOwn(COMMAND_SCHEMAS, command) || (opts.accept && !opts.accept.has(command))) {
     return {
       ok: false,
       fault: fault("unknown_command", `Command ${JSON.stringify(command.slice(0, 64))} is not accepted here`),
