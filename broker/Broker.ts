@@ -43,6 +43,7 @@ import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOption
 import { Outbox } from "./outbox";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
 import type { ClaimedStep, CreateTaskRequest } from "./statePort";
+import type { JsonObject, JsonValue, StepError } from "./state/types";
 import { startZapHandler, type ZapHandler } from "./zap";
 
 const ACCEPTED = new Set<string>([
@@ -91,6 +92,8 @@ export class Broker {
   private dispatchWanted = false;
   private dispatching: Promise<void> | undefined;
   private recovered = false;
+  private kickTimer: NodeJS.Timeout | undefined;
+  private nextKickAt: number | undefined;
 
   constructor(options: BrokerOptions) {
     const base = options.logger ?? pino({ level: process.env.STEPBROKER_LOG_LEVEL ?? "info" });
@@ -181,6 +184,7 @@ export class Broker {
     }
     this.state = "stopping";
     for (const t of this.timers) clearInterval(t);
+    clearTimeout(this.kickTimer);
     const drainMs = opts.drainMs ?? 5000;
     const deadline = Date.now() + drainMs;
     while (Date.now() < deadline && this.inFlightCount() > 0) await sleep(20);
@@ -250,8 +254,8 @@ export class Broker {
   }
 
   async cancel(taskId: string): Promise<TaskView | null> {
+    if (!(await this.opts.state.getTask(taskId))) return null;
     const out = await this.opts.state.cancelTask(taskId);
-    if (!out) return null;
     const byPool = new Map<PoolRecord, string[]>();
     for (const attemptId of out.cancelledAttempts) {
       const held = this.pools.takeInFlight(attemptId);
@@ -416,8 +420,9 @@ export class Broker {
         result: {
           attemptId: r.attempt_id,
           status: r.status,
-          ...(r.status === "complete" ? { output: r.output ?? null } : {}),
-          ...(r.error ? { error: r.error } : {}),
+          // Validated against the schema on arrival, so it is plain JSON.
+          ...(r.status === "complete" ? { output: (r.output ?? null) as JsonValue } : {}),
+          ...(r.error ? { error: r.error as StepError } : {}),
           ...(r.duration_ms !== undefined ? { durationMs: r.duration_ms } : {}),
           ...(r.usage ? { usage: r.usage } : {}),
           poolId: pool.poolId,
@@ -449,6 +454,7 @@ export class Broker {
     }
     this.log.debug({ results: items.length, ms: Math.round(ms * 10) / 10 }, `committed ${items.length} results`);
     if (batch.readied.length > 0) this.kickDispatch();
+    for (const r of batch.readied) this.kickAt(Date.parse(r.runAt));
     for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
   }
 
@@ -552,7 +558,7 @@ export class Broker {
       switch (msg.command) {
         case "SUBMIT": {
           const b = msg.body;
-          const req: CreateTaskRequest = { namespace: b.template.namespace, name: b.template.name, context: b.context };
+          const req: CreateTaskRequest = { namespace: b.template.namespace, name: b.template.name, context: b.context as JsonObject };
           if (b.template.version !== undefined) req.version = b.template.version;
           if (b.idempotency_key !== undefined) req.idempotencyKey = b.idempotency_key;
           if (b.priority !== undefined) req.priority = b.priority;
@@ -641,35 +647,22 @@ export class Broker {
     if (steps.length === 0) return false;
     if (this.pools.get(pool.key) !== pool || this.state !== "running") {
       // The pool left while we claimed: give the steps back untouched.
-      await this.release(steps.map((s) => s.attemptId), false, "pool left before dispatch");
+      await this.release(steps.map((s) => s.attempt_id), false, "pool left before dispatch");
       return false;
     }
     const now = Date.now();
-    const dispatches: StepDispatch[] = steps.map((s) => {
+    const dispatches: StepDispatch[] = steps.map(({ lease_expires_at: _lease, ...step }) => {
       this.pools.addInFlight(pool, {
-        attemptId: s.attemptId,
-        stepId: s.stepId,
-        taskId: s.taskId,
-        stepName: s.stepName,
-        handler: s.handler,
-        attempt: s.attempt,
-        maxAttempts: s.maxAttempts,
+        attemptId: step.attempt_id,
+        stepId: step.step_id,
+        taskId: step.task_id,
+        stepName: step.step_name,
+        handler: step.handler,
+        attempt: step.attempt,
+        maxAttempts: step.max_attempts,
         sentAt: now,
       });
-      return {
-        task_id: s.taskId,
-        step_id: s.stepId,
-        attempt_id: s.attemptId,
-        step_name: s.stepName,
-        handler: s.handler,
-        attempt: s.attempt,
-        max_attempts: s.maxAttempts,
-        timeout_ms: s.timeoutMs,
-        template: s.template,
-        context: s.context,
-        config: s.config,
-        inputs: s.inputs,
-      };
+      return step;
     });
     for (let i = 0; i < dispatches.length; i += this.opts.maxBatch) {
       this.send(pool.identity, BrokerCommands.STEP, { steps: dispatches.slice(i, i + this.opts.maxBatch) }, pool.encoding);
@@ -677,8 +670,8 @@ export class Broker {
     if (this.log.isLevelEnabled("debug")) {
       for (const s of steps) {
         this.log.debug(
-          { task_id: s.taskId, step_id: s.stepId, attempt_id: s.attemptId, pool_id: pool.poolId },
-          `dispatched step ${s.stepName} to ${pool.poolId} (attempt ${s.attempt} of ${s.maxAttempts})`,
+          { task_id: s.task_id, step_id: s.step_id, attempt_id: s.attempt_id, pool_id: pool.poolId },
+          `dispatched step ${s.step_name} to ${pool.poolId} (attempt ${s.attempt} of ${s.max_attempts})`,
         );
       }
     }
@@ -691,6 +684,19 @@ export class Broker {
     const command = frames[1]?.toString("latin1");
     this.log.warn({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
     if (pool) void this.purgePool(pool, "unreachable");
+  }
+
+  /** Dispatches again when a retry's backoff ends, rather than waiting for the next poll. */
+  private kickAt(when: number): void {
+    const delay = when - Date.now();
+    if (!(delay > 0) || this.state !== "running") return;
+    if (this.nextKickAt !== undefined && this.nextKickAt <= when && this.nextKickAt > Date.now()) return;
+    clearTimeout(this.kickTimer);
+    this.nextKickAt = when;
+    this.kickTimer = setTimeout(() => {
+      this.nextKickAt = undefined;
+      this.kickDispatch();
+    }, delay + 1);
   }
 
   // ---------------------------------------------------------------- timers
@@ -727,7 +733,10 @@ export class Broker {
       const byPool = new Map<PoolRecord, string[]>();
       for (const x of expired) {
         const held = this.pools.takeInFlight(x.attemptId);
-        this.log.warn({ attempt_id: x.attemptId, task_id: x.taskId, pool_id: held?.pool.poolId }, `step ${x.stepName} timed out (attempt ${x.attemptId})`);
+        this.log.warn(
+          { attempt_id: x.attemptId, task_id: x.taskId, step_id: x.stepId, pool_id: held?.pool.poolId ?? x.poolId, next: x.state },
+          `step ${held?.flight.stepName ?? x.stepId} timed out (attempt ${held?.flight.attempt ?? "?"}); it is now ${x.state}`,
+        );
         if (!held) continue;
         const list = byPool.get(held.pool) ?? [];
         list.push(x.attemptId);
@@ -756,9 +765,9 @@ export class Broker {
     if (this.recovered || this.state !== "running") return;
     this.recovered = true;
     try {
-      const released = await this.opts.state.recoverOrphans({ brokerId: this.id, startedBefore: this.startedAt, keep: [...this.adopted] });
-      if (released.length > 0) {
-        this.log.info({ attempts: released.length }, `recovered ${released.length} attempts left in flight by a previous run`);
+      const { attempts } = await this.opts.state.recoverOrphans({ brokerId: this.id, olderThan: this.startedAt, keep: [...this.adopted] });
+      if (attempts.length > 0) {
+        this.log.info({ attempts: attempts.length }, `recovered ${attempts.length} attempts left in flight by a previous run`);
         this.kickDispatch();
       }
     } catch (e) {

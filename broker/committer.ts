@@ -10,7 +10,7 @@
  */
 import type { Logger } from "pino";
 import { coerceError } from "../protocol";
-import type { AttemptResult, CompletionBatch, StatePort } from "./statePort";
+import type { AttemptResult, CompletionResult, StatePort } from "./statePort";
 
 export interface PendingResult {
   result: AttemptResult;
@@ -22,7 +22,7 @@ export interface PendingResult {
 
 export interface CommitReport {
   items: PendingResult[];
-  batch: CompletionBatch;
+  batch: CompletionResult;
   ms: number;
 }
 

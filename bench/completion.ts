@@ -1,0 +1,76 @@
+/**
+ * Completion throughput of the batched path: N one-step tasks created with
+ * createTasks, then a loop of claimSteps(limit B) + completeAttempts(batch of B),
+ * for B = 1, 100, 1000, each for at most ~10 s, on an embedded PostgreSQL with
+ * its default (durable) settings, or on DATABASE_URL when set.
+ *
+ *   node --import tsx bench/completion.ts [seconds per batch size, default 10]
+ */
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { openDatabase } from "../broker/db/openDatabase";
+import { StateManager } from "../broker/state/StateManager";
+
+const SECONDS = Number(process.argv[2] ?? 10);
+const BATCHES = [1, 100, 1000];
+/** Tasks created up front for each batch size: more than the loop can finish in SECONDS at the rates seen here. */
+const TASKS: Record<number, number> = { 1: 30_000, 100: 150_000, 1000: 300_000 };
+
+async function main(): Promise<void> {
+  let server: EmbeddedServer | undefined;
+  let dir: string | undefined;
+  let url = process.env.DATABASE_URL;
+  if (!url) {
+    dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
+    await fs.chmod(dir, 0o755);
+    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+    url = server.url;
+  }
+  try {
+    for (const batch of BATCHES) {
+      const schema = `bench_completion_${batch}`;
+      const sm = new StateManager(await openDatabase({ databaseUrl: url, schema, poolSize: 4 }));
+      try {
+        await sm.db.pool.query(`drop schema if exists ${schema} cascade`);
+        await sm.migrate();
+        await sm.registerTemplate({ namespace: "bench", name: "one", version: "1", steps: [{ name: "s", handler: "bench" }] });
+        const total = Math.min(TASKS[batch] ?? 10_000, Math.ceil(SECONDS * 60_000));
+        for (let made = 0; made < total; made += 5000) {
+          const n = Math.min(5000, total - made);
+          await sm.createTasks(Array.from({ length: n }, (_, i) => ({ namespace: "bench", name: "one", context: { i: made + i } })));
+        }
+        await sm.db.pool.query("vacuum analyze");
+
+        const started = process.hrtime.bigint();
+        const deadline = started + BigInt(Math.round(SECONDS * 1e9));
+        let done = 0;
+        let transactions = 0;
+        while (process.hrtime.bigint() < deadline) {
+          const claimed = await sm.claimSteps({ brokerId: "bench", handlers: ["bench"], limit: batch });
+          if (claimed.length === 0) break;
+          const { outcomes } = await sm.completeAttempts(
+            claimed.map((c) => ({ attemptId: c.attempt_id, status: "complete" as const, output: { ok: true, n: c.context.i ?? null } })),
+          );
+          done += outcomes.filter((o) => o.outcome === "stored").length;
+          transactions++;
+        }
+        const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+        const [left] = (await sm.db.pool.query<{ n: number }>(`select count(*)::int as n from tasks where state <> 'complete'`)).rows;
+        console.log(
+          `B=${String(batch).padStart(4)}: ${done} steps completed in ${seconds.toFixed(2)} s = ${Math.round(done / seconds)} steps/s ` +
+            `(${transactions} claim+complete rounds, ${(seconds * 1000 / Math.max(transactions, 1)).toFixed(2)} ms each; ${left?.n ?? "?"} tasks left unfinished)`,
+        );
+        await sm.db.pool.query(`drop schema ${schema} cascade`);
+      } finally {
+        await sm.close();
+      }
+    }
+  } finally {
+    await server?.stop();
+    if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -1,0 +1,299 @@
+/**
+ * The stepbroker command line. Each command says what went wrong and what to
+ * do in one line, and exits non-zero; --verbose adds the stack.
+ */
+import { readdirSync, readFileSync } from "node:fs";
+import { extname, join } from "node:path";
+import { parseArgs } from "node:util";
+import { pino } from "pino";
+import { parse as parseYaml } from "yaml";
+import { Broker } from "../broker/Broker";
+import { StateManager } from "../broker/state/StateManager";
+import { formatExplain } from "../broker/state/explain";
+import { validateTemplate } from "../broker/state/templates";
+import { StepbrokerClient } from "../handlers-node/client";
+import { runDemo } from "../examples/order-fulfilment/demo";
+
+const HELP = `stepbroker — a ZeroMQ step executor broker
+
+Usage: stepbroker <command> [options]
+
+Commands:
+  start                     run a broker
+  demo                      run the order-fulfilment demo on an embedded PostgreSQL
+  submit <ns/name[@ver]>    create a task (--context JSON, --wait, --idempotency-key K)
+  status <task>             a task and its steps
+  explain <task>            why each step of a task is or is not ready
+  cancel <task>             cancel a task (through the running broker)
+  retry <task|step>         make failed steps ready again
+  migrate                   apply database migrations
+  templates [list]          list registered templates
+  templates validate <file> check a template file
+  templates register <file|dir>  register template files
+  pools                     the pools connected to a running broker
+
+Options:
+  --endpoint URL      broker endpoint; repeat to bind several (default tcp://127.0.0.1:5555, env STEPBROKER_ENDPOINT)
+  --database-url URL  PostgreSQL (default env DATABASE_URL; without it an embedded server in --data-dir)
+  --data-dir DIR      embedded PostgreSQL data directory (default .stepbroker/pgdata)
+  --schema NAME       database schema (default stepbroker)
+  --templates DIR     start: register every .yaml/.yml/.json template in DIR
+  --broker-id ID      start: lease owner name, stable across restarts (default host+endpoints)
+  --heartbeat-ms N    start: heartbeat interval (default 1000)
+  --insecure          start: allow binding TCP beyond loopback without CURVE
+  --log-level LEVEL   trace|debug|info|warn|error (default info, env STEPBROKER_LOG_LEVEL)
+  --json              print machine-readable JSON
+  --verbose           print stacks with errors
+  -h, --help          this help
+`;
+
+const { values: opt, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    endpoint: { type: "string", multiple: true },
+    "database-url": { type: "string" },
+    "data-dir": { type: "string" },
+    schema: { type: "string" },
+    templates: { type: "string" },
+    "broker-id": { type: "string" },
+    "heartbeat-ms": { type: "string" },
+    insecure: { type: "boolean" },
+    "log-level": { type: "string" },
+    context: { type: "string" },
+    wait: { type: "boolean" },
+    timeout: { type: "string" },
+    "idempotency-key": { type: "string" },
+    json: { type: "boolean" },
+    verbose: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  },
+});
+
+class UsageError extends Error {}
+
+const logLevel = opt["log-level"] ?? process.env.STEPBROKER_LOG_LEVEL ?? "info";
+const logger = pino({ level: logLevel });
+const quiet = pino({ level: opt.verbose ? "info" : "warn" });
+const endpoints = opt.endpoint ?? [process.env.STEPBROKER_ENDPOINT ?? "tcp://127.0.0.1:5555"];
+
+function openState(log = quiet): Promise<StateManager> {
+  return StateManager.open({
+    ...(opt["database-url"] ? { databaseUrl: opt["database-url"] } : {}),
+    ...(opt["data-dir"] ? { dataDir: opt["data-dir"] } : {}),
+    ...(opt.schema ? { schema: opt.schema } : {}),
+    logger: log,
+  });
+}
+
+async function withState<T>(fn: (sm: StateManager) => Promise<T>): Promise<T> {
+  const sm = await openState();
+  try {
+    return await fn(sm);
+  } finally {
+    await sm.close();
+  }
+}
+
+function print(value: unknown, text: string): void {
+  process.stdout.write((opt.json ? JSON.stringify(value, null, 2) : text) + "\n");
+}
+
+function need(name: string): string {
+  const v = positionals[1];
+  if (!v) throw new UsageError(`missing <${name}>; see stepbroker --help`);
+  return v;
+}
+
+function readTemplateFile(file: string): unknown {
+  const text = readFileSync(file, "utf8");
+  try {
+    return extname(file) === ".json" ? JSON.parse(text) : parseYaml(text);
+  } catch (e) {
+    throw new UsageError(`template file ${file} does not parse: ${(e as Error).message.split("\n")[0]}`);
+  }
+}
+
+function templateFiles(path: string): string[] {
+  try {
+    return readdirSync(path)
+      .filter((f) => /\.(ya?ml|json)$/.test(f))
+      .map((f) => join(path, f));
+  } catch {
+    return [path];
+  }
+}
+
+function client(): StepbrokerClient {
+  return new StepbrokerClient({ endpoint: endpoints[0]!, requestTimeoutMs: 5000 });
+}
+
+async function start(): Promise<void> {
+  const sm = await openState(logger);
+  for (const f of opt.templates ? templateFiles(opt.templates) : []) {
+    const t = await sm.registerTemplate(readTemplateFile(f));
+    logger.info(`registered template ${t.namespace}/${t.name}@${t.version} from ${f}`);
+  }
+  const broker = new Broker({
+    endpoints,
+    state: sm,
+    logger,
+    ...(opt["broker-id"] ? { brokerId: opt["broker-id"] } : {}),
+    ...(opt["heartbeat-ms"] ? { heartbeatMs: Number(opt["heartbeat-ms"]) } : {}),
+    ...(opt.insecure ? { allowInsecure: true } : {}),
+  });
+  try {
+    await broker.start();
+  } catch (e) {
+    await sm.close();
+    throw e;
+  }
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    logger.info("stopping: in-flight steps have 5 s to finish");
+    await broker.stop({ drainMs: 5000 });
+    await sm.close();
+  };
+  process.once("SIGINT", () => void stop());
+  process.once("SIGTERM", () => void stop());
+}
+
+function parseTemplateRef(ref: string): { namespace: string; name: string; version?: string } {
+  const m = /^([^/@]+)\/([^/@]+)(?:@(.+))?$/.exec(ref);
+  if (!m) throw new UsageError(`template ${JSON.stringify(ref)} is not namespace/name[@version], e.g. shop/order_fulfilment@1`);
+  return { namespace: m[1]!, name: m[2]!, ...(m[3] ? { version: m[3] } : {}) };
+}
+
+function parseContext(): Record<string, unknown> {
+  if (!opt.context) return {};
+  try {
+    const v = JSON.parse(opt.context);
+    if (!v || typeof v !== "object" || Array.isArray(v)) throw new Error("not an object");
+    return v;
+  } catch (e) {
+    throw new UsageError(`--context must be a JSON object: ${(e as Error).message}`);
+  }
+}
+
+async function main(): Promise<number> {
+  const command = positionals[0];
+  if (opt.help || !command) {
+    process.stdout.write(HELP);
+    return command || opt.help ? 0 : 64;
+  }
+  switch (command) {
+    case "start":
+      await start();
+      return -1; // keeps running
+    case "demo":
+      return await runDemo(opt["data-dir"] ? { dataDir: opt["data-dir"] } : {});
+    case "migrate":
+      return await withState(async (sm) => {
+        const applied = await sm.migrate();
+        print(applied, applied.length ? `applied ${applied.join(", ")}` : "the database is up to date");
+        return 0;
+      });
+    case "submit": {
+      const ref = parseTemplateRef(need("template"));
+      const c = client();
+      try {
+        const out = await c.submit(ref, parseContext(), opt["idempotency-key"] ? { idempotencyKey: opt["idempotency-key"] } : {});
+        if (!opt.wait) {
+          print(out, `${out.created ? "created" : "found existing"} task ${out.task.task_id}`);
+          return 0;
+        }
+        const waited = await c.wait(out.task.task_id, Number(opt.timeout ?? 600_000));
+        print(waited.task, `task ${waited.task.task_id}: ${waited.task.state}${waited.finished ? "" : " (still running at timeout)"}`);
+        return waited.task.state === "complete" ? 0 : 1;
+      } finally {
+        c.close();
+      }
+    }
+    case "status":
+      return await withState(async (sm) => {
+        const id = need("task");
+        const task = await sm.getTask(id, { includeSteps: true });
+        if (!task) throw new UsageError(`no task ${id}; check the id (stepbroker status <task-uuid>)`);
+        const rows = (task.steps ?? []).map((s) => `  ${s.name.padEnd(24)} ${s.state.padEnd(18)} attempts ${s.attempts}/${s.max_attempts}`);
+        print(task, [`task ${task.task_id} ${task.template.namespace}/${task.template.name}@${task.template.version}: ${task.state}`, ...rows].join("\n"));
+        return 0;
+      });
+    case "explain":
+      return await withState(async (sm) => {
+        const id = need("task");
+        const rows = await sm.explain(id);
+        print(rows, formatExplain(rows));
+        return 0;
+      });
+    case "cancel": {
+      const c = client();
+      try {
+        const task = await c.cancel(need("task"));
+        print(task, `task ${task.task_id}: ${task.state}`);
+        return 0;
+      } finally {
+        c.close();
+      }
+    }
+    case "retry":
+      return await withState(async (sm) => {
+        const id = need("task|step");
+        const task = await sm.getTask(id);
+        const out = await sm.retry(task ? { taskId: id } : { stepId: id });
+        print(out, `made ${out.retried.length} steps ready again`);
+        return 0;
+      });
+    case "templates": {
+      const sub = positionals[1] ?? "list";
+      if (sub === "validate") {
+        const file = positionals[2] ?? "";
+        if (!file) throw new UsageError("missing <file>: stepbroker templates validate <file>");
+        validateTemplate(readTemplateFile(file));
+        print({ valid: true }, `${file}: valid`);
+        return 0;
+      }
+      return await withState(async (sm) => {
+        if (sub === "register") {
+          for (const f of templateFiles(positionals[2] ?? "")) {
+            const t = await sm.registerTemplate(readTemplateFile(f));
+            print(t, `registered ${t.namespace}/${t.name}@${t.version}`);
+          }
+          return 0;
+        }
+        const list = await sm.listTemplates();
+        print(list, list.map((t) => `${t.namespace}/${t.name}@${t.version}  (${t.steps.length} steps)`).join("\n") || "no templates registered");
+        return 0;
+      });
+    }
+    case "pools": {
+      const c = client();
+      try {
+        const pools = await c.pools();
+        const rows = pools.map(
+          (p) => `${p.pool_id.padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
+        );
+        print(pools, rows.length ? rows.join("\n") : "no pools connected");
+        return 0;
+      } finally {
+        c.close();
+      }
+    }
+    default:
+      throw new UsageError(`unknown command ${JSON.stringify(command)}; see stepbroker --help`);
+  }
+}
+
+main().then(
+  (code) => {
+    if (code >= 0) process.exitCode = code;
+  },
+  (e: unknown) => {
+    const err = e instanceof Error ? e : new Error(String(e));
+    const causes: string[] = [];
+    for (let c: unknown = err.cause; c instanceof Error; c = c.cause) causes.push(c.message);
+    process.stderr.write(`stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}\n`);
+    if (opt.verbose && err.stack) process.stderr.write(err.stack + "\n");
+    process.exitCode = err instanceof UsageError ? 64 : 1;
+  },
+);

@@ -1,0 +1,59 @@
+/**
+ * The SQL the state manager runs, one statement per file in sql/queries/,
+ * each opening with a two-line contract comment (what it does; what $1..$n are).
+ * Files are read once, on first use, and run as named prepared statements.
+ */
+import { readdirSync, readFileSync } from "node:fs";
+
+const QUERY_DIR = new URL("../../sql/queries/", import.meta.url);
+
+export const QUERY_NAMES = [
+  "adopt_attempts",
+  "cancel_task",
+  "claim_steps",
+  "complete_attempts",
+  "create_tasks",
+  "extend_leases",
+  "finalize_tasks",
+  "find_tasks_by_idempotency_key",
+  "get_attempts",
+  "get_steps",
+  "get_task",
+  "get_template",
+  "insert_template",
+  "list_templates",
+  "lock_expired",
+  "lock_orphans",
+  "lock_task",
+  "lock_tasks_of_attempts",
+  "requeue_attempts",
+  "resolve_step",
+  "retry_steps",
+] as const;
+export type QueryName = (typeof QUERY_NAMES)[number];
+
+export interface Query {
+  readonly name: string;
+  readonly text: string;
+}
+
+let cache: Readonly<Record<QueryName, Query>> | undefined;
+
+export function loadQueries(): Readonly<Record<QueryName, Query>> {
+  if (cache !== undefined) return cache;
+  const files = new Set(readdirSync(QUERY_DIR).filter((f) => f.endsWith(".sql")));
+  const loaded: Partial<Record<QueryName, Query>> = {};
+  for (const name of QUERY_NAMES) {
+    const file = `${name}.sql`;
+    if (!files.delete(file)) throw new Error(`sql/queries/${file} is missing`);
+    const text = readFileSync(new URL(file, QUERY_DIR), "utf8");
+    const [first, second] = text.split("\n");
+    if (!first?.startsWith("-- ") || !second?.startsWith("-- ")) {
+      throw new Error(`sql/queries/${file} must open with a two-line contract comment (what it does; what $1..$n are)`);
+    }
+    loaded[name] = { name: `stepbroker_${name}`, text };
+  }
+  if (files.size > 0) throw new Error(`sql/queries/ has files no code uses: ${[...files].join(", ")}`);
+  cache = loaded as Record<QueryName, Query>;
+  return cache;
+}

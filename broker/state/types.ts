@@ -1,0 +1,242 @@
+/**
+ * The shapes the state manager takes and returns. Views that go on the wire
+ * (TaskView, StepView, ClaimedStep) use the protocol's snake_case keys and
+ * ISO timestamps, so the broker can send them as they are; the rest is camelCase.
+ */
+import type { AckOutcome, ResultStatus, StepState, TaskState } from "../../protocol/constants";
+
+export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
+export type JsonObject = { [key: string]: JsonValue };
+
+export interface TemplateRef {
+  namespace: string;
+  name: string;
+  version: string;
+}
+
+/** A step of a template after registration: every default filled in. */
+export interface TemplateStep {
+  name: string;
+  handler: string;
+  description?: string;
+  depends_on: string[];
+  config: JsonObject;
+  timeout_ms: number;
+  retry: {
+    max_attempts: number;
+    retryable: boolean;
+    backoff: { initial_ms: number; multiplier: number; max_ms: number; jitter: number };
+  };
+}
+
+export interface TemplateDefinition extends TemplateRef {
+  description?: string;
+  steps: TemplateStep[];
+}
+
+export interface TemplateRecord extends TemplateRef {
+  id: number;
+  definition: TemplateDefinition;
+  createdAt: string;
+}
+
+export interface CreateTaskRequest {
+  namespace: string;
+  name: string;
+  /** Default: the version registered last. */
+  version?: string;
+  context: JsonObject;
+  /** A second request with the same key returns the first task. */
+  idempotencyKey?: string;
+  /** Higher runs first. Default 0. */
+  priority?: number;
+}
+
+/** One step's error, as handlers report it (protocol `step_error`). */
+export interface StepError {
+  type: string;
+  message: string;
+  retryable: boolean;
+  retry_after_ms?: number;
+  details?: JsonObject;
+}
+
+export interface TaskError {
+  message: string;
+  failed_steps: string[];
+}
+
+/** protocol/schemas/common.json#/$defs/step_view */
+export interface StepView {
+  step_id: string;
+  name: string;
+  handler: string;
+  state: StepState;
+  depends_on: string[];
+  attempts: number;
+  max_attempts: number;
+  /** Present only when the step stored an output (which may be null). */
+  output?: JsonValue;
+  error: StepError | null;
+}
+
+/** protocol/schemas/common.json#/$defs/task_view */
+export interface TaskView {
+  task_id: string;
+  template: TemplateRef;
+  state: TaskState;
+  priority: number;
+  context: JsonObject;
+  idempotency_key: string | null;
+  created_at: string;
+  finished_at: string | null;
+  error: TaskError | null;
+  steps?: StepView[];
+}
+
+export interface ClaimRequest {
+  brokerId: string;
+  /** Handlers some connected pool serves; only their steps are claimed. */
+  handlers: string[];
+  limit: number;
+  /** Claim only among these steps (e.g. the ones a commit just readied). */
+  stepIds?: string[];
+}
+
+/** One attempt to run: the fields of a STEP message item, plus the lease expiry. */
+export interface ClaimedStep {
+  task_id: string;
+  step_id: string;
+  attempt_id: string;
+  step_name: string;
+  handler: string;
+  attempt: number;
+  max_attempts: number;
+  timeout_ms: number;
+  template: TemplateRef;
+  context: JsonObject;
+  config: JsonObject;
+  /** Parent outputs keyed by parent step name; null where a parent stored none. */
+  inputs: { [stepName: string]: JsonValue };
+  lease_expires_at: string;
+}
+
+export interface Usage {
+  cost?: number;
+  tokens?: number;
+  artifacts?: string[];
+}
+
+/** One RESULT item. `output` is required (and may be null) when status is complete. */
+export interface AttemptResult {
+  attemptId: string;
+  status: ResultStatus;
+  output?: JsonValue;
+  error?: StepError;
+  durationMs?: number;
+  usage?: Usage;
+  poolId?: string;
+}
+
+export interface AttemptOutcome {
+  attemptId: string;
+  outcome: AckOutcome;
+  stepId?: string;
+  taskId?: string;
+  /** The step's new state, when outcome is "stored". */
+  state?: StepState;
+}
+
+/** A step that became ready. With a backoff, runAt is in the future: dispatch it then. */
+export interface ReadiedStep {
+  stepId: string;
+  taskId: string;
+  handler: string;
+  runAt: string;
+}
+
+export interface FinishedTask {
+  taskId: string;
+  state: TaskState;
+  error: TaskError | null;
+}
+
+export interface CompletionResult {
+  /** One per result, in the order given. */
+  outcomes: AttemptOutcome[];
+  readied: ReadiedStep[];
+  finishedTasks: FinishedTask[];
+}
+
+/** An attempt taken back from its step (expired, released, orphaned). */
+export interface RequeuedAttempt {
+  attemptId: string;
+  stepId: string;
+  taskId: string;
+  handler: string;
+  /** ready (a retry, at runAt) or error (no attempt left, or retries forbidden). */
+  state: StepState;
+  runAt: string;
+  brokerId: string;
+  poolId: string | null;
+}
+
+export type ExpiredAttempt = RequeuedAttempt;
+
+/** An attempt a reconnecting pool still held, and whose lease it keeps. */
+export interface AdoptedAttempt {
+  attemptId: string;
+  stepId: string;
+  taskId: string;
+  stepName: string;
+  handler: string;
+  attempt: number;
+  maxAttempts: number;
+}
+
+export interface RequeueResult {
+  attempts: RequeuedAttempt[];
+  finishedTasks: FinishedTask[];
+}
+
+export interface AttemptRecord {
+  attemptId: string;
+  stepId: string;
+  taskId: string;
+  stepName: string;
+  attempt: number;
+  brokerId: string;
+  poolId: string | null;
+  startedAt: string;
+  finishedAt: string | null;
+  durationMs: number | null;
+  outcome: "complete" | "error" | "timeout" | "lost" | "undelivered" | "cancelled" | null;
+  error: StepError | null;
+  outputBytes: number | null;
+  usage: Usage;
+}
+
+export type ExplainConditionName = "parents" | "state" | "attempts" | "backoff" | "lease" | "pool";
+
+export interface ExplainCondition {
+  name: ExplainConditionName;
+  ok: boolean;
+  detail: string;
+}
+
+export interface ExplainRow {
+  stepId: string;
+  name: string;
+  handler: string;
+  state: StepState;
+  attempts: number;
+  maxAttempts: number;
+  /** Every readiness condition, in the order they are judged. */
+  conditions: ExplainCondition[];
+  /** The first condition that fails (null: the step can be dispatched now). */
+  blockedBy: ExplainConditionName | null;
+}
+
+export interface WorkNotification {
+  reason: "created" | "retried" | "resolved";
+}

@@ -1,0 +1,159 @@
+/**
+ * A client for services that start work: submit a task, read its status,
+ * wait for its end, cancel it, list pools — over the broker's own socket, so
+ * no database access or broker code is needed. Other languages speak the same
+ * client commands (PROTOCOL.md, "Clients").
+ */
+import { randomUUID } from "node:crypto";
+import { Dealer } from "zeromq";
+import {
+  ClientCommands,
+  decodeMessage,
+  encodeMessage,
+  type BodyOf,
+  type Encoding,
+  type ErrorBody,
+  type PoolView,
+  type ReplyBody,
+  type TaskView,
+} from "../protocol";
+
+export interface ClientOptions {
+  endpoint: string;
+  encoding?: Encoding;
+  /** How long to wait for a reply (WAIT adds its own timeout to this). */
+  requestTimeoutMs?: number;
+  curve?: { serverPublicKey: string; publicKey: string; secretKey: string };
+}
+
+/** An ERROR the broker answered with; match on `code`. */
+export class BrokerError extends Error {
+  readonly code: string;
+  constructor(body: ErrorBody) {
+    super(body.message);
+    this.name = "BrokerError";
+    this.code = body.code;
+  }
+}
+
+interface Pending {
+  resolve(body: ReplyBody): void;
+  reject(err: Error): void;
+  timer: NodeJS.Timeout;
+}
+
+type Request = keyof typeof ClientCommands;
+
+export class StepbrokerClient {
+  private readonly socket: Dealer;
+  private readonly pending = new Map<string, Pending>();
+  private sendChain: Promise<unknown> = Promise.resolve();
+  private readonly encoding: Encoding;
+  private readonly timeoutMs: number;
+  private closed = false;
+
+  constructor(opts: ClientOptions) {
+    this.encoding = opts.encoding ?? "json";
+    this.timeoutMs = opts.requestTimeoutMs ?? 10_000;
+    this.socket = new Dealer({
+      linger: 0,
+      ...(opts.curve
+        ? {
+            curveServerKey: opts.curve.serverPublicKey,
+            curvePublicKey: opts.curve.publicKey,
+            curveSecretKey: opts.curve.secretKey,
+          }
+        : {}),
+    });
+    this.socket.connect(opts.endpoint);
+    void this.readLoop();
+  }
+
+  async submit(
+    template: { namespace: string; name: string; version?: string },
+    context: Record<string, unknown>,
+    opts: { idempotencyKey?: string; priority?: number } = {},
+  ): Promise<{ task: TaskView; created: boolean }> {
+    const body: Omit<BodyOf<"SUBMIT">, "request_id"> = { template, context };
+    if (opts.idempotencyKey !== undefined) body.idempotency_key = opts.idempotencyKey;
+    if (opts.priority !== undefined) body.priority = opts.priority;
+    const r = await this.request("SUBMIT", body);
+    return { task: r.task!, created: r.created ?? true };
+  }
+
+  async status(taskId: string): Promise<TaskView> {
+    return (await this.request("STATUS", { task_id: taskId })).task!;
+  }
+
+  async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean }> {
+    const r = await this.request("WAIT", { task_id: taskId, timeout_ms: timeoutMs }, timeoutMs);
+    return { task: r.task!, finished: r.finished ?? false };
+  }
+
+  async cancel(taskId: string): Promise<TaskView> {
+    return (await this.request("CANCEL_TASK", { task_id: taskId })).task!;
+  }
+
+  async pools(): Promise<PoolView[]> {
+    return (await this.request("POOLS", {})).pools ?? [];
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new Error("client closed"));
+    }
+    this.pending.clear();
+    this.socket.close();
+  }
+
+  private request<C extends Request>(
+    command: C,
+    body: Omit<BodyOf<C>, "request_id">,
+    extraMs = 0,
+  ): Promise<ReplyBody> {
+    if (this.closed) return Promise.reject(new Error("client closed"));
+    const requestId = randomUUID();
+    return new Promise<ReplyBody>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(requestId);
+        reject(
+          new Error(
+            `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?`,
+          ),
+        );
+      }, this.timeoutMs + extraMs);
+      this.pending.set(requestId, { resolve, reject, timer });
+      const frames = encodeMessage(command, { ...body, request_id: requestId } as BodyOf<C>, this.encoding);
+      // One pending send per socket: chain them.
+      this.sendChain = this.sendChain
+        .then(() => this.socket.send(frames))
+        .catch((e: unknown) => {
+          clearTimeout(timer);
+          this.pending.delete(requestId);
+          reject(e instanceof Error ? e : new Error(String(e)));
+        });
+    });
+  }
+
+  private async readLoop(): Promise<void> {
+    try {
+      for await (const frames of this.socket) {
+        const decoded = decodeMessage(frames, { accept: new Set(["REPLY", "ERROR"]) });
+        if (!decoded.ok) continue;
+        const msg = decoded.message;
+        const requestId = (msg.body as { request_id?: string }).request_id;
+        const waiting = requestId ? this.pending.get(requestId) : undefined;
+        if (!waiting || !requestId) continue;
+        this.pending.delete(requestId);
+        clearTimeout(waiting.timer);
+        if (msg.command === "REPLY") waiting.resolve(msg.body);
+        else if (msg.command === "ERROR") waiting.reject(new BrokerError(msg.body));
+      }
+    } catch {
+      // closed
+    }
+  }
+}

@@ -1,0 +1,16 @@
+-- Adopts the attempts a reconnecting pool still holds: each that still holds its step's lease has the lease renewed (the step's timeout from now) under this broker's id.
+-- $1 uuid[] attempt ids, $2 text broker id. Returns the adopted attempts with what the broker tracks of them in flight.
+with held as (
+  select s.id
+  from step_attempts a
+  join steps s on s.id = a.step_id
+  where a.attempt_id = any($1::uuid[]) and s.lease_attempt_id = a.attempt_id and s.state = 'in_progress'
+  order by s.id
+  for update of s
+)
+update steps s
+set lease_expires_at = now() + s.timeout_ms * interval '1 millisecond', lease_broker_id = $2::text
+from held
+where s.id = held.id
+returning s.lease_attempt_id as attempt_id, s.id as step_id, s.task_id, s.name as step_name, s.handler,
+  s.attempts as attempt, s.max_attempts

@@ -1,0 +1,55 @@
+-- Inserts tasks with their steps (built from the stored template definitions), edges and first transitions; root steps are ready at once; a task whose idempotency key exists is skipped. Notifies the work channel.
+-- $1 uuid[] task ids, $2 int[] template ids, $3 text[] contexts as JSON text, $4 int[] priorities, $5 text[] idempotency keys (null: none), $6 text channel, $7 text payload. Returns the ids of the tasks inserted.
+with input as (
+  select * from unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[])
+    as i(task_id, template_id, context, priority, idempotency_key)
+),
+new_tasks as (
+  insert into tasks (id, template_id, state, context, priority, idempotency_key)
+  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key from input i
+  on conflict (idempotency_key) do nothing
+  returning id, template_id, priority
+),
+defs as (
+  select nt.id as task_id, nt.priority, st.def, st.ord
+  from new_tasks nt
+  join task_templates tt on tt.id = nt.template_id
+  cross join lateral jsonb_array_elements(tt.definition -> 'steps') with ordinality as st(def, ord)
+),
+new_steps as (
+  insert into steps (id, task_id, position, name, handler, config, state, pending_parents, max_attempts, retryable,
+                     backoff_initial_ms, backoff_multiplier, backoff_max_ms, backoff_jitter, timeout_ms, priority)
+  select gen_random_uuid(), d.task_id, d.ord - 1, d.def ->> 'name', d.def ->> 'handler', d.def -> 'config',
+         case when jsonb_array_length(d.def -> 'depends_on') = 0 then 'ready' else 'pending' end,
+         jsonb_array_length(d.def -> 'depends_on'),
+         (d.def #>> '{retry,max_attempts}')::int,
+         (d.def #>> '{retry,retryable}')::boolean,
+         (d.def #>> '{retry,backoff,initial_ms}')::int,
+         (d.def #>> '{retry,backoff,multiplier}')::double precision,
+         (d.def #>> '{retry,backoff,max_ms}')::int,
+         (d.def #>> '{retry,backoff,jitter}')::double precision,
+         (d.def ->> 'timeout_ms')::int,
+         d.priority
+  from defs d
+  returning id, task_id, name, state
+),
+new_edges as (
+  insert into step_edges (parent_id, child_id)
+  select p.id, c.id
+  from defs d
+  cross join lateral jsonb_array_elements_text(d.def -> 'depends_on') as dep(name)
+  join new_steps c on c.task_id = d.task_id and c.name = d.def ->> 'name'
+  join new_steps p on p.task_id = d.task_id and p.name = dep.name
+),
+step_history as (
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
+  select ns.id, ns.task_id, null, ns.state, 'created', 1, true from new_steps ns
+),
+task_history as (
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
+  select nt.id, null, 'pending', 'created', 1, true from new_tasks nt
+),
+notified as (
+  select pg_notify($6, $7) from new_tasks limit 1
+)
+select nt.id, (select count(*) from notified)::int as notified from new_tasks nt

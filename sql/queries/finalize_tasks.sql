@@ -1,0 +1,46 @@
+-- Ends each given task none of whose steps can still run: complete when every step is complete or resolved_manually, else error naming the steps that failed. Call with the tasks locked.
+-- $1 uuid[] task ids. Returns (task_id, state, error) for each task it ended.
+with candidates as (
+  select t.id, t.state
+  from tasks t
+  where t.id = any($1::uuid[])
+    and t.state in ('pending', 'in_progress')
+    and not exists (select 1 from steps s where s.task_id = t.id and s.state in ('ready', 'in_progress'))
+),
+summary as (
+  select c.id, c.state as from_state,
+         bool_and(s.state in ('complete', 'resolved_manually')) as all_done,
+         coalesce(array_agg(s.name order by s.position) filter (where s.state = 'error'), '{}') as failed,
+         (array_agg(s.error ->> 'message' order by s.position) filter (where s.state = 'error'))[1] as first_message
+  from candidates c join steps s on s.task_id = c.id
+  where s.task_id = any(array(select c2.id from candidates c2))
+  group by c.id, c.state
+),
+ended as (
+  update tasks t
+  set state = case when su.all_done then 'complete' else 'error' end,
+      finished_at = now(),
+      error = case
+        when su.all_done then null
+        else jsonb_build_object(
+          'message', case cardinality(su.failed)
+            when 0 then 'no step can run any more'
+            when 1 then format('step "%s" failed: %s', su.failed[1], coalesce(su.first_message, 'no message'))
+            else format('%s steps failed: %s', cardinality(su.failed), array_to_string(su.failed, ', '))
+          end,
+          'failed_steps', to_jsonb(su.failed))
+      end
+  from summary su
+  where t.id = su.id
+  returning t.id, t.state, t.error, su.from_state
+),
+flipped as (
+  update task_transitions t set most_recent = false
+  where t.task_id = any(array(select e.id from ended e)) and t.most_recent
+  returning t.task_id, t.sort_key
+)
+insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, most_recent)
+select e.id, e.from_state, e.state, case e.state when 'complete' then 'completed' else 'failed' end,
+       e.error, f.sort_key + 1, true
+from ended e join flipped f on f.task_id = e.id
+returning task_id, to_state as state, metadata as error

@@ -1,0 +1,7 @@
+-- Locks, in id order, the tasks of the given attempts, so that a later statement deciding whether a task is finished sees every concurrent change to its steps.
+-- $1 uuid[] attempt ids. Returns the locked task ids.
+select t.id
+from tasks t
+where t.id = any(array(select a.task_id from step_attempts a where a.attempt_id = any($1::uuid[])))
+order by t.id
+for update

@@ -1,0 +1,36 @@
+/**
+ * Mocha root hooks for the whole run: ONE embedded PostgreSQL (unless
+ * DATABASE_URL is set), its URL put in process.env.DATABASE_URL for every test
+ * file, stopped and its data directory deleted at the end. Each test file then
+ * works in a schema of its own (see ./db.ts).
+ */
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { type EmbeddedServer, startEmbeddedPostgres } from "../../broker/db/embedded";
+
+let server: EmbeddedServer | undefined;
+let tempDir: string | undefined;
+
+export async function mochaGlobalSetup(): Promise<void> {
+  if (process.env.DATABASE_URL) return;
+  tempDir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-test-"));
+  // as root the server runs as user postgres, which must be able to enter the directory
+  await fs.chmod(tempDir, 0o755);
+  server = await startEmbeddedPostgres({
+    dataDir: path.join(tempDir, "pgdata"),
+    // a throwaway cluster: durability buys nothing here
+    postgresFlags: ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+  });
+  process.env.DATABASE_URL = server.url;
+}
+
+export async function mochaGlobalTeardown(): Promise<void> {
+  try {
+    await server?.stop();
+  } finally {
+    if (tempDir !== undefined) await fs.rm(tempDir, { recursive: true, force: true });
+    server = undefined;
+    tempDir = undefined;
+  }
+}

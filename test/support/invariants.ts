@@ -1,0 +1,43 @@
+/**
+ * Checks on the tables themselves, run after scenarios: the audit log agrees
+ * with the current state columns, and the guarantees of DESIGN.md hold.
+ */
+import assert from "node:assert/strict";
+import type { TestState } from "./db";
+
+export async function assertInvariants(t: TestState): Promise<void> {
+  // exactly one most_recent transition per step and per task, and it names the current state
+  const stepDrift = await t.sql<{ id: string; state: string; current: number; to_state: string | null }>(`
+    select s.id, s.state, count(tr.*) filter (where tr.most_recent)::int as current,
+           max(tr.to_state) filter (where tr.most_recent) as to_state
+    from steps s left join step_transitions tr on tr.step_id = s.id
+    group by s.id, s.state
+    having count(tr.*) filter (where tr.most_recent) <> 1 or max(tr.to_state) filter (where tr.most_recent) <> s.state`);
+  assert.deepEqual(stepDrift, [], "step state and most_recent transition disagree");
+  const taskDrift = await t.sql<{ id: string }>(`
+    select t.id from tasks t left join task_transitions tr on tr.task_id = t.id
+    group by t.id, t.state
+    having count(tr.*) filter (where tr.most_recent) <> 1 or max(tr.to_state) filter (where tr.most_recent) <> t.state`);
+  assert.deepEqual(taskDrift, [], "task state and most_recent transition disagree");
+  // sort keys run 1..n without gaps, and each transition starts where the previous one ended
+  const gaps = await t.sql<{ step_id: string }>(`
+    select step_id from (
+      select step_id, sort_key, from_state, lag(to_state) over w as previous, row_number() over w as n
+      from step_transitions window w as (partition by step_id order by sort_key)) x
+    where sort_key <> n or from_state is distinct from previous`);
+  assert.deepEqual(gaps, [], "step transitions are not a contiguous chain");
+  // a complete step always has its output; only the lease holder is unfinished
+  const noOutput = await t.sql(`select id from steps where state = 'complete' and not has_output`);
+  assert.deepEqual(noOutput, []);
+  const openAttempts = await t.sql<{ attempt_id: string }>(`
+    select a.attempt_id from step_attempts a join steps s on s.id = a.step_id
+    where a.finished_at is null and s.lease_attempt_id is distinct from a.attempt_id`);
+  assert.deepEqual(openAttempts, [], "an unfinished attempt that does not hold its step's lease");
+  // pending_parents counts exactly the parents not yet complete or resolved
+  const parentDrift = await t.sql<{ id: string }>(`
+    select s.id from steps s
+    where s.pending_parents <> (select count(*) from step_edges e join steps p on p.id = e.parent_id
+                                 where e.child_id = s.id and p.state not in ('complete', 'resolved_manually'))
+      and s.state in ('pending', 'ready')`);
+  assert.deepEqual(parentDrift, [], "pending_parents drifted from the parents' states");
+}
