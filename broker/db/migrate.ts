@@ -8,7 +8,6 @@
 import { createHash } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import type pg from "pg";
-import { coerceError } from "./errors";
 import { quoteIdentifier } from "./identifiers";
 import { type Logger, silentLogger } from "./logger";
 
@@ -31,7 +30,9 @@ export function listMigrations(): Migration[] {
     const match = MIGRATION_FILE.exec(file);
     if (match === null) throw new Error(`sql/migrations/${file}: name it NNNN_lowercase_words.sql`);
     if (Number(match[1]) !== index + 1) {
-      throw new Error(`sql/migrations/${file}: expected number ${String(index + 1).padStart(4, "0")} (no gaps, no repeats)`);
+      throw new Error(
+        `sql/migrations/${file}: expected number ${String(index + 1).padStart(4, "0")} (no gaps, no repeats)`,
+      );
     }
     const sql = readFileSync(new URL(file, MIGRATION_DIR), "utf8");
     return { name: file.slice(0, -4), sql, checksum: createHash("sha256").update(sql).digest("hex") };
@@ -45,7 +46,11 @@ const LOCK_SQL = "select pg_advisory_xact_lock(hashtext('stepbroker.migrate'), h
  * Migrates `schema` through `client` (connected, search_path set to the schema,
  * not in a transaction). Returns the names of the migrations this call applied.
  */
-export async function migrateSchema(client: pg.Client | pg.PoolClient, schema: string, logger: Logger = silentLogger): Promise<string[]> {
+export async function migrateSchema(
+  client: pg.Client | pg.PoolClient,
+  schema: string,
+  logger: Logger = silentLogger,
+): Promise<string[]> {
   const quoted = quoteIdentifier(schema, "schema");
   const migrations = listMigrations();
   const applied: string[] = [];
@@ -59,7 +64,7 @@ export async function migrateSchema(client: pg.Client | pg.PoolClient, schema: s
       return result;
     } catch (thrown) {
       await client.query("ROLLBACK").catch(() => undefined);
-      throw new Error(`migration ${label} of schema ${schema} failed`, { cause: coerceError(thrown) });
+      throw new Error(`migration ${label} of schema ${schema} failed`, { cause: thrown });
     }
   }
 
@@ -80,7 +85,10 @@ export async function migrateSchema(client: pg.Client | pg.PoolClient, schema: s
       const row = done.rows[0];
       if (row !== undefined) {
         if (row.checksum !== migration.checksum) {
-          logger.warn({ migration: migration.name, schema }, "an applied migration file has changed since; migrations are forward-only, add a new one instead");
+          logger.warn(
+            { migration: migration.name, schema },
+            "an applied migration file has changed since; migrations are forward-only, add a new one instead",
+          );
         }
         return;
       }

@@ -49,7 +49,9 @@ export function loadQueries(): Readonly<Record<QueryName, Query>> {
     const text = readFileSync(new URL(file, QUERY_DIR), "utf8");
     const [first, second] = text.split("\n");
     if (!first?.startsWith("-- ") || !second?.startsWith("-- ")) {
-      throw new Error(`sql/queries/${file} must open with a two-line contract comment (what it does; what $1..$n are)`);
+      throw new Error(
+        `sql/queries/${file} must open with a two-line contract comment (what it does; what $1..$n are)`,
+      );
     }
     loaded[name] = { name: `stepbroker_${name}`, text };
   }

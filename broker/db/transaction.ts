@@ -26,18 +26,17 @@ export async function withTransaction<T>(
       await client.query("COMMIT");
       return result;
     } catch (thrown) {
-      const err = coerceError(thrown);
       try {
         await client.query("ROLLBACK");
       } catch (rollbackFailure) {
         // the connection is unusable: destroy it rather than return it to the pool
         broken = coerceError(rollbackFailure);
       }
-      if (isRetryableTransactionError(err) && run < MAX_TRANSACTION_RUNS) {
-        logger.debug({ err, label, run }, "transaction conflicted; running it again");
+      if (isRetryableTransactionError(thrown) && run < MAX_TRANSACTION_RUNS) {
+        logger.debug({ err: coerceError(thrown), label, run }, "transaction conflicted; running it again");
         continue;
       }
-      throw new Error(`${label} failed`, { cause: err });
+      throw new Error(`${label} failed`, { cause: thrown });
     } finally {
       client.release(broken);
     }
@@ -54,9 +53,8 @@ export async function runStatement<R extends pg.QueryResultRow>(
     try {
       return await pool.query<R>(query);
     } catch (thrown) {
-      const err = coerceError(thrown);
-      if (isRetryableTransactionError(err) && run < MAX_TRANSACTION_RUNS) continue;
-      throw new Error(`${label} failed`, { cause: err });
+      if (isRetryableTransactionError(thrown) && run < MAX_TRANSACTION_RUNS) continue;
+      throw new Error(`${label} failed`, { cause: thrown });
     }
   }
 }

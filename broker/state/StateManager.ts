@@ -16,7 +16,14 @@
  */
 import { randomUUID } from "node:crypto";
 import type pg from "pg";
-import { AckOutcomes, type AckOutcome, type StepState, StepStates, type TaskState, TaskStates } from "../../protocol/constants";
+import {
+  AckOutcomes,
+  type AckOutcome,
+  type StepState,
+  StepStates,
+  type TaskState,
+  TaskStates,
+} from "../../protocol/constants";
 import { coerceError } from "../db/errors";
 import { quoteIdentifier } from "../db/identifiers";
 import type { Logger } from "../db/logger";
@@ -51,6 +58,7 @@ import type {
   TaskView,
   TemplateDefinition,
   TemplateRecord,
+  TemplateRef,
   Usage,
   WorkNotification,
 } from "./types";
@@ -83,19 +91,17 @@ interface ClaimRow {
   attempt: number;
   max_attempts: number;
   timeout_ms: number;
-  template_namespace: string;
-  template_name: string;
-  template_version: string;
+  template: TemplateRef;
   context: JsonObject;
   config: JsonObject;
   inputs: { [name: string]: JsonValue };
   lease_expires_at: Date;
 }
 interface CompletionRow {
-  kind: "outcome" | "readied";
-  ord: number | null;
+  kind: "stored" | "known" | "readied";
   attempt_id: string | null;
-  outcome: AckOutcome | null;
+  /** kind known: how the attempt ended before this batch (null: not finished, or no such attempt). */
+  prior_outcome: string | null;
   step_id: string | null;
   task_id: string | null;
   state: StepState | null;
@@ -230,7 +236,7 @@ export class StateManager {
       return manager;
     } catch (thrown) {
       await db.close();
-      throw new Error("could not open the state manager", { cause: coerceError(thrown) });
+      throw new Error("could not open the state manager", { cause: thrown });
     }
   }
 
@@ -248,7 +254,11 @@ export class StateManager {
     return (await runStatement<R>(this.db.pool, name, this.statement(name, values))).rows;
   }
 
-  private async runIn<R extends pg.QueryResultRow>(client: pg.PoolClient, name: QueryName, values: unknown[]): Promise<R[]> {
+  private async runIn<R extends pg.QueryResultRow>(
+    client: pg.PoolClient,
+    name: QueryName,
+    values: unknown[],
+  ): Promise<R[]> {
     return (await client.query<R>(this.statement(name, values))).rows;
   }
 
@@ -308,7 +318,10 @@ export class StateManager {
     const values = [normalized.namespace, normalized.name, normalized.version, JSON.stringify(normalized)];
     // A concurrent registration of the same triple is invisible to the statement that waited for it: look again.
     for (let run = 0; run < 3; run++) {
-      const [row] = await this.run<TemplateRow & { inserted: boolean; same: boolean }>("insert_template", values);
+      const [row] = await this.run<TemplateRow & { inserted: boolean; same: boolean }>(
+        "insert_template",
+        values,
+      );
       if (row === undefined) continue;
       if (!row.same) {
         const ref = `${normalized.namespace}/${normalized.name}@${normalized.version}`;
@@ -320,10 +333,13 @@ export class StateManager {
           },
         ]);
       }
-      if (row.inserted) this.logger.info({ template: `${row.namespace}/${row.name}@${row.version}` }, "registered template");
+      if (row.inserted)
+        this.logger.info({ template: `${row.namespace}/${row.name}@${row.version}` }, "registered template");
       return this.remember(row);
     }
-    throw new Error(`registering template ${normalized.namespace}/${normalized.name}@${normalized.version} kept conflicting`);
+    throw new Error(
+      `registering template ${normalized.namespace}/${normalized.name}@${normalized.version} kept conflicting`,
+    );
   }
 
   /** A registered template; without a version, the one registered last. */
@@ -345,12 +361,16 @@ export class StateManager {
   // ---------------------------------------------------------------- tasks
 
   private checkRequest(req: CreateTaskRequest): void {
-    if (!isJsonObject(req.context)) throw new StateError("invalid_request", "a task's context must be a JSON object");
+    if (!isJsonObject(req.context))
+      throw new StateError("invalid_request", "a task's context must be a JSON object");
     const priority = req.priority ?? 0;
     if (!Number.isInteger(priority) || Math.abs(priority) > INT4_MAX) {
       throw new StateError("invalid_request", `priority must be an integer (got ${String(req.priority)})`);
     }
-    if (req.idempotencyKey !== undefined && (req.idempotencyKey.length === 0 || req.idempotencyKey.length > 256)) {
+    if (
+      req.idempotencyKey !== undefined &&
+      (req.idempotencyKey.length === 0 || req.idempotencyKey.length > 256)
+    ) {
       throw new StateError("invalid_request", "an idempotency key has 1 to 256 characters");
     }
   }
@@ -407,14 +427,20 @@ export class StateManager {
 
     // The others were skipped: their idempotency key belongs to an existing task
     // (or to an earlier request of this batch).
-    const keys = requests.flatMap((r, i) => (inserted.has(ids[i] ?? "") || r.idempotencyKey === undefined ? [] : [r.idempotencyKey]));
-    const existing = await this.run<{ id: string; idempotency_key: string }>("find_tasks_by_idempotency_key", [keys]);
+    const keys = requests.flatMap((r, i) =>
+      inserted.has(ids[i] ?? "") || r.idempotencyKey === undefined ? [] : [r.idempotencyKey],
+    );
+    const existing = await this.run<{ id: string; idempotency_key: string }>(
+      "find_tasks_by_idempotency_key",
+      [keys],
+    );
     const byKey = new Map(existing.map((r) => [r.idempotency_key, r.id]));
     return requests.map((r, i) => {
       const id = ids[i] ?? "";
       if (inserted.has(id)) return { id, created: true };
       const found = r.idempotencyKey === undefined ? undefined : byKey.get(r.idempotencyKey);
-      if (found === undefined) throw new Error(`task of request ${i} was neither inserted nor found by its idempotency key`);
+      if (found === undefined)
+        throw new Error(`task of request ${i} was neither inserted nor found by its idempotency key`);
       return { id: found, created: false };
     });
   }
@@ -431,7 +457,12 @@ export class StateManager {
     if (limit <= 0 || request.handlers.length === 0) return [];
     const stepIds = request.stepIds === undefined ? null : request.stepIds.filter(isUuid);
     if (stepIds !== null && stepIds.length === 0) return [];
-    const rows = await this.run<ClaimRow>("claim_steps", [request.brokerId, request.handlers, limit, stepIds]);
+    const rows = await this.run<ClaimRow>("claim_steps", [
+      request.brokerId,
+      request.handlers,
+      limit,
+      stepIds,
+    ]);
     return rows.map((r) => ({
       task_id: r.task_id,
       step_id: r.step_id,
@@ -441,7 +472,7 @@ export class StateManager {
       attempt: r.attempt,
       max_attempts: r.max_attempts,
       timeout_ms: r.timeout_ms,
-      template: { namespace: r.template_namespace, name: r.template_name, version: r.template_version },
+      template: r.template,
       context: r.context,
       config: r.config,
       inputs: r.inputs,
@@ -456,16 +487,25 @@ export class StateManager {
    * result was stored before), stale (the attempt lost its lease), unknown.
    */
   async completeAttempts(results: AttemptResult[]): Promise<CompletionResult> {
-    const outcomes: AttemptOutcome[] = results.map((r) => ({ attemptId: r.attemptId, outcome: AckOutcomes.UNKNOWN }));
+    const outcomes: AttemptOutcome[] = results.map((r) => ({
+      attemptId: r.attemptId,
+      outcome: AckOutcomes.UNKNOWN,
+    }));
     // Only well-formed attempt ids reach SQL (a bad uuid would fail the whole batch's cast).
     const valid: number[] = [];
     results.forEach((r, i) => {
       if (!isUuid(r.attemptId)) return;
       if (r.status === "complete" && r.output === undefined) {
-        throw new StateError("invalid_request", `result for attempt ${r.attemptId} is complete but carries no output (send null for none)`);
+        throw new StateError(
+          "invalid_request",
+          `result for attempt ${r.attemptId} is complete but carries no output (send null for none)`,
+        );
       }
       if (r.status === "error" && (r.error === undefined || r.error === null)) {
-        throw new StateError("invalid_request", `result for attempt ${r.attemptId} is an error but carries no error object`);
+        throw new StateError(
+          "invalid_request",
+          `result for attempt ${r.attemptId} is an error but carries no error object`,
+        );
       }
       valid.push(i);
     });
@@ -505,24 +545,43 @@ export class StateManager {
         outputBytes,
       ]);
       const readiedSteps: ReadiedStep[] = [];
-      const touchedTasks: string[] = [];
+      const stored = new Map<string, CompletionRow>();
+      const known = new Map<string, CompletionRow>();
       for (const row of rows) {
-        if (row.kind === "readied") {
-          readiedSteps.push(readied(row));
+        if (row.kind === "readied") readiedSteps.push(readied(row));
+        else if (row.attempt_id !== null) (row.kind === "stored" ? stored : known).set(row.attempt_id, row);
+      }
+      // Judge each result; a later copy of an attempt in this batch is a duplicate of the first.
+      const judged = new Map<string, AckOutcome>();
+      for (const [k, i] of valid.entries()) {
+        const outcome = outcomes[i] as AttemptOutcome;
+        const id = attemptIds[k] ?? "";
+        const mine = stored.get(id);
+        const record = mine ?? known.get(id);
+        if (record?.step_id) outcome.stepId = record.step_id;
+        if (record?.task_id) outcome.taskId = record.task_id;
+        const earlier = judged.get(id);
+        if (earlier !== undefined) {
+          outcome.outcome = earlier === AckOutcomes.STORED ? AckOutcomes.DUPLICATE : earlier;
           continue;
         }
-        const index = valid[(row.ord ?? 0) - 1];
-        const outcome = index === undefined ? undefined : outcomes[index];
-        if (outcome === undefined || row.outcome === null) continue;
-        outcome.outcome = row.outcome;
-        if (row.step_id !== null) outcome.stepId = row.step_id;
-        if (row.task_id !== null) outcome.taskId = row.task_id;
-        if (row.outcome === AckOutcomes.STORED && row.state !== null && row.task_id !== null) {
-          outcome.state = row.state;
-          touchedTasks.push(row.task_id);
-          if (row.state === StepStates.READY) readiedSteps.push(readied(row));
+        if (mine !== undefined) {
+          outcome.outcome = AckOutcomes.STORED;
+          if (mine.state !== null) outcome.state = mine.state;
+          if (mine.state === StepStates.READY) readiedSteps.push(readied(mine));
+        } else if (record === undefined || record.step_id === null) {
+          outcome.outcome = AckOutcomes.UNKNOWN;
+        } else if (
+          record.prior_outcome === AttemptEndings.COMPLETE ||
+          record.prior_outcome === AttemptEndings.ERROR
+        ) {
+          outcome.outcome = AckOutcomes.DUPLICATE;
+        } else {
+          outcome.outcome = AckOutcomes.STALE;
         }
+        judged.set(id, outcome.outcome);
       }
+      const touchedTasks = [...stored.values()].flatMap((r) => (r.task_id === null ? [] : [r.task_id]));
       const finishedTasks = await this.finalize(client, touchedTasks);
       return { outcomes, readied: readiedSteps, finishedTasks };
     });
@@ -536,12 +595,18 @@ export class StateManager {
   async extendLeases(attemptIds: string[]): Promise<string[]> {
     const valid = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
     const extended = new Set(
-      valid.length === 0 ? [] : (await this.run<{ attempt_id: string }>("extend_leases", [valid])).map((r) => r.attempt_id),
+      valid.length === 0
+        ? []
+        : (await this.run<{ attempt_id: string }>("extend_leases", [valid])).map((r) => r.attempt_id),
     );
     return attemptIds.filter((id) => !extended.has(id.toLowerCase()));
   }
 
-  private async requeue(client: pg.PoolClient, attemptIds: string[], mode: RequeueMode): Promise<RequeueResult> {
+  private async requeue(
+    client: pg.PoolClient,
+    attemptIds: string[],
+    mode: RequeueMode,
+  ): Promise<RequeueResult> {
     if (attemptIds.length === 0) return { attempts: [], finishedTasks: [] };
     const rows = await this.runIn<RequeueRow>(client, "requeue_attempts", [
       attemptIds,
@@ -605,7 +670,10 @@ export class StateManager {
    * handler: the attempt number is given back. Steps whose lease moved to
    * another attempt are not touched.
    */
-  async releaseAttempts(attemptIds: string[], options: { countAttempt: boolean; reason: string }): Promise<RequeueResult> {
+  async releaseAttempts(
+    attemptIds: string[],
+    options: { countAttempt: boolean; reason: string },
+  ): Promise<RequeueResult> {
     const ids = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
     if (ids.length === 0) return { attempts: [], finishedTasks: [] };
     return await this.transaction("releaseAttempts", async (client) => {
@@ -627,7 +695,11 @@ export class StateManager {
    * or by anyone whose lease expired become ready again, counting the attempt.
    * Pass the broker's start time as olderThan so its own new leases are kept.
    */
-  async recoverOrphans(options: { brokerId: string; olderThan?: Date; keep?: string[] }): Promise<RequeueResult> {
+  async recoverOrphans(options: {
+    brokerId: string;
+    olderThan?: Date;
+    keep?: string[];
+  }): Promise<RequeueResult> {
     const result = await this.transaction("recoverOrphans", async (client) => {
       const locked = await this.runIn<{ attempt_id: string }>(client, "lock_orphans", [
         options.brokerId,
@@ -649,7 +721,10 @@ export class StateManager {
       );
     });
     if (result.attempts.length > 0) {
-      this.logger.info({ brokerId: options.brokerId, recovered: result.attempts.length }, "recovered orphaned attempts");
+      this.logger.info(
+        { brokerId: options.brokerId, recovered: result.attempts.length },
+        "recovered orphaned attempts",
+      );
     }
     return result;
   }
@@ -691,12 +766,16 @@ export class StateManager {
   }
 
   private logFinished(tasks: FinishedTask[], why: string): void {
-    for (const t of tasks) this.logger.info({ taskId: t.taskId, state: t.state, error: t.error }, `task finished after ${why}`);
+    for (const t of tasks)
+      this.logger.info({ taskId: t.taskId, state: t.state, error: t.error }, `task finished after ${why}`);
   }
 
   // ---------------------------------------------------------------- operators
 
-  private async lockTask(client: pg.PoolClient, ids: { taskId?: string; stepId?: string }): Promise<{ id: string; state: TaskState } | undefined> {
+  private async lockTask(
+    client: pg.PoolClient,
+    ids: { taskId?: string; stepId?: string },
+  ): Promise<{ id: string; state: TaskState } | undefined> {
     const taskId = ids.taskId !== undefined && isUuid(ids.taskId) ? ids.taskId : null;
     const stepId = ids.stepId !== undefined && isUuid(ids.stepId) ? ids.stepId : null;
     if (taskId === null && stepId === null) return undefined;
@@ -727,12 +806,16 @@ export class StateManager {
    * { taskId }: all of its error and cancelled steps do (those whose parents are
    * not done wait as pending). The task runs again.
    */
-  async retry(target: { taskId: string } | { stepId: string }): Promise<{ retried: string[]; readied: ReadiedStep[] }> {
+  async retry(
+    target: { taskId: string } | { stepId: string },
+  ): Promise<{ retried: string[]; readied: ReadiedStep[] }> {
     const result = await this.transaction("retry", async (client) => {
       const task = await this.lockTask(client, target);
       const what = "taskId" in target ? `task ${target.taskId}` : `step ${target.stepId}`;
-      if (task === undefined) throw new StateError("taskId" in target ? "unknown_task" : "invalid_request", `no ${what}`);
-      if (task.state === TaskStates.COMPLETE) throw new StateError("invalid_request", `${what}: the task is complete, nothing to retry`);
+      if (task === undefined)
+        throw new StateError("taskId" in target ? "unknown_task" : "invalid_request", `no ${what}`);
+      if (task.state === TaskStates.COMPLETE)
+        throw new StateError("invalid_request", `${what}: the task is complete, nothing to retry`);
       if ("stepId" in target && task.state === TaskStates.CANCELLED) {
         throw new StateError("invalid_request", `${what}: its task is cancelled; retry the task instead`);
       }
@@ -764,12 +847,18 @@ export class StateManager {
    * and given to the children as this step's input; without, they get null. It
    * counts as a finished parent, so its children may proceed and the task may complete.
    */
-  async resolveStep(stepId: string, output?: JsonValue): Promise<{ readied: ReadiedStep[]; finishedTasks: FinishedTask[] }> {
+  async resolveStep(
+    stepId: string,
+    output?: JsonValue,
+  ): Promise<{ readied: ReadiedStep[]; finishedTasks: FinishedTask[] }> {
     return await this.transaction("resolveStep", async (client) => {
       const task = await this.lockTask(client, { stepId });
       if (task === undefined) throw new StateError("invalid_request", `no step ${stepId}`);
       if (task.state !== TaskStates.IN_PROGRESS && task.state !== TaskStates.ERROR) {
-        throw new StateError("invalid_request", `step ${stepId}: its task is ${task.state}; only a running or failed task's steps can be resolved`);
+        throw new StateError(
+          "invalid_request",
+          `step ${stepId}: its task is ${task.state}; only a running or failed task's steps can be resolved`,
+        );
       }
       const steps = await this.runIn<StepRow>(client, "get_steps", [task.id]);
       const step = steps.find((s) => s.id === stepId.toLowerCase());
@@ -777,10 +866,16 @@ export class StateManager {
       if (step.state === StepStates.PENDING) {
         const byName = new Map(steps.map((s) => [s.name, s]));
         if (failedAncestors(step.name, byName).length === 0) {
-          throw new StateError("invalid_request", `step "${step.name}" is pending but not blocked by a failed step; it will run when its parents finish`);
+          throw new StateError(
+            "invalid_request",
+            `step "${step.name}" is pending but not blocked by a failed step; it will run when its parents finish`,
+          );
         }
       } else if (step.state !== StepStates.ERROR) {
-        throw new StateError("invalid_request", `step "${step.name}" is ${step.state}; only an error step or a blocked pending step can be resolved`);
+        throw new StateError(
+          "invalid_request",
+          `step "${step.name}" is ${step.state}; only an error step or a blocked pending step can be resolved`,
+        );
       }
       const rows = await this.runIn<StepChangeRow>(client, "resolve_step", [
         step.id,
@@ -864,7 +959,10 @@ export class StateManager {
    * Per step, every readiness condition and the first that blocks it. With
    * servedHandlers (the handlers of connected pools), also whether a pool serves it.
    */
-  async explain(taskId: string, options: { servedHandlers?: ReadonlySet<string> } = {}): Promise<ExplainRow[]> {
+  async explain(
+    taskId: string,
+    options: { servedHandlers?: ReadonlySet<string> } = {},
+  ): Promise<ExplainRow[]> {
     const steps = isUuid(taskId) ? await this.run<StepRow>("get_steps", [taskId]) : [];
     if (steps.length === 0) throw new StateError("unknown_task", `no task ${taskId}`);
     const inputs: ExplainInput[] = steps.map((s) => ({
@@ -902,7 +1000,10 @@ export class StateManager {
       let notification: WorkNotification = { reason: "created" };
       try {
         const parsed: unknown = JSON.parse(message.payload ?? "{}");
-        if (isJsonObject(parsed) && (parsed.reason === "created" || parsed.reason === "retried" || parsed.reason === "resolved")) {
+        if (
+          isJsonObject(parsed) &&
+          (parsed.reason === "created" || parsed.reason === "retried" || parsed.reason === "resolved")
+        ) {
           notification = { reason: parsed.reason };
         }
       } catch {

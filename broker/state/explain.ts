@@ -42,7 +42,8 @@ export function failedAncestors(
   const found: string[] = [];
   for (const parent of step.parents) {
     if (FAILED_STEP_STATES.includes(parent.state)) found.push(parent.name);
-    else if (!FINISHED_PARENT_STATES.includes(parent.state)) found.push(...failedAncestors(parent.name, byName, seen));
+    else if (!FINISHED_PARENT_STATES.includes(parent.state))
+      found.push(...failedAncestors(parent.name, byName, seen));
   }
   return [...new Set(found)];
 }
@@ -92,11 +93,16 @@ function backoffCondition(step: ExplainInput): ExplainCondition {
   if (step.state !== StepStates.READY || wait <= 0) {
     return { name: "backoff", ok: true, detail: step.state === StepStates.READY ? "elapsed" : "not waiting" };
   }
-  return { name: "backoff", ok: false, detail: `waits until ${step.runAt.toISOString()} (${ms(wait)} from now)` };
+  return {
+    name: "backoff",
+    ok: false,
+    detail: `waits until ${step.runAt.toISOString()} (${ms(wait)} from now)`,
+  };
 }
 
 function leaseCondition(step: ExplainInput): ExplainCondition {
-  if (step.leaseAttemptId === null || step.leaseExpiresAt === null) return { name: "lease", ok: true, detail: "free" };
+  if (step.leaseAttemptId === null || step.leaseExpiresAt === null)
+    return { name: "lease", ok: true, detail: "free" };
   const left = step.leaseExpiresAt.getTime() - step.now.getTime();
   const holder = `held by attempt ${step.leaseAttemptId} of broker ${step.leaseBrokerId ?? "?"}`;
   return {
@@ -170,7 +176,8 @@ export function formatExplain(rows: ExplainRow[], options: { verbose?: boolean }
   rows.forEach((r, i) => {
     lines.push(render(body[i] ?? []));
     if (options.verbose) {
-      for (const c of r.conditions) lines.push(`    ${c.ok ? "ok  " : "FAIL"} ${c.name.padEnd(8)} ${c.detail}`);
+      for (const c of r.conditions)
+        lines.push(`    ${c.ok ? "ok  " : "FAIL"} ${c.name.padEnd(8)} ${c.detail}`);
     }
   });
   return lines.join("\n");

@@ -231,7 +231,8 @@ def parse_frames(
         raise ProtocolError("malformed_frame", f"Expected 3 frames [signature, command, body], got {len(frames)}.")
     sig, cmd_raw, body = (bytes(f) for f in frames)
     if sig != SIGNATURE_BYTES:
-        if sig.startswith(_SIG_PREFIX):
+        rest = sig[len(_SIG_PREFIX):]
+        if sig.startswith(_SIG_PREFIX) and rest.isdigit() and rest.isascii():
             raise ProtocolError("unsupported_version", f"This peer speaks {SIGNATURE}, not {sig[:64]!r}.")
         raise ProtocolError("malformed_frame", f"The first frame is not the signature {SIGNATURE!r}.")
     try:

@@ -122,3 +122,12 @@ def test_message_too_large(codec) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.decode(frame("HEARTBEAT", {"in_flight": 1}), max_body_bytes=5)
     assert info.value.code == "message_too_large"
+
+
+@pytest.mark.parametrize("sig,code", [(b"stepbroker/2", "unsupported_version"), (b"stepbroker/10", "unsupported_version"),
+                                      (b"stepbroker/x", "malformed_frame"), (b"stepbroker/", "malformed_frame"),
+                                      (b"stepbroker/1.0", "malformed_frame")])
+def test_signature_versions(codec, sig, code) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.decode([sig, b"HEARTBEAT", b"{}"])
+    assert info.value.code == code

@@ -22,13 +22,14 @@ attempts_ended as (
 ),
 step_flipped as (
   update step_transitions t set most_recent = false
-  where t.step_id = any(array(select c.id from cancelled c)) and t.most_recent
-  returning t.step_id, t.sort_key
+  from cancelled c
+  where t.step_id = c.id and t.most_recent
+  returning t.step_id, t.task_id, t.sort_key, c.from_state, c.lease_attempt_id
 ),
 step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, sort_key, most_recent)
-  select c.id, c.task_id, c.from_state, 'cancelled', 'cancelled', c.lease_attempt_id, f.sort_key + 1, true
-  from cancelled c join step_flipped f on f.step_id = c.id
+  select f.step_id, f.task_id, f.from_state, 'cancelled', 'cancelled', f.lease_attempt_id, f.sort_key + 1, true
+  from step_flipped f
 ),
 task_ended as (
   update tasks t

@@ -1,5 +1,9 @@
 -- Claims up to $3 ready steps (highest priority, then longest ready) whose handler is served, starting one attempt each under a lease; a task claimed for the first time moves pending -> in_progress.
 -- $1 text broker id, $2 text[] handlers served, $3 int most steps, $4 uuid[] only these steps (null: any). Returns one row per attempt with all a STEP message needs.
+--
+-- Plan shape (this is the hot path): big tables are only ever reached by primary-key or partial-index
+-- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
+-- No two CTEs are joined to each other (a nested loop over CTE scans would be quadratic).
 with picked as (
   select s.id
   from steps s
@@ -18,8 +22,7 @@ claimed as (
       lease_attempt_id = gen_random_uuid(),
       lease_broker_id = $1,
       lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
-  from picked
-  where s.id = picked.id
+  where s.id = any(array(select p.id from picked p))
   returning s.id, s.task_id, s.name, s.handler, s.config, s.attempts, s.max_attempts, s.timeout_ms,
             s.lease_attempt_id, s.lease_expires_at
 ),
@@ -29,50 +32,47 @@ attempt_rows as (
 ),
 step_flipped as (
   update step_transitions t set most_recent = false
-  where t.step_id = any(array(select c.id from claimed c)) and t.most_recent
-  returning t.step_id, t.sort_key
+  from claimed c
+  where t.step_id = c.id and t.most_recent
+  returning t.step_id, t.task_id, t.sort_key, c.lease_attempt_id, c.attempts
 ),
 step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
-  select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id,
-         jsonb_build_object('broker_id', $1::text, 'attempt', c.attempts), f.sort_key + 1, true
-  from claimed c join step_flipped f on f.step_id = c.id
+  select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.lease_attempt_id,
+         jsonb_build_object('broker_id', $1::text, 'attempt', f.attempts), f.sort_key + 1, true
+  from step_flipped f
 ),
 -- SKIP LOCKED here too: a claim never waits, so claims cannot deadlock on task rows.
 -- Whoever holds a pending task's lock is another claim starting it, or a cancel.
 started as (
   update tasks t set state = 'in_progress'
-  where t.id in (
+  where t.id = any(array(
     select t2.id from tasks t2
     where t2.id = any(array(select c.task_id from claimed c)) and t2.state = 'pending'
     order by t2.id
     for update skip locked
-  )
+  ))
   returning t.id
 ),
 task_flipped as (
   update task_transitions t set most_recent = false
-  where t.task_id = any(array(select s.id from started s)) and t.most_recent
+  from started s
+  where t.task_id = s.id and t.most_recent
   returning t.task_id, t.sort_key
 ),
 task_history as (
   insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
   select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
   from task_flipped f
-),
--- `= any(array(...))` everywhere: index probes for the few rows at hand, never a scan of a big table
-claimed_tasks as (
-  select t.id, t.context, tt.namespace, tt.name, tt.version
-  from tasks t join task_templates tt on tt.id = t.template_id
-  where t.id = any(array(select c.task_id from claimed c))
 )
 select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as step_name, c.handler,
        c.attempts as attempt, c.max_attempts, c.timeout_ms,
-       t.namespace as template_namespace, t.name as template_name, t.version as template_version,
-       t.context, c.config,
+       (select jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version)
+          from tasks t join task_templates tt on tt.id = t.template_id where t.id = c.task_id) as template,
+       (select t.context from tasks t where t.id = c.task_id) as context,
+       c.config,
        (select coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
           from step_edges e join steps p on p.id = e.parent_id
          where e.child_id = c.id) as inputs,
        c.lease_expires_at
 from claimed c
-join claimed_tasks t on t.id = c.task_id

@@ -13,7 +13,6 @@ summary as (
          coalesce(array_agg(s.name order by s.position) filter (where s.state = 'error'), '{}') as failed,
          (array_agg(s.error ->> 'message' order by s.position) filter (where s.state = 'error'))[1] as first_message
   from candidates c join steps s on s.task_id = c.id
-  where s.task_id = any(array(select c2.id from candidates c2))
   group by c.id, c.state
 ),
 ended as (
@@ -36,11 +35,12 @@ ended as (
 ),
 flipped as (
   update task_transitions t set most_recent = false
-  where t.task_id = any(array(select e.id from ended e)) and t.most_recent
-  returning t.task_id, t.sort_key
+  from ended e
+  where t.task_id = e.id and t.most_recent
+  returning t.task_id, t.sort_key, e.from_state, e.state, e.error
 )
 insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, most_recent)
-select e.id, e.from_state, e.state, case e.state when 'complete' then 'completed' else 'failed' end,
-       e.error, f.sort_key + 1, true
-from ended e join flipped f on f.task_id = e.id
+select f.task_id, f.from_state, f.state, case f.state when 'complete' then 'completed' else 'failed' end,
+       f.error, f.sort_key + 1, true
+from flipped f
 returning task_id, to_state as state, metadata as error

@@ -16,7 +16,7 @@ with target as (
   from unnest($1::uuid[]) as given(attempt_id)
   join step_attempts a on a.attempt_id = given.attempt_id
   join steps s on s.id = a.step_id
-  where s.lease_attempt_id = a.attempt_id and s.state = 'in_progress'
+  where s.lease_attempt_id = a.attempt_id
     and (not $5::boolean or s.lease_expires_at < now())
 ),
 requeued as (
@@ -36,7 +36,7 @@ requeued as (
       finished_at = case when tg.new_state = 'error' then now() end,
       lease_attempt_id = null, lease_broker_id = null, lease_expires_at = null
   from target tg
-  where s.id = tg.id and s.lease_attempt_id = tg.attempt_id and s.state = 'in_progress'
+  where s.id = tg.id and s.lease_attempt_id = tg.attempt_id
   returning s.id, s.task_id, s.handler, s.state, s.run_at, s.error, tg.attempt_id, tg.broker_id, tg.message
 ),
 attempt_rows as (
@@ -51,14 +51,15 @@ attempt_rows as (
 ),
 flipped as (
   update step_transitions t set most_recent = false
-  where t.step_id = any(array(select rq.id from requeued rq)) and t.most_recent
-  returning t.step_id, t.sort_key
+  from requeued rq
+  where t.step_id = rq.id and t.most_recent
+  returning t.step_id, t.task_id, t.sort_key, rq.state, rq.attempt_id
 ),
 history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
-  select rq.id, rq.task_id, 'in_progress', rq.state, $7::text, rq.attempt_id,
+  select f.step_id, f.task_id, 'in_progress', f.state, $7::text, f.attempt_id,
          jsonb_build_object('reason', $6::text, 'counted', $3::boolean), f.sort_key + 1, true
-  from requeued rq join flipped f on f.step_id = rq.id
+  from flipped f
 )
 select rq.attempt_id, rq.id as step_id, rq.task_id, rq.handler, rq.state, rq.run_at, rq.broker_id, ar.pool_id
 from requeued rq left join attempt_rows ar on ar.attempt_id = rq.attempt_id

@@ -25,19 +25,20 @@ readied as (
   returning c.id, c.task_id, c.handler, c.state, c.run_at
 ),
 changes as (
-  select r.id as step_id, r.task_id, r.from_state, r.state as to_state, 'resolved' as event from resolved r
+  select r.id as step_id, r.from_state, r.state as to_state, 'resolved' as event from resolved r
   union all
-  select rd.id, rd.task_id, 'pending', 'ready', 'parents_finished' from readied rd where rd.state = 'ready'
+  select rd.id, 'pending', 'ready', 'parents_finished' from readied rd where rd.state = 'ready'
 ),
 step_flipped as (
   update step_transitions t set most_recent = false
-  where t.step_id = any(array(select ch.step_id from changes ch)) and t.most_recent
-  returning t.step_id, t.sort_key
+  from changes ch
+  where t.step_id = ch.step_id and t.most_recent
+  returning t.step_id, t.task_id, t.sort_key, ch.from_state, ch.to_state, ch.event
 ),
 step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
-  select ch.step_id, ch.task_id, ch.from_state, ch.to_state, ch.event, f.sort_key + 1, true
-  from changes ch join step_flipped f on f.step_id = ch.step_id
+  select f.step_id, f.task_id, f.from_state, f.to_state, f.event, f.sort_key + 1, true
+  from step_flipped f
 ),
 resumed as (
   update tasks t

@@ -16,13 +16,14 @@ retried as (
 ),
 step_flipped as (
   update step_transitions t set most_recent = false
-  where t.step_id = any(array(select r.id from retried r)) and t.most_recent
-  returning t.step_id, t.sort_key
+  from retried r
+  where t.step_id = r.id and t.most_recent
+  returning t.step_id, t.task_id, t.sort_key, r.from_state, r.state
 ),
 step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
-  select r.id, r.task_id, r.from_state, r.state, 'retried', f.sort_key + 1, true
-  from retried r join step_flipped f on f.step_id = r.id
+  select f.step_id, f.task_id, f.from_state, f.state, 'retried', f.sort_key + 1, true
+  from step_flipped f
 ),
 resumed as (
   update tasks t

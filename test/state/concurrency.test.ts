@@ -13,7 +13,9 @@ describe("concurrent claimers", () => {
   before(async () => {
     // each broker has its own pool, as separate processes would
     for (let i = 0; i < 6; i++) {
-      brokers.push(new StateManager(await openDatabase({ databaseUrl: databaseUrl(), schema: t.schema, poolSize: 4 })));
+      brokers.push(
+        new StateManager(await openDatabase({ databaseUrl: databaseUrl(), schema: t.schema, poolSize: 4 })),
+      );
     }
   });
   after(async () => {
@@ -30,10 +32,17 @@ describe("concurrent claimers", () => {
         { name: "a", handler: "c" },
         { name: "b", handler: "c", depends_on: ["a"] },
         { name: "c", handler: "c", depends_on: ["a"] },
-        { name: "d", handler: "c", depends_on: ["b", "c"], retry: { max_attempts: 3, backoff: { initial_ms: 0 } } },
+        {
+          name: "d",
+          handler: "c",
+          depends_on: ["b", "c"],
+          retry: { max_attempts: 3, backoff: { initial_ms: 0 } },
+        },
       ],
     });
-    const taskIds = await t.sm.createTasks(Array.from({ length: 150 }, (_, i) => ({ namespace: "conc", name: "chain", context: { i } })));
+    const taskIds = await t.sm.createTasks(
+      Array.from({ length: 150 }, (_, i) => ({ namespace: "conc", name: "chain", context: { i } })),
+    );
     const claims: (ClaimedStep & { broker: number })[] = [];
     const held = new Map<string, string>(); // step id -> attempt id currently in flight (in this test's view)
     const violations: string[] = [];
@@ -41,7 +50,11 @@ describe("concurrent claimers", () => {
     async function work(broker: StateManager, index: number): Promise<void> {
       let idle = 0;
       for (let round = 0; round < 500 && idle < 3; round++) {
-        const claimed = await broker.claimSteps({ brokerId: `broker-${index}`, handlers: ["c"], limit: 1 + (round % 7) });
+        const claimed = await broker.claimSteps({
+          brokerId: `broker-${index}`,
+          handlers: ["c"],
+          limit: 1 + (round % 7),
+        });
         if (claimed.length === 0) {
           idle++;
           await new Promise((resolve) => setImmediate(resolve));
@@ -50,7 +63,8 @@ describe("concurrent claimers", () => {
         idle = 0;
         for (const c of claimed) {
           const other = held.get(c.step_id);
-          if (other !== undefined) violations.push(`step ${c.step_id} claimed by ${c.attempt_id} while ${other} held it`);
+          if (other !== undefined)
+            violations.push(`step ${c.step_id} claimed by ${c.attempt_id} while ${other} held it`);
           held.set(c.step_id, c.attempt_id);
           claims.push({ ...c, broker: index });
         }
@@ -58,7 +72,11 @@ describe("concurrent claimers", () => {
           held.delete(c.step_id);
           // every "d" fails its first attempt, to mix retries into the race
           return c.step_name === "d" && c.attempt === 1
-            ? { attemptId: c.attempt_id, status: "error", error: { type: "Flaky", message: "first try", retryable: true } }
+            ? {
+                attemptId: c.attempt_id,
+                status: "error",
+                error: { type: "Flaky", message: "first try", retryable: true },
+              }
             : { attemptId: c.attempt_id, status: "complete", output: { by: index } };
         });
         const { outcomes } = await broker.completeAttempts(results);
@@ -69,12 +87,16 @@ describe("concurrent claimers", () => {
     // claimers stop after three empty rounds in a row; run until every task is finished (bounded)
     for (let wave = 0; wave < 20; wave++) {
       await Promise.all(brokers.map((b, i) => work(b, i)));
-      const [left] = await t.sql<{ n: number }>(`select count(*)::int as n from tasks where state <> 'complete'`);
+      const [left] = await t.sql<{ n: number }>(
+        `select count(*)::int as n from tasks where state <> 'complete'`,
+      );
       if (left?.n === 0) break;
     }
 
     assert.deepEqual(violations, []);
-    const [states] = await t.sql<{ complete: number }>(`select count(*) filter (where state = 'complete')::int as complete from tasks`);
+    const [states] = await t.sql<{ complete: number }>(
+      `select count(*) filter (where state = 'complete')::int as complete from tasks`,
+    );
     assert.equal(states?.complete, taskIds.length);
     // 4 steps per task, "d" twice
     assert.equal(claims.length, taskIds.length * 5);

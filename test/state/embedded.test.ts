@@ -39,7 +39,11 @@ describe("embedded PostgreSQL", () => {
     const second = await openDatabase({ databaseUrl: "", dataDir, schema: "embedded_test" });
     try {
       const { rows } = await second.pool.query<{ v: string }>(`select v from kept`);
-      assert.deepEqual(rows, [{ v: "from the first run" }], "the data directory was reused, not initialised again");
+      assert.deepEqual(
+        rows,
+        [{ v: "from the first run" }],
+        "the data directory was reused, not initialised again",
+      );
     } finally {
       await second.close();
     }

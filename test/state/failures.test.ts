@@ -36,7 +36,11 @@ describe("failures, retries and operator actions", () => {
       const res = await fail(t.sm, s);
       assert.equal(res.outcomes[0]?.outcome, AckOutcomes.STORED);
       assert.equal(res.outcomes[0]?.state, StepStates.READY);
-      assert.deepEqual(res.readied.map((r) => r.stepId), [s.step_id], "the retry is reported as readied");
+      assert.deepEqual(
+        res.readied.map((r) => r.stepId),
+        [s.step_id],
+        "the retry is reported as readied",
+      );
       assert.deepEqual(res.finishedTasks, []);
     }
     const [s] = await claim(t.sm, task, ["s"]);
@@ -48,16 +52,30 @@ describe("failures, retries and operator actions", () => {
     assert.deepEqual(view?.steps?.[0]?.output, { third: true });
     assert.equal(view?.steps?.[0]?.error, null, "the last error is cleared once the step completes");
     const attempts = await t.sm.getAttempts(s.step_id);
-    assert.deepEqual(attempts.map((a) => [a.attempt, a.outcome]), [[1, "error"], [2, "error"], [3, "complete"]]);
+    assert.deepEqual(
+      attempts.map((a) => [a.attempt, a.outcome]),
+      [
+        [1, "error"],
+        [2, "error"],
+        [3, "complete"],
+      ],
+    );
     assert.equal(new Set(attempts.map((a) => a.attemptId)).size, 3);
     assert.equal(attempts[0]?.error?.type, "Boom");
   });
 
   it("fails a step at once on an error that is not retryable, and the task names it", async () => {
-    const task = await createScenario(t.sm, [{ name: "pay", retry: { max_attempts: 5 } }, { name: "ship", depends_on: ["pay"] }]);
+    const task = await createScenario(t.sm, [
+      { name: "pay", retry: { max_attempts: 5 } },
+      { name: "ship", depends_on: ["pay"] },
+    ]);
     const [pay] = await claim(t.sm, task, ["pay"]);
     assert.ok(pay);
-    const res = await fail(t.sm, pay, { type: "PaymentDeclined", message: "card declined", retryable: false });
+    const res = await fail(t.sm, pay, {
+      type: "PaymentDeclined",
+      message: "card declined",
+      retryable: false,
+    });
     assert.equal(res.outcomes[0]?.state, StepStates.ERROR);
     assert.deepEqual(res.finishedTasks, [
       {
@@ -70,7 +88,11 @@ describe("failures, retries and operator actions", () => {
     assert.equal(view?.state, TaskStates.ERROR);
     assert.deepEqual(view?.error?.failed_steps, ["pay"]);
     assert.equal(view?.steps?.[0]?.attempts, 1);
-    assert.deepEqual(view?.steps?.[0]?.error, { type: "PaymentDeclined", message: "card declined", retryable: false });
+    assert.deepEqual(view?.steps?.[0]?.error, {
+      type: "PaymentDeclined",
+      message: "card declined",
+      retryable: false,
+    });
     assert.equal(view?.steps?.[1]?.state, StepStates.PENDING, "the dependent of a failed step stays pending");
   });
 
@@ -102,7 +124,11 @@ describe("failures, retries and operator actions", () => {
     assert.equal(once.attempt, 1);
     await succeed(t.sm, ok, "done");
     const res = await fail(t.sm, once, { retryable: true });
-    assert.equal(res.outcomes[0]?.state, StepStates.ERROR, "a retryable error does not override the template");
+    assert.equal(
+      res.outcomes[0]?.state,
+      StepStates.ERROR,
+      "a retryable error does not override the template",
+    );
     assert.equal(await stepState(t.sm, task, "once_ok"), StepStates.COMPLETE);
     assert.equal(await taskState(t.sm, task), TaskStates.ERROR);
   });
@@ -118,7 +144,11 @@ describe("failures, retries and operator actions", () => {
       expired.map((e) => [e.attemptId, e.state, e.brokerId]),
       [[first.attempt_id, StepStates.READY, "b1"]],
     );
-    assert.deepEqual(await t.sm.extendLeases([first.attempt_id]), [first.attempt_id], "the timed-out attempt holds no lease");
+    assert.deepEqual(
+      await t.sm.extendLeases([first.attempt_id]),
+      [first.attempt_id],
+      "the timed-out attempt holds no lease",
+    );
     const late = await succeed(t.sm, first);
     assert.equal(late.outcomes[0]?.outcome, AckOutcomes.STALE);
     const [second] = await claim(t.sm, task, ["slow"]);
@@ -132,7 +162,10 @@ describe("failures, retries and operator actions", () => {
     assert.equal(view?.steps?.[0]?.error?.type, "timeout");
     assert.match(view?.steps?.[0]?.error?.message ?? "", /attempt 2 of 2 timed out after 1000 ms/);
     const attempts = await t.sm.getAttempts(task.task_id);
-    assert.deepEqual(attempts.map((a) => a.outcome), ["timeout", "timeout"]);
+    assert.deepEqual(
+      attempts.map((a) => a.outcome),
+      ["timeout", "timeout"],
+    );
   });
 
   it("answers duplicate, stale and unknown results without changing anything", async () => {
@@ -146,7 +179,10 @@ describe("failures, retries and operator actions", () => {
       { attemptId: "00000000-0000-4000-8000-000000000000", status: "complete", output: 3 },
       { attemptId: "not-a-uuid", status: "complete", output: 4 },
     ]);
-    assert.deepEqual(res.outcomes.map((o) => o.outcome), ["stored", "duplicate", "unknown", "unknown"]);
+    assert.deepEqual(
+      res.outcomes.map((o) => o.outcome),
+      ["stored", "duplicate", "unknown", "unknown"],
+    );
     // and again later, even as an error
     const dup = await fail(t.sm, a);
     assert.equal(dup.outcomes[0]?.outcome, AckOutcomes.DUPLICATE);
@@ -163,14 +199,20 @@ describe("failures, retries and operator actions", () => {
     const task = await createScenario(t.sm, [{ name: "a" }]);
     const [a] = await claim(t.sm, task, ["a"]);
     assert.ok(a);
-    await assert.rejects(t.sm.completeAttempts([{ attemptId: a.attempt_id, status: "complete" }]), (err: unknown) => {
-      assert.ok(err instanceof StateError);
-      assert.equal(err.code, "invalid_request");
-      return true;
-    });
+    await assert.rejects(
+      t.sm.completeAttempts([{ attemptId: a.attempt_id, status: "complete" }]),
+      (err: unknown) => {
+        assert.ok(err instanceof StateError);
+        assert.equal(err.code, "invalid_request");
+        return true;
+      },
+    );
     assert.equal(await stepState(t.sm, task, "a"), StepStates.IN_PROGRESS);
     await assert.rejects(
-      t.sql(`update steps set state = 'complete', lease_attempt_id = null, lease_expires_at = null where id = $1`, [a.step_id]),
+      t.sql(
+        `update steps set state = 'complete', lease_attempt_id = null, lease_expires_at = null where id = $1`,
+        [a.step_id],
+      ),
       /steps_complete_has_output/,
       "the table itself refuses complete without output",
     );
@@ -194,29 +236,55 @@ describe("failures, retries and operator actions", () => {
     const view = await t.sm.getTask(task.task_id, { includeSteps: true });
     assert.equal(view?.state, TaskStates.CANCELLED);
     assert.ok(view?.finished_at);
-    assert.deepEqual(view?.steps?.map((s) => s.state), ["complete", "cancelled", "cancelled", "cancelled"]);
+    assert.deepEqual(
+      view?.steps?.map((s) => s.state),
+      ["complete", "cancelled", "cancelled", "cancelled"],
+    );
     assert.equal((await succeed(t.sm, left)).outcomes[0]?.outcome, AckOutcomes.STALE);
-    assert.deepEqual(await t.sm.claimSteps({ brokerId: "b1", handlers: handlersOf(task), limit: 10, stepIds: view?.steps?.map((s) => s.step_id) ?? [] }), []);
-    assert.deepEqual(await t.sm.cancelTask(task.task_id), { cancelledAttempts: [], state: TaskStates.CANCELLED });
-    await assert.rejects(t.sm.cancelTask("00000000-0000-4000-8000-000000000000"), (e: unknown) => e instanceof StateError && e.code === "unknown_task");
+    assert.deepEqual(
+      await t.sm.claimSteps({
+        brokerId: "b1",
+        handlers: handlersOf(task),
+        limit: 10,
+        stepIds: view?.steps?.map((s) => s.step_id) ?? [],
+      }),
+      [],
+    );
+    assert.deepEqual(await t.sm.cancelTask(task.task_id), {
+      cancelledAttempts: [],
+      state: TaskStates.CANCELLED,
+    });
+    await assert.rejects(
+      t.sm.cancelTask("00000000-0000-4000-8000-000000000000"),
+      (e: unknown) => e instanceof StateError && e.code === "unknown_task",
+    );
 
     // an operator's retry of the cancelled task runs what was left
     const retried = await t.sm.retry({ taskId: task.task_id });
     assert.equal(retried.retried.length, 3);
-    assert.deepEqual(retried.readied.map((r) => r.stepId).sort(), [view?.steps?.[1]?.step_id, view?.steps?.[2]?.step_id].sort());
+    assert.deepEqual(
+      retried.readied.map((r) => r.stepId).sort(),
+      [view?.steps?.[1]?.step_id, view?.steps?.[2]?.step_id].sort(),
+    );
     await drive(t.sm, { handlers: handle(task) });
     assert.equal(await taskState(t.sm, task), TaskStates.COMPLETE);
   });
 
   it("retries a failed task (all failed steps) or one failed step, attempts reset", async () => {
-    const task = await createScenario(t.sm, [{ name: "a", retry: { max_attempts: 1 } }, { name: "b", depends_on: ["a"] }]);
+    const task = await createScenario(t.sm, [
+      { name: "a", retry: { max_attempts: 1 } },
+      { name: "b", depends_on: ["a"] },
+    ]);
     const [a] = await claim(t.sm, task, ["a"]);
     assert.ok(a);
     await fail(t.sm, a);
     assert.equal(await taskState(t.sm, task), TaskStates.ERROR);
     await assert.rejects(t.sm.retry({ stepId: task.steps?.[1]?.step_id ?? "" }), /is not in error/);
     const { readied } = await t.sm.retry({ stepId: a.step_id });
-    assert.deepEqual(readied.map((r) => r.stepId), [a.step_id]);
+    assert.deepEqual(
+      readied.map((r) => r.stepId),
+      [a.step_id],
+    );
     const view = await t.sm.getTask(task.task_id, { includeSteps: true });
     assert.equal(view?.state, TaskStates.IN_PROGRESS);
     assert.equal(view?.finished_at, null);
@@ -245,11 +313,17 @@ describe("failures, retries and operator actions", () => {
     const explained = await t.sm.explain(task.task_id);
     assert.equal(explained[1]?.blockedBy, "parents");
     assert.equal(explained[1]?.conditions[0]?.detail, 'blocked by failed parent "a" (error)');
-    assert.equal(explained[2]?.conditions[0]?.detail, 'waiting for "b" (pending), which is blocked by failed step "a"');
+    assert.equal(
+      explained[2]?.conditions[0]?.detail,
+      'waiting for "b" (pending), which is blocked by failed step "a"',
+    );
     // c is pending but not directly blocked by a failed parent: it is blocked through b, so it may be resolved too;
     // a pending step with nothing failed above it may not
     const resolved = await t.sm.resolveStep(a.step_id, { fixed: "by hand" });
-    assert.deepEqual(resolved.readied.map((r) => r.stepId), [task.steps?.[1]?.step_id]);
+    assert.deepEqual(
+      resolved.readied.map((r) => r.stepId),
+      [task.steps?.[1]?.step_id],
+    );
     assert.deepEqual(resolved.finishedTasks, []);
     assert.equal(await taskState(t.sm, task), TaskStates.IN_PROGRESS);
     await assert.rejects(t.sm.resolveStep(task.steps?.[2]?.step_id ?? ""), /not blocked by a failed step/);
@@ -272,15 +346,24 @@ describe("failures, retries and operator actions", () => {
     assert.ok(a);
     await fail(t.sm, a);
     const resolved = await t.sm.resolveStep(task.steps?.[1]?.step_id ?? "");
-    assert.deepEqual(resolved.readied.map((r) => r.stepId), [task.steps?.[2]?.step_id]);
+    assert.deepEqual(
+      resolved.readied.map((r) => r.stepId),
+      [task.steps?.[2]?.step_id],
+    );
     const [c] = await claim(t.sm, task, ["c"]);
     assert.deepEqual(c?.inputs, { b: null });
     assert.ok(c);
     const done = await succeed(t.sm, c);
     // a is still in error: the task fails again, naming it
-    assert.deepEqual(done.finishedTasks.map((f) => [f.state, f.error?.failed_steps]), [[TaskStates.ERROR, ["a"]]]);
+    assert.deepEqual(
+      done.finishedTasks.map((f) => [f.state, f.error?.failed_steps]),
+      [[TaskStates.ERROR, ["a"]]],
+    );
     const final = await t.sm.resolveStep(a.step_id, null);
-    assert.deepEqual(final.finishedTasks.map((f) => f.state), [TaskStates.COMPLETE]);
+    assert.deepEqual(
+      final.finishedTasks.map((f) => f.state),
+      [TaskStates.COMPLETE],
+    );
   });
 
   it("ends a fan-in whose parent failed in error naming that parent, after an independent branch ran to its end", async () => {
@@ -294,22 +377,40 @@ describe("failures, retries and operator actions", () => {
     const claimed = await claim(t.sm, task, ["p1", "p2", "x1"]);
     const byName = new Map(claimed.map((c) => [c.step_name, c]));
     const res = await t.sm.completeAttempts([
-      { attemptId: byName.get("p1")?.attempt_id ?? "", status: "error", error: { type: "E", message: "p1 exploded", retryable: true } },
+      {
+        attemptId: byName.get("p1")?.attempt_id ?? "",
+        status: "error",
+        error: { type: "E", message: "p1 exploded", retryable: true },
+      },
       { attemptId: byName.get("p2")?.attempt_id ?? "", status: "complete", output: "p2" },
       { attemptId: byName.get("x1")?.attempt_id ?? "", status: "complete", output: "x1" },
     ]);
-    assert.deepEqual(res.outcomes.map((o) => o.outcome), ["stored", "stored", "stored"]);
+    assert.deepEqual(
+      res.outcomes.map((o) => o.outcome),
+      ["stored", "stored", "stored"],
+    );
     assert.deepEqual(res.finishedTasks, [], "x2 can still run, so the task is not finished");
-    assert.deepEqual(res.readied.map((r) => r.stepId), [task.steps?.[4]?.step_id], "join is not readied: p1 failed");
+    assert.deepEqual(
+      res.readied.map((r) => r.stepId),
+      [task.steps?.[4]?.step_id],
+      "join is not readied: p1 failed",
+    );
     assert.equal(await taskState(t.sm, task), TaskStates.IN_PROGRESS);
     const [x2] = await claim(t.sm, task, ["x2"]);
     assert.ok(x2);
     const end = await succeed(t.sm, x2);
     assert.deepEqual(end.finishedTasks, [
-      { taskId: task.task_id, state: TaskStates.ERROR, error: { message: 'step "p1" failed: p1 exploded', failed_steps: ["p1"] } },
+      {
+        taskId: task.task_id,
+        state: TaskStates.ERROR,
+        error: { message: 'step "p1" failed: p1 exploded', failed_steps: ["p1"] },
+      },
     ]);
     const view = await t.sm.getTask(task.task_id, { includeSteps: true });
-    assert.deepEqual(view?.steps?.map((s) => s.state), ["error", "complete", "pending", "complete", "complete"]);
+    assert.deepEqual(
+      view?.steps?.map((s) => s.state),
+      ["error", "complete", "pending", "complete", "complete"],
+    );
     const join = (await t.sm.explain(task.task_id)).find((r) => r.name === "join");
     assert.equal(join?.blockedBy, "parents");
     assert.match(join?.conditions[0]?.detail ?? "", /blocked by failed parent "p1"/);
@@ -322,19 +423,36 @@ describe("failures, retries and operator actions", () => {
     const res = await fail(t.sm, s, { retry_after_ms: 60_000 });
     assert.equal(res.outcomes[0]?.state, StepStates.READY);
     assert.equal(await scheduledDelayMs(t, s.step_id), 60_000);
-    assert.ok(Date.parse(res.readied[0]?.runAt ?? "") > Date.now(), "the readied step reports its future run_at");
-    assert.deepEqual(await t.sm.claimSteps({ brokerId: "b1", handlers: handlersOf(task), limit: 10, stepIds: [s.step_id] }), []);
+    assert.ok(
+      Date.parse(res.readied[0]?.runAt ?? "") > Date.now(),
+      "the readied step reports its future run_at",
+    );
+    assert.deepEqual(
+      await t.sm.claimSteps({ brokerId: "b1", handlers: handlersOf(task), limit: 10, stepIds: [s.step_id] }),
+      [],
+    );
     const [row] = await t.sm.explain(task.task_id);
     assert.equal(row?.blockedBy, "backoff");
     await elapseBackoff(t, s.step_id);
-    const [again] = await t.sm.claimSteps({ brokerId: "b1", handlers: handlersOf(task), limit: 10, stepIds: [s.step_id] });
+    const [again] = await t.sm.claimSteps({
+      brokerId: "b1",
+      handlers: handlersOf(task),
+      limit: 10,
+      stepIds: [s.step_id],
+    });
     assert.equal(again?.attempt, 2);
   });
 
   it("backs off exponentially up to the cap, with jitter shortening each delay by at most its fraction", async () => {
     const task = await createScenario(t.sm, [
-      { name: "exp", retry: { max_attempts: 5, backoff: { initial_ms: 1000, multiplier: 2, max_ms: 3000, jitter: 0 } } },
-      { name: "jit", retry: { max_attempts: 2, backoff: { initial_ms: 1000, multiplier: 2, max_ms: 3000, jitter: 0.5 } } },
+      {
+        name: "exp",
+        retry: { max_attempts: 5, backoff: { initial_ms: 1000, multiplier: 2, max_ms: 3000, jitter: 0 } },
+      },
+      {
+        name: "jit",
+        retry: { max_attempts: 2, backoff: { initial_ms: 1000, multiplier: 2, max_ms: 3000, jitter: 0.5 } },
+      },
     ]);
     const delays: number[] = [];
     for (let i = 0; i < 4; i++) {
@@ -364,7 +482,9 @@ describe("failures, retries and operator actions", () => {
     assert.equal(second.task.idempotency_key, "order-1");
 
     const racing = await Promise.all(
-      Array.from({ length: 8 }, (_, i) => t.sm.createTask({ ...template, context: { i }, idempotencyKey: "race" })),
+      Array.from({ length: 8 }, (_, i) =>
+        t.sm.createTask({ ...template, context: { i }, idempotencyKey: "race" }),
+      ),
     );
     assert.equal(racing.filter((r) => r.created).length, 1);
     assert.equal(new Set(racing.map((r) => r.task.task_id)).size, 1);
@@ -378,7 +498,9 @@ describe("failures, retries and operator actions", () => {
     assert.equal(batch[0], batch[1]);
     assert.equal(batch[2], first.task.task_id);
     assert.equal(new Set(batch).size, 3);
-    const [count] = await t.sql<{ n: number }>(`select count(*)::int as n from tasks where idempotency_key in ('order-1', 'race', 'b1')`);
+    const [count] = await t.sql<{ n: number }>(
+      `select count(*)::int as n from tasks where idempotency_key in ('order-1', 'race', 'b1')`,
+    );
     assert.equal(count?.n, 3);
   });
 });

@@ -2,7 +2,15 @@ import assert from "node:assert/strict";
 import { StepStates, TaskStates } from "../../protocol/constants";
 import { useStateManager } from "../support/db";
 import { assertInvariants } from "../support/invariants";
-import { claim, createScenario, elapseLease, handlersOf, stepState, succeed, taskState } from "../support/scenario";
+import {
+  claim,
+  createScenario,
+  elapseLease,
+  handlersOf,
+  stepState,
+  succeed,
+  taskState,
+} from "../support/scenario";
 
 describe("dispatch and leases", () => {
   const t = useStateManager("leases");
@@ -51,8 +59,14 @@ describe("dispatch and leases", () => {
     const task = await createScenario(t.sm, [{ name: "s", retry: { max_attempts: 2 } }]);
     const [first] = await claim(t.sm, task, ["s"]);
     assert.ok(first);
-    const back = await t.sm.releaseAttempts([first.attempt_id], { countAttempt: false, reason: "send failed" });
-    assert.deepEqual(back.attempts.map((a) => [a.attemptId, a.state]), [[first.attempt_id, StepStates.READY]]);
+    const back = await t.sm.releaseAttempts([first.attempt_id], {
+      countAttempt: false,
+      reason: "send failed",
+    });
+    assert.deepEqual(
+      back.attempts.map((a) => [a.attemptId, a.state]),
+      [[first.attempt_id, StepStates.READY]],
+    );
     const [second] = await claim(t.sm, task, ["s"]);
     assert.ok(second);
     assert.equal(second.attempt, 1, "the attempt number was given back");
@@ -60,20 +74,34 @@ describe("dispatch and leases", () => {
     const none = await t.sm.releaseAttempts([first.attempt_id], { countAttempt: true, reason: "pool died" });
     assert.deepEqual(none.attempts, []);
     assert.equal(await stepState(t.sm, task, "s"), StepStates.IN_PROGRESS);
-    const counted = await t.sm.releaseAttempts([second.attempt_id], { countAttempt: true, reason: "pool died" });
+    const counted = await t.sm.releaseAttempts([second.attempt_id], {
+      countAttempt: true,
+      reason: "pool died",
+    });
     assert.equal(counted.attempts[0]?.state, StepStates.READY);
     const [third] = await claim(t.sm, task, ["s"]);
     assert.ok(third);
     assert.equal(third.attempt, 2);
     const last = await t.sm.releaseAttempts([third.attempt_id], { countAttempt: true, reason: "pool died" });
     assert.equal(last.attempts[0]?.state, StepStates.ERROR, "no attempt left after a counted loss");
-    assert.deepEqual(last.finishedTasks.map((f) => f.state), [TaskStates.ERROR]);
+    assert.deepEqual(
+      last.finishedTasks.map((f) => f.state),
+      [TaskStates.ERROR],
+    );
     const attempts = await t.sm.getAttempts(task.task_id);
-    assert.deepEqual(attempts.map((a) => a.outcome), ["undelivered", "lost", "lost"]);
+    assert.deepEqual(
+      attempts.map((a) => a.outcome),
+      ["undelivered", "lost", "lost"],
+    );
   });
 
   it("recovers the orphans of a previous broker life and expired leases of any broker, keeping its own new leases", async () => {
-    const task = await createScenario(t.sm, [{ name: "old" }, { name: "other" }, { name: "fresh" }, { name: "alive" }]);
+    const task = await createScenario(t.sm, [
+      { name: "old" },
+      { name: "other" },
+      { name: "fresh" },
+      { name: "alive" },
+    ]);
     const [old] = await claim(t.sm, task, ["old"], "broker-a");
     const [other] = await claim(t.sm, task, ["other"], "broker-b");
     assert.ok(old && other);

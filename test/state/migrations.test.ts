@@ -8,10 +8,16 @@ import { STEP_MOVES, TASK_MOVES } from "../../broker/state/transitions";
 import { databaseUrl, dropSchema, uniqueSchemaName, useStateManager } from "../support/db";
 
 /** Spawns a migrator process and resolves once it is connected and waiting for "go". */
-function startMigrator(schema: string): Promise<{ child: ChildProcessWithoutNullStreams; result: Promise<string[]> }> {
-  const child = spawn(process.execPath, ["--import", "tsx", "test/support/migrate-child.ts", databaseUrl(), schema], {
-    stdio: ["pipe", "pipe", "pipe"],
-  });
+function startMigrator(
+  schema: string,
+): Promise<{ child: ChildProcessWithoutNullStreams; result: Promise<string[]> }> {
+  const child = spawn(
+    process.execPath,
+    ["--import", "tsx", "test/support/migrate-child.ts", databaseUrl(), schema],
+    {
+      stdio: ["pipe", "pipe", "pipe"],
+    },
+  );
   let out = "";
   let err = "";
   child.stderr.on("data", (d: Buffer) => (err += d.toString()));
@@ -38,7 +44,10 @@ describe("migrations", () => {
     const names = listMigrations().map((m) => m.name);
     assert.ok(names.includes("0001_init"));
     const ledger = await t.sql<{ name: string }>(`select name from schema_migrations order by name`);
-    assert.deepEqual(ledger.map((r) => r.name), names);
+    assert.deepEqual(
+      ledger.map((r) => r.name),
+      names,
+    );
     assert.deepEqual(await t.sm.migrate(), []);
   });
 
@@ -50,10 +59,16 @@ describe("migrations", () => {
       for (const m of migrators) m.child.stdin.write("go\n");
       const results = await Promise.all(migrators.map((m) => m.result));
       const all = listMigrations().map((m) => m.name);
-      assert.deepEqual([...results[0]!, ...results[1]!].sort(), all, `each applied by exactly one: ${JSON.stringify(results)}`);
+      assert.deepEqual(
+        [...results[0]!, ...results[1]!].sort(),
+        all,
+        `each applied by exactly one: ${JSON.stringify(results)}`,
+      );
       const db = await openDatabase({ databaseUrl: databaseUrl(), schema });
       try {
-        const { rows } = await db.pool.query<{ n: number }>(`select count(*)::int as n from schema_migrations`);
+        const { rows } = await db.pool.query<{ n: number }>(
+          `select count(*)::int as n from schema_migrations`,
+        );
         assert.equal(rows[0]?.n, all.length);
       } finally {
         await db.close();
@@ -66,7 +81,10 @@ describe("migrations", () => {
   it("refuses schema names that are not plain identifiers", async () => {
     for (const bad of ["Public", "a-b", "x; drop table tasks", "", "1abc", "a".repeat(64)]) {
       assert.throws(() => assertIdentifier(bad, "schema"), /not a plain SQL identifier/);
-      await assert.rejects(openDatabase({ databaseUrl: databaseUrl(), schema: bad }), /not a plain SQL identifier/);
+      await assert.rejects(
+        openDatabase({ databaseUrl: databaseUrl(), schema: bad }),
+        /not a plain SQL identifier/,
+      );
     }
   });
 
@@ -75,9 +93,16 @@ describe("migrations", () => {
       `select conname as name, pg_get_constraintdef(oid) as def from pg_constraint
        where conname in ('steps_state_check', 'tasks_state_check') and connamespace = current_schema()::regnamespace`,
     );
-    const quoted = (def: string | undefined): string[] => [...(def ?? "").matchAll(/'([a-z_]+)'/g)].map((m) => m[1] ?? "").sort();
-    assert.deepEqual(quoted(defs.find((d) => d.name === "steps_state_check")?.def), Object.values(StepStates).sort());
-    assert.deepEqual(quoted(defs.find((d) => d.name === "tasks_state_check")?.def), Object.values(TaskStates).sort());
+    const quoted = (def: string | undefined): string[] =>
+      [...(def ?? "").matchAll(/'([a-z_]+)'/g)].map((m) => m[1] ?? "").sort();
+    assert.deepEqual(
+      quoted(defs.find((d) => d.name === "steps_state_check")?.def),
+      Object.values(StepStates).sort(),
+    );
+    assert.deepEqual(
+      quoted(defs.find((d) => d.name === "tasks_state_check")?.def),
+      Object.values(TaskStates).sort(),
+    );
   });
 
   it("enforces in SQL the same legal moves as broker/state/transitions.ts", async () => {
@@ -85,7 +110,8 @@ describe("migrations", () => {
       `select tgname as name, pg_get_triggerdef(t.oid) as def from pg_trigger t
        where tgname in ('steps_legal_moves', 'tasks_legal_moves') and tgrelid::regclass::text in ('steps', 'tasks')`,
     );
-    const moves = (def: string | undefined): string[] => [...(def ?? "").matchAll(/'([a-z_]+>[a-z_]+)'/g)].map((m) => m[1] ?? "").sort();
+    const moves = (def: string | undefined): string[] =>
+      [...(def ?? "").matchAll(/'([a-z_]+>[a-z_]+)'/g)].map((m) => m[1] ?? "").sort();
     const expected = (table: Readonly<Record<string, readonly string[]>>): string[] =>
       Object.entries(table)
         .flatMap(([from, tos]) => tos.map((to) => `${from}>${to}`))
@@ -98,20 +124,34 @@ describe("migrations", () => {
     const [tpl] = await t.sql<{ id: number }>(
       `insert into task_templates (namespace, name, version, definition) values ('m', 'm', '1', '{}') returning id`,
     );
-    const [task] = await t.sql<{ id: string }>(
-      `insert into tasks (id, template_id, state, context) values (gen_random_uuid(), $1, 'complete', '{}') returning id`,
-      [tpl?.id],
-    ).catch(() => [undefined]);
+    const [task] = await t
+      .sql<{ id: string }>(
+        `insert into tasks (id, template_id, state, context) values (gen_random_uuid(), $1, 'complete', '{}') returning id`,
+        [tpl?.id],
+      )
+      .catch(() => [undefined]);
     assert.equal(task, undefined, "a finished task needs finished_at");
     const [done] = await t.sql<{ id: string }>(
       `insert into tasks (id, template_id, state, context, finished_at) values (gen_random_uuid(), $1, 'complete', '{}', now()) returning id`,
       [tpl?.id],
     );
-    await assert.rejects(t.sql(`update tasks set state = 'pending', finished_at = null where id = $1`, [done?.id]), /illegal task state move complete -> pending/);
-    await t.sql(`insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 1, true)`, [done?.id]);
-    await assert.rejects(t.sql(`update task_transitions set event = 'y' where task_id = $1`, [done?.id]), /append-only/);
     await assert.rejects(
-      t.sql(`insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 2, true)`, [done?.id]),
+      t.sql(`update tasks set state = 'pending', finished_at = null where id = $1`, [done?.id]),
+      /illegal task state move complete -> pending/,
+    );
+    await t.sql(
+      `insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 1, true)`,
+      [done?.id],
+    );
+    await assert.rejects(
+      t.sql(`update task_transitions set event = 'y' where task_id = $1`, [done?.id]),
+      /append-only/,
+    );
+    await assert.rejects(
+      t.sql(
+        `insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 2, true)`,
+        [done?.id],
+      ),
       /task_transitions_most_recent/,
       "a second most_recent row for one task",
     );

@@ -2,7 +2,12 @@ import assert from "node:assert/strict";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { TemplateError, TemplateErrorCodes, loadTemplateFile, validateTemplate } from "../../broker/state/templates";
+import {
+  TemplateError,
+  TemplateErrorCodes,
+  loadTemplateFile,
+  validateTemplate,
+} from "../../broker/state/templates";
 import { StateError } from "../../broker/state/errors";
 import { useStateManager } from "../support/db";
 
@@ -33,7 +38,11 @@ describe("templates", () => {
         depends_on: [],
         config: {},
         timeout_ms: 60000,
-        retry: { max_attempts: 3, retryable: true, backoff: { initial_ms: 1000, multiplier: 2, max_ms: 300000, jitter: 0.2 } },
+        retry: {
+          max_attempts: 3,
+          retryable: true,
+          backoff: { initial_ms: 1000, multiplier: 2, max_ms: 300000, jitter: 0.2 },
+        },
       });
     });
 
@@ -61,7 +70,14 @@ describe("templates", () => {
 
     it("rejects a step name used twice", () => {
       rejects(
-        { ...base, steps: [{ name: "a", handler: "h" }, { name: "b", handler: "h" }, { name: "a", handler: "h" }] },
+        {
+          ...base,
+          steps: [
+            { name: "a", handler: "h" },
+            { name: "b", handler: "h" },
+            { name: "a", handler: "h" },
+          ],
+        },
         TemplateErrorCodes.DUPLICATE_STEP,
         'step name "a" is used twice (steps[0].name and steps[2].name)',
       );
@@ -92,7 +108,11 @@ describe("templates", () => {
     });
 
     it("rejects what the schema forbids, with the path", () => {
-      rejects({ ...base, steps: [{ name: "a" }] }, TemplateErrorCodes.SCHEMA, 'steps[0] is missing required property "handler"');
+      rejects(
+        { ...base, steps: [{ name: "a" }] },
+        TemplateErrorCodes.SCHEMA,
+        'steps[0] is missing required property "handler"',
+      );
       rejects(
         { ...base, steps: [{ name: "a", handler: "h", retry: { max_attempts: 0 } }] },
         TemplateErrorCodes.SCHEMA,
@@ -103,8 +123,16 @@ describe("templates", () => {
         TemplateErrorCodes.SCHEMA,
         "steps[0].retry.backoff.jitter must be <= 1",
       );
-      rejects({ ...base, steps: [{ name: "a", handler: "h", retries: 3 }] }, TemplateErrorCodes.SCHEMA, 'steps[0] has unknown property "retries"');
-      rejects({ namespace: "x", steps: [] }, TemplateErrorCodes.SCHEMA, 'the template is missing required property "name"');
+      rejects(
+        { ...base, steps: [{ name: "a", handler: "h", retries: 3 }] },
+        TemplateErrorCodes.SCHEMA,
+        'steps[0] has unknown property "retries"',
+      );
+      rejects(
+        { namespace: "x", steps: [] },
+        TemplateErrorCodes.SCHEMA,
+        'the template is missing required property "name"',
+      );
       rejects("not a template", TemplateErrorCodes.SCHEMA, "the template must be object");
     });
 
@@ -117,10 +145,19 @@ describe("templates", () => {
       try {
         const bad = path.join(dir, "bad.yaml");
         await fs.writeFile(bad, "namespace: [unclosed\n");
-        await assert.rejects(loadTemplateFile(bad), (e: unknown) => e instanceof TemplateError && e.code === TemplateErrorCodes.UNREADABLE);
+        await assert.rejects(
+          loadTemplateFile(bad),
+          (e: unknown) => e instanceof TemplateError && e.code === TemplateErrorCodes.UNREADABLE,
+        );
         const cyclic = path.join(dir, "cyclic.yaml");
-        await fs.writeFile(cyclic, "namespace: x\nname: y\nversion: '1'\nsteps:\n  - {name: a, handler: h, depends_on: [a]}\n");
-        await assert.rejects(loadTemplateFile(cyclic), (e: unknown) => e instanceof TemplateError && e.code === TemplateErrorCodes.CYCLE);
+        await fs.writeFile(
+          cyclic,
+          "namespace: x\nname: y\nversion: '1'\nsteps:\n  - {name: a, handler: h, depends_on: [a]}\n",
+        );
+        await assert.rejects(
+          loadTemplateFile(cyclic),
+          (e: unknown) => e instanceof TemplateError && e.code === TemplateErrorCodes.CYCLE,
+        );
       } finally {
         await fs.rm(dir, { recursive: true, force: true });
       }
@@ -133,30 +170,63 @@ describe("templates", () => {
     it("is idempotent for an identical definition and refuses a different one under the same version", async () => {
       const def = { ...base, steps: [{ name: "pay", handler: "payment" }] };
       const first = await t.sm.registerTemplate(def);
-      const again = await t.sm.registerTemplate({ ...def, steps: [{ handler: "payment", name: "pay", depends_on: [] }] });
+      const again = await t.sm.registerTemplate({
+        ...def,
+        steps: [{ handler: "payment", name: "pay", depends_on: [] }],
+      });
       assert.equal(again.id, first.id, "the same definition once defaults are filled in");
       await assert.rejects(
         t.sm.registerTemplate({ ...def, steps: [{ name: "pay", handler: "other" }] }),
-        (e: unknown) => e instanceof TemplateError && e.code === TemplateErrorCodes.CONFLICT && /already registered/.test(e.message),
+        (e: unknown) =>
+          e instanceof TemplateError &&
+          e.code === TemplateErrorCodes.CONFLICT &&
+          /already registered/.test(e.message),
       );
-      const racing = await Promise.all([1, 2, 3, 4].map(() => t.sm.registerTemplate({ ...def, version: "race" })));
+      const racing = await Promise.all(
+        [1, 2, 3, 4].map(() => t.sm.registerTemplate({ ...def, version: "race" })),
+      );
       assert.equal(new Set(racing.map((r) => r.id)).size, 1);
     });
 
     it("creates tasks from the latest version unless one is named, and refuses unknown templates", async () => {
-      await t.sm.registerTemplate({ ...base, name: "versions", version: "1", steps: [{ name: "one", handler: "h" }] });
-      await t.sm.registerTemplate({ ...base, name: "versions", version: "2", steps: [{ name: "two", handler: "h" }] });
+      await t.sm.registerTemplate({
+        ...base,
+        name: "versions",
+        version: "1",
+        steps: [{ name: "one", handler: "h" }],
+      });
+      await t.sm.registerTemplate({
+        ...base,
+        name: "versions",
+        version: "2",
+        steps: [{ name: "two", handler: "h" }],
+      });
       const latest = await t.sm.createTask({ namespace: "shop", name: "versions", context: {} });
       assert.equal(latest.task.template.version, "2");
-      assert.deepEqual(latest.task.steps?.map((s) => s.name), ["two"]);
-      const pinned = await t.sm.createTask({ namespace: "shop", name: "versions", version: "1", context: {} });
-      assert.deepEqual(pinned.task.steps?.map((s) => s.name), ["one"]);
+      assert.deepEqual(
+        latest.task.steps?.map((s) => s.name),
+        ["two"],
+      );
+      const pinned = await t.sm.createTask({
+        namespace: "shop",
+        name: "versions",
+        version: "1",
+        context: {},
+      });
+      assert.deepEqual(
+        pinned.task.steps?.map((s) => s.name),
+        ["one"],
+      );
       await assert.rejects(
         t.sm.createTask({ namespace: "shop", name: "missing", context: {} }),
         (e: unknown) => e instanceof StateError && e.code === "unknown_template",
       );
       await assert.rejects(
-        t.sm.createTask({ namespace: "shop", name: "versions", context: [] as unknown as Record<string, never> }),
+        t.sm.createTask({
+          namespace: "shop",
+          name: "versions",
+          context: [] as unknown as Record<string, never>,
+        }),
         (e: unknown) => e instanceof StateError && e.code === "invalid_request",
       );
     });

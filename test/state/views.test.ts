@@ -7,7 +7,9 @@ import type { WorkNotification } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
 import { claim, createScenario, fail, succeed } from "../support/scenario";
 
-const common: unknown = JSON.parse(readFileSync(new URL("../../protocol/schemas/common.json", import.meta.url), "utf8"));
+const common: unknown = JSON.parse(
+  readFileSync(new URL("../../protocol/schemas/common.json", import.meta.url), "utf8"),
+);
 const ajv = new Ajv2020({ strict: false });
 ajv.addSchema(common as object);
 const validateTaskView = ajv.getSchema("urn:stepbroker:1:common#/$defs/task_view");
@@ -21,7 +23,14 @@ describe("views: task_view, attempts, explain, notifications", () => {
   const t = useStateManager("views");
 
   it("returns task views that match the protocol's task_view schema at every stage", async () => {
-    const task = await createScenario(t.sm, [{ name: "a", retry: { max_attempts: 1 } }, { name: "b", depends_on: ["a"] }], { order: 42 });
+    const task = await createScenario(
+      t.sm,
+      [
+        { name: "a", retry: { max_attempts: 1 } },
+        { name: "b", depends_on: ["a"] },
+      ],
+      { order: 42 },
+    );
     assertTaskView(task);
     assertTaskView(await t.sm.getTask(task.task_id));
     const [a] = await claim(t.sm, task, ["a"]);
@@ -81,11 +90,17 @@ describe("views: task_view, attempts, explain, notifications", () => {
     const by = new Map(rows.map((r) => [r.name, r]));
     assert.equal(by.get("running")?.blockedBy, "state");
     assert.equal(by.get("running")?.conditions.find((c) => c.name === "lease")?.ok, false);
-    assert.match(by.get("running")?.conditions.find((c) => c.name === "lease")?.detail ?? "", new RegExp(`held by attempt ${running.attempt_id} of broker b1 until`));
+    assert.match(
+      by.get("running")?.conditions.find((c) => c.name === "lease")?.detail ?? "",
+      new RegExp(`held by attempt ${running.attempt_id} of broker b1 until`),
+    );
     assert.equal(by.get("waiting")?.blockedBy, "parents");
     assert.equal(by.get("waiting")?.conditions[0]?.detail, 'waiting for "running" (in_progress)');
     assert.equal(by.get("unserved")?.blockedBy, "pool");
-    assert.equal(by.get("unserved")?.conditions.find((c) => c.name === "pool")?.detail, 'no connected pool serves handler "nobody_serves_this"');
+    assert.equal(
+      by.get("unserved")?.conditions.find((c) => c.name === "pool")?.detail,
+      'no connected pool serves handler "nobody_serves_this"',
+    );
     assert.deepEqual(
       by.get("unserved")?.conditions.map((c) => c.name),
       ["parents", "state", "attempts", "backoff", "lease", "pool"],
@@ -93,13 +108,23 @@ describe("views: task_view, attempts, explain, notifications", () => {
     await succeed(t.sm, running);
     const after = await t.sm.explain(task.task_id);
     assert.equal(after.find((r) => r.name === "waiting")?.blockedBy, null, "ready and dispatchable");
-    assert.equal(after.find((r) => r.name === "unserved")?.blockedBy, null, "without servedHandlers the pool is not judged");
+    assert.equal(
+      after.find((r) => r.name === "unserved")?.blockedBy,
+      null,
+      "without servedHandlers the pool is not judged",
+    );
 
     const text = formatExplain(rows);
     const lines = text.split("\n");
     assert.match(lines[0] ?? "", /^STEP\s+HANDLER\s+STATE\s+ATTEMPTS\s+BLOCKED BY\s+WHY$/);
-    assert.match(lines[2] ?? "", /^waiting\s+\S+\s+pending\s+0\/3\s+parents\s+waiting for "running" \(in_progress\)$/);
-    assert.match(formatExplain(rows, { verbose: true }), /FAIL pool +no connected pool serves handler "nobody_serves_this"/);
+    assert.match(
+      lines[2] ?? "",
+      /^waiting\s+\S+\s+pending\s+0\/3\s+parents\s+waiting for "running" \(in_progress\)$/,
+    );
+    assert.match(
+      formatExplain(rows, { verbose: true }),
+      /FAIL pool +no connected pool serves handler "nobody_serves_this"/,
+    );
     await assert.rejects(t.sm.explain("00000000-0000-4000-8000-000000000000"), /no task/);
   });
 

@@ -35,7 +35,11 @@ describe("workflow shapes run to complete", () => {
     it(`runs ${shape.file} to complete, each output stored and passed to its dependents`, async () => {
       const def = await loadTemplateFile(path.join(TEMPLATE_DIR, shape.file));
       await t.sm.registerTemplate(def);
-      const { task, created } = await t.sm.createTask({ namespace: def.namespace, name: def.name, context: { shape: shape.file } });
+      const { task, created } = await t.sm.createTask({
+        namespace: def.namespace,
+        name: def.name,
+        context: { shape: shape.file },
+      });
       assert.equal(created, true);
       assert.equal(task.state, TaskStates.PENDING);
       assert.equal(task.steps?.length, shape.steps);
@@ -94,7 +98,11 @@ describe("workflow shapes run to complete", () => {
     assert.equal(a.timeout_ms, 60000);
     // a stores JSON null, b stores a string: both are outputs
     const res = await t.sm.completeAttempts(
-      first.map((s) => ({ attemptId: s.attempt_id, status: "complete" as const, output: s.step_name === "a" ? null : "text" })),
+      first.map((s) => ({
+        attemptId: s.attempt_id,
+        status: "complete" as const,
+        output: s.step_name === "a" ? null : "text",
+      })),
     );
     assert.deepEqual(
       res.outcomes.map((o) => o.outcome),

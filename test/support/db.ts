@@ -13,14 +13,19 @@ import { StateManager } from "../../broker/state/StateManager";
 export function databaseUrl(): string {
   const url = process.env.DATABASE_URL;
   if (url === undefined || url === "") {
-    throw new Error("DATABASE_URL is not set: run mocha with --require test/support/global.ts (or set DATABASE_URL)");
+    throw new Error(
+      "DATABASE_URL is not set: run mocha with --require test/support/global.ts (or set DATABASE_URL)",
+    );
   }
   return url;
 }
 
 /** A fresh schema name, unique per call: t_<label>_<random>. */
 export function uniqueSchemaName(label: string): string {
-  const clean = label.toLowerCase().replace(/[^a-z0-9_]/g, "_").slice(0, 30);
+  const clean = label
+    .toLowerCase()
+    .replace(/[^a-z0-9_]/g, "_")
+    .slice(0, 30);
   return `t_${clean}_${randomBytes(4).toString("hex")}`;
 }
 
@@ -62,7 +67,8 @@ export function useStateManager(label: string): TestState {
     }
   });
   const get = (): StateManager => {
-    if (sm === undefined) throw new Error("the state manager is only available inside tests (after the before hook)");
+    if (sm === undefined)
+      throw new Error("the state manager is only available inside tests (after the before hook)");
     return sm;
   };
   return {

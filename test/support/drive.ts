@@ -4,7 +4,13 @@
  * Bounded by `maxRounds`; never sleeps.
  */
 import type { StateManager } from "../../broker/state/StateManager";
-import type { AttemptResult, ClaimedStep, CompletionResult, JsonValue, StepError } from "../../broker/state/types";
+import type {
+  AttemptResult,
+  ClaimedStep,
+  CompletionResult,
+  JsonValue,
+  StepError,
+} from "../../broker/state/types";
 
 export type StepReply = { output: JsonValue } | { error: StepError };
 export type Behaviour = (step: ClaimedStep) => StepReply;
@@ -24,7 +30,13 @@ export interface DriveLog {
 
 export function toResult(step: ClaimedStep, reply: StepReply): AttemptResult {
   return "output" in reply
-    ? { attemptId: step.attempt_id, status: "complete", output: reply.output, durationMs: 1, poolId: "test-pool" }
+    ? {
+        attemptId: step.attempt_id,
+        status: "complete",
+        output: reply.output,
+        durationMs: 1,
+        poolId: "test-pool",
+      }
     : { attemptId: step.attempt_id, status: "error", error: reply.error, durationMs: 1, poolId: "test-pool" };
 }
 
@@ -55,6 +67,11 @@ export const echo: Behaviour = (step) => ({
   output: { step: step.step_name, attempt: step.attempt, inputs: step.inputs, config: step.config },
 });
 
-export function stepError(type: string, message: string, retryable: boolean, extra: Partial<StepError> = {}): StepReply {
+export function stepError(
+  type: string,
+  message: string,
+  retryable: boolean,
+  extra: Partial<StepError> = {},
+): StepReply {
   return { error: { type, message, retryable, ...extra } };
 }

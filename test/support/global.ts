@@ -20,7 +20,16 @@ export async function mochaGlobalSetup(): Promise<void> {
   server = await startEmbeddedPostgres({
     dataDir: path.join(tempDir, "pgdata"),
     // a throwaway cluster: durability buys nothing here
-    postgresFlags: ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+    postgresFlags: [
+      "-c",
+      "fsync=off",
+      "-c",
+      "synchronous_commit=off",
+      "-c",
+      "full_page_writes=off",
+      "-c",
+      "max_connections=200",
+    ],
   });
   process.env.DATABASE_URL = server.url;
 }

@@ -23,7 +23,11 @@ export interface StepSpec {
  * handler "h<n>", unique to the scenario (so tests sharing a schema never claim
  * each other's steps), and no backoff unless given.
  */
-export async function createScenario(sm: StateManager, steps: StepSpec[], context: Record<string, JsonValue> = {}): Promise<TaskView> {
+export async function createScenario(
+  sm: StateManager,
+  steps: StepSpec[],
+  context: Record<string, JsonValue> = {},
+): Promise<TaskView> {
   const name = `scenario_${++counter}`;
   const handler = `h${counter}`;
   await sm.registerTemplate({
@@ -46,7 +50,12 @@ export function handlersOf(task: TaskView): string[] {
 }
 
 /** Claims among the named steps, asserting that exactly those were claimable. */
-export async function claim(sm: StateManager, task: TaskView, names: string[], brokerId = "b1"): Promise<ClaimedStep[]> {
+export async function claim(
+  sm: StateManager,
+  task: TaskView,
+  names: string[],
+  brokerId = "b1",
+): Promise<ClaimedStep[]> {
   const ids = names.map((n) => {
     const step = task.steps?.find((s) => s.name === n);
     assert.ok(step, `no step ${n}`);
@@ -58,13 +67,25 @@ export async function claim(sm: StateManager, task: TaskView, names: string[], b
   return claimed;
 }
 
-export async function succeed(sm: StateManager, step: ClaimedStep, output: JsonValue = { from: step.step_name }): Promise<CompletionResult> {
+export async function succeed(
+  sm: StateManager,
+  step: ClaimedStep,
+  output: JsonValue = { from: step.step_name },
+): Promise<CompletionResult> {
   return await sm.completeAttempts([{ attemptId: step.attempt_id, status: "complete", output }]);
 }
 
-export async function fail(sm: StateManager, step: ClaimedStep, error: Partial<StepError> = {}): Promise<CompletionResult> {
+export async function fail(
+  sm: StateManager,
+  step: ClaimedStep,
+  error: Partial<StepError> = {},
+): Promise<CompletionResult> {
   return await sm.completeAttempts([
-    { attemptId: step.attempt_id, status: "error", error: { type: "Boom", message: `${step.step_name} broke`, retryable: true, ...error } },
+    {
+      attemptId: step.attempt_id,
+      status: "error",
+      error: { type: "Boom", message: `${step.step_name} broke`, retryable: true, ...error },
+    },
   ]);
 }
 

@@ -1,0 +1,143 @@
+/**
+ * stepbroker end to end: tasks created up front, then a broker (this process)
+ * and one Node.js pool (a child process, over tcp on loopback) run them.
+ * Throughput counts steps whose results were committed, from the first commit
+ * to the last; latency is from the start of a parent's commit transaction
+ * (its finished_at) to its child's arrival at the pool.
+ */
+import { spawn } from "node:child_process";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import pg from "pg";
+import { pino } from "pino";
+import { Broker } from "../broker/Broker";
+import { openDatabase } from "../broker/db/openDatabase";
+import { StateManager } from "../broker/state/StateManager";
+import type { CreateTaskRequest } from "../broker/state/types";
+
+export interface StepbrokerResult {
+  shape: "one-step" | "diamond";
+  tasks: number;
+  steps: number;
+  seconds: number;
+  stepsPerSecond: number;
+  latencyP50Ms?: number;
+  latencyP99Ms?: number;
+}
+
+const SCHEMA = "bench_stepbroker";
+const TEMPLATES = [
+  { namespace: "bench", name: "one", version: "1", steps: [{ name: "work", handler: "noop" }] },
+  {
+    namespace: "bench",
+    name: "diamond",
+    version: "1",
+    steps: [
+      { name: "a", handler: "stamp" },
+      { name: "b", handler: "stamp", depends_on: ["a"] },
+      { name: "c", handler: "stamp", depends_on: ["a"] },
+      { name: "d", handler: "stamp", depends_on: ["b", "c"] },
+    ],
+  },
+];
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
+}
+
+async function resetSchema(url: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  await c.query(`drop schema if exists ${SCHEMA} cascade`);
+  await c.end();
+}
+
+export async function measureStepbroker(opts: {
+  databaseUrl: string;
+  shape: "one-step" | "diamond";
+  tasks: number;
+  maxSeconds: number;
+  /** Submit tasks one at a time, each after the last finished: latency without queueing. */
+  sequential?: boolean;
+  log?: (line: string) => void;
+}): Promise<StepbrokerResult> {
+  const log = opts.log ?? (() => undefined);
+  await resetSchema(opts.databaseUrl);
+  const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
+  const db = await openDatabase({ databaseUrl: opts.databaseUrl, schema: SCHEMA, poolSize: 12, logger: quiet });
+  const sm = new StateManager(db);
+  await sm.migrate();
+  for (const t of TEMPLATES) await sm.registerTemplate(t);
+  const name = opts.shape === "one-step" ? "one" : "diamond";
+  const stepsPerTask = opts.shape === "one-step" ? 1 : 4;
+  log(`creating ${opts.sequential ? 0 : opts.tasks} ${opts.shape} tasks up front…`);
+  for (let i = 0; i < (opts.sequential ? 0 : opts.tasks); i += 5000) {
+    const batch: CreateTaskRequest[] = [];
+    for (let j = i; j < Math.min(opts.tasks, i + 5000); j++) batch.push({ namespace: "bench", name, context: { n: j } });
+    await sm.createTasks(batch);
+  }
+  const total = opts.tasks * stepsPerTask;
+
+  // Count committed results as the broker sees them, without polling the database.
+  let stored = 0;
+  let first = 0;
+  let last = 0;
+  let resolveDone: () => void = () => undefined;
+  const done = new Promise<void>((r) => (resolveDone = r));
+  const counting = Object.create(sm) as StateManager;
+  counting.completeAttempts = async (results) => {
+    const out = await sm.completeAttempts(results);
+    const now = performance.now();
+    if (first === 0) first = now;
+    last = now;
+    stored += out.outcomes.filter((o) => o.outcome === "stored").length;
+    if (stored >= total) resolveDone();
+    return out;
+  };
+
+  const broker = new Broker({ endpoints: ["tcp://127.0.0.1:*"], state: counting, brokerId: "bench", logger: quiet, pollMs: 200 });
+  await broker.start();
+  const child = spawn(process.execPath, ["--import", "tsx", join(import.meta.dirname, "pool.ts"), broker.endpoints[0]!, "256"], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  await new Promise<void>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
+    child.once("exit", (code) => reject(new Error(`bench pool exited with ${code}`)));
+  });
+  const timer = setTimeout(resolveDone, opts.maxSeconds * 1000);
+  if (opts.sequential) {
+    const until = Date.now() + opts.maxSeconds * 1000;
+    for (let i = 0; i < opts.tasks && Date.now() < until; i++) {
+      const { task } = await broker.submit({ namespace: "bench", name, context: { n: i } });
+      await broker.wait(task.task_id, 10_000);
+    }
+    resolveDone();
+  }
+  await done;
+  clearTimeout(timer);
+  const seconds = (last - first) / 1000;
+  const result: StepbrokerResult = {
+    shape: opts.shape,
+    tasks: opts.tasks,
+    steps: stored,
+    seconds: Math.round(seconds * 100) / 100,
+    // The first commit starts the clock, so it is not counted in the rate.
+    stepsPerSecond: Math.round(Math.max(0, stored - 1) / Math.max(seconds, 1e-3)),
+  };
+  child.kill("SIGTERM");
+  await broker.stop({ drainMs: 1000 });
+
+  if (opts.shape === "diamond") {
+    const { rows } = await db.pool.query<{ latency: number }>(
+      `select (c.output->>'arrived_at')::float8 - max(extract(epoch from p.finished_at) * 1000) as latency
+       from steps c join step_edges e on e.child_id = c.id join steps p on p.id = e.parent_id
+       where c.state = 'complete' group by c.id, c.output`,
+    );
+    const lat = rows.map((r) => Number(r.latency)).sort((a, b) => a - b);
+    result.latencyP50Ms = Math.round(percentile(lat, 50) * 100) / 100;
+    result.latencyP99Ms = Math.round(percentile(lat, 99) * 100) / 100;
+  }
+  await sm.close();
+  await resetSchema(opts.databaseUrl);
+  return result;
+}
