@@ -1,8 +1,5 @@
-/** Turns whatever was thrown into an Error, so it can be wrapped with `{ cause }`. */
-export function coerceError(thrown: unknown): Error {
-  if (thrown instanceof Error) return thrown;
-  return new Error(typeof thrown === "string" ? thrown : `non-Error thrown: ${JSON.stringify(thrown)}`);
-}
+// One coerceError for the whole project: the protocol's.
+export { coerceError } from "../../protocol/errors";
 
 /** The SQLSTATE of a PostgreSQL error (or of the error it wraps), if any. */
 export function pgErrorCode(err: unknown): string | undefined {
