@@ -528,7 +528,11 @@ module Stepbroker
       @logger.info("stepbroker: WELCOME from broker #{@broker_id}: encoding=#{@encoding} heartbeat_ms=#{hb_ms} " \
                    "liveness=#{@terms['heartbeat_liveness']} max_batch=#{@terms['max_batch']} adopted=#{adopted.size} " \
                    "resending=#{@unsent.size}")
-      @on_welcome.each { |cb| cb.call(body) }
+      @on_welcome.each do |cb|
+        cb.call(body)
+      rescue StandardError => e
+        @logger.error("stepbroker: on_welcome hook raised #{e.class}: #{e.message}")
+      end
       send_disconnect("pool closing") if @closing
     end
 
@@ -660,8 +664,11 @@ module Stepbroker
       nil # queue emptied meanwhile
     end
 
+    # Complete results are valid by construction (ids from a validated STEP,
+    # output made JSON by jsonify); error results carry user data, so they are
+    # checked against result.json before they leave.
     def add_result(item)
-      problem = @schema.validate("RESULT", { "results" => [item] })
+      problem = item["status"] == "error" && @schema.validate("RESULT", { "results" => [item] })
       if problem
         @logger.error("stepbroker: result of attempt_id=#{item['attempt_id']} is invalid " \
                       "(#{problem.instance_path} #{problem.message}); sending an error instead")
@@ -786,19 +793,25 @@ module Stepbroker
 
     def worker_loop
       while (job = @work.pop) != :stop
-        claimed = @jobs_lock.synchronize do
-          next false unless job.state == :queued
-
-          job.state = :running
-          true
-        end
-        next unless claimed
-
-        item = execute(job.step)
-        @jobs_lock.synchronize { job.state = :done unless job.state == :abandoned }
-        @events << [:done, job, item]
-        wake
+        run_job(job)
       end
+    end
+
+    def run_job(job)
+      claimed = @jobs_lock.synchronize do
+        next false unless job.state == :queued
+
+        job.state = :running
+        true
+      end
+      return unless claimed
+
+      item = execute(job.step)
+      @jobs_lock.synchronize { job.state = :done unless job.state == :abandoned }
+      @events << [:done, job, item]
+      wake
+    rescue StandardError => e # a bug here must not cost a worker thread
+      @logger.error("stepbroker: worker failed on attempt_id=#{job.step.attempt_id}: #{e.class}: #{e.message}")
     end
 
     def execute(step)

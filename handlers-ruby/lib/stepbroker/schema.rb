@@ -52,6 +52,7 @@ module Stepbroker
 
       @regexps = {}
       @refs = {}
+      @meta = {}.compare_by_identity
     end
 
     # Schema id for a command name: CANCEL_TASK -> urn:stepbroker:1:cancel_task.
@@ -92,9 +93,12 @@ module Stepbroker
     def validate(command, value)
       id = self.class.id_for(command)
       doc = @docs[id] or raise ArgumentError, "no schema for #{command}"
-      errors = []
-      return nil if check(doc, id, "#", value, "", errors)
+      # Fast pass without paths; only a failing body pays for the second,
+      # path-tracking pass that says where it fails.
+      return nil if check(doc, id, nil, value, nil, [])
 
+      errors = []
+      check(doc, id, "#", value, "", errors)
       errors.find { |e| e.keyword != "if" } || errors.first ||
         Failure.new(keyword: "unknown", instance_path: "", schema_path: "#", message: "is invalid")
     end
@@ -116,13 +120,37 @@ module Stepbroker
       @refs[key] = [target, doc_id]
     end
 
+    # Paths are nil in the fast pass.
     def ptr(path, token)
-      "#{path}/#{token.to_s.gsub('~', '~0').gsub('/', '~1')}"
+      return nil unless path
+
+      t = token.to_s
+      t = t.gsub("~", "~0").gsub("/", "~1") if t.include?("~") || t.include?("/")
+      "#{path}/#{t}"
+    end
+
+    def sub(sp, suffix)
+      sp && "#{sp}/#{suffix}"
     end
 
     def fail!(errors, keyword, ip, sp, message)
-      errors << Failure.new(keyword: keyword, instance_path: ip, schema_path: "#{sp}/#{keyword}", message: message)
+      errors << Failure.new(keyword: keyword, instance_path: ip, schema_path: sub(sp, keyword), message: message)
       false
+    end
+
+    # Per schema node, computed once: [types, deferred type, untyped keywords
+    # present, [[group, keywords present], ...]].
+    def meta(schema)
+      @meta[schema] ||= begin
+        types = schema["type"]
+        types = [types] if types.is_a?(String)
+        deferred = nil
+        if types && types.size == 1 && GROUPS[types[0]] && GROUPS[types[0]].any? { |k| schema.key?(k) }
+          deferred = types[0]
+        end
+        groups = GROUPS.map { |name, kws| [name, kws.select { |k| schema.key?(k) }] }.reject { |_, u| u.empty? }
+        [types, deferred, UNTYPED.select { |k| schema.key?(k) }, groups].freeze
+      end
     end
 
     def json_type(value)
@@ -206,25 +234,17 @@ module Stepbroker
       return true if schema == true
       return fail!(errors, "false schema", ip, sp, "boolean schema is false") if schema == false
 
-      types = schema["type"]
-      types = [types] if types.is_a?(String)
-      deferred = nil
-      if types && types.size == 1 && GROUPS[types[0]] && GROUPS[types[0]].any? { |k| schema.key?(k) }
-        deferred = types[0]
-      elsif types && !types.any? { |t| type_ok?(t, value) }
+      types, deferred, untyped, groups = meta(schema)
+      if types && !deferred && !types.any? { |t| type_ok?(t, value) }
         return fail!(errors, "type", ip, sp, "must be #{types.join(',')}")
       end
 
-      UNTYPED.each do |kw|
-        next unless schema.key?(kw)
+      untyped.each do |kw|
         return false unless check_untyped(kw, schema, base, sp, value, ip, errors)
       end
 
       group = group_of(value)
-      GROUPS.each do |name, keywords|
-        used = keywords.select { |k| schema.key?(k) }
-        next if used.empty?
-
+      groups.each do |name, used|
         if group != name
           return fail!(errors, "type", ip, sp, "must be #{deferred}") if deferred == name
 
@@ -246,29 +266,29 @@ module Stepbroker
       case kw
       when "$ref"
         target, tbase = resolve(arg, base)
-        tsp = arg.start_with?("#") ? "#{base}#{arg}" : arg
+        tsp = sp && (arg.start_with?("#") ? "#{base}#{arg}" : arg)
         check(target, tbase, tsp, value, ip, errors)
       when "const"
         json_equal?(arg, value) || fail!(errors, "const", ip, sp, "must be equal to constant")
       when "enum"
         arg.any? { |e| json_equal?(e, value) } || fail!(errors, "enum", ip, sp, "must be one of #{arg.inspect}")
       when "not"
-        !check(arg, base, "#{sp}/not", value, ip, []) || fail!(errors, "not", ip, sp, "must NOT be valid")
+        !check(arg, base, sub(sp, "not"), value, ip, []) || fail!(errors, "not", ip, sp, "must NOT be valid")
       when "anyOf", "oneOf"
         branch_errors = []
-        passed = arg.each_with_index.count do |sub, i|
-          check(sub, base, "#{sp}/#{kw}/#{i}", value, ip, branch_errors)
+        passed = arg.each_with_index.count do |sch, i|
+          check(sch, base, sub(sp, "#{kw}/#{i}"), value, ip, branch_errors)
         end
         return true if kw == "anyOf" ? passed.positive? : passed == 1
 
         errors.concat(branch_errors) if passed.zero?
         fail!(errors, kw, ip, sp, "must match #{kw == 'anyOf' ? 'a schema in anyOf' : 'exactly one schema in oneOf'}")
       when "allOf"
-        arg.each_with_index.all? { |sub, i| check(sub, base, "#{sp}/allOf/#{i}", value, ip, errors) }
+        arg.each_with_index.all? { |sch, i| check(sch, base, sub(sp, "allOf/#{i}"), value, ip, errors) }
       when "if"
-        branch = check(arg, base, "#{sp}/if", value, ip, []) ? "then" : "else"
+        branch = check(arg, base, sub(sp, "if"), value, ip, []) ? "then" : "else"
         return true unless schema.key?(branch)
-        return true if check(schema[branch], base, "#{sp}/#{branch}", value, ip, errors)
+        return true if check(schema[branch], base, sub(sp, branch), value, ip, errors)
 
         fail!(errors, "if", ip, sp, "must match \"#{branch}\" schema")
       else # then / else are evaluated with if
@@ -314,12 +334,12 @@ module Stepbroker
         end
         true
       when "prefixItems"
-        arg.each_with_index.all? do |sub, i|
-          i >= value.size || check(sub, base, "#{sp}/prefixItems/#{i}", value[i], ptr(ip, i), errors)
+        arg.each_with_index.all? do |sch, i|
+          i >= value.size || check(sch, base, sub(sp, "prefixItems/#{i}"), value[i], ptr(ip, i), errors)
         end
       when "items"
         start = schema["prefixItems"] ? schema["prefixItems"].size : 0
-        (start...value.size).all? { |i| check(arg, base, "#{sp}/items", value[i], ptr(ip, i), errors) }
+        (start...value.size).all? { |i| check(arg, base, sub(sp, "items"), value[i], ptr(ip, i), errors) }
       end
     end
 
@@ -336,12 +356,12 @@ module Stepbroker
         value.each do |k, v|
           next if props.key?(k)
           return fail!(errors, kw, ip, sp, "must NOT have additional property '#{k}'") if arg == false
-          return false unless check(arg, base, "#{sp}/additionalProperties", v, ptr(ip, k), errors)
+          return false unless check(arg, base, sub(sp, "additionalProperties"), v, ptr(ip, k), errors)
         end
         true
       when "properties"
-        arg.all? do |k, sub|
-          !value.key?(k) || check(sub, base, "#{sp}/properties/#{k}", value[k], ptr(ip, k), errors)
+        arg.all? do |k, sch|
+          !value.key?(k) || check(sch, base, sub(sp, "properties/#{k}"), value[k], ptr(ip, k), errors)
         end
       end
     end
