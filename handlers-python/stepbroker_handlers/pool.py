@@ -842,7 +842,7 @@ class HandlerPool:
             "attempt_id": aid,
             "status": "error",
             "error": {
-                "type": "message_too_large",
+                "type": "output_too_large",
                 "message": f"the result is {n} bytes, over the broker's max_message_bytes of {limit}",
                 "retryable": False,
             },

@@ -415,7 +415,7 @@ module Stepbroker
       @logger.error("stepbroker: result of attempt_id=#{id} is #{size} bytes, over max_message_bytes; sending an error instead")
       entry[:item] = {
         "attempt_id" => id, "status" => "error",
-        "error" => { "type" => "OutputTooLarge", "retryable" => false,
+        "error" => { "type" => "output_too_large", "retryable" => false,
                      "message" => "The handler's result is #{size} bytes; the broker accepts at most " \
                                   "#{@terms['max_message_bytes']} bytes per message." }
       }
