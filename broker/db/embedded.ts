@@ -80,6 +80,33 @@ async function makeAncestorsTraversable(dir: string, logger: Logger): Promise<vo
 }
 
 /**
+ * The URL of an embedded server another stepbroker process already runs in
+ * this data directory (a broker started with `stepbroker start`), so commands
+ * such as `status` and `explain` can use it instead of failing on the lock.
+ * Undefined when no live postgres holds the directory.
+ */
+export async function runningEmbeddedUrl(dataDir: string): Promise<string | undefined> {
+  let text: string;
+  try {
+    text = await fs.readFile(path.join(path.resolve(dataDir), "postmaster.pid"), "utf8");
+  } catch {
+    return undefined;
+  }
+  const lines = text.split("\n");
+  const pid = Number(lines[0]);
+  const port = Number(lines[3]);
+  if (!Number.isInteger(pid) || pid <= 0 || !Number.isInteger(port) || port <= 0) return undefined;
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return undefined;
+  }
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "postgres");
+  if (!cmdline.includes("postgres")) return undefined;
+  return `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/postgres`;
+}
+
+/**
  * A postmaster.pid left by a killed run makes the next start fail. It is stale
  * when no process with that pid exists, or the pid now belongs to something
  * that is not postgres.

@@ -6,7 +6,7 @@
  */
 import path from "node:path";
 import pg from "pg";
-import { type EmbeddedServer, startEmbeddedPostgres } from "./embedded";
+import { type EmbeddedServer, runningEmbeddedUrl, startEmbeddedPostgres } from "./embedded";
 import { assertIdentifier } from "./identifiers";
 import { type Logger, silentLogger } from "./logger";
 
@@ -57,18 +57,32 @@ export async function openDatabase(options: OpenDatabaseOptions = {}): Promise<D
   if (givenUrl !== undefined && givenUrl !== "") {
     url = givenUrl;
   } else {
-    server = await startEmbeddedPostgres({
-      dataDir: options.dataDir ?? path.join(process.cwd(), ".stepbroker", "pgdata"),
-      ...(options.port !== undefined ? { port: options.port } : {}),
-      logger,
-    });
-    url = server.url;
+    const dataDir = options.dataDir ?? path.join(process.cwd(), ".stepbroker", "pgdata");
+    const running = await runningEmbeddedUrl(dataDir);
+    if (running !== undefined) {
+      // Another process (a running broker) owns this server: use it, and leave it running on close.
+      logger.info(
+        { dataDir },
+        "using the embedded PostgreSQL another stepbroker process runs in this data directory",
+      );
+      url = running;
+    } else {
+      server = await startEmbeddedPostgres({
+        dataDir,
+        ...(options.port !== undefined ? { port: options.port } : {}),
+        logger,
+      });
+      url = server.url;
+    }
   }
 
   const config = connectionConfig(url, schema);
   const pool = new pg.Pool({ ...config, max: options.poolSize ?? 10 });
   // An idle client whose server connection breaks emits here; without a listener the process would crash.
-  pool.on("error", (err) => logger.warn({ err }, "idle database connection failed"));
+  // Log the message and code only: the error carries the whole client object.
+  pool.on("error", (err) =>
+    logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, "idle database connection failed"),
+  );
 
   let closed = false;
   return {

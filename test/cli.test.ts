@@ -1,0 +1,207 @@
+/**
+ * The stepbroker command line, run as a person would: real processes, a real
+ * broker, a real PostgreSQL schema of its own.
+ */
+import { strict as assert } from "node:assert";
+import { spawn, type ChildProcess } from "node:child_process";
+import { once } from "node:events";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
+import { spawnNodePool, type ChildPool } from "./support/stack";
+
+const CLI = join(import.meta.dirname, "..", "bin", "stepbroker.js");
+const TEMPLATES = join(import.meta.dirname, "..", "examples", "order-fulfilment");
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const t = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`stepbroker ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(t);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+function oneLine(r: Run): string {
+  const lines = r.stderr.trim().split("\n");
+  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace without --verbose");
+  return lines[0]!;
+}
+
+describe("the stepbroker CLI", function () {
+  this.timeout(60_000);
+  const schema = uniqueSchemaName("cli");
+  // Filled in before(): the global setup starts the database after files load.
+  const env: NodeJS.ProcessEnv = { STEPBROKER_LOG_LEVEL: "warn" };
+  let tmp = "";
+  before(() => {
+    env.DATABASE_URL = databaseUrl();
+    tmp = mkdtempSync(join(tmpdir(), "sb-cli-"));
+  });
+  after(async () => {
+    await dropSchema(schema);
+    rmSync(tmp, { recursive: true, force: true });
+  });
+
+  it("prints its help and exits 0", async () => {
+    const r = await cli(["--help"]);
+    assert.equal(r.code, 0);
+    assert.match(r.stdout, /Commands:/);
+    assert.match(r.stdout, /explain <task>/);
+  });
+
+  it("says in one line that a template file does not parse, and exits non-zero", async () => {
+    const file = join(tmp, "broken.yaml");
+    writeFileSync(file, "namespace: shop\nsteps: [ {name: a\n");
+    const r = await cli(["templates", "validate", file], env);
+    assert.notEqual(r.code, 0);
+    assert.match(oneLine(r), /broken\.yaml does not parse/);
+  });
+
+  it("names a cycle in a template and where it is", async () => {
+    const file = join(tmp, "cycle.json");
+    writeFileSync(
+      file,
+      JSON.stringify({
+        namespace: "t",
+        name: "c",
+        version: "1",
+        steps: [
+          { name: "a", handler: "h", depends_on: ["b"] },
+          { name: "b", handler: "h", depends_on: ["a"] },
+        ],
+      }),
+    );
+    const r = await cli(["templates", "validate", file], env);
+    assert.notEqual(r.code, 0);
+    assert.match(oneLine(r), /cycle/);
+  });
+
+  it("says there is no such task for an unknown id", async () => {
+    const r = await cli(["status", "00000000-0000-4000-8000-000000000000", "--schema", schema], env);
+    assert.notEqual(r.code, 0);
+    assert.match(oneLine(r), /no task 00000000-0000-4000-8000-000000000000/);
+  });
+
+  it("says what to do when the database cannot be reached", async () => {
+    const port = await freePort();
+    const r = await cli(["migrate", "--database-url", `postgres://postgres:x@127.0.0.1:${port}/postgres`, "--schema", schema], {
+      ...env,
+      DATABASE_URL: "",
+    });
+    assert.equal(r.code, 1);
+    assert.match(oneLine(r), /^stepbroker: /);
+  });
+
+  it("says the port is in use when another process holds it", async () => {
+    const srv = net.createServer();
+    await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+    const port = (srv.address() as net.AddressInfo).port;
+    try {
+      const r = await cli(["start", "--endpoint", `tcp://127.0.0.1:${port}`, "--schema", schema, "--log-level", "error"], env);
+      assert.equal(r.code, 1);
+      assert.match(oneLine(r), /cannot bind tcp:\/\/127\.0\.0\.1:\d+: another process uses this address/);
+    } finally {
+      await new Promise((r) => srv.close(r));
+    }
+  });
+
+  describe("against a running broker", () => {
+    let broker: ChildProcess | undefined;
+    let pool: ChildPool | undefined;
+    let endpoint = "";
+
+    before(async () => {
+      endpoint = `tcp://127.0.0.1:${await freePort()}`;
+      broker = spawn(
+        process.execPath,
+        [CLI, "start", "--endpoint", endpoint, "--schema", schema, "--templates", TEMPLATES, "--heartbeat-ms", "200", "--log-level", "info"],
+        { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] },
+      );
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error("broker did not start")), 20_000);
+        createInterface({ input: broker!.stdout! }).on("line", (l) => {
+          if (l.includes("broker listening")) {
+            clearTimeout(t);
+            resolve();
+          }
+        });
+        broker!.once("exit", (c) => reject(new Error(`broker exited with ${c}`)));
+      });
+    });
+    after(async () => {
+      await pool?.stop();
+      if (broker && broker.exitCode === null) {
+        broker.kill("SIGTERM");
+        await once(broker, "exit");
+      }
+    });
+
+    it("lists no pools, then the pool that connects", async () => {
+      const none = await cli(["pools", "--endpoint", endpoint], env);
+      assert.equal(none.code, 0);
+      assert.match(none.stdout, /no pools connected/);
+      pool = await spawnNodePool(endpoint, [
+        "--handlers",
+        "validate_order=echo,reserve_inventory=echo,process_payment=echo,ship_order=echo",
+        "--pool-id",
+        "cli-pool",
+        "--capacity",
+        "4",
+      ]);
+      const some = await cli(["pools", "--endpoint", endpoint, "--json"], env);
+      const pools = JSON.parse(some.stdout) as { pool_id: string; handlers: string[] }[];
+      assert.equal(pools[0]?.pool_id, "cli-pool");
+      assert.ok(pools[0]?.handlers.includes("ship_order"));
+    });
+
+    it("submits a task, waits for it, then shows its status and explains it", async () => {
+      const submitted = await cli(
+        ["submit", "shop/order_fulfilment", "--context", '{"order_id":"C-1","items":[]}', "--wait", "--json", "--endpoint", endpoint],
+        env,
+      );
+      assert.equal(submitted.code, 0, submitted.stderr);
+      const task = JSON.parse(submitted.stdout) as { task_id: string; state: string };
+      assert.equal(task.state, "complete");
+      const status = await cli(["status", task.task_id, "--schema", schema], env);
+      assert.equal(status.code, 0, status.stderr);
+      assert.match(status.stdout, /ship_order\s+complete/);
+      const explained = await cli(["explain", task.task_id, "--schema", schema], env);
+      assert.equal(explained.code, 0, explained.stderr);
+      assert.match(explained.stdout, /ship_order/);
+    });
+
+    it("refuses a malformed --context in one line", async () => {
+      const r = await cli(["submit", "shop/order_fulfilment", "--context", "{oops", "--endpoint", endpoint], env);
+      assert.equal(r.code, 64);
+      assert.match(oneLine(r), /--context must be a JSON object/);
+    });
+  });
+});
