@@ -18,6 +18,7 @@ import {
   CancelReasons,
   ClientCommands,
   coerceError,
+  decodeBody,
   decodeMessage,
   encodeMessage,
   fault,
@@ -533,7 +534,11 @@ export class Broker {
       `rejected a message from ${pool?.poolId ?? "peer " + JSON.stringify(key)}: ${f.code}`,
     );
     // Never answer an ERROR with an ERROR: two confused peers would loop.
-    if (f.command !== PoolCommands.ERROR) this.sendError(identity, f, pool?.encoding);
+    if (f.command !== PoolCommands.ERROR) {
+      // A client matches answers by request_id: echo it when the body had one.
+      const requestId = clientRequestId(f, frames[3]);
+      this.send(identity, BrokerCommands.ERROR, faultToErrorBody(f, requestId ? { request_id: requestId } : {}), pool?.encoding);
+    }
     if (strikes >= MAX_CONSECUTIVE_ERRORS) this.dropPeer(identity, pool, "too_many_errors");
   }
 
@@ -825,6 +830,19 @@ export class Broker {
   private every(ms: number, fn: () => unknown): void {
     this.timers.push(setInterval(() => void fn(), ms));
   }
+}
+
+const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
+
+/**
+ * The request_id of a client request that decoded but failed its schema, so
+ * the ERROR can carry it; undefined when there is none a valid ERROR may echo.
+ */
+function clientRequestId(f: ProtocolFault, body: Buffer | undefined): string | undefined {
+  if (f.code !== "schema_violation" || !body || !CLIENT_COMMANDS.has(f.command ?? "")) return undefined;
+  const decoded = decodeBody(body);
+  const id = decoded.ok ? decoded.value.request_id : undefined;
+  return typeof id === "string" && id.length > 0 && [...id].length <= 128 ? id : undefined;
 }
 
 function sleep(ms: number): Promise<void> {

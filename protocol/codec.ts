@@ -103,7 +103,8 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   try {
     value =
       encoding === Encodings.JSON
-        ? JSON.parse(Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength).toString("utf8"))
+        ? // The fatal decoder: Buffer#toString would turn invalid UTF-8 into U+FFFD and accept it.
+          JSON.parse(utf8.decode(buf))
         : unpackr.unpack(buf);
   } catch (e) {
     const why = e instanceof Error ? e.message : String(e);
