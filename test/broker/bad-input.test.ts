@@ -15,8 +15,12 @@ import { eventually, silent, stepOf, useBrokerStack, type Transport } from "../s
 
 /** Small, so oversized bodies stay cheap to build; libzmq cuts off at 16 times this. */
 const MAX_BYTES = 4096;
-/** The broker's liveness here: a pool is dead after HEARTBEAT_MS × 3 of silence. */
+/**
+ * The broker's liveness here, stated rather than inherited: a pool is dead, and
+ * a dropped peer ignored, for HEARTBEAT_MS × HEARTBEAT_LIVENESS.
+ */
 const HEARTBEAT_MS = 200;
+const HEARTBEAT_LIVENESS = 3;
 /** Raw pools that must stay registered heartbeat well inside that. */
 const RAW_HEARTBEAT_MS = 40;
 
@@ -164,6 +168,7 @@ for (const transport of ["tcp", "inproc"] as Transport[]) {
     const stack = useBrokerStack(`bad_input_${transport}`, transport, {
       maxMessageBytes: MAX_BYTES,
       heartbeatMs: HEARTBEAT_MS,
+      heartbeatLiveness: HEARTBEAT_LIVENESS,
       logger,
     });
     const cleanups: (() => Promise<void> | void)[] = [];
