@@ -39,7 +39,7 @@ import {
   type StepDispatch,
   type TaskView,
 } from "../protocol";
-import { Committer, type CommitReport } from "./committer";
+import { Committer, type CommitReport, type PendingResult } from "./committer";
 import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
 import { Outbox } from "./outbox";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
@@ -418,6 +418,7 @@ export class Broker {
         poolKey: pool.key,
         identity: pool.identity,
         receivedAt: now,
+        ...(held ? { flight: held.flight } : {}),
         result: {
           attemptId: r.attempt_id,
           status: r.status,
@@ -445,7 +446,7 @@ export class Broker {
       entry.acks.push({ attempt_id: item.result.attemptId, outcome });
       const pool = this.pools.get(item.poolKey);
       if (pool) pool.unacked = Math.max(0, pool.unacked - 1);
-      this.logOutcome(item.result.attemptId, item.result.status, outcome, item.result.durationMs, pool?.poolId);
+      this.logOutcome(item, outcome, pool?.poolId);
     }
     for (const [poolKey, { identity, acks: list }] of acks) {
       const encoding = this.pools.get(poolKey)?.encoding ?? "json";
@@ -459,14 +460,22 @@ export class Broker {
     for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
   }
 
-  private logOutcome(attemptId: string, status: string, outcome: string, durationMs: number | undefined, poolId: string | undefined): void {
-    const ms = durationMs !== undefined ? ` in ${Math.round(durationMs)} ms` : "";
-    if (outcome === "stored") {
-      this.log.debug({ attempt_id: attemptId, pool_id: poolId, status }, `${status === "complete" ? "completed" : "failed"} attempt${ms}`);
+  /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */
+  private logOutcome(item: PendingResult, outcome: string, poolId: string | undefined): void {
+    const { result, flight } = item;
+    const ids = { task_id: flight?.taskId, step_id: flight?.stepId, attempt_id: result.attemptId, pool_id: poolId };
+    const ms = result.durationMs !== undefined ? ` in ${Math.round(result.durationMs)} ms` : "";
+    const step = flight ? `step ${flight.stepName}` : `attempt ${result.attemptId}`;
+    const of = flight ? ` (attempt ${flight.attempt} of ${flight.maxAttempts})` : "";
+    if (outcome !== "stored") {
+      this.log.info({ ...ids, outcome }, `result for ${step} from ${poolId ?? "a departed pool"} was ${outcome}: acknowledged and ignored`);
+    } else if (result.status === "complete") {
+      this.log.info(ids, `completed ${step}${ms}${of}`);
     } else {
-      this.log.info(
-        { attempt_id: attemptId, pool_id: poolId, outcome },
-        `result for attempt ${attemptId} from ${poolId ?? "a departed pool"} was ${outcome}: acknowledged and ignored`,
+      const e = result.error;
+      this.log.warn(
+        { ...ids, error_type: e?.type, retryable: e?.retryable },
+        `failed ${step}${ms}${of}: ${e?.type ?? "error"}: ${e?.message ?? ""}`,
       );
     }
   }

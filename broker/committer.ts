@@ -10,6 +10,7 @@
  */
 import type { Logger } from "pino";
 import { coerceError } from "../protocol";
+import type { InFlight } from "./poolRegistry";
 import type { AttemptResult, CompletionResult, StatePort } from "./statePort";
 
 export interface PendingResult {
@@ -18,6 +19,8 @@ export interface PendingResult {
   poolKey: string;
   identity: Buffer;
   receivedAt: number;
+  /** What the broker knew of the attempt when it was in flight, for the log line. */
+  flight?: InFlight;
 }
 
 export interface CommitReport {

@@ -4,7 +4,7 @@
  */
 import { strict as assert } from "node:assert";
 import { HandlerPool } from "../../handlers-node";
-import { silent, spawnNodePool, stepOf, useBrokerStack, type ChildPool, type Transport } from "../support/stack";
+import { eventually, silent, spawnNodePool, stepOf, useBrokerStack, type ChildPool, type Transport } from "../support/stack";
 
 const DIAMOND = {
   namespace: "e2e",
@@ -95,8 +95,10 @@ for (const transport of ["inproc", "ipc", "tcp"] as Transport[]) {
 
     it("lists connected pools with their handlers, capacity and in-flight counts", async () => {
       await pool("echo", 3);
-      const pools = stack.broker.listPools();
-      assert.equal(pools.length, 1);
+      const pools = await eventually("the pool to be listed", () => {
+        const listed = stack.broker.listPools();
+        return listed.length === 1 ? listed : undefined;
+      });
       assert.deepEqual(pools[0]!.handlers, ["echo"]);
       assert.equal(pools[0]!.capacity, 3);
       assert.equal(pools[0]!.sdk.language, "node");

@@ -43,7 +43,8 @@ export interface Stack {
   waitForTask(taskId: string, timeoutMs?: number): Promise<TaskView>;
 }
 
-export const FAST: Partial<BrokerOptions> = { heartbeatMs: 100, heartbeatLiveness: 3, pollMs: 100, leaseCheckMs: 50, recoveryGraceMs: 600 };
+// Short enough to keep tests quick, with liveness to spare on a loaded two-core machine.
+export const FAST: Partial<BrokerOptions> = { heartbeatMs: 200, heartbeatLiveness: 5, pollMs: 100, leaseCheckMs: 50, recoveryGraceMs: 600 };
 
 export function useBrokerStack(label: string, transport: Transport, overrides: Partial<BrokerOptions> = {}): Stack {
   const schema = uniqueSchemaName(label);
