@@ -24,7 +24,7 @@ claimed as (
       lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
   where s.id = any(array(select p.id from picked p))
   returning s.id, s.task_id, s.name, s.handler, s.config, s.attempts, s.max_attempts, s.timeout_ms,
-            s.lease_attempt_id, s.lease_expires_at
+            s.lease_attempt_id, s.lease_expires_at, s.priority, s.run_at, s.position
 ),
 attempt_rows as (
   insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id)
@@ -65,14 +65,19 @@ task_history as (
   select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
   from task_flipped f
 )
+-- One probe of the task row per claimed step gives both its template and its context (a correlated
+-- subquery each probed it twice); the template table is a handful of rows.
 select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as step_name, c.handler,
        c.attempts as attempt, c.max_attempts, c.timeout_ms,
-       (select jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version)
-          from tasks t join task_templates tt on tt.id = t.template_id where t.id = c.task_id) as template,
-       (select t.context from tasks t where t.id = c.task_id) as context,
+       jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version) as template,
+       t.context,
        c.config,
        (select coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
           from step_edges e join steps p on p.id = e.parent_id
          where e.child_id = c.id) as inputs,
        c.lease_expires_at
 from claimed c
+join tasks t on t.id = c.task_id
+join task_templates tt on tt.id = t.template_id
+-- in dispatch order (a join does not keep the order the steps were picked in)
+order by c.priority desc, c.run_at, c.task_id, c.position
