@@ -14,7 +14,6 @@
  *    SKIP LOCKED;
  *  - a transaction that still deadlocks is rolled back and run again.
  */
-import { randomUUID } from "node:crypto";
 import type pg from "pg";
 import {
   AckOutcomes,
@@ -31,6 +30,7 @@ import { migrateSchema } from "../db/migrate";
 import { type Database, type OpenDatabaseOptions, openDatabase } from "../db/openDatabase";
 import { type Query, type QueryName, loadQueries } from "../db/queries";
 import { runStatement, withTransaction } from "../db/transaction";
+import { uuidv7 } from "../db/uuid7";
 import { StateError } from "./errors";
 import { type ExplainInput, explainSteps, failedAncestors } from "./explain";
 import { TemplateError, TemplateErrorCodes, validateTemplate } from "./templates";
@@ -412,7 +412,7 @@ export class StateManager {
         return found;
       }),
     );
-    const ids = requests.map(() => randomUUID());
+    const ids = requests.map(() => uuidv7());
     const rows = await this.run<{ id: string }>("create_tasks", [
       ids,
       templates.map((t) => t.id),

@@ -19,7 +19,7 @@ claimed as (
   update steps s
   set state = 'in_progress',
       attempts = s.attempts + 1,
-      lease_attempt_id = gen_random_uuid(),
+      lease_attempt_id = new_id(),
       lease_broker_id = $1,
       lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
   where s.id = any(array(select p.id from picked p))

@@ -19,7 +19,7 @@ defs as (
 new_steps as (
   insert into steps (id, task_id, position, name, handler, config, state, pending_parents, max_attempts, retryable,
                      backoff_initial_ms, backoff_multiplier, backoff_max_ms, backoff_jitter, timeout_ms, priority)
-  select gen_random_uuid(), d.task_id, d.ord - 1, d.def ->> 'name', d.def ->> 'handler', d.def -> 'config',
+  select new_id(), d.task_id, d.ord - 1, d.def ->> 'name', d.def ->> 'handler', d.def -> 'config',
          case when jsonb_array_length(d.def -> 'depends_on') = 0 then 'ready' else 'pending' end,
          jsonb_array_length(d.def -> 'depends_on'),
          (d.def #>> '{retry,max_attempts}')::int,
