@@ -37,9 +37,30 @@ else
 fi
 
 # A non-editable install: the tests exercise the package as users get it.
-# --upgrade with --force-reinstall of the package only, so edits are picked up.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check "$root/handlers-python[test]"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$root/handlers-python"
+# --force-reinstall of the package only, so edits are picked up. Skipped when
+# the venv already holds this exact source (a stamp of its files): test runs
+# call this script every time, several runs may share one tree, and
+# reinstalling under a running pool or pytest breaks its imports.
+stamp="$venv/.stepbroker-handlers.stamp"
+source_stamp="$(cd "$root/handlers-python" && find pyproject.toml README.md stepbroker_handlers -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+install() {
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$root/handlers-python[test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$root/handlers-python"
+  echo "$source_stamp" >"$stamp"
+}
+installed() {
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$source_stamp" ] &&
+    "$venv/bin/python" -c 'import stepbroker_handlers, zmq, msgpack, jsonschema, pytest' >/dev/null 2>&1
+}
+if installed; then
+  echo "setup-python: stepbroker-handlers in $venv is up to date with $root/handlers-python"
+else
+  # one installer at a time when several runs share this tree
+  exec 9>"$venv/.setup.lock"
+  command -v flock >/dev/null 2>&1 && flock 9
+  if ! installed; then install; fi  # (not `installed || install`: that would turn off set -e inside install)
+  exec 9>&-
+fi
 
 echo "setup-python: installed stepbroker-handlers[test] into $venv:"
 "$venv/bin/python" -c 'import importlib.metadata as m

@@ -1,0 +1,257 @@
+/**
+ * stepbroker end to end with a Python pool and with a Ruby pool, measured the
+ * way bench/stepbroker.ts measures the Node.js pool: one-step tasks (handler
+ * `noop`) created up front with createTasks, then a broker (this process) and
+ * one pool (a child process, the SDK's test pool, over tcp on loopback) run
+ * them. Throughput counts steps whose results were committed, from the first
+ * commit to the last. The Node.js figure is measured in the same run for
+ * comparison (by bench/stepbroker.ts itself) unless --no-node.
+ *
+ *   node --import tsx bench/languages.ts [--tasks 20000] [--seconds 30]
+ *        [--capacity 256] [--encoding json|msgpack] [--no-node] [--json]
+ *
+ * Uses DATABASE_URL, or an embedded PostgreSQL (default settings, as
+ * `npm run bench`). Needs scripts/setup-python.sh and scripts/setup-ruby.sh to
+ * have been run; a language that is not set up is reported and left out.
+ */
+import { spawn, spawnSync } from "node:child_process";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { parseArgs } from "node:util";
+import pg from "pg";
+import { pino } from "pino";
+import { Broker } from "../broker/Broker";
+import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { openDatabase } from "../broker/db/openDatabase";
+import { StateManager } from "../broker/state/StateManager";
+import type { CreateTaskRequest } from "../broker/state/types";
+import { measureStepbroker } from "./stepbroker";
+
+const ROOT = path.join(import.meta.dirname, "..");
+const SCHEMA = "bench_languages";
+const TEMPLATE = {
+  namespace: "bench",
+  name: "one",
+  version: "1",
+  steps: [{ name: "work", handler: "noop" }],
+};
+
+interface LanguageResult {
+  language: string;
+  encoding: string;
+  capacity: number;
+  tasks: number;
+  steps: number;
+  seconds: number;
+  stepsPerSecond: number;
+}
+
+interface PoolCommand {
+  language: string;
+  cmd: string;
+  args: (endpoint: string) => string[];
+}
+
+async function resetSchema(url: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  await c.query(`drop schema if exists ${SCHEMA} cascade`);
+  await c.end();
+}
+
+/** One pool, one run: the same counting as measureStepbroker in bench/stepbroker.ts. */
+async function measureLanguage(opts: {
+  databaseUrl: string;
+  pool: PoolCommand;
+  encoding: string;
+  capacity: number;
+  tasks: number;
+  maxSeconds: number;
+  log?: (line: string) => void;
+}): Promise<LanguageResult> {
+  const log = opts.log ?? (() => undefined);
+  await resetSchema(opts.databaseUrl);
+  const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
+  const db = await openDatabase({
+    databaseUrl: opts.databaseUrl,
+    schema: SCHEMA,
+    poolSize: 12,
+    logger: quiet,
+  });
+  const sm = new StateManager(db);
+  try {
+    await sm.migrate();
+    await sm.registerTemplate(TEMPLATE);
+    log(`creating ${opts.tasks} one-step tasks up front…`);
+    for (let i = 0; i < opts.tasks; i += 5000) {
+      const batch: CreateTaskRequest[] = [];
+      for (let j = i; j < Math.min(opts.tasks, i + 5000); j++)
+        batch.push({ namespace: "bench", name: "one", context: { n: j } });
+      await sm.createTasks(batch);
+    }
+    const total = opts.tasks;
+
+    // Count committed results as the broker sees them, without polling the database.
+    let stored = 0;
+    let first = 0;
+    let last = 0;
+    let resolveDone: () => void = () => undefined;
+    const done = new Promise<void>((r) => (resolveDone = r));
+    const counting = Object.create(sm) as StateManager;
+    counting.completeAttempts = async (results) => {
+      const out = await sm.completeAttempts(results);
+      const now = performance.now();
+      if (first === 0) first = now;
+      last = now;
+      stored += out.outcomes.filter((o) => o.outcome === "stored").length;
+      if (stored >= total) resolveDone();
+      return out;
+    };
+
+    const broker = new Broker({
+      endpoints: ["tcp://127.0.0.1:*"],
+      state: counting,
+      brokerId: "bench",
+      logger: quiet,
+      pollMs: 200,
+    });
+    await broker.start();
+    const child = spawn(opts.pool.cmd, opts.pool.args(broker.endpoints[0]!), {
+      cwd: ROOT,
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const exited = new Promise<void>((r) => child.once("exit", () => r()));
+    try {
+      await new Promise<void>((resolve, reject) => {
+        createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
+        child.once("exit", (code) =>
+          reject(new Error(`${opts.pool.language} bench pool exited with ${code}`)),
+        );
+      });
+      const timer = setTimeout(resolveDone, opts.maxSeconds * 1000);
+      await done;
+      clearTimeout(timer);
+    } finally {
+      child.kill("SIGTERM");
+      const force = setTimeout(() => child.kill("SIGKILL"), 10_000);
+      await exited;
+      clearTimeout(force);
+      await broker.stop({ drainMs: 1000 });
+    }
+    const seconds = (last - first) / 1000;
+    return {
+      language: opts.pool.language,
+      encoding: opts.encoding,
+      capacity: opts.capacity,
+      tasks: opts.tasks,
+      steps: stored,
+      seconds: Math.round(seconds * 100) / 100,
+      // The first commit starts the clock, so it is not counted in the rate.
+      stepsPerSecond: Math.round(Math.max(0, stored - 1) / Math.max(seconds, 1e-3)),
+    };
+  } finally {
+    await sm.close();
+    await resetSchema(opts.databaseUrl);
+  }
+}
+
+/** Whether `cmd args` exits 0 (a quick check that a language is set up). */
+function works(cmd: string, args: string[]): boolean {
+  return spawnSync(cmd, args, { cwd: ROOT, stdio: "ignore", timeout: 30_000 }).status === 0;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      tasks: { type: "string" },
+      seconds: { type: "string" },
+      capacity: { type: "string" },
+      encoding: { type: "string" },
+      "no-node": { type: "boolean" },
+      json: { type: "boolean" },
+    },
+  });
+  const tasks = Number(values.tasks ?? 20_000);
+  const maxSeconds = Number(values.seconds ?? 30);
+  const capacity = Number(values.capacity ?? 256);
+  const encoding = values.encoding ?? "json";
+  if (encoding !== "json" && encoding !== "msgpack") throw new Error("--encoding must be json or msgpack");
+  const log = (line: string): void => void process.stderr.write(`bench: ${line}\n`);
+
+  const python = path.join(ROOT, ".stepbroker", "venv", "bin", "python");
+  const common = ["--handlers", "noop", "--capacity", String(capacity), "--encoding", encoding];
+  const pools: PoolCommand[] = [];
+  if (works(python, ["-c", "import stepbroker_handlers"])) {
+    pools.push({
+      language: "python",
+      cmd: python,
+      args: (e) => [
+        "-m",
+        "stepbroker_handlers.testpool",
+        "--endpoint",
+        e,
+        ...common,
+        "--pool-id",
+        "bench-py",
+      ],
+    });
+  } else log(`python: ${python} cannot import stepbroker_handlers; run scripts/setup-python.sh (left out)`);
+  if (works("ruby", ["-e", 'require "ffi-rzmq"; require "msgpack"'])) {
+    const bin = path.join(ROOT, "handlers-ruby", "bin", "stepbroker-testpool");
+    pools.push({
+      language: "ruby",
+      cmd: "ruby",
+      args: (e) => [bin, "--endpoint", e, ...common, "--pool-id", "bench-rb", "--log-level", "warn"],
+    });
+  } else log("ruby: ruby with ffi-rzmq and msgpack is missing; run scripts/setup-ruby.sh (left out)");
+
+  let server: EmbeddedServer | undefined;
+  let dir: string | undefined;
+  let url = process.env.DATABASE_URL ?? "";
+  try {
+    if (!url) {
+      dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
+      await fs.chmod(dir, 0o755);
+      log("starting an embedded PostgreSQL (durable commits, default settings)");
+      server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+      url = server.url;
+    }
+    const rows: [string, string, string, string][] = [["pool", "work", "steps/s", "notes"]];
+    const results: LanguageResult[] = [];
+    if (!values["no-node"]) {
+      log(`node: ${tasks} one-step tasks (bench/stepbroker.ts)`);
+      const node = await measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, maxSeconds, log });
+      rows.push([
+        "node",
+        `${node.steps} one-step tasks`,
+        String(node.stepsPerSecond),
+        "1 Node pool over tcp, capacity 256, json",
+      ]);
+    }
+    for (const pool of pools) {
+      log(`${pool.language}: ${tasks} one-step tasks`);
+      const r = await measureLanguage({ databaseUrl: url, pool, encoding, capacity, tasks, maxSeconds, log });
+      results.push(r);
+      const partial = r.steps < tasks ? `, stopped after ${maxSeconds} s` : "";
+      rows.push([
+        r.language,
+        `${r.steps} one-step tasks`,
+        String(r.stepsPerSecond),
+        `1 ${r.language} pool over tcp, capacity ${capacity}, ${encoding}${partial}`,
+      ]);
+    }
+    const widths = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i]!.length)));
+    process.stdout.write(
+      `\n${rows.map((r) => r.map((c, i) => (i < 3 ? c.padEnd(widths[i]!) : c)).join("  ")).join("\n")}\n`,
+    );
+    if (values.json)
+      process.stdout.write(JSON.stringify({ languages: results, cores: os.cpus().length }) + "\n");
+  } finally {
+    await server?.stop();
+    if (dir) await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
