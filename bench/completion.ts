@@ -62,6 +62,10 @@ async function main(): Promise<void> {
         }
         await sm.db.pool.query("vacuum analyze");
 
+        // WAL written per step: a measure of work that, unlike wall time, does not move with the machine's load.
+        const walAt = async (): Promise<string> =>
+          (await sm.db.pool.query<{ lsn: string }>("select pg_current_wal_insert_lsn()::text as lsn")).rows[0]?.lsn ?? "0/0";
+        const walStart = await walAt();
         const started = process.hrtime.bigint();
         const deadline = started + BigInt(Math.round(SECONDS * 1e9));
         let done = 0;
@@ -83,6 +87,10 @@ async function main(): Promise<void> {
           transactions++;
         }
         const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+        const walEnd = await walAt();
+        const [wal] = (
+          await sm.db.pool.query<{ bytes: number }>("select pg_wal_lsn_diff($1, $2)::float8 as bytes", [walEnd, walStart])
+        ).rows;
         const [left] = (
           await sm.db.pool.query<{ n: number }>(
             `select count(*)::int as n from tasks where state <> 'complete'`,
@@ -91,7 +99,8 @@ async function main(): Promise<void> {
         console.log(
           `B=${String(batch).padStart(4)}: ${done} steps completed in ${seconds.toFixed(2)} s = ${Math.round(done / seconds)} steps/s ` +
             `(${transactions} rounds of ${((seconds * 1000) / Math.max(transactions, 1)).toFixed(2)} ms, ` +
-            `claim ${(Number(claimNs) / 1e6 / Math.max(transactions, 1)).toFixed(2)} ms of it; ${left?.n ?? "?"} tasks left unfinished)`,
+            `claim ${(Number(claimNs) / 1e6 / Math.max(transactions, 1)).toFixed(2)} ms of it; ` +
+            `${Math.round((wal?.bytes ?? 0) / Math.max(done, 1))} bytes of WAL per step; ${left?.n ?? "?"} tasks left unfinished)`,
         );
         await sm.db.pool.query(`drop schema ${schema} cascade`);
       } finally {
