@@ -11,7 +11,10 @@ export function installedVersion(pkg: string): string {
     let dir = path.dirname(require.resolve(pkg));
     for (;;) {
       try {
-        const json = JSON.parse(readFileSync(path.join(dir, "package.json"), "utf8")) as { name?: string; version?: string };
+        const json = JSON.parse(readFileSync(path.join(dir, "package.json"), "utf8")) as {
+          name?: string;
+          version?: string;
+        };
         if (json.name === pkg && typeof json.version === "string") return json.version;
       } catch {
         // no package.json here; keep walking up
@@ -67,7 +70,9 @@ export async function waitForDrain(opts: {
     }
     if (now - lastLog >= 2000) {
       lastLog = now;
-      opts.log(`${opts.label}: ${opts.total - left}/${opts.total} done after ${((now - opts.startedAt) / 1000).toFixed(1)}s`);
+      opts.log(
+        `${opts.label}: ${opts.total - left}/${opts.total} done after ${((now - opts.startedAt) / 1000).toFixed(1)}s`,
+      );
     }
     await sleep(Math.min(opts.pollMs, Math.max(1, deadline - now)));
   }

@@ -13,8 +13,10 @@ const TASK = "bench_noop";
 const INSERT_CHUNK = 5000;
 
 /**
- * Tuned on 2 cores with Postgres on the same machine (see README in this
- * folder): throughput is flat from ~12 to ~24 concurrent jobs, so 16.
+ * Tuned on 2 cores with Postgres on the same machine, 20,000 jobs, quiet
+ * machine: concurrency 8 to 24 all land at roughly 3,000-4,300 jobs/s (run
+ * to run spread is about ±15%), 4 and 32 lower; 16 is the middle of the
+ * plateau. useNodeTime made no measurable difference.
  */
 export const GRAPHILE_WORKER_DEFAULTS = {
   concurrency: 16,
@@ -26,7 +28,8 @@ export const GRAPHILE_WORKER_DEFAULTS = {
 function quietLogger(log: (line: string) => void): Logger {
   return new Logger((scope) => (level, message) => {
     const lvl = String(level);
-    if (lvl === "error" || lvl === "warning") log(`graphile-worker ${lvl}${scope.label ? ` [${scope.label}]` : ""}: ${message}`);
+    if (lvl === "error" || lvl === "warning")
+      log(`graphile-worker ${lvl}${scope.label ? ` [${scope.label}]` : ""}: ${message}`);
   });
 }
 
@@ -63,7 +66,7 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
 
     // bulk enqueue through graphile-worker's own add_jobs(job_spec[])
     const enqueueStarted = performance.now();
-    for (let done = 0; done < opts.jobs; ) {
+    for (let done = 0; done < opts.jobs;) {
       const n = Math.min(INSERT_CHUNK, opts.jobs - done);
       await probe.query(
         `SELECT count(*) FROM ${s}.add_jobs(ARRAY(
@@ -73,9 +76,14 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       );
       done += n;
     }
-    const queued = Number((await probe.query<{ n: string }>(`SELECT count(*) AS n FROM ${s}._private_jobs`)).rows[0]?.n ?? 0);
-    if (queued !== opts.jobs) throw new Error(`graphile-worker: expected ${opts.jobs} queued jobs, found ${queued}`);
-    log(`graphile-worker: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`);
+    const queued = Number(
+      (await probe.query<{ n: string }>(`SELECT count(*) AS n FROM ${s}._private_jobs`)).rows[0]?.n ?? 0,
+    );
+    if (queued !== opts.jobs)
+      throw new Error(`graphile-worker: expected ${opts.jobs} queued jobs, found ${queued}`);
+    log(
+      `graphile-worker: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`,
+    );
 
     const startedAt = performance.now();
     runner = await run({
@@ -102,10 +110,15 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       log,
       label: "graphile-worker",
       // remaining = rows still in the jobs table (completed jobs are deleted)
-      remaining: async () => Number((await probe.query<{ n: string }>(`SELECT count(*) AS n FROM ${s}._private_jobs`)).rows[0]?.n ?? 0),
+      remaining: async () =>
+        Number(
+          (await probe.query<{ n: string }>(`SELECT count(*) AS n FROM ${s}._private_jobs`)).rows[0]?.n ?? 0,
+        ),
     });
     if (outcome.timedOut) {
-      log(`graphile-worker: bound of ${opts.maxSeconds}s hit with ${outcome.completed}/${opts.jobs} jobs completed`);
+      log(
+        `graphile-worker: bound of ${opts.maxSeconds}s hit with ${outcome.completed}/${opts.jobs} jobs completed`,
+      );
     }
 
     return {

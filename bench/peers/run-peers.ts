@@ -106,10 +106,17 @@ async function startEmbedded(log: (line: string) => void): Promise<Database> {
 function table(results: PeerResult[]): string {
   const rows = [
     ["peer", "version", "jobs", "seconds", "jobs/s"],
-    ...results.map((r) => [r.name, r.version, String(r.jobs), r.seconds.toFixed(2), Math.round(r.jobsPerSecond).toLocaleString("en-US")]),
+    ...results.map((r) => [
+      r.name,
+      r.version,
+      String(r.jobs),
+      r.seconds.toFixed(2),
+      Math.round(r.jobsPerSecond).toLocaleString("en-US"),
+    ]),
   ];
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
-  const line = (row: string[]): string => row.map((cell, i) => (i >= 2 ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join("  ");
+  const line = (row: string[]): string =>
+    row.map((cell, i) => (i >= 2 ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join("  ");
   return [line(rows[0]!), widths.map((w) => "-".repeat(w)).join("  "), ...rows.slice(1).map(line)].join("\n");
 }
 
@@ -129,13 +136,19 @@ async function main(): Promise<void> {
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
   const batchSize = values["batch-size"] === undefined ? undefined : Number(values["batch-size"]);
   const refetchWhenFull = values["no-refetch"] === true ? false : undefined;
-  if (!Number.isInteger(jobs) || jobs < 1) throw new Error(`--jobs must be a positive integer, got ${values.jobs}`);
+  if (!Number.isInteger(jobs) || jobs < 1)
+    throw new Error(`--jobs must be a positive integer, got ${values.jobs}`);
   if (!(maxSeconds > 0)) throw new Error(`--seconds must be positive, got ${values.seconds}`);
-  for (const [flag, v] of [["--concurrency", concurrency], ["--batch-size", batchSize]] as const) {
-    if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw new Error(`${flag} must be a positive integer`);
+  for (const [flag, v] of [
+    ["--concurrency", concurrency],
+    ["--batch-size", batchSize],
+  ] as const) {
+    if (v !== undefined && (!Number.isInteger(v) || v < 1))
+      throw new Error(`${flag} must be a positive integer`);
   }
   const names = values.only ?? Object.keys(PEERS);
-  for (const name of names) if (!(name in PEERS)) throw new Error(`unknown peer ${name}; known: ${Object.keys(PEERS).join(", ")}`);
+  for (const name of names)
+    if (!(name in PEERS)) throw new Error(`unknown peer ${name}; known: ${Object.keys(PEERS).join(", ")}`);
 
   const log = (line: string): void => console.error(`# ${line}`);
   const envUrl = process.env.DATABASE_URL;
@@ -149,7 +162,15 @@ async function main(): Promise<void> {
   try {
     for (const name of names) {
       log(`${name}: ${jobs} jobs, bound ${maxSeconds}s`);
-      const result = await PEERS[name]!({ databaseUrl: db.url, jobs, maxSeconds, concurrency, batchSize, refetchWhenFull, log });
+      const result = await PEERS[name]!({
+        databaseUrl: db.url,
+        jobs,
+        maxSeconds,
+        concurrency,
+        batchSize,
+        refetchWhenFull,
+        log,
+      });
       log(`${name}: ${result.settings}`);
       results.push(result);
     }
