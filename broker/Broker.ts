@@ -707,7 +707,13 @@ export class Broker {
     // While stopping, pools that already left are expected.
     const level = this.state === "running" ? "warn" : "debug";
     this.log[level]({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
-    if (pool) void this.purgePool(pool, "unreachable");
+    if (pool && command === BrokerCommands.WELCOME) {
+      // The pool dropped the socket it said HELLO on (no WELCOME in time) and
+      // says HELLO again on a fresh one. Forget the registration but keep its
+      // attempts leased, so that HELLO adopts them and their kept results are
+      // stored; if it never comes back, their leases expire.
+      this.pools.remove(pool.key);
+    } else if (pool) void this.purgePool(pool, "unreachable");
   }
 
   /** Dispatches again when a retry's backoff ends, rather than waiting for the next poll. */
