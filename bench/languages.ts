@@ -26,7 +26,7 @@ import { Broker } from "../broker/Broker";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
 import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
-import type { CreateTaskRequest } from "../broker/state/types";
+import { countCommits, createTasksInBatches } from "./commitCounter";
 import { measureStepbroker } from "./stepbroker";
 
 const ROOT = path.join(import.meta.dirname, "..");
@@ -85,34 +85,12 @@ async function measureLanguage(opts: {
     await sm.migrate();
     await sm.registerTemplate(TEMPLATE);
     log(`creating ${opts.tasks} one-step tasks up front…`);
-    for (let i = 0; i < opts.tasks; i += 5000) {
-      const batch: CreateTaskRequest[] = [];
-      for (let j = i; j < Math.min(opts.tasks, i + 5000); j++)
-        batch.push({ namespace: "bench", name: "one", context: { n: j } });
-      await sm.createTasks(batch);
-    }
-    const total = opts.tasks;
-
-    // Count committed results as the broker sees them, without polling the database.
-    let stored = 0;
-    let first = 0;
-    let last = 0;
-    let resolveDone: () => void = () => undefined;
-    const done = new Promise<void>((r) => (resolveDone = r));
-    const counting = Object.create(sm) as StateManager;
-    counting.completeAttempts = async (results) => {
-      const out = await sm.completeAttempts(results);
-      const now = performance.now();
-      if (first === 0) first = now;
-      last = now;
-      stored += out.outcomes.filter((o) => o.outcome === "stored").length;
-      if (stored >= total) resolveDone();
-      return out;
-    };
+    await createTasksInBatches(sm, opts.tasks, "bench", "one");
+    const counter = countCommits(sm, opts.tasks);
 
     const broker = new Broker({
       endpoints: ["tcp://127.0.0.1:*"],
-      state: counting,
+      state: counter.state,
       brokerId: "bench",
       logger: quiet,
       pollMs: 200,
@@ -130,8 +108,8 @@ async function measureLanguage(opts: {
           reject(new Error(`${opts.pool.language} bench pool exited with ${code}`)),
         );
       });
-      const timer = setTimeout(resolveDone, opts.maxSeconds * 1000);
-      await done;
+      const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
+      await counter.done;
       clearTimeout(timer);
     } finally {
       child.kill("SIGTERM");
@@ -140,16 +118,14 @@ async function measureLanguage(opts: {
       clearTimeout(force);
       await broker.stop({ drainMs: 1000 });
     }
-    const seconds = (last - first) / 1000;
     return {
       language: opts.pool.language,
       encoding: opts.encoding,
       capacity: opts.capacity,
       tasks: opts.tasks,
-      steps: stored,
-      seconds: Math.round(seconds * 100) / 100,
-      // The first commit starts the clock, so it is not counted in the rate.
-      stepsPerSecond: Math.round(Math.max(0, stored - 1) / Math.max(seconds, 1e-3)),
+      steps: counter.stored(),
+      seconds: counter.seconds(),
+      stepsPerSecond: counter.stepsPerSecond(),
     };
   } finally {
     await sm.close();

@@ -13,7 +13,7 @@ import { pino } from "pino";
 import { Broker } from "../broker/Broker";
 import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
-import type { CreateTaskRequest } from "../broker/state/types";
+import { countCommits, createTasksInBatches } from "./commitCounter";
 
 export interface StepbrokerResult {
   shape: "one-step" | "diamond";
@@ -71,31 +71,10 @@ export async function measureStepbroker(opts: {
   const name = opts.shape === "one-step" ? "one" : "diamond";
   const stepsPerTask = opts.shape === "one-step" ? 1 : 4;
   log(`creating ${opts.sequential ? 0 : opts.tasks} ${opts.shape} tasks up front…`);
-  for (let i = 0; i < (opts.sequential ? 0 : opts.tasks); i += 5000) {
-    const batch: CreateTaskRequest[] = [];
-    for (let j = i; j < Math.min(opts.tasks, i + 5000); j++) batch.push({ namespace: "bench", name, context: { n: j } });
-    await sm.createTasks(batch);
-  }
-  const total = opts.tasks * stepsPerTask;
+  if (!opts.sequential) await createTasksInBatches(sm, opts.tasks, "bench", name);
+  const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
-  // Count committed results as the broker sees them, without polling the database.
-  let stored = 0;
-  let first = 0;
-  let last = 0;
-  let resolveDone: () => void = () => undefined;
-  const done = new Promise<void>((r) => (resolveDone = r));
-  const counting = Object.create(sm) as StateManager;
-  counting.completeAttempts = async (results) => {
-    const out = await sm.completeAttempts(results);
-    const now = performance.now();
-    if (first === 0) first = now;
-    last = now;
-    stored += out.outcomes.filter((o) => o.outcome === "stored").length;
-    if (stored >= total) resolveDone();
-    return out;
-  };
-
-  const broker = new Broker({ endpoints: ["tcp://127.0.0.1:*"], state: counting, brokerId: "bench", logger: quiet, pollMs: 200 });
+  const broker = new Broker({ endpoints: ["tcp://127.0.0.1:*"], state: counter.state, brokerId: "bench", logger: quiet, pollMs: 200 });
   await broker.start();
   const child = spawn(process.execPath, ["--import", "tsx", join(import.meta.dirname, "pool.ts"), broker.endpoints[0]!, "256"], {
     stdio: ["ignore", "pipe", "inherit"],
@@ -104,25 +83,23 @@ export async function measureStepbroker(opts: {
     createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
     child.once("exit", (code) => reject(new Error(`bench pool exited with ${code}`)));
   });
-  const timer = setTimeout(resolveDone, opts.maxSeconds * 1000);
+  const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
   if (opts.sequential) {
     const until = Date.now() + opts.maxSeconds * 1000;
     for (let i = 0; i < opts.tasks && Date.now() < until; i++) {
       const { task } = await broker.submit({ namespace: "bench", name, context: { n: i } });
       await broker.wait(task.task_id, 10_000);
     }
-    resolveDone();
+    counter.finish();
   }
-  await done;
+  await counter.done;
   clearTimeout(timer);
-  const seconds = (last - first) / 1000;
   const result: StepbrokerResult = {
     shape: opts.shape,
     tasks: opts.tasks,
-    steps: stored,
-    seconds: Math.round(seconds * 100) / 100,
-    // The first commit starts the clock, so it is not counted in the rate.
-    stepsPerSecond: Math.round(Math.max(0, stored - 1) / Math.max(seconds, 1e-3)),
+    steps: counter.stored(),
+    seconds: counter.seconds(),
+    stepsPerSecond: counter.stepsPerSecond(),
   };
   child.kill("SIGTERM");
   await broker.stop({ drainMs: 1000 });
