@@ -4,6 +4,7 @@
  * (decoded with the protocol's own decoder) and sends whatever the test tells
  * it to. No protocol logic of its own, so each test states the exchange.
  */
+import { rmSync } from "node:fs";
 import { Router } from "zeromq";
 
 type RouterOptions = NonNullable<ConstructorParameters<typeof Router>[0]>;
@@ -178,6 +179,8 @@ export class FakeBroker {
   close(): void {
     this.closed = true;
     this.router.close();
+    // libzmq leaves the socket file of an ipc:// endpoint behind; tests leave nothing.
+    if (this.endpoint.startsWith("ipc://")) rmSync(this.endpoint.slice("ipc://".length), { force: true });
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
