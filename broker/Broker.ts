@@ -661,7 +661,7 @@ export class Broker {
     if (credit === 0) return false;
     let steps: ClaimedStep[];
     try {
-      steps = await this.opts.state.claimSteps({ brokerId: this.id, handlers: [...pool.handlers], limit: credit });
+      steps = await this.opts.state.claimSteps({ brokerId: this.id, poolId: pool.poolId, handlers: [...pool.handlers], limit: credit });
     } catch (e) {
       this.log.error({ err: coerceError(e), pool_id: pool.poolId }, "claiming steps failed; retrying on the next poll");
       return false;

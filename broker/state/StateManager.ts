@@ -462,6 +462,7 @@ export class StateManager {
       request.handlers,
       limit,
       stepIds,
+      request.poolId ?? null,
     ]);
     return rows.map((r) => ({
       task_id: r.task_id,

@@ -101,6 +101,8 @@ export interface ClaimRequest {
   limit: number;
   /** Claim only among these steps (e.g. the ones a commit just readied). */
   stepIds?: string[];
+  /** The pool the claimed attempts will be sent to, recorded on each attempt row so a lost attempt names its pool. */
+  poolId?: string;
 }
 
 /** One attempt to run: the fields of a STEP message item, plus the lease expiry. */

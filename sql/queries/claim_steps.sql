@@ -1,5 +1,5 @@
 -- Claims up to $3 ready steps (highest priority, then longest ready) whose handler is served, starting one attempt each under a lease; a task claimed for the first time moves pending -> in_progress.
--- $1 text broker id, $2 text[] handlers served, $3 int most steps, $4 uuid[] only these steps (null: any). Returns one row per attempt with all a STEP message needs.
+-- $1 text broker id, $2 text[] handlers served, $3 int most steps, $4 uuid[] only these steps (null: any), $5 text the pool the attempts go to (null: not yet known). Returns one row per attempt with all a STEP message needs.
 --
 -- Plan shape (this is the hot path): big tables are only ever reached by primary-key or partial-index
 -- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
@@ -27,8 +27,8 @@ claimed as (
             s.lease_attempt_id, s.lease_expires_at, s.priority, s.run_at, s.position
 ),
 attempt_rows as (
-  insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id)
-  select c.lease_attempt_id, c.id, c.task_id, c.attempts, $1 from claimed c
+  insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
+  select c.lease_attempt_id, c.id, c.task_id, c.attempts, $1, $5::text from claimed c
 ),
 step_flipped as (
   update step_transitions t set most_recent = false

@@ -222,6 +222,7 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       assert.equal((step.output as { step: { attempt: number } }).step.attempt, 2);
       const attempts = await stack.sm.getAttempts(task.task_id);
       assert.deepEqual(outcomes(attempts), ["lost", "complete"]);
+      assert.equal(attempts[0]!.poolId, doomed.poolId, "the lost attempt names the pool that died");
       assert.equal(attempts[1]!.poolId, healthy.poolId, "the second attempt ran on the healthy pool");
     });
   });

@@ -92,6 +92,8 @@ describe("a Python pool killed with SIGKILL mid-step", function () {
       "the attempt that was running in the killed pool is the lost one",
     );
     assert.equal(complete.poolId, `py-spare-${id}`, "the step completed on the other Python pool");
+    assert.notEqual(lost.poolId, null, "the lost attempt names the pool it was sent to");
+    assert.notEqual(lost.poolId, complete.poolId);
     assert.ok(complete.attempt > lost.attempt, "the completing run came after the lost one");
   });
 });
