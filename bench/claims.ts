@@ -68,7 +68,12 @@ export interface ClaimsOptions {
   log?: (line: string) => void;
 }
 
-const TEMPLATE = { namespace: "bench", name: "claims", version: "1", steps: [{ name: "work", handler: HANDLER }] };
+const TEMPLATE = {
+  namespace: "bench",
+  name: "claims",
+  version: "1",
+  steps: [{ name: "work", handler: HANDLER }],
+};
 
 async function dropSchema(url: string): Promise<void> {
   const c = new pg.Client({ connectionString: url });
@@ -82,7 +87,9 @@ async function dropSchema(url: string): Promise<void> {
 }
 
 async function countFinishedSteps(sm: StateManager): Promise<number> {
-  const { rows } = await sm.db.pool.query<{ n: number }>(`select count(*)::int as n from steps where state = 'complete'`);
+  const { rows } = await sm.db.pool.query<{ n: number }>(
+    `select count(*)::int as n from steps where state = 'complete'`,
+  );
   return rows[0]?.n ?? 0;
 }
 
@@ -90,13 +97,22 @@ async function createReady(sm: StateManager, n: number, offset: number): Promise
   for (let made = 0; made < n; made += 5000) {
     const k = Math.min(5000, n - made);
     await sm.createTasks(
-      Array.from({ length: k }, (_, i) => ({ namespace: TEMPLATE.namespace, name: TEMPLATE.name, context: { n: offset + made + i } })),
+      Array.from({ length: k }, (_, i) => ({
+        namespace: TEMPLATE.namespace,
+        name: TEMPLATE.name,
+        context: { n: offset + made + i },
+      })),
     );
   }
 }
 
 /** Claims and completes in batches until no ready step is left or the bound passes. */
-async function drain(sm: StateManager, ready: number, historySteps: number, maxSeconds: number): Promise<ClaimPhase> {
+async function drain(
+  sm: StateManager,
+  ready: number,
+  historySteps: number,
+  maxSeconds: number,
+): Promise<ClaimPhase> {
   const started = performance.now();
   const deadline = started + maxSeconds * 1000;
   let completed = 0;
@@ -115,7 +131,13 @@ async function drain(sm: StateManager, ready: number, historySteps: number, maxS
     claimMs += t1 - t0;
     if (claimed.length === 0) break;
     const { outcomes } = await sm.completeAttempts(
-      claimed.map((c) => ({ attemptId: c.attempt_id, status: "complete" as const, output: { ok: true }, poolId: "bench", durationMs: 0.1 })),
+      claimed.map((c) => ({
+        attemptId: c.attempt_id,
+        status: "complete" as const,
+        output: { ok: true },
+        poolId: "bench",
+        durationMs: 0.1,
+      })),
     );
     completeMs += performance.now() - t1;
     completed += outcomes.filter((o) => o.outcome === "stored").length;
@@ -194,7 +216,10 @@ async function pickModel(sm: StateManager): Promise<string> {
      order by t.finished_at limit 1`,
   );
   const id = rows[0]?.id;
-  if (id === undefined) throw new Error("no finished one-step task to copy the history from (did the first phase complete anything?)");
+  if (id === undefined)
+    throw new Error(
+      "no finished one-step task to copy the history from (did the first phase complete anything?)",
+    );
   return id;
 }
 
@@ -230,7 +255,9 @@ async function insertHistory(
       inserted += n;
       if (performance.now() - lastLog >= 5000) {
         lastLog = performance.now();
-        log(`claims: ${inserted}/${steps} finished steps inserted after ${((lastLog - started) / 1000).toFixed(1)}s`);
+        log(
+          `claims: ${inserted}/${steps} finished steps inserted after ${((lastLog - started) / 1000).toFixed(1)}s`,
+        );
       }
     }
   } finally {
@@ -244,7 +271,9 @@ export async function measureClaims(opts: ClaimsOptions): Promise<ClaimsResult> 
   const ready = opts.ready ?? 20_000;
   const history = opts.history ?? 1_000_000;
   await dropSchema(opts.databaseUrl);
-  const sm = new StateManager(await openDatabase({ databaseUrl: opts.databaseUrl, schema: CLAIMS_SCHEMA, poolSize: 2 }));
+  const sm = new StateManager(
+    await openDatabase({ databaseUrl: opts.databaseUrl, schema: CLAIMS_SCHEMA, poolSize: 2 }),
+  );
   try {
     await sm.migrate();
     await sm.registerTemplate(TEMPLATE);

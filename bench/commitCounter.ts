@@ -7,7 +7,12 @@
 import type { StateManager } from "../broker/state/StateManager";
 import type { CreateTaskRequest } from "../broker/state/types";
 
-export async function createTasksInBatches(sm: StateManager, count: number, namespace: string, name: string): Promise<void> {
+export async function createTasksInBatches(
+  sm: StateManager,
+  count: number,
+  namespace: string,
+  name: string,
+): Promise<void> {
   for (let i = 0; i < count; i += 5000) {
     const batch: CreateTaskRequest[] = [];
     for (let j = i; j < Math.min(count, i + 5000); j++) batch.push({ namespace, name, context: { n: j } });

@@ -64,7 +64,8 @@ async function main(): Promise<void> {
 
         // WAL written per step: a measure of work that, unlike wall time, does not move with the machine's load.
         const walAt = async (): Promise<string> =>
-          (await sm.db.pool.query<{ lsn: string }>("select pg_current_wal_insert_lsn()::text as lsn")).rows[0]?.lsn ?? "0/0";
+          (await sm.db.pool.query<{ lsn: string }>("select pg_current_wal_insert_lsn()::text as lsn")).rows[0]
+            ?.lsn ?? "0/0";
         const walStart = await walAt();
         const started = process.hrtime.bigint();
         const deadline = started + BigInt(Math.round(SECONDS * 1e9));
@@ -89,7 +90,10 @@ async function main(): Promise<void> {
         const seconds = Number(process.hrtime.bigint() - started) / 1e9;
         const walEnd = await walAt();
         const [wal] = (
-          await sm.db.pool.query<{ bytes: number }>("select pg_wal_lsn_diff($1, $2)::float8 as bytes", [walEnd, walStart])
+          await sm.db.pool.query<{ bytes: number }>("select pg_wal_lsn_diff($1, $2)::float8 as bytes", [
+            walEnd,
+            walStart,
+          ])
         ).rows;
         const [left] = (
           await sm.db.pool.query<{ n: number }>(

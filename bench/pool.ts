@@ -8,7 +8,12 @@ import { pino } from "pino";
 import { HandlerPool } from "../handlers-node";
 
 const [endpoint = "tcp://127.0.0.1:5555", capacity = "256"] = process.argv.slice(2);
-const pool = new HandlerPool({ endpoint, capacity: Number(capacity), poolId: `bench-${process.pid}`, logger: pino({ level: "warn" }) });
+const pool = new HandlerPool({
+  endpoint,
+  capacity: Number(capacity),
+  poolId: `bench-${process.pid}`,
+  logger: pino({ level: "warn" }),
+});
 pool.handle("noop", async () => null);
 pool.handle("stamp", async () => ({ arrived_at: performance.timeOrigin + performance.now() }));
 await pool.start();

@@ -151,12 +151,25 @@ async function main(): Promise<number> {
     const diamondTasks = Math.max(1, Math.round(tasks / 4));
     log(`stepbroker: ${diamondTasks} diamond tasks`);
     const diamond = await phase("stepbroker diamond", bound, () =>
-      measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: diamondTasks, maxSeconds: seconds, log }),
+      measureStepbroker({
+        databaseUrl: url,
+        shape: "diamond",
+        tasks: diamondTasks,
+        maxSeconds: seconds,
+        log,
+      }),
     );
     const loneTasks = quick ? 50 : 200;
     log(`stepbroker: ${loneTasks} diamond tasks one at a time (latency without queueing)`);
     const lone = await phase("stepbroker one diamond at a time", bound, () =>
-      measureStepbroker({ databaseUrl: url, shape: "diamond", tasks: loneTasks, maxSeconds: seconds, sequential: true, log }),
+      measureStepbroker({
+        databaseUrl: url,
+        shape: "diamond",
+        tasks: loneTasks,
+        maxSeconds: seconds,
+        sequential: true,
+        log,
+      }),
     );
 
     const peers: PeerRow[] = [];
@@ -167,7 +180,9 @@ async function main(): Promise<number> {
       ];
       for (const [name, measure] of measures) {
         log(`${name}: ${peerJobs} jobs`);
-        const r = await phase(name, bound, () => measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }));
+        const r = await phase(name, bound, () =>
+          measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }),
+        );
         peers.push(r.ok ? { name, result: r.value } : { name, error: r.error });
       }
     }
@@ -177,12 +192,21 @@ async function main(): Promise<number> {
       const historyBound = quick ? 60 : 300;
       log(`claims: ${claimsReady} ready steps, then again beside ${history} finished steps`);
       claims = await phase("claims", seconds * 2 + historyBound + 300, () =>
-        measureClaims({ databaseUrl: url, ready: claimsReady, history, maxSeconds: seconds, historyMaxSeconds: historyBound, log }),
+        measureClaims({
+          databaseUrl: url,
+          ready: claimsReady,
+          history,
+          maxSeconds: seconds,
+          historyMaxSeconds: historyBound,
+          log,
+        }),
       );
     }
 
     report({ one, diamond, lone, peers, claims, startedAt });
-    const failed = [one, diamond, lone, ...(claims ? [claims] : [])].some((o) => !o.ok) || peers.some((p) => p.error !== undefined);
+    const failed =
+      [one, diamond, lone, ...(claims ? [claims] : [])].some((o) => !o.ok) ||
+      peers.some((p) => p.error !== undefined);
     return failed ? 1 : 0;
   } finally {
     current = "shutdown";
@@ -202,17 +226,33 @@ function report(r: {
 }): void {
   type Row = [string, string, string, string];
   const failedRow = (system: string, error: string): Row => [system, "-", "FAILED", error];
-  const sbRow = (o: Outcome<StepbrokerResult>, work: (v: StepbrokerResult) => string, notes: (v: StepbrokerResult) => string): Row =>
-    o.ok ? ["stepbroker", work(o.value), String(o.value.stepsPerSecond), notes(o.value)] : failedRow("stepbroker", o.error);
-  const latency = (v: StepbrokerResult) => `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms`;
+  const sbRow = (
+    o: Outcome<StepbrokerResult>,
+    work: (v: StepbrokerResult) => string,
+    notes: (v: StepbrokerResult) => string,
+  ): Row =>
+    o.ok
+      ? ["stepbroker", work(o.value), String(o.value.stepsPerSecond), notes(o.value)]
+      : failedRow("stepbroker", o.error);
+  const latency = (v: StepbrokerResult) =>
+    `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms`;
   const rows: Row[] = [
     ["system", "work", "per second", "notes"],
-    sbRow(r.one, (v) => `${v.steps} one-step tasks`, () => "1 Node pool over tcp, capacity 256"),
+    sbRow(
+      r.one,
+      (v) => `${v.steps} one-step tasks`,
+      () => "1 Node pool over tcp, capacity 256",
+    ),
     sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
     ...r.peers.map((p): Row =>
       p.result !== undefined
-        ? [`${p.name} ${p.result.version}`, `${p.result.jobs} jobs`, String(Math.round(p.result.jobsPerSecond)), p.result.settings]
+        ? [
+            `${p.name} ${p.result.version}`,
+            `${p.result.jobs} jobs`,
+            String(Math.round(p.result.jobsPerSecond)),
+            p.result.settings,
+          ]
         : failedRow(p.name, p.error ?? "unknown error"),
     ),
   ];
@@ -236,7 +276,11 @@ function report(r: {
     }
   }
   const widths = [0, 1, 2].map((i) => Math.max(...rows.map((row) => row[i]!.length)));
-  const text = rows.map((row) => row.map((c, i) => (i === 2 ? c.padStart(widths[i]!) : i < 3 ? c.padEnd(widths[i]!) : c)).join("  ")).join("\n");
+  const text = rows
+    .map((row) =>
+      row.map((c, i) => (i === 2 ? c.padStart(widths[i]!) : i < 3 ? c.padEnd(widths[i]!) : c)).join("  "),
+    )
+    .join("\n");
   process.stdout.write(`\n${text}\n`);
 
   const ratios: Record<string, number> = {};
@@ -253,17 +297,33 @@ function report(r: {
   if (r.claims?.ok) {
     process.stdout.write(`${formatClaims(r.claims.value)}\n`);
   }
-  const load = os.loadavg().map((l) => l.toFixed(1)).join(" ");
+  const load = os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(" ");
   process.stdout.write(
     `${os.cpus().length} cores, load average ${load}, ${Math.round((Date.now() - r.startedAt) / 1000)} s in all` +
       `; PostgreSQL ${server ? "embedded, default (durable) settings" : "from DATABASE_URL"}\n`,
   );
   if (values.json) {
-    const value = <T>(o: Outcome<T> | undefined): T | { error: string } | null => (o === undefined ? null : o.ok ? o.value : { error: o.error });
+    const value = <T>(o: Outcome<T> | undefined): T | { error: string } | null =>
+      o === undefined ? null : o.ok ? o.value : { error: o.error };
     process.stdout.write(
       JSON.stringify({
-        settings: { tasks, seconds, peerJobs, history, claimsReady, quick, database: server ? "embedded" : "DATABASE_URL" },
-        stepbroker: { one_step: value(r.one), diamond: value(r.diamond), diamond_one_at_a_time: value(r.lone) },
+        settings: {
+          tasks,
+          seconds,
+          peerJobs,
+          history,
+          claimsReady,
+          quick,
+          database: server ? "embedded" : "DATABASE_URL",
+        },
+        stepbroker: {
+          one_step: value(r.one),
+          diamond: value(r.diamond),
+          diamond_one_at_a_time: value(r.lone),
+        },
         peers: r.peers.map((p) => p.result ?? { name: p.name, error: p.error }),
         ratios: { stepbroker_one_step_over: ratios },
         claims: value(r.claims),

@@ -64,7 +64,12 @@ export async function measureStepbroker(opts: {
   const log = opts.log ?? (() => undefined);
   await resetSchema(opts.databaseUrl);
   const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
-  const db = await openDatabase({ databaseUrl: opts.databaseUrl, schema: SCHEMA, poolSize: 12, logger: quiet });
+  const db = await openDatabase({
+    databaseUrl: opts.databaseUrl,
+    schema: SCHEMA,
+    poolSize: 12,
+    logger: quiet,
+  });
   const sm = new StateManager(db);
   await sm.migrate();
   for (const t of TEMPLATES) await sm.registerTemplate(t);
@@ -74,11 +79,21 @@ export async function measureStepbroker(opts: {
   if (!opts.sequential) await createTasksInBatches(sm, opts.tasks, "bench", name);
   const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
-  const broker = new Broker({ endpoints: ["tcp://127.0.0.1:*"], state: counter.state, brokerId: "bench", logger: quiet, pollMs: 200 });
-  await broker.start();
-  const child = spawn(process.execPath, ["--import", "tsx", join(import.meta.dirname, "pool.ts"), broker.endpoints[0]!, "256"], {
-    stdio: ["ignore", "pipe", "inherit"],
+  const broker = new Broker({
+    endpoints: ["tcp://127.0.0.1:*"],
+    state: counter.state,
+    brokerId: "bench",
+    logger: quiet,
+    pollMs: 200,
   });
+  await broker.start();
+  const child = spawn(
+    process.execPath,
+    ["--import", "tsx", join(import.meta.dirname, "pool.ts"), broker.endpoints[0]!, "256"],
+    {
+      stdio: ["ignore", "pipe", "inherit"],
+    },
+  );
   await new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
     child.once("exit", (code) => reject(new Error(`bench pool exited with ${code}`)));

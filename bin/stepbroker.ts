@@ -166,7 +166,10 @@ async function start(): Promise<void> {
 
 function parseTemplateRef(ref: string): { namespace: string; name: string; version?: string } {
   const m = /^([^/@]+)\/([^/@]+)(?:@(.+))?$/.exec(ref);
-  if (!m) throw new UsageError(`template ${JSON.stringify(ref)} is not namespace/name[@version], e.g. shop/order_fulfilment@1`);
+  if (!m)
+    throw new UsageError(
+      `template ${JSON.stringify(ref)} is not namespace/name[@version], e.g. shop/order_fulfilment@1`,
+    );
   return { namespace: m[1]!, name: m[2]!, ...(m[3] ? { version: m[3] } : {}) };
 }
 
@@ -203,13 +206,20 @@ async function main(): Promise<number> {
       const ref = parseTemplateRef(need("template"));
       const c = client();
       try {
-        const out = await c.submit(ref, parseContext(), opt["idempotency-key"] ? { idempotencyKey: opt["idempotency-key"] } : {});
+        const out = await c.submit(
+          ref,
+          parseContext(),
+          opt["idempotency-key"] ? { idempotencyKey: opt["idempotency-key"] } : {},
+        );
         if (!opt.wait) {
           print(out, `${out.created ? "created" : "found existing"} task ${out.task.task_id}`);
           return 0;
         }
         const waited = await c.wait(out.task.task_id, Number(opt.timeout ?? 600_000));
-        print(waited.task, `task ${waited.task.task_id}: ${waited.task.state}${waited.finished ? "" : " (still running at timeout)"}`);
+        print(
+          waited.task,
+          `task ${waited.task.task_id}: ${waited.task.state}${waited.finished ? "" : " (still running at timeout)"}`,
+        );
         return waited.task.state === "complete" ? 0 : 1;
       } finally {
         c.close();
@@ -220,8 +230,16 @@ async function main(): Promise<number> {
         const id = need("task");
         const task = await sm.getTask(id, { includeSteps: true });
         if (!task) throw new UsageError(`no task ${id}; check the id (stepbroker status <task-uuid>)`);
-        const rows = (task.steps ?? []).map((s) => `  ${s.name.padEnd(24)} ${s.state.padEnd(18)} attempts ${s.attempts}/${s.max_attempts}`);
-        print(task, [`task ${task.task_id} ${task.template.namespace}/${task.template.name}@${task.template.version}: ${task.state}`, ...rows].join("\n"));
+        const rows = (task.steps ?? []).map(
+          (s) => `  ${s.name.padEnd(24)} ${s.state.padEnd(18)} attempts ${s.attempts}/${s.max_attempts}`,
+        );
+        print(
+          task,
+          [
+            `task ${task.task_id} ${task.template.namespace}/${task.template.name}@${task.template.version}: ${task.state}`,
+            ...rows,
+          ].join("\n"),
+        );
         return 0;
       });
     case "explain":
@@ -267,7 +285,11 @@ async function main(): Promise<number> {
           return 0;
         }
         const list = await sm.listTemplates();
-        print(list, list.map((t) => `${t.namespace}/${t.name}@${t.version}  (${t.steps.length} steps)`).join("\n") || "no templates registered");
+        print(
+          list,
+          list.map((t) => `${t.namespace}/${t.name}@${t.version}  (${t.steps.length} steps)`).join("\n") ||
+            "no templates registered",
+        );
         return 0;
       });
     }
@@ -276,7 +298,8 @@ async function main(): Promise<number> {
       try {
         const pools = await c.pools();
         const rows = pools.map(
-          (p) => `${p.pool_id.padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
+          (p) =>
+            `${p.pool_id.padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
         );
         print(pools, rows.length ? rows.join("\n") : "no pools connected");
         return 0;
@@ -300,7 +323,8 @@ function hintFor(err: Error): string {
     return "; is PostgreSQL running there? Fix --database-url / DATABASE_URL, or unset both to use the embedded server";
   }
   if (codes.includes("28P01")) return "; the database refused the password in the URL";
-  if (codes.includes("3D000")) return "; that database does not exist: create it, or point DATABASE_URL at one that does";
+  if (codes.includes("3D000"))
+    return "; that database does not exist: create it, or point DATABASE_URL at one that does";
   return "";
 }
 
@@ -314,7 +338,9 @@ main().then(
     const err = e instanceof Error ? e : new Error(String(e));
     const causes: string[] = [];
     for (let c: unknown = err.cause; c instanceof Error; c = c.cause) causes.push(c.message);
-    process.stderr.write(`stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}${hintFor(err)}\n`);
+    process.stderr.write(
+      `stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}${hintFor(err)}\n`,
+    );
     if (opt.verbose && err.stack) process.stderr.write(err.stack + "\n");
     process.exit(err instanceof UsageError ? 64 : 1);
   },

@@ -123,14 +123,21 @@ export class Broker {
       heartbeatInterval: this.opts.heartbeatMs,
       heartbeatTimeout: this.opts.heartbeatMs * this.opts.heartbeatLiveness,
       linger: 0,
-      ...(curve ? { curveServer: true, curveSecretKey: curve.secretKey, curvePublicKey: curve.publicKey } : {}),
+      ...(curve
+        ? { curveServer: true, curveSecretKey: curve.secretKey, curvePublicKey: curve.publicKey }
+        : {}),
     });
     this.outbox = new Outbox(this.socket, {
       onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
       onError: (identity, err) =>
         this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
     });
-    this.committer = new Committer(this.opts.state, this.opts.commitBatch, (r) => this.afterCommit(r), this.log);
+    this.committer = new Committer(
+      this.opts.state,
+      this.opts.commitBatch,
+      (r) => this.afterCommit(r),
+      this.log,
+    );
   }
 
   /** The endpoints actually bound (with `*` ports resolved). */
@@ -150,10 +157,13 @@ export class Broker {
       } catch (e) {
         const err = coerceError(e);
         const code = (e as { code?: string }).code;
-        const hint = code === "EADDRINUSE" ? "another process uses this address; stop it or choose another endpoint" : err.message;
+        const hint =
+          code === "EADDRINUSE"
+            ? "another process uses this address; stop it or choose another endpoint"
+            : err.message;
         this.socket.close();
         await this.zap?.close();
-        throw new Error(`cannot bind ${ep}: ${hint}`, { cause: err });
+        throw new Error(`cannot bind ${ep}: ${hint}`, { cause: e });
       }
       this.boundEndpoints.push(this.socket.lastEndpoint ?? ep);
     }
@@ -195,12 +205,29 @@ export class Broker {
     for (const pool of [...this.pools.all()]) {
       const held = this.pools.remove(pool.key);
       leftover.push(...held);
-      if (held.length > 0) this.sendCancel(pool, held.map((f) => f.attemptId), CancelReasons.SHUTDOWN);
-      this.send(pool.identity, BrokerCommands.DISCONNECT, { code: "shutting_down", reason: "the broker is stopping" }, pool.encoding);
+      if (held.length > 0)
+        this.sendCancel(
+          pool,
+          held.map((f) => f.attemptId),
+          CancelReasons.SHUTDOWN,
+        );
+      this.send(
+        pool.identity,
+        BrokerCommands.DISCONNECT,
+        { code: "shutting_down", reason: "the broker is stopping" },
+        pool.encoding,
+      );
     }
     if (leftover.length > 0) {
-      await this.release(leftover.map((f) => f.attemptId), false, "broker shutdown");
-      this.log.info({ attempts: leftover.length }, `handed back ${leftover.length} unfinished attempts at shutdown`);
+      await this.release(
+        leftover.map((f) => f.attemptId),
+        false,
+        "broker shutdown",
+      );
+      this.log.info(
+        { attempts: leftover.length },
+        `handed back ${leftover.length} unfinished attempts at shutdown`,
+      );
     }
     for (const [taskId, set] of this.waiters) {
       const task = await this.opts.state.getTask(taskId, { includeSteps: true }).catch(() => null);
@@ -266,7 +293,10 @@ export class Broker {
       byPool.set(held.pool, list);
     }
     for (const [pool, ids] of byPool) this.sendCancel(pool, ids, CancelReasons.TASK_CANCELLED);
-    this.log.info({ task_id: taskId, cancelled_attempts: out.cancelledAttempts.length }, `cancelled task ${taskId}`);
+    this.log.info(
+      { task_id: taskId, cancelled_attempts: out.cancelledAttempts.length },
+      `cancelled task ${taskId}`,
+    );
     this.kickDispatch();
     const task = await this.opts.state.getTask(taskId, { includeSteps: true });
     if (task) this.finishWaiters(taskId, task);
@@ -321,18 +351,32 @@ export class Broker {
     } catch (e) {
       const err = coerceError(e);
       this.log.error({ err, peer: key, command: decoded.message.command }, "failed to handle a message");
-      this.sendError(identity, fault("internal_error", err.message, { command: decoded.message.command }), pool?.encoding);
+      this.sendError(
+        identity,
+        fault("internal_error", err.message, { command: decoded.message.command }),
+        pool?.encoding,
+      );
     }
   }
 
-  private dispatchCommand(identity: Buffer, key: string, pool: PoolRecord | undefined, msg: Message, enc: Encoding): void {
+  private dispatchCommand(
+    identity: Buffer,
+    key: string,
+    pool: PoolRecord | undefined,
+    msg: Message,
+    enc: Encoding,
+  ): void {
     switch (msg.command) {
       case "HELLO":
-        return void this.registerPool(identity, key, msg.body).catch((e) => this.verbFailed("HELLO", identity, e));
+        return void this.registerPool(identity, key, msg.body).catch((e) =>
+          this.verbFailed("HELLO", identity, e),
+        );
       case "RESULT":
         return pool ? this.acceptResults(pool, msg.body) : this.requireHello(identity, "RESULT");
       case "PROGRESS":
-        return pool ? void this.extendProgress(pool, msg.body).catch((e) => this.verbFailed("PROGRESS", identity, e)) : this.requireHello(identity, "PROGRESS");
+        return pool
+          ? void this.extendProgress(pool, msg.body).catch((e) => this.verbFailed("PROGRESS", identity, e))
+          : this.requireHello(identity, "PROGRESS");
       case "HEARTBEAT":
         return pool ? undefined : this.requireHello(identity, "HEARTBEAT");
       case "DISCONNECT":
@@ -346,7 +390,11 @@ export class Broker {
       case "POOLS":
         return void this.serveClient(identity, msg, enc);
       default:
-        this.sendError(identity, fault("unknown_command", `${msg.command} is not accepted by the broker`), pool?.encoding);
+        this.sendError(
+          identity,
+          fault("unknown_command", `${msg.command} is not accepted by the broker`),
+          pool?.encoding,
+        );
     }
   }
 
@@ -410,7 +458,12 @@ export class Broker {
           { pool_id: pool.poolId, attempt_id: r.attempt_id, holder: held.pool.poolId },
           `pool ${pool.poolId} sent a result for an attempt held by ${held.pool.poolId}; refused as stale`,
         );
-        this.send(pool.identity, BrokerCommands.ACK, { acks: [{ attempt_id: r.attempt_id, outcome: "stale" }] }, pool.encoding);
+        this.send(
+          pool.identity,
+          BrokerCommands.ACK,
+          { acks: [{ attempt_id: r.attempt_id, outcome: "stale" }] },
+          pool.encoding,
+        );
         continue;
       }
       pool.unacked++;
@@ -438,7 +491,13 @@ export class Broker {
 
   private afterCommit({ items, batch, ms }: CommitReport): void {
     const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
-    const acks = new Map<string, { identity: Buffer; acks: { attempt_id: string; outcome: "stored" | "duplicate" | "stale" | "unknown" }[] }>();
+    const acks = new Map<
+      string,
+      {
+        identity: Buffer;
+        acks: { attempt_id: string; outcome: "stored" | "duplicate" | "stale" | "unknown" }[];
+      }
+    >();
     for (const item of items) {
       const outcome = outcomes.get(item.result.attemptId) ?? "unknown";
       let entry = acks.get(item.poolKey);
@@ -454,7 +513,10 @@ export class Broker {
         this.send(identity, BrokerCommands.ACK, { acks: list.slice(i, i + this.opts.maxBatch) }, encoding);
       }
     }
-    this.log.debug({ results: items.length, ms: Math.round(ms * 10) / 10 }, `committed ${items.length} results`);
+    this.log.debug(
+      { results: items.length, ms: Math.round(ms * 10) / 10 },
+      `committed ${items.length} results`,
+    );
     if (batch.readied.length > 0) this.kickDispatch();
     for (const r of batch.readied) this.kickAt(Date.parse(r.runAt));
     for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
@@ -463,12 +525,20 @@ export class Broker {
   /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */
   private logOutcome(item: PendingResult, outcome: string, poolId: string | undefined): void {
     const { result, flight } = item;
-    const ids = { task_id: flight?.taskId, step_id: flight?.stepId, attempt_id: result.attemptId, pool_id: poolId };
+    const ids = {
+      task_id: flight?.taskId,
+      step_id: flight?.stepId,
+      attempt_id: result.attemptId,
+      pool_id: poolId,
+    };
     const ms = result.durationMs !== undefined ? ` in ${Math.round(result.durationMs)} ms` : "";
     const step = flight ? `step ${flight.stepName}` : `attempt ${result.attemptId}`;
     const of = flight ? ` (attempt ${flight.attempt} of ${flight.maxAttempts})` : "";
     if (outcome !== "stored") {
-      this.log.info({ ...ids, outcome }, `result for ${step} from ${poolId ?? "a departed pool"} was ${outcome}: acknowledged and ignored`);
+      this.log.info(
+        { ...ids, outcome },
+        `result for ${step} from ${poolId ?? "a departed pool"} was ${outcome}: acknowledged and ignored`,
+      );
     } else if (result.status === "complete") {
       this.log.info(ids, `completed ${step}${ms}${of}`);
     } else {
@@ -486,7 +556,13 @@ export class Broker {
     for (const p of body.progress) {
       const flight = pool.inFlight.get(p.attempt_id);
       this.log.debug(
-        { pool_id: pool.poolId, attempt_id: p.attempt_id, task_id: flight?.taskId, step_id: flight?.stepId, fraction: p.fraction },
+        {
+          pool_id: pool.poolId,
+          attempt_id: p.attempt_id,
+          task_id: flight?.taskId,
+          step_id: flight?.stepId,
+          fraction: p.fraction,
+        },
         `progress on ${flight?.stepName ?? p.attempt_id}${p.message ? `: ${p.message}` : ""}`,
       );
     }
@@ -502,7 +578,12 @@ export class Broker {
     for (const id of body.handed_back ?? []) if (this.pools.takeInFlight(id)) handedBack.push(id);
     if (handedBack.length > 0) void this.release(handedBack, false, "pool handed it back");
     this.log.info(
-      { pool_id: pool.poolId, handed_back: handedBack.length, in_flight: pool.inFlight.size, reason: body.reason },
+      {
+        pool_id: pool.poolId,
+        handed_back: handedBack.length,
+        in_flight: pool.inFlight.size,
+        reason: body.reason,
+      },
       `pool ${pool.poolId} is leaving${body.reason ? ` (${body.reason})` : ""}; ${pool.inFlight.size} attempts still to finish`,
     );
     if (pool.inFlight.size === 0) this.forgetDrainedPool(pool);
@@ -517,7 +598,13 @@ export class Broker {
 
   private notePeerError(key: string, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
     this.log.warn(
-      { peer: key, pool_id: pool?.poolId, code: body.code, command: body.command, attempt_id: body.attempt_id },
+      {
+        peer: key,
+        pool_id: pool?.poolId,
+        code: body.code,
+        command: body.command,
+        attempt_id: body.attempt_id,
+      },
       `peer ${pool?.poolId ?? key} reported ${body.code}: ${body.message}`,
     );
     // The pool could not read one of the steps we sent it: put that step back
@@ -531,22 +618,44 @@ export class Broker {
   }
 
   private requireHello(identity: Buffer, command: string): void {
-    this.sendError(identity, fault("hello_required", `${command} from a pool this broker does not know`, { command }));
+    this.sendError(
+      identity,
+      fault("hello_required", `${command} from a pool this broker does not know`, { command }),
+    );
   }
 
-  private rejectMessage(identity: Buffer, pool: PoolRecord | undefined, f: ProtocolFault, frames: Buffer[]): void {
+  private rejectMessage(
+    identity: Buffer,
+    pool: PoolRecord | undefined,
+    f: ProtocolFault,
+    frames: Buffer[],
+  ): void {
     const key = identityKey(identity);
     const strikes = (this.strikes.get(key) ?? 0) + 1;
     this.strikes.set(key, strikes);
     this.log.warn(
-      { peer: key, pool_id: pool?.poolId, code: f.code, command: f.command, schema_path: f.schemaPath, instance_path: f.instancePath, frames: frames.length - 1, strikes },
+      {
+        peer: key,
+        pool_id: pool?.poolId,
+        code: f.code,
+        command: f.command,
+        schema_path: f.schemaPath,
+        instance_path: f.instancePath,
+        frames: frames.length - 1,
+        strikes,
+      },
       `rejected a message from ${pool?.poolId ?? "peer " + JSON.stringify(key)}: ${f.code}`,
     );
     // Never answer an ERROR with an ERROR: two confused peers would loop.
     if (f.command !== PoolCommands.ERROR) {
       // A client matches answers by request_id: echo it when the body had one.
       const requestId = clientRequestId(f, frames[3]);
-      this.send(identity, BrokerCommands.ERROR, faultToErrorBody(f, requestId ? { request_id: requestId } : {}), pool?.encoding);
+      this.send(
+        identity,
+        BrokerCommands.ERROR,
+        faultToErrorBody(f, requestId ? { request_id: requestId } : {}),
+        pool?.encoding,
+      );
     }
     if (strikes >= MAX_CONSECUTIVE_ERRORS) this.dropPeer(identity, pool, "too_many_errors");
   }
@@ -554,17 +663,32 @@ export class Broker {
   /** ZeroMQ cannot close one peer of a ROUTER: drop its registration and ignore it for a while. */
   private dropPeer(identity: Buffer, pool: PoolRecord | undefined, code: ErrorCode): void {
     const key = identityKey(identity);
-    this.send(identity, BrokerCommands.DISCONNECT, { code, reason: `dropped: ${code}` }, pool?.encoding ?? "json");
+    this.send(
+      identity,
+      BrokerCommands.DISCONNECT,
+      { code, reason: `dropped: ${code}` },
+      pool?.encoding ?? "json",
+    );
     this.strikes.delete(key);
     this.ignoredUntil.set(key, Date.now() + this.opts.heartbeatMs * this.opts.heartbeatLiveness);
     if (pool) void this.purgePool(pool, code);
-    this.log.warn({ peer: key, pool_id: pool?.poolId, code }, `dropped peer ${pool?.poolId ?? JSON.stringify(key)}: ${code}`);
+    this.log.warn(
+      { peer: key, pool_id: pool?.poolId, code },
+      `dropped peer ${pool?.poolId ?? JSON.stringify(key)}: ${code}`,
+    );
   }
 
   private verbFailed(command: CommandName, identity: Buffer, e: unknown): void {
     const err = coerceError(e);
-    this.log.error({ err, peer: identityKey(identity), command }, `failed to handle ${command}: ${err.message}`);
-    this.sendError(identity, fault("internal_error", err.message, { command }), this.pools.get(identityKey(identity))?.encoding);
+    this.log.error(
+      { err, peer: identityKey(identity), command },
+      `failed to handle ${command}: ${err.message}`,
+    );
+    this.sendError(
+      identity,
+      fault("internal_error", err.message, { command }),
+      this.pools.get(identityKey(identity))?.encoding,
+    );
   }
 
   // ---------------------------------------------------------------- client verbs
@@ -574,13 +698,22 @@ export class Broker {
     const reply = (body: Omit<BodyOf<"REPLY">, "request_id">) =>
       this.send(identity, "REPLY", { request_id: requestId, ...body }, enc);
     const refuse = (code: ErrorCode, detail: string) =>
-      this.send(identity, BrokerCommands.ERROR, faultToErrorBody(fault(code, detail, { command: msg.command }), { request_id: requestId }), enc);
+      this.send(
+        identity,
+        BrokerCommands.ERROR,
+        faultToErrorBody(fault(code, detail, { command: msg.command }), { request_id: requestId }),
+        enc,
+      );
     try {
       if (this.state !== "running") return refuse("shutting_down", "The broker is stopping");
       switch (msg.command) {
         case "SUBMIT": {
           const b = msg.body;
-          const req: CreateTaskRequest = { namespace: b.template.namespace, name: b.template.name, context: b.context as JsonObject };
+          const req: CreateTaskRequest = {
+            namespace: b.template.namespace,
+            name: b.template.name,
+            context: b.context as JsonObject,
+          };
           if (b.template.version !== undefined) req.version = b.template.version;
           if (b.idempotency_key !== undefined) req.idempotencyKey = b.idempotency_key;
           if (b.priority !== undefined) req.priority = b.priority;
@@ -593,7 +726,9 @@ export class Broker {
         }
         case "WAIT": {
           const out = await this.wait(msg.body.task_id, msg.body.timeout_ms);
-          return out ? reply({ task: out.task, finished: out.finished }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
+          return out
+            ? reply({ task: out.task, finished: out.finished })
+            : refuse("unknown_task", `No task ${msg.body.task_id}`);
         }
         case "CANCEL_TASK": {
           const task = await this.cancel(msg.body.task_id);
@@ -661,15 +796,27 @@ export class Broker {
     if (credit === 0) return false;
     let steps: ClaimedStep[];
     try {
-      steps = await this.opts.state.claimSteps({ brokerId: this.id, poolId: pool.poolId, handlers: [...pool.handlers], limit: credit });
+      steps = await this.opts.state.claimSteps({
+        brokerId: this.id,
+        poolId: pool.poolId,
+        handlers: [...pool.handlers],
+        limit: credit,
+      });
     } catch (e) {
-      this.log.error({ err: coerceError(e), pool_id: pool.poolId }, "claiming steps failed; retrying on the next poll");
+      this.log.error(
+        { err: coerceError(e), pool_id: pool.poolId },
+        "claiming steps failed; retrying on the next poll",
+      );
       return false;
     }
     if (steps.length === 0) return false;
     if (this.pools.get(pool.key) !== pool || this.state !== "running") {
       // The pool left while we claimed: give the steps back untouched.
-      await this.release(steps.map((s) => s.attempt_id), false, "pool left before dispatch");
+      await this.release(
+        steps.map((s) => s.attempt_id),
+        false,
+        "pool left before dispatch",
+      );
       return false;
     }
     const now = Date.now();
@@ -687,7 +834,12 @@ export class Broker {
       return step;
     });
     for (let i = 0; i < dispatches.length; i += this.opts.maxBatch) {
-      this.send(pool.identity, BrokerCommands.STEP, { steps: dispatches.slice(i, i + this.opts.maxBatch) }, pool.encoding);
+      this.send(
+        pool.identity,
+        BrokerCommands.STEP,
+        { steps: dispatches.slice(i, i + this.opts.maxBatch) },
+        pool.encoding,
+      );
     }
     if (this.log.isLevelEnabled("debug")) {
       for (const s of steps) {
@@ -706,7 +858,10 @@ export class Broker {
     const command = frames[1]?.toString("latin1");
     // While stopping, pools that already left are expected.
     const level = this.state === "running" ? "warn" : "debug";
-    this.log[level]({ peer: identityKey(identity), pool_id: pool?.poolId, command }, `could not deliver ${command}: the peer is gone`);
+    this.log[level](
+      { peer: identityKey(identity), pool_id: pool?.poolId, command },
+      `could not deliver ${command}: the peer is gone`,
+    );
     if (pool && command === BrokerCommands.WELCOME) {
       // The pool dropped the socket it said HELLO on (no WELCOME in time) and
       // says HELLO again on a fresh one. Forget the registration but keep its
@@ -752,7 +907,12 @@ export class Broker {
       { pool_id: pool.poolId, in_flight: held.length, reason: why },
       `pool ${pool.poolId} lost (${why}); ${held.length} in-flight attempts go back to ready`,
     );
-    if (held.length > 0) await this.release(held.map((f) => f.attemptId), true, `pool lost: ${why}`);
+    if (held.length > 0)
+      await this.release(
+        held.map((f) => f.attemptId),
+        true,
+        `pool lost: ${why}`,
+      );
     this.kickDispatch();
   }
 
@@ -764,7 +924,13 @@ export class Broker {
       for (const x of expired) {
         const held = this.pools.takeInFlight(x.attemptId);
         this.log.warn(
-          { attempt_id: x.attemptId, task_id: x.taskId, step_id: x.stepId, pool_id: held?.pool.poolId ?? x.poolId, next: x.state },
+          {
+            attempt_id: x.attemptId,
+            task_id: x.taskId,
+            step_id: x.stepId,
+            pool_id: held?.pool.poolId ?? x.poolId,
+            next: x.state,
+          },
           `step ${held?.flight.stepName ?? x.stepId} timed out (attempt ${held?.flight.attempt ?? "?"}); it is now ${x.state}`,
         );
         if (!held) continue;
@@ -795,9 +961,16 @@ export class Broker {
     if (this.recovered || this.state !== "running") return;
     this.recovered = true;
     try {
-      const { attempts } = await this.opts.state.recoverOrphans({ brokerId: this.id, olderThan: this.startedAt, keep: [...this.adopted] });
+      const { attempts } = await this.opts.state.recoverOrphans({
+        brokerId: this.id,
+        olderThan: this.startedAt,
+        keep: [...this.adopted],
+      });
       if (attempts.length > 0) {
-        this.log.info({ attempts: attempts.length }, `recovered ${attempts.length} attempts left in flight by a previous run`);
+        this.log.info(
+          { attempts: attempts.length },
+          `recovered ${attempts.length} attempts left in flight by a previous run`,
+        );
         this.kickDispatch();
       }
     } catch (e) {
@@ -809,7 +982,12 @@ export class Broker {
 
   // ---------------------------------------------------------------- sending
 
-  private send<C extends CommandName>(identity: Buffer, command: C, body: BodyOf<C>, encoding: Encoding = "json"): void {
+  private send<C extends CommandName>(
+    identity: Buffer,
+    command: C,
+    body: BodyOf<C>,
+    encoding: Encoding = "json",
+  ): void {
     const pool = this.pools.get(identityKey(identity));
     if (pool) pool.lastSent = Date.now();
     this.outbox.send(identity, encodeMessage(command, body, encoding));
@@ -821,7 +999,9 @@ export class Broker {
 
   private sendCancel(pool: PoolRecord, attemptIds: string[], reason: CancelReason): void {
     for (let i = 0; i < attemptIds.length; i += this.opts.maxBatch) {
-      const cancels = attemptIds.slice(i, i + this.opts.maxBatch).map((attempt_id) => ({ attempt_id, reason }));
+      const cancels = attemptIds
+        .slice(i, i + this.opts.maxBatch)
+        .map((attempt_id) => ({ attempt_id, reason }));
       this.send(pool.identity, BrokerCommands.CANCEL, { cancels }, pool.encoding);
     }
   }
@@ -831,7 +1011,10 @@ export class Broker {
       await this.opts.state.releaseAttempts(attemptIds, { countAttempt, reason });
     } catch (e) {
       // The leases will expire and the steps follow their retry policy: slower, not lost.
-      this.log.error({ err: coerceError(e), attempts: attemptIds.length, reason }, "could not release attempts; their leases will expire instead");
+      this.log.error(
+        { err: coerceError(e), attempts: attemptIds.length, reason },
+        "could not release attempts; their leases will expire instead",
+      );
     }
     this.kickDispatch();
   }
@@ -863,4 +1046,3 @@ function clientRequestId(f: ProtocolFault, body: Buffer | undefined): string | u
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
-

@@ -84,7 +84,8 @@ export function tcpHost(endpoint: string): string | undefined {
  * the task's context, which is often private.
  */
 export function checkEndpoints(o: ResolvedOptions): void {
-  if (o.endpoints.length === 0) throw new Error("no endpoint to bind: give at least one (e.g. tcp://127.0.0.1:5555)");
+  if (o.endpoints.length === 0)
+    throw new Error("no endpoint to bind: give at least one (e.g. tcp://127.0.0.1:5555)");
   for (const ep of o.endpoints) {
     if (!/^(tcp|ipc|inproc):\/\/.+/.test(ep)) {
       throw new Error(`endpoint ${JSON.stringify(ep)} is not tcp://, ipc:// or inproc://`);

@@ -20,9 +20,4 @@ export type StatePort = Pick<
   | "listenForWork"
 >;
 
-export type {
-  AttemptResult,
-  ClaimedStep,
-  CompletionResult,
-  CreateTaskRequest,
-} from "./state/types";
+export type { AttemptResult, ClaimedStep, CompletionResult, CreateTaskRequest } from "./state/types";

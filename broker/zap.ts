@@ -54,7 +54,11 @@ export async function startZapHandler(allowedKeys: string[], log: Logger): Promi
             text = "OK";
             user = z;
           }
-          if (status !== "200") log.warn({ client_key: z, address: address?.toString() }, "refused a CURVE client whose key is not on the allow-list");
+          if (status !== "200")
+            log.warn(
+              { client_key: z, address: address?.toString() },
+              "refused a CURVE client whose key is not on the allow-list",
+            );
         } else {
           text = `mechanism ${mech} not allowed`;
         }

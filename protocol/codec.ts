@@ -24,7 +24,12 @@ import type { BodyOf, Message } from "./bodies";
 // clones): what every MessagePack library in every language reads.
 // Properties whose value is undefined are left out, as JSON.stringify does.
 // (msgpackr supports skipValues; its type definitions do not list it yet.)
-const packr = new Packr({ useRecords: false, moreTypes: false, variableMapSize: true, skipValues: [undefined] } as ConstructorParameters<typeof Packr>[0]);
+const packr = new Packr({
+  useRecords: false,
+  moreTypes: false,
+  variableMapSize: true,
+  skipValues: [undefined],
+} as ConstructorParameters<typeof Packr>[0]);
 const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
 
 const SIGNATURE_BUF = Buffer.from(SIGNATURE);
@@ -118,7 +123,15 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   }
   if (encoding === Encodings.MSGPACK) {
     const problem = plainDataProblem(value);
-    if (problem) return { ok: false, fault: fault("undecodable_body", `The MessagePack body holds ${problem}, which the protocol does not allow`, extra) };
+    if (problem)
+      return {
+        ok: false,
+        fault: fault(
+          "undecodable_body",
+          `The MessagePack body holds ${problem}, which the protocol does not allow`,
+          extra,
+        ),
+      };
   }
   return { ok: true, value: value as Record<string, unknown>, encoding };
 }

@@ -24,7 +24,10 @@ interface Run {
 
 function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [CLI, ...args], {
+      env: { ...process.env, ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
@@ -112,10 +115,13 @@ describe("the stepbroker CLI", function () {
 
   it("says what to do when the database cannot be reached", async () => {
     const port = await freePort();
-    const r = await cli(["migrate", "--database-url", `postgres://postgres:x@127.0.0.1:${port}/postgres`, "--schema", schema], {
-      ...env,
-      DATABASE_URL: "",
-    });
+    const r = await cli(
+      ["migrate", "--database-url", `postgres://postgres:x@127.0.0.1:${port}/postgres`, "--schema", schema],
+      {
+        ...env,
+        DATABASE_URL: "",
+      },
+    );
     assert.equal(r.code, 1);
     assert.match(oneLine(r), /^stepbroker: /);
   });
@@ -125,7 +131,10 @@ describe("the stepbroker CLI", function () {
     await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
     const port = (srv.address() as net.AddressInfo).port;
     try {
-      const r = await cli(["start", "--endpoint", `tcp://127.0.0.1:${port}`, "--schema", schema, "--log-level", "error"], env);
+      const r = await cli(
+        ["start", "--endpoint", `tcp://127.0.0.1:${port}`, "--schema", schema, "--log-level", "error"],
+        env,
+      );
       assert.equal(r.code, 1);
       assert.match(oneLine(r), /cannot bind tcp:\/\/127\.0\.0\.1:\d+: another process uses this address/);
     } finally {
@@ -142,7 +151,20 @@ describe("the stepbroker CLI", function () {
       endpoint = `tcp://127.0.0.1:${await freePort()}`;
       broker = spawn(
         process.execPath,
-        [CLI, "start", "--endpoint", endpoint, "--schema", schema, "--templates", TEMPLATES, "--heartbeat-ms", "200", "--log-level", "info"],
+        [
+          CLI,
+          "start",
+          "--endpoint",
+          endpoint,
+          "--schema",
+          schema,
+          "--templates",
+          TEMPLATES,
+          "--heartbeat-ms",
+          "200",
+          "--log-level",
+          "info",
+        ],
         { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] },
       );
       await new Promise<void>((resolve, reject) => {
@@ -184,7 +206,16 @@ describe("the stepbroker CLI", function () {
 
     it("submits a task, waits for it, then shows its status and explains it", async () => {
       const submitted = await cli(
-        ["submit", "shop/order_fulfilment", "--context", '{"order_id":"C-1","items":[]}', "--wait", "--json", "--endpoint", endpoint],
+        [
+          "submit",
+          "shop/order_fulfilment",
+          "--context",
+          '{"order_id":"C-1","items":[]}',
+          "--wait",
+          "--json",
+          "--endpoint",
+          endpoint,
+        ],
         env,
       );
       assert.equal(submitted.code, 0, submitted.stderr);
@@ -199,7 +230,10 @@ describe("the stepbroker CLI", function () {
     });
 
     it("refuses a malformed --context in one line", async () => {
-      const r = await cli(["submit", "shop/order_fulfilment", "--context", "{oops", "--endpoint", endpoint], env);
+      const r = await cli(
+        ["submit", "shop/order_fulfilment", "--context", "{oops", "--endpoint", endpoint],
+        env,
+      );
       assert.equal(r.code, 64);
       assert.match(oneLine(r), /--context must be a JSON object/);
     });

@@ -81,7 +81,10 @@ export async function openDatabase(options: OpenDatabaseOptions = {}): Promise<D
   // An idle client whose server connection breaks emits here; without a listener the process would crash.
   // Log the message and code only: the error carries the whole client object.
   pool.on("error", (err) =>
-    logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, "idle database connection failed"),
+    logger.warn(
+      { err: { message: err.message, code: (err as { code?: string }).code } },
+      "idle database connection failed",
+    ),
   );
 
   let closed = false;

@@ -29,10 +29,24 @@ export async function runDemo(opts: { out?: NodeJS.WriteStream; dataDir?: string
   const quiet = pino({ level: process.env.STEPBROKER_LOG_LEVEL ?? "warn" });
   const say = (line: string) => out.write(line + "\n");
 
-  say(process.env.DATABASE_URL ? "Using the database at DATABASE_URL" : "Starting the embedded PostgreSQL (first run initialises .stepbroker/pgdata)…");
+  say(
+    process.env.DATABASE_URL
+      ? "Using the database at DATABASE_URL"
+      : "Starting the embedded PostgreSQL (first run initialises .stepbroker/pgdata)…",
+  );
   const sm = await StateManager.open({ ...(opts.dataDir ? { dataDir: opts.dataDir } : {}), logger: quiet });
-  const broker = new Broker({ endpoints: ["inproc://stepbroker-demo"], state: sm, brokerId: "demo", logger: quiet });
-  const pool = new HandlerPool({ endpoint: "inproc://stepbroker-demo", capacity: 4, poolId: "demo-pool", logger: quiet });
+  const broker = new Broker({
+    endpoints: ["inproc://stepbroker-demo"],
+    state: sm,
+    brokerId: "demo",
+    logger: quiet,
+  });
+  const pool = new HandlerPool({
+    endpoint: "inproc://stepbroker-demo",
+    capacity: 4,
+    poolId: "demo-pool",
+    logger: quiet,
+  });
   try {
     const template = parseYaml(readFileSync(join(import.meta.dirname, "template.yaml"), "utf8"));
     await sm.registerTemplate(template);
@@ -55,7 +69,9 @@ export async function runDemo(opts: { out?: NodeJS.WriteStream; dataDir?: string
       if (!view) break;
       if (tty) {
         if (lines > 0) out.write(`\x1b[${lines}A`);
-        const rows = (view.steps ?? []).map((s) => `  ${SYMBOL[s.state] ?? "?"} ${s.name.padEnd(18)} ${s.state.padEnd(12)}`);
+        const rows = (view.steps ?? []).map(
+          (s) => `  ${SYMBOL[s.state] ?? "?"} ${s.name.padEnd(18)} ${s.state.padEnd(12)}`,
+        );
         out.write(rows.map((r) => r + "\x1b[K\n").join(""));
         lines = rows.length;
       } else {

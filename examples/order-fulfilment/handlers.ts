@@ -33,13 +33,21 @@ export function registerOrderHandlers(pool: HandlerPool, delayMs = 300): void {
     const validated = step.inputs.validate_order as { order_id: string; item_count: number };
     await ctx.progress(0.5, "checking stock");
     await pause(delayMs, ctx.signal);
-    return { reservation_id: `res-${validated.order_id}`, warehouse: step.config.warehouse, items: validated.item_count };
+    return {
+      reservation_id: `res-${validated.order_id}`,
+      warehouse: step.config.warehouse,
+      items: validated.item_count,
+    };
   });
 
   pool.handle("process_payment", async (step, ctx) => {
     const validated = step.inputs.validate_order as { order_id: string; total: number };
     await pause(delayMs * 1.5, ctx.signal);
-    return { payment_id: `pay-${validated.order_id}`, charged: validated.total, currency: step.config.currency };
+    return {
+      payment_id: `pay-${validated.order_id}`,
+      charged: validated.total,
+      currency: step.config.currency,
+    };
   });
 
   pool.handle("ship_order", async (step, ctx) => {

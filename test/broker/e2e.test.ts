@@ -4,7 +4,15 @@
  */
 import { strict as assert } from "node:assert";
 import { HandlerPool } from "../../handlers-node";
-import { eventually, silent, spawnNodePool, stepOf, useBrokerStack, type ChildPool, type Transport } from "../support/stack";
+import {
+  eventually,
+  silent,
+  spawnNodePool,
+  stepOf,
+  useBrokerStack,
+  type ChildPool,
+  type Transport,
+} from "../support/stack";
 
 const DIAMOND = {
   namespace: "e2e",
@@ -49,7 +57,13 @@ for (const transport of ["inproc", "ipc", "tcp"] as Transport[]) {
         await p.start();
         started.push({ close: () => p.close({ drainMs: 1000 }) });
       } else {
-        const child: ChildPool = await spawnNodePool(stack.endpoint, ["--handlers", handlers, "--capacity", String(capacity), ...extra]);
+        const child: ChildPool = await spawnNodePool(stack.endpoint, [
+          "--handlers",
+          handlers,
+          "--capacity",
+          String(capacity),
+          ...extra,
+        ]);
         started.push({ close: () => child.stop() });
       }
     }
@@ -64,7 +78,11 @@ for (const transport of ["inproc", "ipc", "tcp"] as Transport[]) {
 
     it("runs a diamond workflow and gives every step its parents' outputs", async () => {
       await pool("echo");
-      const { task } = await stack.broker.submit({ namespace: "e2e", name: "diamond", context: { order: 7 } });
+      const { task } = await stack.broker.submit({
+        namespace: "e2e",
+        name: "diamond",
+        context: { order: 7 },
+      });
       const done = await stack.waitForTask(task.task_id);
       assert.equal(done.state, "complete");
       const d = stepOf(done, "d").output as Echo;
@@ -87,7 +105,11 @@ for (const transport of ["inproc", "ipc", "tcp"] as Transport[]) {
       for (const a of attempts) {
         const name = byStep.get(a.stepId);
         if (transport !== "inproc") {
-          assert.equal(a.poolId, name === "right" ? `right-${transport}` : `left-${transport}`, `${name} ran on the right pool`);
+          assert.equal(
+            a.poolId,
+            name === "right" ? `right-${transport}` : `left-${transport}`,
+            `${name} ran on the right pool`,
+          );
         }
         assert.equal(a.outcome, "complete");
       }

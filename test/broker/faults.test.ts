@@ -41,7 +41,12 @@ function template(name: string, steps: Record<string, unknown>[]): Record<string
 }
 
 /** Polls the task (with its steps) until it reaches one of `states`. */
-async function taskIn(sm: StateManager, taskId: string, states: string[], timeoutMs = 20_000): Promise<TaskView> {
+async function taskIn(
+  sm: StateManager,
+  taskId: string,
+  states: string[],
+  timeoutMs = 20_000,
+): Promise<TaskView> {
   return eventually(
     `task ${taskId} to be ${states.join(" or ")}`,
     async () => {
@@ -101,7 +106,11 @@ class RawPool {
     try {
       for await (const frames of this.socket) {
         const d = decodeMessage(frames);
-        if (d.ok) this.inbox.push({ command: d.message.command, body: d.message.body as unknown as Record<string, unknown> });
+        if (d.ok)
+          this.inbox.push({
+            command: d.message.command,
+            body: d.message.body as unknown as Record<string, unknown>,
+          });
         this.wake?.();
       }
     } catch {
@@ -142,7 +151,9 @@ class RawPool {
       const i = this.inbox.findIndex((m) => m.command === command && match(m.body));
       if (i >= 0) return this.inbox.splice(i, 1)[0]!.body;
       if (Date.now() > deadline) {
-        throw new Error(`${this.poolId}: no ${command} within ${timeoutMs} ms; got ${this.inbox.map((m) => m.command).join(", ") || "nothing"}`);
+        throw new Error(
+          `${this.poolId}: no ${command} within ${timeoutMs} ms; got ${this.inbox.map((m) => m.command).join(", ") || "nothing"}`,
+        );
       }
       await new Promise<void>((r) => {
         const t = setTimeout(r, 50);
@@ -180,13 +191,28 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
   });
 
   async function nodePool(handlers: string, capacity = 1, extra: string[] = []): Promise<ChildPool> {
-    const p = await spawnNodePool(stack.endpoint, ["--handlers", handlers, "--capacity", String(capacity), "--pool-id", `p-${uid()}`, "--drain-ms", "200", ...extra]);
+    const p = await spawnNodePool(stack.endpoint, [
+      "--handlers",
+      handlers,
+      "--capacity",
+      String(capacity),
+      "--pool-id",
+      `p-${uid()}`,
+      "--drain-ms",
+      "200",
+      ...extra,
+    ]);
     cleanups.push(() => p.stop());
     return p;
   }
 
   async function inProcessPool(setup: (p: HandlerPool) => void, capacity = 1): Promise<HandlerPool> {
-    const p = new HandlerPool({ endpoint: stack.endpoint, capacity, poolId: `inproc-${uid()}`, logger: silent });
+    const p = new HandlerPool({
+      endpoint: stack.endpoint,
+      capacity,
+      poolId: `inproc-${uid()}`,
+      logger: silent,
+    });
     setup(p);
     await p.start();
     cleanups.push(() => p.close({ drainMs: 200, ackTimeoutMs: 500 }));
@@ -208,7 +234,11 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       await register(template("pool_dies", [{ name: "work", handler: "pd_work", timeout_ms: 60_000 }]));
       // The first pool sleeps (for a minute), the second answers at once.
       const doomed = await nodePool("pd_work=sleep");
-      const { task } = await stack.broker.submit({ namespace: NS, name: "pool_dies", context: { sleep_ms: 60_000 } });
+      const { task } = await stack.broker.submit({
+        namespace: NS,
+        name: "pool_dies",
+        context: { sleep_ms: 60_000 },
+      });
       await eventually("the step to be in flight at the first pool", () =>
         stack.broker.listPools().find((p) => p.pool_id === doomed.poolId && p.in_flight === 1),
       );
@@ -231,7 +261,12 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
     it("ends each attempt as a timeout and fails the task naming the step when attempts run out", async () => {
       await register(
         template("times_out", [
-          { name: "stuck", handler: "to_hang", timeout_ms: 300, retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } } },
+          {
+            name: "stuck",
+            handler: "to_hang",
+            timeout_ms: 300,
+            retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } },
+          },
         ]),
       );
       // hang ignores its signal and keeps its slot: capacity 2 leaves room for the second attempt.
@@ -250,7 +285,12 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
     it("sends CANCEL with reason timeout to the pool holding each timed-out attempt", async () => {
       await register(
         template("times_out_raw", [
-          { name: "stuck", handler: "to_raw", timeout_ms: 300, retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } } },
+          {
+            name: "stuck",
+            handler: "to_raw",
+            timeout_ms: 300,
+            retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } },
+          },
         ]),
       );
       const raw = rawPool();
@@ -261,7 +301,9 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       for (const attempt of [1, 2]) {
         const [s] = await raw.nextSteps();
         assert.equal(s!.attempt, attempt);
-        const cancel = await raw.next("CANCEL", (b) => (b.cancels as { attempt_id: string }[]).some((c) => c.attempt_id === s!.attempt_id));
+        const cancel = await raw.next("CANCEL", (b) =>
+          (b.cancels as { attempt_id: string }[]).some((c) => c.attempt_id === s!.attempt_id),
+        );
         assert.deepEqual(cancel.cancels, [{ attempt_id: s!.attempt_id, reason: "timeout" }]);
       }
       const done = await taskIn(stack.sm, task.task_id, ["complete", "error", "cancelled"]);
@@ -272,22 +314,29 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
     it("completes on the second attempt when only the first one hangs", async () => {
       await register(
         template("times_out_once", [
-          { name: "slow_once", handler: "to_once", timeout_ms: 300, retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } } },
+          {
+            name: "slow_once",
+            handler: "to_once",
+            timeout_ms: 300,
+            retry: { max_attempts: 2, backoff: { initial_ms: 20, jitter: 0 } },
+          },
         ]),
       );
       const release = gate();
       cleanups.push(() => release.open()); // lets the hung first attempt return before its pool closes
       let firstAborted = false;
-      await inProcessPool((p) =>
-        p.handle("to_once", async (step: Step, ctx: StepContext) => {
-          if (step.attempt === 1) {
-            void untilAborted(ctx.signal).then(() => (firstAborted = true));
-            await release.promise; // hangs past its lease, whatever the signal says
-            return { late: true };
-          }
-          return { attempt: step.attempt };
-        }),
-      2);
+      await inProcessPool(
+        (p) =>
+          p.handle("to_once", async (step: Step, ctx: StepContext) => {
+            if (step.attempt === 1) {
+              void untilAborted(ctx.signal).then(() => (firstAborted = true));
+              await release.promise; // hangs past its lease, whatever the signal says
+              return { late: true };
+            }
+            return { attempt: step.attempt };
+          }),
+        2,
+      );
       const { task } = await stack.broker.submit({ namespace: NS, name: "times_out_once", context: {} });
 
       const done = await stack.waitForTask(task.task_id);
@@ -347,7 +396,9 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       await stack.broker.cancel(task.task_id);
       const cancel = await raw.next("CANCEL");
       assert.deepEqual(cancel.cancels, [{ attempt_id: s!.attempt_id, reason: "task_cancelled" }]);
-      await raw.send("RESULT", { results: [{ attempt_id: s!.attempt_id, status: "complete", output: { too: "late" } }] });
+      await raw.send("RESULT", {
+        results: [{ attempt_id: s!.attempt_id, status: "complete", output: { too: "late" } }],
+      });
       const ack = await raw.next("ACK");
       assert.deepEqual(ack.acks, [{ attempt_id: s!.attempt_id, outcome: "stale" }]);
 
@@ -362,7 +413,9 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
 
   describe("handlers that throw", () => {
     it("fails the task after one attempt on a permanent error and stores the error", async () => {
-      await register(template("permanent", [{ name: "boom", handler: "er_perm", retry: { max_attempts: 3 } }]));
+      await register(
+        template("permanent", [{ name: "boom", handler: "er_perm", retry: { max_attempts: 3 } }]),
+      );
       await nodePool("er_perm=permanent");
       const { task } = await stack.broker.submit({ namespace: NS, name: "permanent", context: {} });
 
@@ -383,7 +436,12 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
     it("retries a retryable error and completes on the third attempt", async () => {
       await register(
         template("flaky", [
-          { name: "wobbly", handler: "er_flaky", config: { failures: 2 }, retry: { max_attempts: 3, backoff: { initial_ms: 20, jitter: 0 } } },
+          {
+            name: "wobbly",
+            handler: "er_flaky",
+            config: { failures: 2 },
+            retry: { max_attempts: 3, backoff: { initial_ms: 20, jitter: 0 } },
+          },
         ]),
       );
       await nodePool("er_flaky=flaky", 1, ["--state-dir", join(tmp, "flaky")]);
@@ -414,7 +472,10 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
 
       const done = await stack.waitForTask(task.task_id);
       assert.equal(done.state, "complete");
-      assert.ok(!stack.broker.listPools().some((p) => p.pool_id === silentPool.poolId), "the silent pool was purged");
+      assert.ok(
+        !stack.broker.listPools().some((p) => p.pool_id === silentPool.poolId),
+        "the silent pool was purged",
+      );
       const attempts = await stack.sm.getAttempts(task.task_id);
       assert.deepEqual(outcomes(attempts), ["lost", "complete"]);
       assert.equal(attempts[0]!.attemptId, s!.attempt_id);
@@ -423,9 +484,15 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       await silentPool.send("HEARTBEAT", {});
       const err = await silentPool.next("ERROR");
       assert.equal(err.code, "hello_required");
-      await silentPool.send("RESULT", { results: [{ attempt_id: s!.attempt_id, status: "complete", output: "late" }] });
+      await silentPool.send("RESULT", {
+        results: [{ attempt_id: s!.attempt_id, status: "complete", output: "late" }],
+      });
       assert.equal((await silentPool.next("ERROR")).code, "hello_required");
-      assert.deepEqual(outcomes(await stack.sm.getAttempts(task.task_id)), ["lost", "complete"], "nothing changed");
+      assert.deepEqual(
+        outcomes(await stack.sm.getAttempts(task.task_id)),
+        ["lost", "complete"],
+        "nothing changed",
+      );
     });
   });
 });
@@ -449,7 +516,13 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
   });
 
   async function broker(endpoint: string, brokerId: string, recoveryGraceMs: number): Promise<BrokerProcess> {
-    const b = await spawnBrokerProcess({ endpoint, schema: state.schema, brokerId, recoveryGraceMs, env: { STEPBROKER_LOG_LEVEL: "info" } });
+    const b = await spawnBrokerProcess({
+      endpoint,
+      schema: state.schema,
+      brokerId,
+      recoveryGraceMs,
+      env: { STEPBROKER_LOG_LEVEL: "info" },
+    });
     brokers.push(b);
     logs.push([`broker ${brokers.length}`, () => b.stderr()]);
     return b;
@@ -463,7 +536,9 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
   }
 
   it("adopts the attempt a reconnecting pool still holds and stores its resent result once", async () => {
-    await state.sm.registerTemplate(template("restart_adopt", [{ name: "work", handler: "rs_work", timeout_ms: 60_000 }]));
+    await state.sm.registerTemplate(
+      template("restart_adopt", [{ name: "work", handler: "rs_work", timeout_ms: 60_000 }]),
+    );
     const endpoint = await freeTcpEndpoint();
     const brokerId = `restart-${uid()}`;
     const first = await broker(endpoint, brokerId, 3000);
@@ -471,7 +546,13 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     const started = gate();
     const release = gate();
     let runs = 0;
-    const pool = new HandlerPool({ endpoint, poolId: `rs-${uid()}`, capacity: 1, logger: capturedLogger("pool"), reconnect: { initialMs: 50, maxMs: 300 } });
+    const pool = new HandlerPool({
+      endpoint,
+      poolId: `rs-${uid()}`,
+      capacity: 1,
+      logger: capturedLogger("pool"),
+      reconnect: { initialMs: 50, maxMs: 300 },
+    });
     pool.handle("rs_work", async (step: Step) => {
       runs++;
       started.open();
@@ -499,14 +580,27 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
   });
 
   it("makes an attempt no pool reclaims ready again after the recovery grace, and completes it", async () => {
-    await state.sm.registerTemplate(template("restart_orphan", [{ name: "work", handler: "ro_work", timeout_ms: 60_000 }]));
+    await state.sm.registerTemplate(
+      template("restart_orphan", [{ name: "work", handler: "ro_work", timeout_ms: 60_000 }]),
+    );
     const endpoint = await freeTcpEndpoint();
     const brokerId = `orphan-${uid()}`;
     const first = await broker(endpoint, brokerId, 600);
-    const doomed = await spawnNodePool(endpoint, ["--handlers", "ro_work=sleep", "--capacity", "1", "--pool-id", `ro-a-${uid()}`]);
+    const doomed = await spawnNodePool(endpoint, [
+      "--handlers",
+      "ro_work=sleep",
+      "--capacity",
+      "1",
+      "--pool-id",
+      `ro-a-${uid()}`,
+    ]);
     cleanups.push(() => doomed.stop());
 
-    const { task } = await state.sm.createTask({ namespace: NS, name: "restart_orphan", context: { sleep_ms: 60_000 } });
+    const { task } = await state.sm.createTask({
+      namespace: NS,
+      name: "restart_orphan",
+      context: { sleep_ms: 60_000 },
+    });
     await eventually("the step to be claimed", async () => {
       const [a] = await state.sm.getAttempts(task.task_id);
       return a && a.outcome === null ? a : undefined;
@@ -516,7 +610,14 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     await doomed.kill9();
 
     await broker(endpoint, brokerId, 600);
-    const healthy = await spawnNodePool(endpoint, ["--handlers", "ro_work=echo", "--capacity", "1", "--pool-id", `ro-b-${uid()}`]);
+    const healthy = await spawnNodePool(endpoint, [
+      "--handlers",
+      "ro_work=echo",
+      "--capacity",
+      "1",
+      "--pool-id",
+      `ro-b-${uid()}`,
+    ]);
     cleanups.push(() => healthy.stop());
 
     const done = await taskIn(state.sm, task.task_id, ["complete", "error", "cancelled"]);

@@ -33,19 +33,33 @@ describe("a pool that cannot read a step", function () {
     sock = new Dealer({ routingId: "raw-pool", linger: 0, receiveTimeout: 10_000 });
     sock.connect(stack.endpoint);
     await sock.send(
-      encodeMessage("HELLO", { pool_id: "raw-pool", handlers: ["raw"], capacity: 1, sdk: { language: "test", name: "raw", version: "0" } }),
+      encodeMessage("HELLO", {
+        pool_id: "raw-pool",
+        handlers: ["raw"],
+        capacity: 1,
+        sdk: { language: "test", name: "raw", version: "0" },
+      }),
     );
     const { task } = await stack.broker.submit({ namespace: "pe", name: "one", context: {} });
     const first = await nextStep(sock);
     assert.equal(first.attempt, 1);
     await sock.send(
-      encodeMessage("ERROR", { code: "schema_violation", message: "cannot read this step", command: "STEP", attempt_id: first.attempt_id }),
+      encodeMessage("ERROR", {
+        code: "schema_violation",
+        message: "cannot read this step",
+        command: "STEP",
+        attempt_id: first.attempt_id,
+      }),
     );
     const second = await nextStep(sock);
     assert.equal(second.step_id, first.step_id);
     assert.notEqual(second.attempt_id, first.attempt_id);
     assert.equal(second.attempt, 2, "the unreadable attempt counts");
-    await sock.send(encodeMessage("RESULT", { results: [{ attempt_id: second.attempt_id, status: "complete", output: { ok: true } }] }));
+    await sock.send(
+      encodeMessage("RESULT", {
+        results: [{ attempt_id: second.attempt_id, status: "complete", output: { ok: true } }],
+      }),
+    );
     const done = await stack.waitForTask(task.task_id);
     assert.equal(done.state, "complete");
     const attempts = await stack.sm.getAttempts(task.task_id);

@@ -29,7 +29,10 @@ describe("a Ruby pool across a broker restart (broker in a child process, tcp://
 
   before(function () {
     this.timeout(300_000);
-    const setup = spawnSync("sh", [join(ROOT, "scripts", "setup-ruby.sh")], { encoding: "utf8", timeout: 280_000 });
+    const setup = spawnSync("sh", [join(ROOT, "scripts", "setup-ruby.sh")], {
+      encoding: "utf8",
+      timeout: 280_000,
+    });
     if (setup.status === 0) return;
     const why =
       `Ruby with ffi-rzmq and msgpack is not available (scripts/setup-ruby.sh exited ${setup.status ?? setup.signal}): ` +
@@ -101,7 +104,10 @@ describe("a Ruby pool across a broker restart (broker in a child process, tcp://
       log.split("\n").find((l) => l.includes(`attempt_id=${attemptId}]`) && l.includes(what));
 
     const { task } = await state.sm.createTask({ namespace: "ruby_faults", name: "restart", context: {} });
-    const attemptId = await eventually("the step to be claimed", async () => (await state.sm.getAttempts(task.task_id))[0]?.attemptId);
+    const attemptId = await eventually(
+      "the step to be claimed",
+      async () => (await state.sm.getAttempts(task.task_id))[0]?.attemptId,
+    );
     await eventually("the Ruby handler to start", () => logged(attemptId, "] started"));
     await first.kill9();
     // The handler finishes while no broker is there: the pool keeps its result until an ACK.
@@ -129,6 +135,10 @@ describe("a Ruby pool across a broker restart (broker in a child process, tcp://
     // The pool said it still held the attempt, and the new broker adopted it.
     assert.match(log, /HELLO sent to .* running=1/);
     assert.match(log, /WELCOME from broker .* adopted=1/);
-    assert.equal(log.split("\n").filter((l) => l.includes(`attempt_id=${attemptId}]`) && l.includes("] started")).length, 1, "the handler ran once");
+    assert.equal(
+      log.split("\n").filter((l) => l.includes(`attempt_id=${attemptId}]`) && l.includes("] started")).length,
+      1,
+      "the handler ran once",
+    );
   });
 });

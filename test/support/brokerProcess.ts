@@ -70,7 +70,10 @@ export async function spawnBrokerProcess(opts: BrokerProcessOptions): Promise<Br
   if (opts.heartbeatMs !== undefined) args.push("--heartbeat-ms", String(opts.heartbeatMs));
   if (opts.recoveryGraceMs !== undefined) args.push("--recovery-grace-ms", String(opts.recoveryGraceMs));
   if (opts.templatesDir !== undefined) args.push("--templates", opts.templatesDir);
-  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...opts.env } });
+  const child = spawn(process.execPath, args, {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...opts.env },
+  });
   let stderr = "";
   child.stderr!.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-8000)));
   const exited = once(child, "exit");

@@ -44,9 +44,19 @@ export interface Stack {
 }
 
 // Short enough to keep tests quick, with liveness to spare on a loaded two-core machine.
-export const FAST: Partial<BrokerOptions> = { heartbeatMs: 200, heartbeatLiveness: 5, pollMs: 100, leaseCheckMs: 50, recoveryGraceMs: 600 };
+export const FAST: Partial<BrokerOptions> = {
+  heartbeatMs: 200,
+  heartbeatLiveness: 5,
+  pollMs: 100,
+  leaseCheckMs: 50,
+  recoveryGraceMs: 600,
+};
 
-export function useBrokerStack(label: string, transport: Transport, overrides: Partial<BrokerOptions> = {}): Stack {
+export function useBrokerStack(
+  label: string,
+  transport: Transport,
+  overrides: Partial<BrokerOptions> = {},
+): Stack {
   const schema = uniqueSchemaName(label);
   const stack = { schema } as Stack;
   const brokers: Broker[] = [];
@@ -79,7 +89,8 @@ export function useBrokerStack(label: string, transport: Transport, overrides: P
     stack.waitForTask = async (taskId, timeoutMs = 15_000) => {
       const out = await stack.broker.wait(taskId, timeoutMs);
       if (!out) throw new Error(`no task ${taskId}`);
-      if (!out.finished) throw new Error(`task ${taskId} did not finish within ${timeoutMs} ms: ${JSON.stringify(out.task)}`);
+      if (!out.finished)
+        throw new Error(`task ${taskId} did not finish within ${timeoutMs} ms: ${JSON.stringify(out.task)}`);
       return out.task;
     };
     await stack.startBroker();
@@ -104,17 +115,33 @@ export interface ChildPool {
 }
 
 /** Spawns a handler pool process and resolves once it printed READY (was welcomed). */
-export async function spawnNodePool(endpoint: string, args: string[], timeoutMs = 15_000): Promise<ChildPool> {
-  return spawnPool(process.execPath, ["--import", "tsx", POOL_FIXTURE, "--endpoint", endpoint, ...args], timeoutMs);
+export async function spawnNodePool(
+  endpoint: string,
+  args: string[],
+  timeoutMs = 15_000,
+): Promise<ChildPool> {
+  return spawnPool(
+    process.execPath,
+    ["--import", "tsx", POOL_FIXTURE, "--endpoint", endpoint, ...args],
+    timeoutMs,
+  );
 }
 
-export async function spawnPool(cmd: string, args: string[], timeoutMs = 15_000, env: NodeJS.ProcessEnv = {}): Promise<ChildPool> {
+export async function spawnPool(
+  cmd: string,
+  args: string[],
+  timeoutMs = 15_000,
+  env: NodeJS.ProcessEnv = {},
+): Promise<ChildPool> {
   const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let stderr = "";
   child.stderr!.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
   const lines = createInterface({ input: child.stdout! });
   const poolId = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`pool did not print READY within ${timeoutMs} ms: ${stderr}`)), timeoutMs);
+    const timer = setTimeout(
+      () => reject(new Error(`pool did not print READY within ${timeoutMs} ms: ${stderr}`)),
+      timeoutMs,
+    );
     lines.on("line", (line) => {
       const m = /^READY (.+)$/.exec(line.trim());
       if (m) {
@@ -147,7 +174,11 @@ export async function spawnPool(cmd: string, args: string[], timeoutMs = 15_000,
 }
 
 /** Polls until `check` returns a value (not undefined), bounded in time. */
-export async function eventually<T>(what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 10_000): Promise<T> {
+export async function eventually<T>(
+  what: string,
+  check: () => Promise<T | undefined> | T | undefined,
+  timeoutMs = 10_000,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const v = await check();
