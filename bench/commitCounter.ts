@@ -4,8 +4,29 @@
  * the database. The first commit starts the clock, so it is not counted in
  * the rate.
  */
-import type { StateManager } from "../broker/state/StateManager";
+import pg from "pg";
+import { pino } from "pino";
+import { openDatabase } from "../broker/db/openDatabase";
+import { StateManager } from "../broker/state/StateManager";
 import type { CreateTaskRequest } from "../broker/state/types";
+
+/** Drops a benchmark's schema (its name is a constant of the benchmark, never input). */
+export async function dropBenchSchema(url: string, schema: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  await c.query(`drop schema if exists ${schema} cascade`);
+  await c.end();
+}
+
+/** A fresh, migrated schema for one measurement, with a quiet logger. */
+export async function openBenchState(url: string, schema: string): Promise<StateManager> {
+  await dropBenchSchema(url, schema);
+  const logger = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
+  const db = await openDatabase({ databaseUrl: url, schema, poolSize: 12, logger });
+  const sm = new StateManager(db);
+  await sm.migrate();
+  return sm;
+}
 
 export async function createTasksInBatches(
   sm: StateManager,

@@ -20,13 +20,10 @@ import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
-import pg from "pg";
 import { pino } from "pino";
 import { Broker } from "../broker/Broker";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
-import { openDatabase } from "../broker/db/openDatabase";
-import { StateManager } from "../broker/state/StateManager";
-import { countCommits, createTasksInBatches } from "./commitCounter";
+import { countCommits, createTasksInBatches, dropBenchSchema, openBenchState } from "./commitCounter";
 import { measureStepbroker } from "./stepbroker";
 
 const ROOT = path.join(import.meta.dirname, "..");
@@ -54,13 +51,6 @@ interface PoolCommand {
   args: (endpoint: string) => string[];
 }
 
-async function resetSchema(url: string): Promise<void> {
-  const c = new pg.Client({ connectionString: url });
-  await c.connect();
-  await c.query(`drop schema if exists ${SCHEMA} cascade`);
-  await c.end();
-}
-
 /** One pool, one run: the same counting as measureStepbroker in bench/stepbroker.ts. */
 async function measureLanguage(opts: {
   databaseUrl: string;
@@ -72,17 +62,9 @@ async function measureLanguage(opts: {
   log?: (line: string) => void;
 }): Promise<LanguageResult> {
   const log = opts.log ?? (() => undefined);
-  await resetSchema(opts.databaseUrl);
+  const sm = await openBenchState(opts.databaseUrl, SCHEMA);
   const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
-  const db = await openDatabase({
-    databaseUrl: opts.databaseUrl,
-    schema: SCHEMA,
-    poolSize: 12,
-    logger: quiet,
-  });
-  const sm = new StateManager(db);
   try {
-    await sm.migrate();
     await sm.registerTemplate(TEMPLATE);
     log(`creating ${opts.tasks} one-step tasks up front…`);
     await createTasksInBatches(sm, opts.tasks, "bench", "one");
@@ -129,7 +111,7 @@ async function measureLanguage(opts: {
     };
   } finally {
     await sm.close();
-    await resetSchema(opts.databaseUrl);
+    await dropBenchSchema(opts.databaseUrl, SCHEMA);
   }
 }
 

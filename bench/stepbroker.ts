@@ -8,12 +8,9 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-import pg from "pg";
 import { pino } from "pino";
 import { Broker } from "../broker/Broker";
-import { openDatabase } from "../broker/db/openDatabase";
-import { StateManager } from "../broker/state/StateManager";
-import { countCommits, createTasksInBatches } from "./commitCounter";
+import { countCommits, createTasksInBatches, dropBenchSchema, openBenchState } from "./commitCounter";
 
 export interface StepbrokerResult {
   shape: "one-step" | "diamond";
@@ -45,13 +42,6 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
 }
 
-async function resetSchema(url: string): Promise<void> {
-  const c = new pg.Client({ connectionString: url });
-  await c.connect();
-  await c.query(`drop schema if exists ${SCHEMA} cascade`);
-  await c.end();
-}
-
 export async function measureStepbroker(opts: {
   databaseUrl: string;
   shape: "one-step" | "diamond";
@@ -62,16 +52,8 @@ export async function measureStepbroker(opts: {
   log?: (line: string) => void;
 }): Promise<StepbrokerResult> {
   const log = opts.log ?? (() => undefined);
-  await resetSchema(opts.databaseUrl);
+  const sm = await openBenchState(opts.databaseUrl, SCHEMA);
   const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
-  const db = await openDatabase({
-    databaseUrl: opts.databaseUrl,
-    schema: SCHEMA,
-    poolSize: 12,
-    logger: quiet,
-  });
-  const sm = new StateManager(db);
-  await sm.migrate();
   for (const t of TEMPLATES) await sm.registerTemplate(t);
   const name = opts.shape === "one-step" ? "one" : "diamond";
   const stepsPerTask = opts.shape === "one-step" ? 1 : 4;
@@ -120,7 +102,7 @@ export async function measureStepbroker(opts: {
   await broker.stop({ drainMs: 1000 });
 
   if (opts.shape === "diamond") {
-    const { rows } = await db.pool.query<{ latency: number }>(
+    const { rows } = await sm.db.pool.query<{ latency: number }>(
       `select (c.output->>'arrived_at')::float8 - max(extract(epoch from p.finished_at) * 1000) as latency
        from steps c join step_edges e on e.child_id = c.id join steps p on p.id = e.parent_id
        where c.state = 'complete' group by c.id, c.output`,
@@ -130,6 +112,6 @@ export async function measureStepbroker(opts: {
     result.latencyP99Ms = Math.round(percentile(lat, 99) * 100) / 100;
   }
   await sm.close();
-  await resetSchema(opts.databaseUrl);
+  await dropBenchSchema(opts.databaseUrl, SCHEMA);
   return result;
 }

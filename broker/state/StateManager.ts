@@ -58,7 +58,6 @@ import type {
   TaskView,
   TemplateDefinition,
   TemplateRecord,
-  TemplateRef,
   Usage,
   WorkNotification,
 } from "./types";
@@ -82,21 +81,8 @@ interface TemplateRow {
   definition: TemplateDefinition;
   created_at: Date;
 }
-interface ClaimRow {
-  task_id: string;
-  step_id: string;
-  attempt_id: string;
-  step_name: string;
-  handler: string;
-  attempt: number;
-  max_attempts: number;
-  timeout_ms: number;
-  template: TemplateRef;
-  context: JsonObject;
-  config: JsonObject;
-  inputs: { [name: string]: JsonValue };
-  lease_expires_at: Date;
-}
+/** A claim_steps row: a ClaimedStep whose lease expiry is still a Date. */
+type ClaimRow = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: Date };
 interface CompletionRow {
   kind: "stored" | "known" | "readied";
   attempt_id: string | null;
