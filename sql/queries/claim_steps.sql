@@ -5,15 +5,23 @@
 -- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
 -- No two CTEs are joined to each other (a nested loop over CTE scans would be quadratic).
 with picked as (
-  select s.id
-  from steps s
-  where s.state = 'ready'
-    and s.run_at <= now()
-    and s.handler = any($2::text[])
-    and ($4::uuid[] is null or s.id = any($4::uuid[]))
-  order by s.priority desc, s.run_at
-  limit $3
-  for update skip locked
+  -- any ready step: walk the ready index in priority order (see pick_ready_steps in 0004)
+  select p.id from pick_ready_steps($2::text[], $3::int) as p(id)
+  where $4::uuid[] is null
+  union all
+  -- only the given steps (children just readied): a few primary-key probes
+  select given.id from (
+    select s.id
+    from steps s
+    where $4::uuid[] is not null
+      and s.id = any($4::uuid[])
+      and s.state = 'ready'
+      and s.run_at <= now()
+      and s.handler = any($2::text[])
+    order by s.priority desc, s.run_at
+    limit $3
+    for update skip locked
+  ) as given
 ),
 claimed as (
   update steps s
@@ -72,9 +80,8 @@ select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as s
        jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version) as template,
        t.context,
        c.config,
-       (select coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
-          from step_edges e join steps p on p.id = e.parent_id
-         where e.child_id = c.id) as inputs,
+       -- read with a snapshot taken after the pick (see step_inputs in 0004)
+       step_inputs(c.id) as inputs,
        c.lease_expires_at
 from claimed c
 join tasks t on t.id = c.task_id

@@ -1,0 +1,39 @@
+-- 0004_ordered_ready_walk: dispatch walks the ready index in order, whatever the planner's statistics say.
+-- Runs once, in a transaction under an advisory lock, with search_path set to the target schema. Never edit it once released.
+--
+-- Tasks arrive in bursts: thousands of ready steps can exist before autovacuum has analyzed `steps`
+-- once. With no statistics the planner guesses a handful of ready rows, and for "the first N by
+-- (priority desc, run_at)" it then prefers reading every ready row through a bitmap and sorting them
+-- over walking steps_ready in order and stopping after N. Each claim so cost time in proportion to
+-- the whole queue (measured: 7.4 ms per claim of 64 with 22,000 ready steps, against 0.1 ms for
+-- the ordered walk), and draining a queue became quadratic.
+--
+-- The walk lives in a function whose own settings rule out the sort, so its plan is the index walk
+-- on any statistics. (Settings on a function stop it from being inlined; that is the point here.)
+create function pick_ready_steps(handlers text[], most integer) returns setof uuid
+language sql volatile
+set enable_sort = off
+as $$
+  select s.id
+  from steps s
+  where s.state = 'ready'
+    and s.run_at <= now()
+    and s.handler = any(handlers)
+  order by s.priority desc, s.run_at
+  limit most
+  for update skip locked
+$$;
+
+-- A volatile function reads with a snapshot of its own, taken when it runs: so pick_ready_steps can
+-- claim a child readied by a completion that committed after the claim statement began. The
+-- statement's own snapshot would then still show that child's parents unfinished, without outputs.
+-- The outputs a STEP carries are therefore read here, with a snapshot taken after the pick, which
+-- sees every parent the pick saw completed. Parents are reached by primary key: a join let the
+-- planner, on missing statistics, hash all of steps for every claimed child.
+create function step_inputs(child uuid) returns jsonb
+language sql volatile
+as $$
+  select coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+  from steps p
+  where p.id = any(array(select e.parent_id from step_edges e where e.child_id = child))
+$$;

@@ -1,0 +1,87 @@
+/**
+ * The hot-path statements must keep their index-shaped plans on tables that
+ * have never been analyzed: tasks arrive in bursts, and thousands of steps can
+ * exist before autovacuum has looked at them once. A plan that reads a whole
+ * table (or the whole ready queue) per call turns draining a queue quadratic.
+ */
+import assert from "node:assert/strict";
+import type pg from "pg";
+import { loadQueries } from "../../broker/db/queries";
+import { useStateManager } from "../support/db";
+
+const TABLES = ["steps", "tasks", "step_edges", "step_attempts", "step_transitions", "task_transitions"];
+
+describe("hot-path plans on tables never analyzed", function () {
+  this.timeout(60_000);
+  const t = useStateManager("plans");
+  let client: pg.PoolClient;
+  beforeEach(async () => {
+    client = await t.db.pool.connect();
+  });
+  afterEach(() => client.release());
+
+  before(async () => {
+    for (const table of TABLES) await t.sql(`alter table ${table} set (autovacuum_enabled = false)`);
+    await t.sm.registerTemplate({
+      namespace: "p",
+      name: "one",
+      version: "1",
+      steps: [{ name: "w", handler: "h" }],
+    });
+    await t.sm.registerTemplate({
+      namespace: "p",
+      name: "diamond",
+      version: "1",
+      steps: [
+        { name: "a", handler: "h" },
+        { name: "b", handler: "h", depends_on: ["a"] },
+        { name: "c", handler: "h", depends_on: ["a"] },
+        { name: "d", handler: "h", depends_on: ["b", "c"] },
+      ],
+    });
+    const ones = Array.from({ length: 2000 }, (_, n) => ({ namespace: "p", name: "one", context: { n } }));
+    const diamonds = Array.from({ length: 6000 }, (_, n) => ({
+      namespace: "p",
+      name: "diamond",
+      context: { n },
+    }));
+    await t.sm.createTasks(ones);
+    await t.sm.createTasks(diamonds);
+    // history to look through: claimed attempts, half of them finished
+    const claimed = await t.sm.claimSteps({ brokerId: "b", handlers: ["h"], limit: 3000 });
+    await t.sm.completeAttempts(
+      claimed
+        .slice(0, 1500)
+        .map((c) => ({ attemptId: c.attempt_id, status: "complete" as const, output: {} })),
+    );
+    const [never] = await t.sql<{ analyzed: boolean }>(
+      "select last_analyze is not null or last_autoanalyze is not null as analyzed from pg_stat_user_tables where relid = 'steps'::regclass",
+    );
+    assert.equal(never?.analyzed, false, "the test needs a steps table without statistics");
+  });
+
+  it("claims by walking the ready index in order, never reading and sorting the whole queue", async () => {
+    try {
+      await client.query("load 'auto_explain'");
+    } catch (err) {
+      throw new Error("auto_explain is needed to see the plans inside claim_steps", { cause: err });
+    }
+    const notices: string[] = [];
+    const onNotice = (n: { message?: string }): void => void notices.push(n.message ?? "");
+    client.on("notice", onNotice);
+    try {
+      await client.query("begin");
+      await client.query(
+        "set local auto_explain.log_min_duration = 0; set local auto_explain.log_nested_statements = on; set local client_min_messages = log",
+      );
+      const claimed = await client.query(loadQueries().claim_steps.text, ["b", ["h"], 64, null, "pool"]);
+      assert.equal(claimed.rowCount, 64);
+    } finally {
+      await client.query("rollback");
+      client.off("notice", onNotice);
+    }
+    const plans = notices.filter((n) => n.includes("plan:")).join("\n---\n");
+    assert.match(plans, /Index Scan using steps_ready/, plans);
+    assert.doesNotMatch(plans, /Bitmap Index Scan on steps_ready|Seq Scan on steps\b/, plans);
+  });
+});
