@@ -12,7 +12,7 @@ const pool = new HandlerPool({
   endpoint,
   capacity: Number(capacity),
   poolId: `bench-${process.pid}`,
-  logger: pino({ level: "warn" }),
+  logger: pino({ level: process.env.BENCH_POOL_LOG_LEVEL ?? "warn" }),
 });
 pool.handle("noop", async () => null);
 pool.handle("stamp", async () => ({ arrived_at: performance.timeOrigin + performance.now() }));

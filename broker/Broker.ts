@@ -91,6 +91,14 @@ export class Broker {
   private startedAt = new Date();
   private boundEndpoints: string[] = [];
   private dispatchWanted = false;
+  /**
+   * The last dispatch round found less ready work than the pools could take.
+   * Credit coming back (a result arriving) then means no more work: no claim
+   * is made for it, so the claim for the children a commit readies is not kept
+   * waiting behind an empty one. Every other kick (new tasks, readied
+   * children, retries, requeued attempts, the poll) may mean work, and clears it.
+   */
+  private readyDrained = false;
   private dispatching: Promise<void> | undefined;
   private recovered = false;
   private kickTimer: NodeJS.Timeout | undefined;
@@ -485,7 +493,7 @@ export class Broker {
       });
     }
     // Credit came back: more work can go out while the commit runs.
-    this.kickDispatch();
+    this.kickDispatch("credit");
     if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
   }
 
@@ -769,8 +777,10 @@ export class Broker {
   // ---------------------------------------------------------------- dispatch
 
   /** Asks for a dispatch round; rounds never overlap, and a request during one starts another. */
-  private kickDispatch(): void {
+  private kickDispatch(reason: "credit" | "work" = "work"): void {
     if (this.state !== "running") return;
+    if (reason === "credit" && this.readyDrained) return;
+    this.readyDrained = false;
     this.dispatchWanted = true;
     if (!this.dispatching) {
       this.dispatching = this.dispatchLoop().finally(() => {
@@ -787,6 +797,7 @@ export class Broker {
       const claimed = await Promise.all(ready.map((pool) => this.dispatchToPool(pool)));
       // A full round means more work may be waiting.
       if (claimed.some((full) => full)) this.dispatchWanted = true;
+      else if (!this.dispatchWanted) this.readyDrained = true;
     }
   }
 

@@ -84,7 +84,7 @@ interface TemplateRow {
 /** A claim_steps row: a ClaimedStep whose lease expiry is still a Date. */
 type ClaimRow = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: Date };
 interface CompletionRow {
-  kind: "stored" | "known" | "readied";
+  kind: "stored" | "known" | "readied" | "ended";
   attempt_id: string | null;
   /** kind known: how the attempt ended before this batch (null: not finished, or no such attempt). */
   prior_outcome: string | null;
@@ -93,6 +93,8 @@ interface CompletionRow {
   state: StepState | null;
   handler: string | null;
   run_at: Date | null;
+  /** kind ended: the task's error (null when it completed). */
+  error: TaskError | null;
 }
 interface FinalizeRow {
   task_id: string;
@@ -191,6 +193,11 @@ function readied(row: StepChangeRow | CompletionRow): ReadiedStep {
     handler: row.handler ?? "",
     runAt: row.run_at ? iso(row.run_at) : "",
   };
+}
+
+/** An `ended` row of complete_results: a task the batch finished. */
+function ended(row: CompletionRow): FinishedTask {
+  return { taskId: row.task_id ?? "", state: row.state as TaskState, error: row.error };
 }
 
 function isJsonObject(value: unknown): value is JsonObject {
@@ -519,59 +526,57 @@ export class StateManager {
       outputBytes.push(output === null ? null : Buffer.byteLength(output));
     }
 
-    return await this.transaction("completeAttempts", async (client) => {
-      await this.runIn(client, "lock_tasks_of_attempts", [attemptIds]);
-      const rows = await this.runIn<CompletionRow>(client, "complete_attempts", [
-        attemptIds,
-        statuses,
-        outputs,
-        errors,
-        durations,
-        poolIds,
-        usages,
-        outputBytes,
-      ]);
-      const readiedSteps: ReadiedStep[] = [];
-      const stored = new Map<string, CompletionRow>();
-      const known = new Map<string, CompletionRow>();
-      for (const row of rows) {
-        if (row.kind === "readied") readiedSteps.push(readied(row));
-        else if (row.attempt_id !== null) (row.kind === "stored" ? stored : known).set(row.attempt_id, row);
+    // One statement, so one round trip that commits by itself (see complete_results in migration 0005).
+    const rows = await this.run<CompletionRow>("complete_attempts", [
+      attemptIds,
+      statuses,
+      outputs,
+      errors,
+      durations,
+      poolIds,
+      usages,
+      outputBytes,
+    ]);
+    const readiedSteps: ReadiedStep[] = [];
+    const finishedTasks: FinishedTask[] = [];
+    const stored = new Map<string, CompletionRow>();
+    const known = new Map<string, CompletionRow>();
+    for (const row of rows) {
+      if (row.kind === "readied") readiedSteps.push(readied(row));
+      else if (row.kind === "ended") finishedTasks.push(ended(row));
+      else if (row.attempt_id !== null) (row.kind === "stored" ? stored : known).set(row.attempt_id, row);
+    }
+    // Judge each result; a later copy of an attempt in this batch is a duplicate of the first.
+    const judged = new Map<string, AckOutcome>();
+    for (const [k, i] of valid.entries()) {
+      const outcome = outcomes[i] as AttemptOutcome;
+      const id = attemptIds[k] ?? "";
+      const mine = stored.get(id);
+      const record = mine ?? known.get(id);
+      if (record?.step_id) outcome.stepId = record.step_id;
+      if (record?.task_id) outcome.taskId = record.task_id;
+      const earlier = judged.get(id);
+      if (earlier !== undefined) {
+        outcome.outcome = earlier === AckOutcomes.STORED ? AckOutcomes.DUPLICATE : earlier;
+        continue;
       }
-      // Judge each result; a later copy of an attempt in this batch is a duplicate of the first.
-      const judged = new Map<string, AckOutcome>();
-      for (const [k, i] of valid.entries()) {
-        const outcome = outcomes[i] as AttemptOutcome;
-        const id = attemptIds[k] ?? "";
-        const mine = stored.get(id);
-        const record = mine ?? known.get(id);
-        if (record?.step_id) outcome.stepId = record.step_id;
-        if (record?.task_id) outcome.taskId = record.task_id;
-        const earlier = judged.get(id);
-        if (earlier !== undefined) {
-          outcome.outcome = earlier === AckOutcomes.STORED ? AckOutcomes.DUPLICATE : earlier;
-          continue;
-        }
-        if (mine !== undefined) {
-          outcome.outcome = AckOutcomes.STORED;
-          if (mine.state !== null) outcome.state = mine.state;
-          if (mine.state === StepStates.READY) readiedSteps.push(readied(mine));
-        } else if (record === undefined || record.step_id === null) {
-          outcome.outcome = AckOutcomes.UNKNOWN;
-        } else if (
-          record.prior_outcome === AttemptEndings.COMPLETE ||
-          record.prior_outcome === AttemptEndings.ERROR
-        ) {
-          outcome.outcome = AckOutcomes.DUPLICATE;
-        } else {
-          outcome.outcome = AckOutcomes.STALE;
-        }
-        judged.set(id, outcome.outcome);
+      if (mine !== undefined) {
+        outcome.outcome = AckOutcomes.STORED;
+        if (mine.state !== null) outcome.state = mine.state;
+        if (mine.state === StepStates.READY) readiedSteps.push(readied(mine));
+      } else if (record === undefined || record.step_id === null) {
+        outcome.outcome = AckOutcomes.UNKNOWN;
+      } else if (
+        record.prior_outcome === AttemptEndings.COMPLETE ||
+        record.prior_outcome === AttemptEndings.ERROR
+      ) {
+        outcome.outcome = AckOutcomes.DUPLICATE;
+      } else {
+        outcome.outcome = AckOutcomes.STALE;
       }
-      const touchedTasks = [...stored.values()].flatMap((r) => (r.task_id === null ? [] : [r.task_id]));
-      const finishedTasks = await this.finalize(client, touchedTasks);
-      return { outcomes, readied: readiedSteps, finishedTasks };
-    });
+      judged.set(id, outcome.outcome);
+    }
+    return { outcomes, readied: readiedSteps, finishedTasks };
   }
 
   /**
