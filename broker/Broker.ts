@@ -91,14 +91,6 @@ export class Broker {
   private startedAt = new Date();
   private boundEndpoints: string[] = [];
   private dispatchWanted = false;
-  /**
-   * The last dispatch round found less ready work than the pools could take.
-   * Credit coming back (a result arriving) then means no more work: no claim
-   * is made for it, so the claim for the children a commit readies is not kept
-   * waiting behind an empty one. Every other kick (new tasks, readied
-   * children, retries, requeued attempts, the poll) may mean work, and clears it.
-   */
-  private readyDrained = false;
   private dispatching: Promise<void> | undefined;
   private recovered = false;
   private kickTimer: NodeJS.Timeout | undefined;
@@ -493,7 +485,7 @@ export class Broker {
       });
     }
     // Credit came back: more work can go out while the commit runs.
-    this.kickDispatch("credit");
+    this.kickDispatch(pool);
     if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
   }
 
@@ -776,11 +768,19 @@ export class Broker {
 
   // ---------------------------------------------------------------- dispatch
 
-  /** Asks for a dispatch round; rounds never overlap, and a request during one starts another. */
-  private kickDispatch(reason: "credit" | "work" = "work"): void {
+  /**
+   * Asks for a dispatch round; rounds never overlap, and a request during one
+   * starts another. `creditOf` names a pool whose credit just came back (a
+   * result arrived): if its last claim found less ready work than it could
+   * take, that credit means no new work, and no round is started for it, so the
+   * claim for the children a commit readies is not kept waiting behind an
+   * empty one. Every other reason (new tasks, readied children, retries,
+   * requeued attempts, the poll) may mean work for anyone.
+   */
+  private kickDispatch(creditOf?: PoolRecord): void {
     if (this.state !== "running") return;
-    if (reason === "credit" && this.readyDrained) return;
-    this.readyDrained = false;
+    if (creditOf?.readyDrained) return;
+    if (creditOf === undefined) for (const pool of this.pools.all()) pool.readyDrained = false;
     this.dispatchWanted = true;
     if (!this.dispatching) {
       this.dispatching = this.dispatchLoop().finally(() => {
@@ -797,7 +797,6 @@ export class Broker {
       const claimed = await Promise.all(ready.map((pool) => this.dispatchToPool(pool)));
       // A full round means more work may be waiting.
       if (claimed.some((full) => full)) this.dispatchWanted = true;
-      else if (!this.dispatchWanted) this.readyDrained = true;
     }
   }
 
@@ -820,6 +819,7 @@ export class Broker {
       );
       return false;
     }
+    pool.readyDrained = steps.length < credit;
     if (steps.length === 0) return false;
     if (this.pools.get(pool.key) !== pool || this.state !== "running") {
       // The pool left while we claimed: give the steps back untouched.

@@ -31,6 +31,8 @@ export interface PoolRecord {
   readonly inFlight: Map<string, InFlight>;
   /** Results received from this pool and not yet acknowledged. */
   unacked: number;
+  /** Its last claim found less ready work than its credit (see Broker.kickDispatch). */
+  readyDrained: boolean;
   lastSeen: number;
   lastSent: number;
   /** The pool sent DISCONNECT: no new work; it leaves once its in-flight attempts are done. */
@@ -71,6 +73,7 @@ export class PoolRegistry {
       connectedAt: new Date(now),
       inFlight: new Map(),
       unacked: 0,
+      readyDrained: false,
       lastSeen: now,
       lastSent: now,
       draining: false,
