@@ -1,8 +1,8 @@
 /**
- * The hot-path statements must keep their index-shaped plans on tables that
- * have never been analyzed: tasks arrive in bursts, and thousands of steps can
- * exist before autovacuum has looked at them once. A plan that reads a whole
- * table (or the whole ready queue) per call turns draining a queue quadratic.
+ * The claim must keep its index-shaped plan on tables that have never been
+ * analyzed: tasks arrive in bursts, and thousands of steps can exist before
+ * autovacuum has looked at them once. A plan that reads the whole ready queue
+ * (or a whole table) per claim turns draining a queue quadratic.
  */
 import assert from "node:assert/strict";
 import type pg from "pg";
@@ -60,10 +60,15 @@ describe("hot-path plans on tables never analyzed", function () {
     assert.equal(never?.analyzed, false, "the test needs a steps table without statistics");
   });
 
-  it("claims by walking the ready index in order, never reading and sorting the whole queue", async () => {
+  it("claims by walking the ready index in order, never reading and sorting the whole queue", async function () {
     try {
       await client.query("load 'auto_explain'");
     } catch (err) {
+      // The embedded server always allows it; a DATABASE_URL of a role that may not load modules cannot.
+      if ((err as { code?: string }).code === "42501") {
+        console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
+        this.skip();
+      }
       throw new Error("auto_explain is needed to see the plans inside claim_steps", { cause: err });
     }
     const notices: string[] = [];
