@@ -59,8 +59,8 @@ export function countCommits(sm: StateManager, total: number): CommitCounter {
   let finish: () => void = () => undefined;
   const done = new Promise<void>((r) => (finish = r));
   const counting = Object.create(sm) as StateManager;
-  counting.completeAttempts = async (results) => {
-    const out = await sm.completeAttempts(results);
+  counting.completeAttempts = async (results, claim) => {
+    const out = await sm.completeAttempts(results, claim);
     const now = performance.now();
     if (first === 0) first = now;
     last = now;

@@ -43,7 +43,7 @@ import { Committer, type CommitReport, type PendingResult } from "./committer";
 import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
 import { Outbox } from "./outbox";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
-import type { ClaimedStep, CreateTaskRequest } from "./statePort";
+import type { ClaimedStep, CompletionResult, CreateTaskRequest } from "./statePort";
 import type { JsonObject, JsonValue, StepError } from "./state/types";
 import { startZapHandler, type ZapHandler } from "./zap";
 
@@ -70,6 +70,12 @@ export interface SubmitResult {
   created: boolean;
 }
 
+/** What one group commit stored; with `claim`, the pool its claimed children go to and the credit set aside for them. */
+interface CommittedBatch {
+  result: CompletionResult;
+  claim?: { pool: PoolRecord; reserved: number };
+}
+
 export class Broker {
   readonly id: string;
   readonly log: Logger;
@@ -77,7 +83,7 @@ export class Broker {
   private readonly socket: Router;
   private readonly outbox: Outbox;
   private readonly pools = new PoolRegistry();
-  private readonly committer: Committer;
+  private readonly committer: Committer<CommittedBatch>;
   private readonly waiters = new Map<string, Set<Waiter>>();
   /** Consecutive bad messages per peer, and peers ignored after too many. */
   private readonly strikes = new Map<string, number>();
@@ -133,7 +139,7 @@ export class Broker {
         this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
     });
     this.committer = new Committer(
-      this.opts.state,
+      (items) => this.commitBatch(items),
       this.opts.commitBatch,
       (r) => this.afterCommit(r),
       this.log,
@@ -415,7 +421,7 @@ export class Broker {
     for (const a of adopted) {
       this.adopted.add(a.attemptId);
       if (!pool.handlers.has(a.handler)) continue;
-      this.pools.addInFlight(pool, { ...a, sentAt: Date.now() });
+      this.pools.addInFlight(pool, { ...a, children: 0, sentAt: Date.now() });
     }
     this.send(
       identity,
@@ -489,7 +495,81 @@ export class Broker {
     if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
   }
 
-  private afterCommit({ items, batch, ms }: CommitReport): void {
+  /**
+   * Stores a batch of results. When they may make children ready, as much of
+   * one pool's credit as there are such children is set aside, and the same
+   * transaction claims the children for that pool (complete_results in
+   * migration 0006): a child then reaches a pool without a second trip to the
+   * database after its parent's result.
+   */
+  private async commitBatch(items: PendingResult[]): Promise<CommittedBatch> {
+    const results = items.map((i) => i.result);
+    const claimFor = this.childClaimPool(items);
+    if (!claimFor) return { result: await this.opts.state.completeAttempts(results) };
+    const { pool, limit } = claimFor;
+    // Held until afterCommit has put the claimed children in flight, so no dispatch claims against it.
+    pool.reserved += limit;
+    let result: CompletionResult;
+    try {
+      result = await this.opts.state.completeAttempts(results, {
+        brokerId: this.id,
+        poolId: pool.poolId,
+        handlers: [...pool.handlers],
+        limit,
+      });
+    } catch (e) {
+      pool.reserved -= limit;
+      throw e;
+    }
+    if (result.claimed.length > 0 && !this.canSendTo(pool)) {
+      pool.reserved -= limit;
+      // Given back here, not later, so that stop() (which waits for the committer) waits for it too.
+      await this.release(
+        result.claimed.map((c) => c.attempt_id),
+        false,
+        "pool left before its children were sent",
+      );
+      return { result: { ...result, claimed: [] } };
+    }
+    return { result, claim: { pool, reserved: limit } };
+  }
+
+  /**
+   * The pool to claim a batch's children for: the one with the most credit
+   * among the pools that sent results with children (they likely serve the
+   * next steps too), and how many children it may take. None when no result
+   * has children, so one-step work never has credit held back.
+   */
+  private childClaimPool(items: PendingResult[]): { pool: PoolRecord; limit: number } | undefined {
+    let children = 0;
+    let best: PoolRecord | undefined;
+    for (const item of items) {
+      const n = item.result.status === "complete" ? (item.flight?.children ?? 0) : 0;
+      if (n === 0) continue;
+      children += n;
+      const pool = this.pools.get(item.poolKey);
+      if (pool && (!best || this.pools.credit(pool) > this.pools.credit(best))) best = pool;
+    }
+    if (!best || this.state !== "running") return undefined;
+    const limit = Math.min(children, this.pools.credit(best));
+    return limit > 0 ? { pool: best, limit } : undefined;
+  }
+
+  private afterCommit({ items, batch: { result: batch, claim }, ms }: CommitReport<CommittedBatch>): void {
+    if (claim) {
+      // The children first: they wait on this, the ACKs only free the pool's memory.
+      const { pool, reserved } = claim;
+      if (batch.claimed.length > 0 && !this.sendSteps(pool, batch.claimed)) {
+        void this.release(
+          batch.claimed.map((c) => c.attempt_id),
+          false,
+          "pool left before its children were sent",
+        );
+      }
+      pool.reserved -= reserved;
+      // A dispatch round that found this credit set aside may have left work behind.
+      if (batch.claimed.length < reserved) this.kickDispatch(pool);
+    }
     const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
     const acks = new Map<
       string,
@@ -805,6 +885,8 @@ export class Broker {
     const credit = this.pools.credit(pool);
     if (credit === 0) return false;
     let steps: ClaimedStep[];
+    // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
+    pool.reserved += credit;
     try {
       steps = await this.opts.state.claimSteps({
         brokerId: this.id,
@@ -818,10 +900,12 @@ export class Broker {
         "claiming steps failed; retrying on the next poll",
       );
       return false;
+    } finally {
+      pool.reserved -= credit;
     }
     pool.readyDrained = steps.length < credit;
     if (steps.length === 0) return false;
-    if (this.pools.get(pool.key) !== pool || this.state !== "running") {
+    if (!this.sendSteps(pool, steps)) {
       // The pool left while we claimed: give the steps back untouched.
       await this.release(
         steps.map((s) => s.attempt_id),
@@ -830,8 +914,19 @@ export class Broker {
       );
       return false;
     }
+    return steps.length === credit;
+  }
+
+  /** A pool still registered, to a broker still running. */
+  private canSendTo(pool: PoolRecord): boolean {
+    return this.pools.get(pool.key) === pool && this.state === "running";
+  }
+
+  /** Sends claimed steps to the pool they were claimed for; false (nothing sent) when it left. */
+  private sendSteps(pool: PoolRecord, steps: ClaimedStep[]): boolean {
+    if (!this.canSendTo(pool)) return false;
     const now = Date.now();
-    const dispatches: StepDispatch[] = steps.map(({ lease_expires_at: _lease, ...step }) => {
+    const dispatches: StepDispatch[] = steps.map(({ lease_expires_at: _lease, children, ...step }) => {
       this.pools.addInFlight(pool, {
         attemptId: step.attempt_id,
         stepId: step.step_id,
@@ -840,6 +935,7 @@ export class Broker {
         handler: step.handler,
         attempt: step.attempt,
         maxAttempts: step.max_attempts,
+        children,
         sentAt: now,
       });
       return step;
@@ -860,7 +956,7 @@ export class Broker {
         );
       }
     }
-    return steps.length === credit;
+    return true;
   }
 
   /** A message could not be delivered: the pool is gone. Its attempts go back. */

@@ -11,7 +11,7 @@
 import type { Logger } from "pino";
 import { coerceError } from "../protocol";
 import type { InFlight } from "./poolRegistry";
-import type { AttemptResult, CompletionResult, StatePort } from "./statePort";
+import type { AttemptResult } from "./statePort";
 
 export interface PendingResult {
   result: AttemptResult;
@@ -23,24 +23,25 @@ export interface PendingResult {
   flight?: InFlight;
 }
 
-export interface CommitReport {
+export interface CommitReport<Batch> {
   items: PendingResult[];
-  batch: CompletionResult;
+  batch: Batch;
   ms: number;
 }
 
 const RETRY_MS = 500;
 
-export class Committer {
+/** `commit` stores one batch in one transaction and says what came of it. */
+export class Committer<Batch> {
   private queue: PendingResult[] = [];
   private running = false;
   private idleWaiters: (() => void)[] = [];
   private stopped = false;
 
   constructor(
-    private readonly state: Pick<StatePort, "completeAttempts">,
+    private readonly commit: (items: PendingResult[]) => Promise<Batch>,
     private readonly maxBatch: number,
-    private readonly onCommitted: (report: CommitReport) => void,
+    private readonly onCommitted: (report: CommitReport<Batch>) => void,
     private readonly log: Logger,
   ) {}
 
@@ -77,7 +78,7 @@ export class Committer {
         const items = this.queue.splice(0, this.maxBatch);
         const started = performance.now();
         try {
-          const batch = await this.state.completeAttempts(items.map((i) => i.result));
+          const batch = await this.commit(items);
           this.onCommitted({ items, batch, ms: performance.now() - started });
         } catch (e) {
           const err = coerceError(e);

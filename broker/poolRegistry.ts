@@ -14,6 +14,8 @@ export interface InFlight {
   handler: string;
   attempt: number;
   maxAttempts: number;
+  /** Steps that depend on this one (0 when not known, as for an adopted attempt). */
+  children: number;
   sentAt: number;
 }
 
@@ -31,6 +33,8 @@ export interface PoolRecord {
   readonly inFlight: Map<string, InFlight>;
   /** Results received from this pool and not yet acknowledged. */
   unacked: number;
+  /** Credit set aside for a claim under way (a dispatch claim, or children claimed with a commit). */
+  reserved: number;
   /** Its last claim found less ready work than its credit (see Broker.kickDispatch). */
   readyDrained: boolean;
   lastSeen: number;
@@ -73,6 +77,7 @@ export class PoolRegistry {
       connectedAt: new Date(now),
       inFlight: new Map(),
       unacked: 0,
+      reserved: 0,
       readyDrained: false,
       lastSeen: now,
       lastSent: now,
@@ -115,14 +120,16 @@ export class PoolRegistry {
   }
 
   credit(pool: PoolRecord): number {
-    return pool.draining ? 0 : Math.max(0, pool.capacity - pool.inFlight.size);
+    return pool.draining ? 0 : Math.max(0, pool.capacity - pool.inFlight.size - pool.reserved);
   }
 
   /** Pools that can take work now, least loaded first. */
   withCredit(): PoolRecord[] {
     return [...this.pools.values()]
       .filter((p) => this.credit(p) > 0)
-      .sort((a, b) => a.inFlight.size / a.capacity - b.inFlight.size / b.capacity);
+      .sort(
+        (a, b) => (a.inFlight.size + a.reserved) / a.capacity - (b.inFlight.size + b.reserved) / b.capacity,
+      );
   }
 
   servedHandlers(): Set<string> {

@@ -20,4 +20,10 @@ export type StatePort = Pick<
   | "listenForWork"
 >;
 
-export type { AttemptResult, ClaimedStep, CompletionResult, CreateTaskRequest } from "./state/types";
+export type {
+  AttemptResult,
+  ChildClaim,
+  ClaimedStep,
+  CompletionResult,
+  CreateTaskRequest,
+} from "./state/types";

@@ -40,6 +40,7 @@ import type {
   AttemptOutcome,
   AttemptRecord,
   AttemptResult,
+  ChildClaim,
   ClaimRequest,
   ClaimedStep,
   CompletionResult,
@@ -83,8 +84,10 @@ interface TemplateRow {
 }
 /** A claim_steps row: a ClaimedStep whose lease expiry is still a Date. */
 type ClaimRow = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: Date };
+/** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry is a string. */
+type ClaimJson = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: string };
 interface CompletionRow {
-  kind: "stored" | "known" | "readied" | "ended";
+  kind: "stored" | "known" | "readied" | "claimed" | "ended";
   attempt_id: string | null;
   /** kind known: how the attempt ended before this batch (null: not finished, or no such attempt). */
   prior_outcome: string | null;
@@ -93,6 +96,8 @@ interface CompletionRow {
   state: StepState | null;
   handler: string | null;
   run_at: Date | null;
+  /** kind claimed: the claim row. */
+  claim: ClaimJson | null;
   /** kind ended: the task's error (null when it completed). */
   error: TaskError | null;
 }
@@ -184,6 +189,25 @@ interface RequeueMode {
 
 function iso(d: Date): string {
   return d.toISOString();
+}
+
+function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
+  return {
+    task_id: r.task_id,
+    step_id: r.step_id,
+    attempt_id: r.attempt_id,
+    step_name: r.step_name,
+    handler: r.handler,
+    attempt: r.attempt,
+    max_attempts: r.max_attempts,
+    timeout_ms: r.timeout_ms,
+    template: r.template,
+    context: r.context,
+    config: r.config,
+    inputs: r.inputs,
+    lease_expires_at: iso(new Date(r.lease_expires_at)),
+    children: r.children,
+  };
 }
 
 function readied(row: StepChangeRow | CompletionRow): ReadiedStep {
@@ -457,21 +481,7 @@ export class StateManager {
       stepIds,
       request.poolId ?? null,
     ]);
-    return rows.map((r) => ({
-      task_id: r.task_id,
-      step_id: r.step_id,
-      attempt_id: r.attempt_id,
-      step_name: r.step_name,
-      handler: r.handler,
-      attempt: r.attempt,
-      max_attempts: r.max_attempts,
-      timeout_ms: r.timeout_ms,
-      template: r.template,
-      context: r.context,
-      config: r.config,
-      inputs: r.inputs,
-      lease_expires_at: iso(r.lease_expires_at),
-    }));
+    return rows.map(claimedStep);
   }
 
   /**
@@ -479,8 +489,10 @@ export class StateManager {
    * outcome: stored (its attempt held the lease: the step is now complete with
    * this output, or failed, or scheduled for a retry), duplicate (this attempt's
    * result was stored before), stale (the attempt lost its lease), unknown.
+   * With `claim`, the children the batch readies are claimed in the same
+   * transaction, up to its limit (see ChildClaim).
    */
-  async completeAttempts(results: AttemptResult[]): Promise<CompletionResult> {
+  async completeAttempts(results: AttemptResult[], claim?: ChildClaim): Promise<CompletionResult> {
     const outcomes: AttemptOutcome[] = results.map((r) => ({
       attemptId: r.attemptId,
       outcome: AckOutcomes.UNKNOWN,
@@ -503,7 +515,7 @@ export class StateManager {
       }
       valid.push(i);
     });
-    if (valid.length === 0) return { outcomes, readied: [], finishedTasks: [] };
+    if (valid.length === 0) return { outcomes, readied: [], claimed: [], finishedTasks: [] };
 
     const attemptIds: string[] = [];
     const statuses: string[] = [];
@@ -536,13 +548,19 @@ export class StateManager {
       poolIds,
       usages,
       outputBytes,
+      claim?.brokerId ?? null,
+      claim?.poolId ?? null,
+      claim?.handlers ?? null,
+      claim === undefined ? 0 : Math.max(0, Math.min(Math.floor(claim.limit), 100_000)),
     ]);
     const readiedSteps: ReadiedStep[] = [];
+    const claimed: ClaimedStep[] = [];
     const finishedTasks: FinishedTask[] = [];
     const stored = new Map<string, CompletionRow>();
     const known = new Map<string, CompletionRow>();
     for (const row of rows) {
       if (row.kind === "readied") readiedSteps.push(readied(row));
+      else if (row.kind === "claimed" && row.claim !== null) claimed.push(claimedStep(row.claim));
       else if (row.kind === "ended") finishedTasks.push(ended(row));
       else if (row.attempt_id !== null) (row.kind === "stored" ? stored : known).set(row.attempt_id, row);
     }
@@ -576,7 +594,7 @@ export class StateManager {
       }
       judged.set(id, outcome.outcome);
     }
-    return { outcomes, readied: readiedSteps, finishedTasks };
+    return { outcomes, readied: readiedSteps, claimed, finishedTasks };
   }
 
   /**

@@ -121,6 +121,8 @@ export interface ClaimedStep {
   /** Parent outputs keyed by parent step name; null where a parent stored none. */
   inputs: { [stepName: string]: JsonValue };
   lease_expires_at: string;
+  /** How many steps depend on this one (for the broker's credit; not part of STEP). */
+  children: number;
 }
 
 export interface Usage {
@@ -163,10 +165,24 @@ export interface FinishedTask {
   error: TaskError | null;
 }
 
+/**
+ * Claim, in the same transaction as a batch of results, the children those
+ * results make ready: up to `limit` of them whose handler the pool serves.
+ */
+export interface ChildClaim {
+  brokerId: string;
+  poolId: string;
+  handlers: string[];
+  limit: number;
+}
+
 export interface CompletionResult {
   /** One per result, in the order given. */
   outcomes: AttemptOutcome[];
+  /** Steps that became ready and were not claimed with the batch. */
   readied: ReadiedStep[];
+  /** Children claimed with the batch (see ChildClaim), to be sent to its pool. */
+  claimed: ClaimedStep[];
   finishedTasks: FinishedTask[];
 }
 

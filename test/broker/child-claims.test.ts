@@ -1,0 +1,107 @@
+/**
+ * A parent's result and its children's claim in one transaction, seen from
+ * the broker: the children reach the pool without a claim of their own, and
+ * the credit set aside for them is never more than the pool's.
+ */
+import { strict as assert } from "node:assert";
+import type { StateManager } from "../../broker/state/StateManager";
+import { HandlerPool } from "../../handlers-node";
+import { silent, stepOf, useBrokerStack } from "../support/stack";
+
+const DIAMOND = {
+  namespace: "cc",
+  name: "diamond",
+  version: "1",
+  steps: [
+    { name: "a", handler: "slow" },
+    { name: "b", handler: "slow", depends_on: ["a"] },
+    { name: "c", handler: "slow", depends_on: ["a"] },
+    { name: "d", handler: "slow", depends_on: ["b", "c"] },
+  ],
+};
+
+/** The state manager, recording which steps each kind of claim handed out. */
+function recording(sm: StateManager): {
+  state: StateManager;
+  byClaim: string[];
+  withResults: string[];
+  limits: number[];
+} {
+  const log = { byClaim: [] as string[], withResults: [] as string[], limits: [] as number[] };
+  const state = Object.create(sm) as StateManager;
+  state.claimSteps = async (request) => {
+    const steps = await sm.claimSteps(request);
+    log.byClaim.push(...steps.map((s) => s.step_name));
+    return steps;
+  };
+  state.completeAttempts = async (results, claim) => {
+    if (claim) log.limits.push(claim.limit);
+    const out = await sm.completeAttempts(results, claim);
+    log.withResults.push(...out.claimed.map((s) => s.step_name));
+    return out;
+  };
+  return { state, ...log };
+}
+
+describe("children claimed with their parent's result (broker, inproc://)", function () {
+  this.timeout(30_000);
+  // No polling: every dispatch here is caused by a result, a commit or a new task.
+  const stack = useBrokerStack("child_claims", "inproc", { pollMs: 60_000 });
+  let pool: HandlerPool | undefined;
+
+  before(async () => {
+    await stack.registerTemplate(DIAMOND);
+  });
+  afterEach(async () => {
+    await pool?.close({ drainMs: 1000 });
+    pool = undefined;
+  });
+
+  async function restartBroker(): Promise<ReturnType<typeof recording>> {
+    await stack.broker.stop({ drainMs: 0 });
+    const rec = recording(stack.sm);
+    await stack.startBroker({ state: rec.state });
+    return rec;
+  }
+
+  async function startPool(capacity: number): Promise<void> {
+    pool = new HandlerPool({ endpoint: stack.endpoint, capacity, logger: silent });
+    // Long enough for the dispatch round the new task's notification starts to be over.
+    pool.handle("slow", async (step) => {
+      await new Promise((r) => setTimeout(r, 30));
+      return { name: step.stepName, inputs: step.inputs };
+    });
+    await pool.start();
+  }
+
+  it("sends the children a result readies without claiming them again", async () => {
+    const rec = await restartBroker();
+    await startPool(4);
+    const { task } = await stack.broker.submit({ namespace: "cc", name: "diamond", context: {} });
+    const done = await stack.waitForTask(task.task_id);
+    assert.equal(done.state, "complete");
+    assert.deepEqual(rec.byClaim, ["a"], "only the root is claimed on its own");
+    assert.deepEqual([...rec.withResults].sort(), ["b", "c", "d"]);
+    assert.deepEqual((stepOf(done, "d").output as { inputs: unknown }).inputs, {
+      b: stepOf(done, "b").output,
+      c: stepOf(done, "c").output,
+    });
+  });
+
+  it("sets aside no more than the pool's credit, and leaves the rest to dispatch", async () => {
+    const rec = await restartBroker();
+    await startPool(1);
+    const { task } = await stack.broker.submit({ namespace: "cc", name: "diamond", context: {} });
+    const done = await stack.waitForTask(task.task_id);
+    assert.equal(done.state, "complete");
+    assert.ok(
+      rec.limits.every((l) => l === 1),
+      `a pool of capacity 1 never has more set aside: ${rec.limits}`,
+    );
+    // a's result claims one of b and c; the other is dispatched when credit comes back
+    assert.equal(rec.withResults.length + rec.byClaim.length, 4);
+    assert.ok(rec.withResults.length >= 1, "a's result claimed one child");
+    assert.ok(rec.byClaim.includes("a"));
+    for (const s of done.steps!) assert.equal(s.attempts, 1, `${s.name} ran once`);
+  });
+});

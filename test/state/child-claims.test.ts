@@ -1,0 +1,170 @@
+/**
+ * Children claimed in the transaction that stores their parent's result
+ * (completeAttempts with a ChildClaim): what is claimed, for whom, how much,
+ * and that the history reads as if a separate claim had taken them.
+ */
+import assert from "node:assert/strict";
+import { StepStates } from "../../protocol/constants";
+import type { ClaimedStep } from "../../broker/state/types";
+import { useStateManager } from "../support/db";
+import { assertInvariants } from "../support/invariants";
+
+const DIAMOND = {
+  namespace: "claims",
+  name: "diamond",
+  version: "1",
+  steps: [
+    { name: "a", handler: "h" },
+    { name: "b", handler: "h", depends_on: ["a"] },
+    { name: "c", handler: "other", depends_on: ["a"] },
+    { name: "d", handler: "h", depends_on: ["b", "c"] },
+  ],
+};
+
+describe("children claimed with their parent's result", () => {
+  const t = useStateManager("child_claims");
+  before(async () => {
+    await t.sm.registerTemplate(DIAMOND);
+  });
+
+  /** A fresh diamond with its root claimed; returns the root's claim. */
+  async function rootClaimed(): Promise<ClaimedStep> {
+    const { task } = await t.sm.createTask({ namespace: "claims", name: "diamond", context: { n: 1 } });
+    const [root] = await t.sm.claimSteps({
+      brokerId: "b1",
+      handlers: ["h"],
+      limit: 10,
+      stepIds: task.steps!.filter((s) => s.name === "a").map((s) => s.step_id),
+    });
+    assert.ok(root);
+    return root;
+  }
+
+  it("counts each claimed step's children", async () => {
+    const root = await rootClaimed();
+    assert.equal(root.children, 2);
+  });
+
+  it("claims the readied children the pool serves, up to the limit, with their parents' outputs", async () => {
+    const root = await rootClaimed();
+    const out = await t.sm.completeAttempts(
+      [{ attemptId: root.attempt_id, status: "complete", output: { from: "a" } }],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 5 },
+    );
+    assert.deepEqual(
+      out.outcomes.map((o) => o.outcome),
+      ["stored"],
+    );
+    assert.deepEqual(out.claimed.map((c) => c.step_name).sort(), ["b", "c"]);
+    assert.deepEqual(out.readied, [], "a child claimed with the batch is not also reported ready");
+    assert.deepEqual(out.finishedTasks, []);
+    for (const c of out.claimed) {
+      assert.deepEqual(c.inputs, { a: { from: "a" } });
+      assert.deepEqual(c.context, { n: 1 });
+      assert.equal(c.attempt, 1);
+      assert.equal(c.children, 1);
+      assert.ok(Date.parse(c.lease_expires_at) > Date.now(), "the lease runs from the claim");
+    }
+    const attempts = await t.sql<{ pool_id: string; broker_id: string }>(
+      `select pool_id, broker_id from step_attempts where attempt_id = any($1::uuid[])`,
+      [out.claimed.map((c) => c.attempt_id)],
+    );
+    assert.deepEqual(
+      attempts.map((a) => [a.broker_id, a.pool_id]),
+      [
+        ["b1", "pool-1"],
+        ["b1", "pool-1"],
+      ],
+    );
+    const history = await t.sql<{ to_state: string; event: string }>(
+      `select tr.to_state, tr.event from step_transitions tr join steps s on s.id = tr.step_id
+       where s.id = $1 order by tr.sort_key`,
+      [out.claimed[0]!.step_id],
+    );
+    assert.deepEqual(
+      history.map((h) => `${h.to_state}:${h.event}`),
+      ["pending:created", "ready:parents_finished", "in_progress:claimed"],
+    );
+    await assertInvariants(t);
+  });
+
+  it("leaves ready what the limit or the pool's handlers exclude, and reports it", async () => {
+    const root = await rootClaimed();
+    const out = await t.sm.completeAttempts(
+      [{ attemptId: root.attempt_id, status: "complete", output: null }],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h"], limit: 5 },
+    );
+    assert.deepEqual(
+      out.claimed.map((c) => c.step_name),
+      ["b"],
+    );
+    assert.equal(out.readied.length, 1);
+    const [left] = await t.sql<{ name: string; state: string }>(
+      `select name, state from steps where id = $1`,
+      [out.readied[0]!.stepId],
+    );
+    assert.deepEqual(left, { name: "c", state: StepStates.READY });
+
+    const again = await rootClaimed();
+    const one = await t.sm.completeAttempts(
+      [{ attemptId: again.attempt_id, status: "complete", output: null }],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 1 },
+    );
+    assert.equal(one.claimed.length, 1, "never more than the credit set aside");
+    assert.equal(one.readied.length, 1);
+    await assertInvariants(t);
+  });
+
+  it("claims nothing without a claim, and nothing for a failed result", async () => {
+    const root = await rootClaimed();
+    const failed = await t.sm.completeAttempts(
+      [
+        {
+          attemptId: root.attempt_id,
+          status: "error",
+          error: { type: "Boom", message: "no", retryable: false },
+        },
+      ],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 5 },
+    );
+    assert.deepEqual(failed.claimed, []);
+    assert.equal(failed.finishedTasks.length, 1, "the task ends: nothing else can run");
+
+    const next = await rootClaimed();
+    const plain = await t.sm.completeAttempts([
+      { attemptId: next.attempt_id, status: "complete", output: null },
+    ]);
+    assert.deepEqual(plain.claimed, []);
+    assert.equal(plain.readied.length, 2);
+    await assertInvariants(t);
+  });
+
+  it("ends a task in the batch that stores its last step, even with a claim", async () => {
+    const root = await rootClaimed();
+    const first = await t.sm.completeAttempts(
+      [{ attemptId: root.attempt_id, status: "complete", output: 1 }],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 2 },
+    );
+    const mid = await t.sm.completeAttempts(
+      first.claimed.map((c) => ({
+        attemptId: c.attempt_id,
+        status: "complete" as const,
+        output: c.step_name,
+      })),
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 2 },
+    );
+    assert.deepEqual(
+      mid.claimed.map((c) => [c.step_name, c.inputs]),
+      [["d", { b: "b", c: "c" }]],
+    );
+    const last = await t.sm.completeAttempts(
+      [{ attemptId: mid.claimed[0]!.attempt_id, status: "complete", output: "d" }],
+      { brokerId: "b1", poolId: "pool-1", handlers: ["h", "other"], limit: 2 },
+    );
+    assert.deepEqual(
+      last.finishedTasks.map((f) => f.state),
+      ["complete"],
+    );
+    await assertInvariants(t);
+  });
+});
