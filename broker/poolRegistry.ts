@@ -4,16 +4,14 @@
  * it needs (pools re-HELLO and list the attempts they still hold).
  */
 import type { Encoding, HelloBody, PoolView, Sdk } from "../protocol";
+import type { AdoptedAttempt } from "./state/types";
 
-/** What the broker remembers of one attempt it sent to a pool. */
-export interface InFlight {
-  attemptId: string;
-  stepId: string;
-  taskId: string;
-  stepName: string;
-  handler: string;
-  attempt: number;
-  maxAttempts: number;
+/**
+ * What the broker remembers of one attempt it sent to a pool: the attempt as
+ * adoption also describes it (an adopted attempt becomes one of these), plus
+ * what only a send knows.
+ */
+export interface InFlight extends AdoptedAttempt {
   /** Steps that depend on this one (0 when not known, as for an adopted attempt). */
   children: number;
   sentAt: number;
