@@ -165,7 +165,7 @@ async function drain(
 const COPY_HISTORY = `
 with m as (select * from tasks where id = $1::uuid),
 ms as (select * from steps where task_id = $1::uuid),
-ma as (select * from step_attempts where task_id = $1::uuid),
+ma as (select * from step_attempts where step_id = any(array(select id from ms))),
 g as (
   select i, gen_random_uuid() as task_id, gen_random_uuid() as step_id, gen_random_uuid() as attempt_id,
          (now() - interval '1 day' + i * interval '1 millisecond') - (select created_at from m) as shift
@@ -211,8 +211,9 @@ async function pickModel(sm: StateManager): Promise<string> {
      where t.state = 'complete'
        and (select count(*) from steps s where s.task_id = t.id and s.state = 'complete' and s.attempts = 1) = 1
        and (select count(*) from steps s where s.task_id = t.id) = 1
-       and (select count(*) from step_attempts a where a.task_id = t.id and a.outcome = 'complete') = 1
-       and (select count(*) from step_attempts a where a.task_id = t.id) = 1
+       and (select count(*) from step_attempts a join steps s on s.id = a.step_id
+            where s.task_id = t.id and a.outcome = 'complete') = 1
+       and (select count(*) from step_attempts a join steps s on s.id = a.step_id where s.task_id = t.id) = 1
      order by t.finished_at limit 1`,
   );
   const id = rows[0]?.id;
