@@ -255,10 +255,9 @@ export class Broker {
 
   // ---------------------------------------------------------------- in-process API
 
-  async submit(req: CreateTaskRequest): Promise<SubmitResult> {
-    const out = await this.opts.state.createTask(req);
-    if (out.created) this.kickDispatch();
-    return out;
+  /** Creates a task; dispatch starts through the work listener, which the state manager calls once it commits. */
+  submit(req: CreateTaskRequest): Promise<SubmitResult> {
+    return this.opts.state.createTask(req);
   }
 
   status(taskId: string): Promise<TaskView | null> {

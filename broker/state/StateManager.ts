@@ -14,6 +14,7 @@
  *    SKIP LOCKED;
  *  - a transaction that still deadlocks is rolled back and run again.
  */
+import { randomUUID } from "node:crypto";
 import type pg from "pg";
 import {
   AckOutcomes,
@@ -234,6 +235,13 @@ export class StateManager {
   readonly workChannel: string;
   private readonly logger: Logger;
   private readonly queries: Readonly<Record<QueryName, Query>>;
+  /**
+   * Names this state manager in the notifications it sends, so that its own
+   * listeners skip them: they are woken directly once the change has committed
+   * (see wakeLocal), a round trip sooner, and exactly once.
+   */
+  private readonly origin = randomUUID();
+  private readonly localListeners = new Set<(notification: WorkNotification) => void>();
   /** Registered templates by id and by "namespace\0name\0version": versions are immutable, so this never goes stale. */
   private readonly templates = new Map<string, TemplateRecord>();
 
@@ -437,8 +445,9 @@ export class StateManager {
       requests.map((r) => r.priority ?? 0),
       requests.map((r) => r.idempotencyKey ?? null),
       this.workChannel,
-      JSON.stringify({ reason: "created" } satisfies WorkNotification),
+      this.notificationPayload("created"),
     ]);
+    if (rows.length > 0) this.wakeLocal({ reason: "created" });
     const inserted = new Set(rows.map((r) => r.id));
     if (inserted.size === requests.length) return ids.map((id) => ({ id, created: true }));
 
@@ -833,7 +842,7 @@ export class StateManager {
         task.id,
         "stepId" in target ? target.stepId : null,
         this.workChannel,
-        JSON.stringify({ reason: "retried" } satisfies WorkNotification),
+        this.notificationPayload("retried"),
       ]);
       if (rows.length === 0) {
         throw new StateError(
@@ -848,6 +857,7 @@ export class StateManager {
       };
     });
     this.logger.info({ target, retried: result.retried.length }, "retry");
+    if (result.readied.length > 0) this.wakeLocal({ reason: "retried" });
     return result;
   }
 
@@ -861,7 +871,7 @@ export class StateManager {
     stepId: string,
     output?: JsonValue,
   ): Promise<{ readied: ReadiedStep[]; finishedTasks: FinishedTask[] }> {
-    return await this.transaction("resolveStep", async (client) => {
+    const result = await this.transaction("resolveStep", async (client) => {
       const task = await this.lockTask(client, { stepId });
       if (task === undefined) throw new StateError("invalid_request", `no step ${stepId}`);
       if (task.state !== TaskStates.IN_PROGRESS && task.state !== TaskStates.ERROR) {
@@ -891,12 +901,14 @@ export class StateManager {
         step.id,
         output === undefined ? null : JSON.stringify(output),
         this.workChannel,
-        JSON.stringify({ reason: "resolved" } satisfies WorkNotification),
+        this.notificationPayload("resolved"),
       ]);
       const finishedTasks = await this.finalize(client, [task.id]);
       this.logger.info({ stepId, name: step.name, taskId: task.id }, "step resolved manually");
       return { readied: rows.filter((r) => r.kind === "readied").map(readied), finishedTasks };
     });
+    if (result.readied.length > 0) this.wakeLocal({ reason: "resolved" });
+    return result;
   }
 
   // ---------------------------------------------------------------- reads
@@ -997,9 +1009,11 @@ export class StateManager {
   // ---------------------------------------------------------------- notifications
 
   /**
-   * Calls `callback` whenever another process (or this one) creates a task,
-   * retries or resolves steps, so a broker picks up work it did not create.
-   * Uses one dedicated connection; the returned function stops listening and closes it.
+   * Calls `callback` whenever any process creates a task, retries or resolves
+   * steps, so a broker picks up work it did not create. Changes made through
+   * this state manager call it directly once committed; those of other
+   * processes (and other state managers) arrive by NOTIFY on one dedicated
+   * connection. The returned function stops listening and closes it.
    */
   async listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
     const client = this.db.newClient();
@@ -1010,6 +1024,8 @@ export class StateManager {
       let notification: WorkNotification = { reason: "created" };
       try {
         const parsed: unknown = JSON.parse(message.payload ?? "{}");
+        // Our own change: the listeners were called when it committed.
+        if (isJsonObject(parsed) && parsed.origin === this.origin) return;
         if (
           isJsonObject(parsed) &&
           (parsed.reason === "created" || parsed.reason === "retried" || parsed.reason === "resolved")
@@ -1019,20 +1035,39 @@ export class StateManager {
       } catch {
         // an unexpected payload still means "there may be work"
       }
-      try {
-        callback(notification);
-      } catch (thrown) {
-        this.logger.error({ err: coerceError(thrown) }, "work listener callback threw");
-      }
+      this.callListener(callback, notification);
     });
     await client.connect();
     await client.query(`listen ${channel}`);
+    this.localListeners.add(callback);
     let stopped = false;
     return async () => {
       if (stopped) return;
       stopped = true;
+      this.localListeners.delete(callback);
       await client.query(`unlisten ${channel}`).catch(() => undefined);
       await client.end();
     };
+  }
+
+  /** The NOTIFY payload of a change made here: its reason, and this state manager's origin. */
+  private notificationPayload(reason: WorkNotification["reason"]): string {
+    return JSON.stringify({ reason, origin: this.origin });
+  }
+
+  /** Tells this process's listeners about a change that has just committed. */
+  private wakeLocal(notification: WorkNotification): void {
+    for (const callback of this.localListeners) this.callListener(callback, notification);
+  }
+
+  private callListener(
+    callback: (notification: WorkNotification) => void,
+    notification: WorkNotification,
+  ): void {
+    try {
+      callback(notification);
+    } catch (thrown) {
+      this.logger.error({ err: coerceError(thrown) }, "work listener callback threw");
+    }
   }
 }

@@ -3,6 +3,7 @@ import { readFileSync } from "node:fs";
 import { Ajv2020 } from "ajv/dist/2020.js";
 import { TaskStates } from "../../protocol/constants";
 import { formatExplain } from "../../broker/state/explain";
+import { StateManager } from "../../broker/state/StateManager";
 import type { WorkNotification } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
 import { claim, createScenario, fail, succeed } from "../support/scenario";
@@ -128,8 +129,10 @@ describe("views: task_view, attempts, explain, notifications", () => {
     await assert.rejects(t.sm.explain("00000000-0000-4000-8000-000000000000"), /no task/);
   });
 
-  it("notifies listeners when another process creates work", async () => {
+  it("notifies listeners when another process creates work, and of its own changes once", async () => {
     const task = await createScenario(t.sm, [{ name: "a", retry: { max_attempts: 1 } }]);
+    // A second state manager on the same schema stands for another process: its changes arrive by NOTIFY.
+    const other = new StateManager(t.sm.db);
     const seen: WorkNotification[] = [];
     let wake: () => void = () => {};
     const stop = await t.sm.listenForWork((n) => {
@@ -139,18 +142,32 @@ describe("views: task_view, attempts, explain, notifications", () => {
     try {
       const next = (): Promise<void> => new Promise((resolve) => (wake = resolve));
       let arrived = next();
-      await t.sm.createTask({ ...task.template, context: {} });
+      await other.createTask({ ...task.template, context: {} });
       await arrived;
       assert.deepEqual(seen, [{ reason: "created" }]);
+
+      // Our own change: the listener is called before createTask returns, and its NOTIFY is skipped.
+      await t.sm.createTask({ ...task.template, context: {} });
+      assert.deepEqual(seen.length, 2);
+      // Notifications arrive in commit order: had our own echo not been skipped, it would come before this one.
+      arrived = next();
+      await other.createTask({ ...task.template, context: {} });
+      await arrived;
+      assert.equal(seen.length, 3);
+
       const [a] = await claim(t.sm, task, ["a"]);
       assert.ok(a);
       await fail(t.sm, a);
       arrived = next();
-      await t.sm.retry({ stepId: a.step_id });
+      await other.retry({ stepId: a.step_id });
       await arrived;
       assert.deepEqual(seen.at(-1), { reason: "retried" });
+      assert.equal(seen.length, 4);
     } finally {
       await stop();
     }
+    // Stopped: neither path calls it any more.
+    await t.sm.createTask({ ...task.template, context: {} });
+    assert.equal(seen.length, 4);
   });
 });
