@@ -180,12 +180,19 @@ async function main(): Promise<void> {
     const results: LanguageResult[] = [];
     if (!values["no-node"]) {
       log(`node: ${tasks} one-step tasks (bench/stepbroker.ts)`);
-      const node = await measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, maxSeconds, log });
+      const node = await measureStepbroker({
+        databaseUrl: url,
+        shape: "one-step",
+        tasks,
+        capacity,
+        maxSeconds,
+        log,
+      });
       rows.push([
         "node",
         `${node.steps} one-step tasks`,
         String(node.stepsPerSecond),
-        "1 Node pool over tcp, capacity 256, json",
+        `1 Node pool over tcp, capacity ${capacity}, json`,
       ]);
     }
     for (const pool of pools) {

@@ -5,7 +5,8 @@
  * phase is bounded in time; a phase that fails becomes a row with its error
  * and the run goes on (the exit code is then 1). Prints a table; with --json,
  * one JSON object with every figure on the last line.
- *   npm run bench -- [--tasks 30000] [--seconds 30] [--history 1000000] [--quick] [--json] [--no-peers] [--no-claims]
+ *   npm run bench -- [--tasks 30000] [--seconds 30] [--capacity 2048] [--history 1000000] [--quick] [--json]
+ *     [--no-peers] [--no-claims]
  * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history).
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
@@ -24,6 +25,7 @@ const { values } = parseArgs({
   options: {
     tasks: { type: "string" },
     seconds: { type: "string" },
+    capacity: { type: "string" },
     history: { type: "string" },
     quick: { type: "boolean" },
     json: { type: "boolean" },
@@ -39,6 +41,8 @@ function positiveInt(name: string, given: string | undefined, fallback: number):
 }
 const tasks = positiveInt("tasks", values.tasks, quick ? 2000 : 30_000);
 const seconds = positiveInt("seconds", values.seconds, quick ? 10 : 30);
+// The Node pool's capacity: the stepbroker counterpart of the peers' tuned batch and concurrency settings.
+const capacity = positiveInt("capacity", values.capacity, 2048);
 const history = positiveInt("history", values.history, quick ? 50_000 : 1_000_000);
 const peerJobs = Math.min(tasks, 20_000);
 const claimsReady = quick ? 2000 : 20_000;
@@ -146,7 +150,7 @@ async function main(): Promise<number> {
     const bound = seconds * 3 + 120; // the phase's own bound, plus setup and teardown
     log(`stepbroker: ${tasks} one-step tasks`);
     const one = await phase("stepbroker one-step", bound, () =>
-      measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, maxSeconds: seconds, log }),
+      measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, capacity, maxSeconds: seconds, log }),
     );
     const diamondTasks = Math.max(1, Math.round(tasks / 4));
     log(`stepbroker: ${diamondTasks} diamond tasks`);
@@ -155,6 +159,7 @@ async function main(): Promise<number> {
         databaseUrl: url,
         shape: "diamond",
         tasks: diamondTasks,
+        capacity,
         maxSeconds: seconds,
         log,
       }),
@@ -166,6 +171,7 @@ async function main(): Promise<number> {
         databaseUrl: url,
         shape: "diamond",
         tasks: loneTasks,
+        capacity,
         maxSeconds: seconds,
         sequential: true,
         log,
@@ -241,7 +247,7 @@ function report(r: {
     sbRow(
       r.one,
       (v) => `${v.steps} one-step tasks`,
-      () => "1 Node pool over tcp, capacity 256",
+      (v) => `1 Node pool over tcp, capacity ${v.capacity}`,
     ),
     sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
@@ -313,6 +319,7 @@ function report(r: {
         settings: {
           tasks,
           seconds,
+          capacity,
           peerJobs,
           history,
           claimsReady,
