@@ -498,7 +498,7 @@ export class Broker {
    * Stores a batch of results. When they may make children ready, as much of
    * one pool's credit as there are such children is set aside, and the same
    * transaction claims the children for that pool (complete_results in
-   * migration 0006): a child then reaches a pool without a second trip to the
+   * migrations 0006 and 0008): a child then reaches a pool without a second trip to the
    * database after its parent's result.
    */
   private async commitBatch(items: PendingResult[]): Promise<CommittedBatch> {

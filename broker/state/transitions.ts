@@ -4,7 +4,9 @@
  * checks the two lists agree.
  *
  * Step:
- *  pending            -> ready (last parent finished), cancelled, resolved_manually (operator, when blocked)
+ *  pending            -> ready (last parent finished), cancelled, resolved_manually (operator, when blocked),
+ *                        in_progress (last parent finished and claimed in the same update, with that
+ *                        parent's result: recorded as the two transitions pending -> ready -> in_progress)
  *  ready              -> in_progress (claimed), cancelled
  *  in_progress        -> complete (result stored with its output), ready (retry, release, expiry),
  *                        error (permanent error, attempts exhausted), cancelled
@@ -23,7 +25,7 @@ const S = StepStates;
 const T = TaskStates;
 
 export const STEP_MOVES: Readonly<Record<StepState, readonly StepState[]>> = {
-  [S.PENDING]: [S.READY, S.CANCELLED, S.RESOLVED_MANUALLY],
+  [S.PENDING]: [S.READY, S.IN_PROGRESS, S.CANCELLED, S.RESOLVED_MANUALLY],
   [S.READY]: [S.IN_PROGRESS, S.CANCELLED],
   [S.IN_PROGRESS]: [S.COMPLETE, S.READY, S.ERROR, S.CANCELLED],
   [S.COMPLETE]: [],

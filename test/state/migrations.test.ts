@@ -155,5 +155,22 @@ describe("migrations", () => {
       /task_transitions_most_recent/,
       "a second most_recent row for one task",
     );
+
+    // A pending step may go straight to in_progress (readied and claimed in one update) only once
+    // no parent is unfinished.
+    const [running] = await t.sql<{ id: string }>(
+      `insert into tasks (id, template_id, state, context) values (gen_random_uuid(), $1, 'in_progress', '{}') returning id`,
+      [tpl?.id],
+    );
+    const [waiting] = await t.sql<{ id: string }>(
+      `insert into steps (id, task_id, position, name, handler, config, state, max_attempts, retryable,
+                          backoff_initial_ms, backoff_multiplier, backoff_max_ms, backoff_jitter, timeout_ms, pending_parents)
+       values (gen_random_uuid(), $1, 0, 's', 'h', '{}', 'pending', 1, true, 0, 1, 0, 0, 1000, 1) returning id`,
+      [running?.id],
+    );
+    const claim = `update steps set state = 'in_progress', pending_parents = $2, lease_attempt_id = gen_random_uuid(),
+                   lease_expires_at = now() + interval '1 minute' where id = $1`;
+    await assert.rejects(t.sql(claim, [waiting?.id, 1]), /steps_in_progress_has_no_pending_parents/);
+    await t.sql(claim, [waiting?.id, 0]);
   });
 });
