@@ -17,6 +17,7 @@ import {
   type Encoding,
 } from "./constants";
 import { fault, type ProtocolFault } from "./errors";
+import { firstInvalidUtf8String } from "./msgpackStrings";
 import { validateBody } from "./validate";
 import type { BodyOf, Message } from "./bodies";
 
@@ -122,7 +123,9 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
     return { ok: false, fault: fault("undecodable_body", "The body is not an object", extra) };
   }
   if (encoding === Encodings.MSGPACK) {
-    const problem = plainDataProblem(value);
+    const badString = firstInvalidUtf8String(buf);
+    const problem =
+      badString >= 0 ? `a string that is not UTF-8 (at byte ${badString})` : plainDataProblem(value);
     if (problem)
       return {
         ok: false,

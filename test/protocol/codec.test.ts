@@ -18,6 +18,7 @@ import {
   type CommandName,
 } from "../../protocol/constants";
 import { decodeMessage, encodeBody, encodeMessage, sniffEncoding, type Decoded } from "../../protocol/codec";
+import { firstInvalidUtf8String } from "../../protocol/msgpackStrings";
 
 const VECTOR_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "protocol", "vectors");
 const SIG = Buffer.from(SIGNATURE);
@@ -530,6 +531,40 @@ describe("protocol codec", () => {
       const packed = recordPackr.pack(body);
       assert.throws(() => strictUnpack(packed), /not allowed/);
       assert.doesNotThrow(() => strictUnpack(encodeBody(body, "msgpack")));
+    });
+  });
+
+  describe("MessagePack strings must be UTF-8", () => {
+    // moreTypes: a Date becomes an extension (timestamp): the walk must step over it and over bin.
+    const packr = new Packr({ useRecords: false, moreTypes: true });
+    const sizes = [3, 40, 300, 70_000]; // fixstr, str8, str16, str32
+
+    it("finds no fault in valid strings of every size, beside bin, ext, arrays and maps", () => {
+      for (const n of sizes) {
+        const value = {
+          bin: Buffer.from([0xff, 0xa1, 0xff]),
+          when: new Date(0),
+          list: [1, -1, 1.5, 2 ** 40, null, true, "a".repeat(n) + "é"],
+          nested: { ["k".repeat(n)]: "ü".repeat(n) },
+        };
+        assert.equal(firstInvalidUtf8String(packr.pack(value)), -1, `strings of ${n} bytes`);
+      }
+    });
+
+    it("finds the string whose bytes are not UTF-8, at every size, after bin and ext values", () => {
+      for (const n of sizes) {
+        const buf = packr.pack({
+          bin: Buffer.from([0xc3, 0xa9]),
+          when: new Date(0),
+          list: [1, { s: "a".repeat(n) + "é" }],
+        });
+        // the last é (0xC3 0xA9) is the string's; 0xFF can start no UTF-8 sequence
+        const at = buf.lastIndexOf(Buffer.from("é"));
+        buf[at] = 0xff;
+        assert.ok(firstInvalidUtf8String(buf) >= 0, `a bad string of ${n} bytes`);
+        const decoded = decodeMessage([Buffer.from(SIGNATURE), Buffer.from("HEARTBEAT"), buf]);
+        assert.equal(decoded.ok ? "ok" : decoded.fault.code, "undecodable_body");
+      }
     });
   });
 });
