@@ -14,16 +14,18 @@
  * `npm run bench`). Needs scripts/setup-python.sh and scripts/setup-ruby.sh to
  * have been run; a language that is not set up is reported and left out.
  */
-import { spawn, spawnSync } from "node:child_process";
-import fs from "node:fs/promises";
+import { spawnSync } from "node:child_process";
 import os from "node:os";
 import path from "node:path";
-import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
-import { pino } from "pino";
-import { Broker } from "../broker/Broker";
-import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
-import { countCommits, createTasksInBatches, dropBenchSchema, openBenchState } from "./commitCounter";
+import {
+  countCommits,
+  createTasksInBatches,
+  dropBenchSchema,
+  openBenchDatabase,
+  openBenchState,
+  startBrokerAndPool,
+} from "./harness";
 import { measureStepbroker } from "./stepbroker";
 
 const ROOT = path.join(import.meta.dirname, "..");
@@ -63,42 +65,24 @@ async function measureLanguage(opts: {
 }): Promise<LanguageResult> {
   const log = opts.log ?? (() => undefined);
   const sm = await openBenchState(opts.databaseUrl, SCHEMA);
-  const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
   try {
     await sm.registerTemplate(TEMPLATE);
     log(`creating ${opts.tasks} one-step tasks up front…`);
     await createTasksInBatches(sm, opts.tasks, "bench", "one");
     const counter = countCommits(sm, opts.tasks);
 
-    const broker = new Broker({
-      endpoints: ["tcp://127.0.0.1:*"],
-      state: counter.state,
-      brokerId: "bench",
-      logger: quiet,
-      pollMs: 200,
-    });
-    await broker.start();
-    const child = spawn(opts.pool.cmd, opts.pool.args(broker.endpoints[0]!), {
+    const run = await startBrokerAndPool(counter.state, {
+      label: opts.pool.language,
+      cmd: opts.pool.cmd,
+      args: opts.pool.args,
       cwd: ROOT,
-      stdio: ["ignore", "pipe", "inherit"],
     });
-    const exited = new Promise<void>((r) => child.once("exit", () => r()));
     try {
-      await new Promise<void>((resolve, reject) => {
-        createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
-        child.once("exit", (code) =>
-          reject(new Error(`${opts.pool.language} bench pool exited with ${code}`)),
-        );
-      });
       const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
       await counter.done;
       clearTimeout(timer);
     } finally {
-      child.kill("SIGTERM");
-      const force = setTimeout(() => child.kill("SIGKILL"), 10_000);
-      await exited;
-      clearTimeout(force);
-      await broker.stop({ drainMs: 1000 });
+      await run.stop();
     }
     return {
       language: opts.pool.language,
@@ -165,17 +149,9 @@ async function main(): Promise<void> {
     });
   } else log("ruby: ruby with ffi-rzmq and msgpack is missing; run scripts/setup-ruby.sh (left out)");
 
-  let server: EmbeddedServer | undefined;
-  let dir: string | undefined;
-  let url = process.env.DATABASE_URL ?? "";
+  const database = await openBenchDatabase(log);
+  const url = database.url;
   try {
-    if (!url) {
-      dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
-      await fs.chmod(dir, 0o755);
-      log("starting an embedded PostgreSQL (durable commits, default settings)");
-      server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
-      url = server.url;
-    }
     const rows: [string, string, string, string][] = [["pool", "work", "steps/s", "notes"]];
     const results: LanguageResult[] = [];
     if (!values["no-node"]) {
@@ -214,8 +190,7 @@ async function main(): Promise<void> {
     if (values.json)
       process.stdout.write(JSON.stringify({ languages: results, cores: os.cpus().length }) + "\n");
   } finally {
-    await server?.stop();
-    if (dir) await fs.rm(dir, { recursive: true, force: true });
+    await database.close();
   }
 }
 

@@ -10,11 +10,9 @@
  * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history).
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
-import fs from "node:fs/promises";
 import os from "node:os";
-import path from "node:path";
 import { parseArgs } from "node:util";
-import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { type BenchDatabase, openBenchDatabase } from "./harness";
 import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
 import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
@@ -101,7 +99,8 @@ async function phase<T>(label: string, boundSeconds: number, run: () => Promise<
 
 // ------------------------------------------------------------ cleanup on any exit
 
-let server: EmbeddedServer | undefined;
+let database: BenchDatabase | undefined;
+/** The embedded server's temp directory, for the exit hook; cleared once close() has removed it. */
 let dir: string | undefined;
 
 /**
@@ -137,16 +136,10 @@ interface PeerRow {
 }
 
 async function main(): Promise<number> {
-  let url = process.env.DATABASE_URL ?? "";
   const startedAt = Date.now();
   try {
-    if (!url) {
-      dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
-      await fs.chmod(dir, 0o755);
-      log("starting an embedded PostgreSQL (durable commits, default settings)");
-      server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
-      url = server.url;
-    }
+    database = await openBenchDatabase(log, (d) => (dir = d));
+    const url = database.url;
     const bound = seconds * 3 + 120; // the phase's own bound, plus setup and teardown
     log(`stepbroker: ${tasks} one-step tasks`);
     const one = await phase("stepbroker one-step", bound, () =>
@@ -216,8 +209,7 @@ async function main(): Promise<number> {
     return failed ? 1 : 0;
   } finally {
     current = "shutdown";
-    await server?.stop().catch((err: unknown) => log(`stopping PostgreSQL failed: ${describe(err)}`));
-    if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true });
+    await database?.close();
     dir = undefined;
   }
 }
@@ -309,7 +301,7 @@ function report(r: {
     .join(" ");
   process.stdout.write(
     `${os.cpus().length} cores, load average ${load}, ${Math.round((Date.now() - r.startedAt) / 1000)} s in all` +
-      `; PostgreSQL ${server ? "embedded, default (durable) settings" : "from DATABASE_URL"}\n`,
+      `; PostgreSQL ${database?.server ? "embedded, default (durable) settings" : "from DATABASE_URL"}\n`,
   );
   if (values.json) {
     const value = <T>(o: Outcome<T> | undefined): T | { error: string } | null =>
@@ -324,7 +316,7 @@ function report(r: {
           history,
           claimsReady,
           quick,
-          database: server ? "embedded" : "DATABASE_URL",
+          database: database?.server ? "embedded" : "DATABASE_URL",
         },
         stepbroker: {
           one_step: value(r.one),

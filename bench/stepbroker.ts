@@ -5,12 +5,14 @@
  * to the last; latency is from the start of a parent's commit transaction
  * (its finished_at) to its child's arrival at the pool.
  */
-import { spawn } from "node:child_process";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
-import { pino } from "pino";
-import { Broker } from "../broker/Broker";
-import { countCommits, createTasksInBatches, dropBenchSchema, openBenchState } from "./commitCounter";
+import {
+  countCommits,
+  createTasksInBatches,
+  dropBenchSchema,
+  openBenchState,
+  startBrokerAndPool,
+} from "./harness";
 
 export interface StepbrokerResult {
   shape: "one-step" | "diamond";
@@ -60,7 +62,6 @@ export async function measureStepbroker(opts: {
 }): Promise<StepbrokerResult> {
   const log = opts.log ?? (() => undefined);
   const sm = await openBenchState(opts.databaseUrl, SCHEMA);
-  const quiet = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
   for (const t of TEMPLATES) await sm.registerTemplate(t);
   const name = opts.shape === "one-step" ? "one" : "diamond";
   const stepsPerTask = opts.shape === "one-step" ? 1 : 4;
@@ -68,24 +69,16 @@ export async function measureStepbroker(opts: {
   if (!opts.sequential) await createTasksInBatches(sm, opts.tasks, "bench", name);
   const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
-  const broker = new Broker({
-    endpoints: ["tcp://127.0.0.1:*"],
-    state: counter.state,
-    brokerId: "bench",
-    logger: quiet,
-    pollMs: 200,
-  });
-  await broker.start();
-  const child = spawn(
-    process.execPath,
-    ["--import", "tsx", join(import.meta.dirname, "pool.ts"), broker.endpoints[0]!, String(opts.capacity)],
-    {
-      stdio: ["ignore", "pipe", "inherit"],
-    },
-  );
-  await new Promise<void>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
-    child.once("exit", (code) => reject(new Error(`bench pool exited with ${code}`)));
+  const { broker, stop } = await startBrokerAndPool(counter.state, {
+    label: "node",
+    cmd: process.execPath,
+    args: (endpoint) => [
+      "--import",
+      "tsx",
+      join(import.meta.dirname, "pool.ts"),
+      endpoint,
+      String(opts.capacity),
+    ],
   });
   const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
   if (opts.sequential) {
@@ -106,8 +99,7 @@ export async function measureStepbroker(opts: {
     seconds: counter.seconds(),
     stepsPerSecond: counter.stepsPerSecond(),
   };
-  child.kill("SIGTERM");
-  await broker.stop({ drainMs: 1000 });
+  await stop();
 
   if (opts.shape === "diamond") {
     const { rows } = await sm.db.pool.query<{ latency: number }>(

@@ -1,0 +1,185 @@
+/**
+ * What the end-to-end benchmarks share: creating tasks up front in batches,
+ * counting committed results as the broker sees them, without polling the
+ * database (the first commit starts the clock, so it is not counted in the
+ * rate), the database a run uses, and starting the broker with one pool
+ * process.
+ */
+import { spawn } from "node:child_process";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import pg from "pg";
+import { pino } from "pino";
+import { Broker } from "../broker/Broker";
+import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { openDatabase } from "../broker/db/openDatabase";
+import { StateManager } from "../broker/state/StateManager";
+import type { CreateTaskRequest } from "../broker/state/types";
+
+/** Drops a benchmark's schema (its name is a constant of the benchmark, never input). */
+export async function dropBenchSchema(url: string, schema: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  await c.query(`drop schema if exists ${schema} cascade`);
+  await c.end();
+}
+
+/** A fresh, migrated schema for one measurement, with a quiet logger. */
+export async function openBenchState(url: string, schema: string): Promise<StateManager> {
+  await dropBenchSchema(url, schema);
+  const logger = pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" });
+  const db = await openDatabase({ databaseUrl: url, schema, poolSize: 12, logger });
+  const sm = new StateManager(db);
+  await sm.migrate();
+  return sm;
+}
+
+export async function createTasksInBatches(
+  sm: StateManager,
+  count: number,
+  namespace: string,
+  name: string,
+): Promise<void> {
+  for (let i = 0; i < count; i += 5000) {
+    const batch: CreateTaskRequest[] = [];
+    for (let j = i; j < Math.min(count, i + 5000); j++) batch.push({ namespace, name, context: { n: j } });
+    await sm.createTasks(batch);
+  }
+}
+
+export interface CommitCounter {
+  /** The state manager to give the broker: the real one, with completions counted. */
+  readonly state: StateManager;
+  /** Resolves once `total` results are stored, or when finish() is called. */
+  readonly done: Promise<void>;
+  finish(): void;
+  stored(): number;
+  seconds(): number;
+  stepsPerSecond(): number;
+}
+
+export function countCommits(sm: StateManager, total: number): CommitCounter {
+  let stored = 0;
+  let first = 0;
+  let last = 0;
+  let finish: () => void = () => undefined;
+  const done = new Promise<void>((r) => (finish = r));
+  const counting = Object.create(sm) as StateManager;
+  counting.completeAttempts = async (results, claim) => {
+    const out = await sm.completeAttempts(results, claim);
+    const now = performance.now();
+    if (first === 0) first = now;
+    last = now;
+    stored += out.outcomes.filter((o) => o.outcome === "stored").length;
+    if (stored >= total) finish();
+    return out;
+  };
+  const seconds = () => (last - first) / 1000;
+  return {
+    state: counting,
+    done,
+    finish: () => finish(),
+    stored: () => stored,
+    seconds: () => Math.round(seconds() * 100) / 100,
+    stepsPerSecond: () => Math.round(Math.max(0, stored - 1) / Math.max(seconds(), 1e-3)),
+  };
+}
+
+export interface BenchPool {
+  /** Names the pool in errors: "node", "python", "ruby". */
+  label: string;
+  cmd: string;
+  args: (endpoint: string) => string[];
+  cwd?: string;
+}
+
+export interface BenchRun {
+  broker: Broker;
+  /** Ends the pool (SIGTERM, then SIGKILL after 10 s) and then stops the broker. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a broker on tcp loopback over `state` (the counting one) and the pool
+ * process `cmd args(endpoint)`, and resolves once the pool prints READY. A pool
+ * that exits first rejects, with the broker already stopped.
+ */
+export async function startBrokerAndPool(state: StateManager, pool: BenchPool): Promise<BenchRun> {
+  const broker = new Broker({
+    endpoints: ["tcp://127.0.0.1:*"],
+    state,
+    brokerId: "bench",
+    logger: pino({ level: process.env.BENCH_LOG_LEVEL ?? "warn" }),
+    pollMs: 200,
+  });
+  await broker.start();
+  const child = spawn(pool.cmd, pool.args(broker.endpoints[0]!), {
+    ...(pool.cwd !== undefined ? { cwd: pool.cwd } : {}),
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const exited = new Promise<void>((r) => child.once("exit", () => r()));
+  const stop = async (): Promise<void> => {
+    child.kill("SIGTERM");
+    const force = setTimeout(() => child.kill("SIGKILL"), 10_000);
+    await exited;
+    clearTimeout(force);
+    await broker.stop({ drainMs: 1000 });
+  };
+  try {
+    await new Promise<void>((resolve, reject) => {
+      createInterface({ input: child.stdout! }).on("line", (l) => l.startsWith("READY") && resolve());
+      child.once("exit", (code) => reject(new Error(`${pool.label} bench pool exited with ${code}`)));
+    });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { broker, stop };
+}
+
+export interface BenchDatabase {
+  url: string;
+  /** The embedded server, when DATABASE_URL was not set and this run started one. */
+  server?: EmbeddedServer;
+  /** Stops the embedded server, if any, and removes its temp directory. */
+  close(): Promise<void>;
+}
+
+/**
+ * DATABASE_URL when set; otherwise an embedded PostgreSQL (durable commits,
+ * default settings) in a fresh temp directory. `onTempDir` hears of that
+ * directory as soon as it exists, so an exit hook can remove it.
+ */
+export async function openBenchDatabase(
+  log: (line: string) => void,
+  onTempDir?: (dir: string) => void,
+): Promise<BenchDatabase> {
+  const given = process.env.DATABASE_URL ?? "";
+  if (given) return { url: given, close: async () => undefined };
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
+  onTempDir?.(dir);
+  const removeDir = () => fs.rm(dir, { recursive: true, force: true });
+  let server: EmbeddedServer;
+  try {
+    await fs.chmod(dir, 0o755);
+    log("starting an embedded PostgreSQL (durable commits, default settings)");
+    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+  } catch (err) {
+    await removeDir();
+    throw err;
+  }
+  return {
+    url: server.url,
+    server,
+    close: async () => {
+      await server
+        .stop()
+        .catch((err: unknown) =>
+          log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
+        );
+      await removeDir();
+    },
+  };
+}
