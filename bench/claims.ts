@@ -19,6 +19,7 @@ import { pathToFileURL } from "node:url";
 import pg from "pg";
 import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
+import { startFromCheckpoint } from "./checkpoint";
 
 export const CLAIMS_SCHEMA = "bench_claims";
 const BROKER_ID = "bench-claims";
@@ -282,6 +283,7 @@ export async function measureClaims(opts: ClaimsOptions): Promise<ClaimsResult> 
     log(`claims: ${ready} ready one-step tasks, empty history`);
     await createReady(sm, ready, 0);
     await sm.db.pool.query("vacuum analyze");
+    await startFromCheckpoint(sm.db.pool, log);
     const empty = await drain(sm, ready, 0, opts.maxSeconds);
     log(`claims: empty history: ${empty.stepsPerSecond} steps/s`);
 
@@ -295,6 +297,7 @@ export async function measureClaims(opts: ClaimsOptions): Promise<ClaimsResult> 
     log(`claims: ${ready} ready one-step tasks, ${historySteps} finished steps of history`);
     await createReady(sm, ready, ready);
     await sm.db.pool.query("vacuum analyze");
+    await startFromCheckpoint(sm.db.pool, log);
     const withHistory = await drain(sm, ready, historySteps, opts.maxSeconds);
     log(`claims: with history: ${withHistory.stepsPerSecond} steps/s`);
 

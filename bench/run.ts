@@ -6,7 +6,7 @@
  * and the run goes on (the exit code is then 1). Prints a table; with --json,
  * one JSON object with every figure on the last line.
  *   npm run bench -- [--tasks 30000] [--seconds 30] [--capacity 2048] [--history 1000000] [--quick] [--json]
- *     [--no-peers] [--no-claims]
+ *     [--no-peers] [--no-claims] [--no-floor]
  * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history).
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
@@ -14,6 +14,7 @@ import os from "node:os";
 import { parseArgs } from "node:util";
 import { type BenchDatabase, openBenchDatabase } from "./harness";
 import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
+import { type FloorPhase, type FloorResult, measureFloor } from "./floor";
 import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
 import type { PeerOptions, PeerResult } from "./peers/types";
@@ -29,6 +30,7 @@ const { values } = parseArgs({
     json: { type: "boolean" },
     "no-peers": { type: "boolean" },
     "no-claims": { type: "boolean" },
+    "no-floor": { type: "boolean" },
   },
 });
 const quick = values.quick === true;
@@ -171,6 +173,14 @@ async function main(): Promise<number> {
       }),
     );
 
+    let floor: Outcome<FloorResult> | undefined;
+    if (!values["no-floor"]) {
+      log(`the database alone: ${tasks} one-step tasks, bare writes and then the state manager`);
+      floor = await phase("database alone", bound * 2, () =>
+        measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, log }),
+      );
+    }
+
     const peers: PeerRow[] = [];
     if (!values["no-peers"]) {
       const measures: [string, (o: PeerOptions) => Promise<PeerResult>][] = [
@@ -202,9 +212,9 @@ async function main(): Promise<number> {
       );
     }
 
-    report({ one, diamond, lone, peers, claims, startedAt });
+    report({ one, diamond, lone, floor, peers, claims, startedAt });
     const failed =
-      [one, diamond, lone, ...(claims ? [claims] : [])].some((o) => !o.ok) ||
+      [one, diamond, lone, ...(floor ? [floor] : []), ...(claims ? [claims] : [])].some((o) => !o.ok) ||
       peers.some((p) => p.error !== undefined);
     return failed ? 1 : 0;
   } finally {
@@ -214,10 +224,34 @@ async function main(): Promise<number> {
   }
 }
 
+/** The two "database alone" rows: what the end-to-end one-step figure could reach at most on this machine. */
+function floorRows(floor: Outcome<FloorResult> | undefined): [string, string, string, string][] {
+  if (floor === undefined) return [];
+  if (!floor.ok) return [["database alone", "-", "FAILED", floor.error]];
+  const f = floor.value;
+  const how = `${f.connections} connections, batches of ${f.batch}, no sockets`;
+  const bound = (p: FloorPhase) => (p.timedOut ? `; bound of ${seconds}s hit` : "");
+  return [
+    [
+      "write floor",
+      `${f.writeFloor.steps} one-step tasks`,
+      String(f.writeFloor.stepsPerSecond),
+      `bare SQL of the rows a one-step task must write, ${how}${bound(f.writeFloor)}`,
+    ],
+    [
+      "state manager",
+      `${f.stateManager.steps} one-step tasks`,
+      String(f.stateManager.stepsPerSecond),
+      `claimSteps + completeAttempts, ${how}${bound(f.stateManager)}`,
+    ],
+  ];
+}
+
 function report(r: {
   one: Outcome<StepbrokerResult>;
   diamond: Outcome<StepbrokerResult>;
   lone: Outcome<StepbrokerResult>;
+  floor: Outcome<FloorResult> | undefined;
   peers: PeerRow[];
   claims: Outcome<ClaimsResult> | undefined;
   startedAt: number;
@@ -243,6 +277,7 @@ function report(r: {
     ),
     sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
+    ...floorRows(r.floor),
     ...r.peers.map((p): Row =>
       p.result !== undefined
         ? [
@@ -323,6 +358,7 @@ function report(r: {
           diamond: value(r.diamond),
           diamond_one_at_a_time: value(r.lone),
         },
+        database_alone: value(r.floor),
         peers: r.peers.map((p) => p.result ?? { name: p.name, error: p.error }),
         ratios: { stepbroker_one_step_over: ratios },
         claims: value(r.claims),

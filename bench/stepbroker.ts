@@ -6,6 +6,7 @@
  * (its finished_at) to its child's arrival at the pool.
  */
 import { join } from "node:path";
+import { startFromCheckpoint } from "./checkpoint";
 import {
   countCommits,
   createTasksInBatches,
@@ -67,6 +68,7 @@ export async function measureStepbroker(opts: {
   const stepsPerTask = opts.shape === "one-step" ? 1 : 4;
   log(`creating ${opts.sequential ? 0 : opts.tasks} ${opts.shape} tasks up front…`);
   if (!opts.sequential) await createTasksInBatches(sm, opts.tasks, "bench", name);
+  await startFromCheckpoint(sm.db.pool, log);
   const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
   const { broker, stop } = await startBrokerAndPool(counter.state, {

@@ -5,6 +5,7 @@
  */
 import { Logger, makeWorkerUtils, run, type Runner } from "graphile-worker";
 import pg from "pg";
+import { startFromCheckpoint } from "../checkpoint";
 import { installedVersion, quoteIdent, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
@@ -85,6 +86,7 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       `graphile-worker: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`,
     );
 
+    await startFromCheckpoint(probe, log);
     const startedAt = performance.now();
     runner = await run({
       pgPool: pool,

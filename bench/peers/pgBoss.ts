@@ -15,6 +15,7 @@
  */
 import PgBoss from "pg-boss";
 import pg from "pg";
+import { startFromCheckpoint } from "../checkpoint";
 import { installedVersion, quoteIdent, sleep, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
@@ -112,6 +113,7 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
       `pg-boss: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`,
     );
 
+    await startFromCheckpoint(probe, log);
     const startedAt = performance.now();
     working = true;
     for (let i = 0; i < workers; i++) {
