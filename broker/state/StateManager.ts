@@ -36,6 +36,7 @@ import { StateError } from "./errors";
 import { type ExplainInput, explainSteps, failedAncestors } from "./explain";
 import { TemplateError, TemplateErrorCodes, validateTemplate } from "./templates";
 import { AttemptEndings, TransitionEvents } from "./transitions";
+import { listenReconnecting } from "./workListener";
 import type {
   AdoptedAttempt,
   AttemptOutcome,
@@ -1013,40 +1014,42 @@ export class StateManager {
    * steps, so a broker picks up work it did not create. Changes made through
    * this state manager call it directly once committed; those of other
    * processes (and other state managers) arrive by NOTIFY on one dedicated
-   * connection. The returned function stops listening and closes it.
+   * connection, which is reopened if it drops (then `reconnected` says that
+   * some may have been missed). The returned function stops listening and
+   * closes it.
    */
   async listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
-    const client = this.db.newClient();
-    const channel = quoteIdentifier(this.workChannel, "work channel");
-    client.on("error", (err) => this.logger.warn({ err }, "work listener connection failed"));
-    client.on("notification", (message) => {
-      if (message.channel !== this.workChannel) return;
-      let notification: WorkNotification = { reason: "created" };
-      try {
-        const parsed: unknown = JSON.parse(message.payload ?? "{}");
-        // Our own change: the listeners were called when it committed.
-        if (isJsonObject(parsed) && parsed.origin === this.origin) return;
-        if (
-          isJsonObject(parsed) &&
-          (parsed.reason === "created" || parsed.reason === "retried" || parsed.reason === "resolved")
-        ) {
-          notification = { reason: parsed.reason };
+    const stopListening = await listenReconnecting({
+      newClient: () => this.db.newClient(),
+      channelSql: quoteIdentifier(this.workChannel, "work channel"),
+      channel: this.workChannel,
+      logger: this.logger,
+      onPayload: (payload) => {
+        let notification: WorkNotification = { reason: "created" };
+        try {
+          const parsed: unknown = JSON.parse(payload ?? "{}");
+          // Our own change: the listeners were called when it committed.
+          if (isJsonObject(parsed) && parsed.origin === this.origin) return;
+          if (
+            isJsonObject(parsed) &&
+            (parsed.reason === "created" || parsed.reason === "retried" || parsed.reason === "resolved")
+          ) {
+            notification = { reason: parsed.reason };
+          }
+        } catch {
+          // an unexpected payload still means "there may be work"
         }
-      } catch {
-        // an unexpected payload still means "there may be work"
-      }
-      this.callListener(callback, notification);
+        this.callListener(callback, notification);
+      },
+      onReconnect: () => this.callListener(callback, { reason: "reconnected" }),
     });
-    await client.connect();
-    await client.query(`listen ${channel}`);
     this.localListeners.add(callback);
     let stopped = false;
     return async () => {
       if (stopped) return;
       stopped = true;
       this.localListeners.delete(callback);
-      await client.query(`unlisten ${channel}`).catch(() => undefined);
-      await client.end();
+      await stopListening();
     };
   }
 

@@ -256,5 +256,6 @@ export interface ExplainRow {
 }
 
 export interface WorkNotification {
-  reason: "created" | "retried" | "resolved";
+  /** reconnected: the listening connection was lost and is back; work may have been created meanwhile. */
+  reason: "created" | "retried" | "resolved" | "reconnected";
 }

@@ -170,4 +170,46 @@ describe("views: task_view, attempts, explain, notifications", () => {
     await t.sm.createTask({ ...task.template, context: {} });
     assert.equal(seen.length, 4);
   });
+
+  it("listens again after its connection is cut, and says it may have missed work", async () => {
+    const task = await createScenario(t.sm, [{ name: "a" }]);
+    const other = new StateManager(t.sm.db);
+    const seen: WorkNotification[] = [];
+    let wake: () => void = () => {};
+    const next = (): Promise<void> => new Promise((resolve) => (wake = resolve));
+    const stop = await t.sm.listenForWork((n) => {
+      seen.push(n);
+      wake();
+    });
+    // The listening connection is the one whose last statement was LISTEN on this schema's channel.
+    const listening = `listen "${t.sm.workChannel}"`;
+    const cutListener = async (): Promise<boolean[]> =>
+      (
+        await t.sm.db.pool.query<{ ok: boolean }>(
+          "select pg_terminate_backend(pid) as ok from pg_stat_activity where query = $1 and pid <> pg_backend_pid()",
+          [listening],
+        )
+      ).rows.map((r) => r.ok);
+    try {
+      assert.deepEqual(await cutListener(), [true]);
+      let arrived = next();
+      await arrived;
+      assert.deepEqual(seen, [{ reason: "reconnected" }]);
+
+      // Listening again: another process's work arrives by NOTIFY as before.
+      arrived = next();
+      await other.createTask({ ...task.template, context: {} });
+      await arrived;
+      assert.deepEqual(seen.at(-1), { reason: "created" });
+
+      // Stopped while a reconnect is due: it never happens, and no connection is left listening.
+      assert.deepEqual(await cutListener(), [true]);
+    } finally {
+      await stop();
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const left = await t.sm.db.pool.query("select pid from pg_stat_activity where query = $1", [listening]);
+    assert.equal(left.rowCount, 0);
+    assert.equal(seen.length, 2);
+  });
 });
