@@ -9,12 +9,10 @@
  * BENCH_SYNCHRONOUS_COMMIT=off runs the embedded server with synchronous_commit=off, to see
  * how much of the small-batch figure is the WAL flush of each commit.
  */
-import fs from "node:fs/promises";
-import os from "node:os";
-import path from "node:path";
-import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
 import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
+import { startFromCheckpoint } from "./checkpoint";
+import { openBenchDatabase } from "./harness";
 
 const SECONDS = Number(process.argv[2] ?? 10);
 const BATCHES = [1, 100, 1000];
@@ -22,20 +20,13 @@ const BATCHES = [1, 100, 1000];
 const TASKS: Record<number, number> = { 1: 30_000, 100: 150_000, 1000: 300_000 };
 
 async function main(): Promise<void> {
-  let server: EmbeddedServer | undefined;
-  let dir: string | undefined;
-  let url = process.env.DATABASE_URL;
-  if (!url) {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
-    await fs.chmod(dir, 0o755);
-    const asynchronous = process.env.BENCH_SYNCHRONOUS_COMMIT === "off";
-    server = await startEmbeddedPostgres({
-      dataDir: path.join(dir, "pgdata"),
-      postgresFlags: asynchronous ? ["-c", "synchronous_commit=off"] : [],
-    });
-    console.log(`embedded PostgreSQL, synchronous_commit=${asynchronous ? "off" : "on (default)"}`);
-    url = server.url;
-  }
+  const asynchronous = process.env.BENCH_SYNCHRONOUS_COMMIT === "off";
+  const database = await openBenchDatabase(
+    (line) => console.log(line),
+    undefined,
+    asynchronous ? ["-c", "synchronous_commit=off"] : [],
+  );
+  const url = database.url;
   try {
     for (const batch of BATCHES) {
       const schema = `bench_completion_${batch}`;
@@ -61,6 +52,7 @@ async function main(): Promise<void> {
           );
         }
         await sm.db.pool.query("vacuum analyze");
+        await startFromCheckpoint(sm.db.pool, (line) => console.log(line));
 
         // WAL written per step: a measure of work that, unlike wall time, does not move with the machine's load.
         const walAt = async (): Promise<string> =>
@@ -112,8 +104,7 @@ async function main(): Promise<void> {
       }
     }
   } finally {
-    await server?.stop();
-    if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true });
+    await database.close();
   }
 }
 

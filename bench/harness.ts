@@ -149,12 +149,13 @@ export interface BenchDatabase {
 
 /**
  * DATABASE_URL when set; otherwise an embedded PostgreSQL (durable commits,
- * default settings) in a fresh temp directory. `onTempDir` hears of that
+ * default settings, unless `postgresFlags` say otherwise) in a fresh temp directory. `onTempDir` hears of that
  * directory as soon as it exists, so an exit hook can remove it.
  */
 export async function openBenchDatabase(
   log: (line: string) => void,
   onTempDir?: (dir: string) => void,
+  postgresFlags: string[] = [],
 ): Promise<BenchDatabase> {
   const given = process.env.DATABASE_URL ?? "";
   if (given) return { url: given, close: async () => undefined };
@@ -164,8 +165,10 @@ export async function openBenchDatabase(
   let server: EmbeddedServer;
   try {
     await fs.chmod(dir, 0o755);
-    log("starting an embedded PostgreSQL (durable commits, default settings)");
-    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+    log(
+      `starting an embedded PostgreSQL (${postgresFlags.length > 0 ? postgresFlags.join(" ") : "durable commits, default settings"})`,
+    );
+    server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata"), postgresFlags });
   } catch (err) {
     await removeDir();
     throw err;
