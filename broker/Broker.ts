@@ -247,6 +247,9 @@ export class Broker {
     await Promise.race([this.outbox.flushed(), sleep(500)]);
     await this.unlisten?.().catch(() => undefined);
     this.outbox.close();
+    // close() frees an endpoint only once libzmq's reaper thread gets to the socket, which on a busy
+    // machine can be after stop() returned; an unbind frees it before, so a new broker can bind it at once.
+    await Promise.all(this.boundEndpoints.map((ep) => this.socket.unbind(ep).catch(() => undefined)));
     this.socket.close();
     await this.zap?.close();
     this.state = "stopped";
