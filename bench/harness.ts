@@ -149,8 +149,9 @@ export interface BenchDatabase {
 
 /**
  * DATABASE_URL when set; otherwise an embedded PostgreSQL (durable commits,
- * default settings, unless `postgresFlags` say otherwise) in a fresh temp directory. `onTempDir` hears of that
- * directory as soon as it exists, so an exit hook can remove it.
+ * default settings, unless `postgresFlags` say otherwise) in a fresh temp
+ * directory. `onTempDir` hears of that directory as soon as it exists, so an
+ * exit hook can remove it.
  */
 export async function openBenchDatabase(
   log: (line: string) => void,

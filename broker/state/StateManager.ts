@@ -25,7 +25,6 @@ import {
   TaskStates,
 } from "../../protocol/constants";
 import { coerceError } from "../db/errors";
-import { quoteIdentifier } from "../db/identifiers";
 import type { Logger } from "../db/logger";
 import { migrateSchema } from "../db/migrate";
 import { type Database, type OpenDatabaseOptions, openDatabase } from "../db/openDatabase";
@@ -1021,7 +1020,6 @@ export class StateManager {
   async listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
     const stopListening = await listenReconnecting({
       newClient: () => this.db.newClient(),
-      channelSql: quoteIdentifier(this.workChannel, "work channel"),
       channel: this.workChannel,
       logger: this.logger,
       onPayload: (payload) => {
@@ -1044,10 +1042,7 @@ export class StateManager {
       onReconnect: () => this.callListener(callback, { reason: "reconnected" }),
     });
     this.localListeners.add(callback);
-    let stopped = false;
     return async () => {
-      if (stopped) return;
-      stopped = true;
       this.localListeners.delete(callback);
       await stopListening();
     };

@@ -8,14 +8,13 @@
  */
 import type pg from "pg";
 import { coerceError } from "../db/errors";
+import { quoteIdentifier } from "../db/identifiers";
 import type { Logger } from "../db/logger";
 
 export interface WorkListenerOptions {
   /** A new, unconnected client on the right schema. */
   newClient(): pg.Client;
-  /** The channel, already checked and quoted for SQL. */
-  channelSql: string;
-  /** The channel as notifications name it. */
+  /** The channel: a plain SQL identifier (it is checked before it meets SQL). */
   channel: string;
   logger: Logger;
   onPayload(payload: string | undefined): void;
@@ -34,6 +33,7 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
   let current: pg.Client | undefined;
   let retryTimer: NodeJS.Timeout | undefined;
   let delayMs = minRetryMs;
+  const channelSql = quoteIdentifier(opts.channel, "work channel");
 
   const connect = async (): Promise<pg.Client> => {
     const client = opts.newClient();
@@ -45,7 +45,7 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
     client.on("end", () => lost(client));
     try {
       await client.connect();
-      await client.query(`listen ${opts.channelSql}`);
+      await client.query(`listen ${channelSql}`);
     } catch (err) {
       client.removeAllListeners("end");
       client.on("error", () => undefined);
@@ -103,7 +103,7 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
     const client = current;
     current = undefined;
     if (client === undefined) return;
-    await client.query(`unlisten ${opts.channelSql}`).catch(() => undefined);
+    await client.query(`unlisten ${channelSql}`).catch(() => undefined);
     await client.end().catch(() => undefined);
   };
 }
