@@ -500,9 +500,9 @@ export class Broker {
   /**
    * Stores a batch of results. When they may make children ready, as much of
    * one pool's credit as there are such children is set aside, and the same
-   * transaction claims the children for that pool (complete_results in
-   * migrations 0006 and 0008): a child then reaches a pool without a second trip to the
-   * database after its parent's result.
+   * transaction claims the children for that pool (sql/functions/complete_results.sql):
+   * a child then reaches a pool without a second trip to the database after its
+   * parent's result.
    */
   private async commitBatch(items: PendingResult[]): Promise<CommittedBatch> {
     const results = items.map((i) => i.result);

@@ -547,7 +547,7 @@ export class StateManager {
       outputBytes.push(output === null ? null : Buffer.byteLength(output));
     }
 
-    // One statement, so one round trip that commits by itself (see complete_results in migration 0005).
+    // One statement, so one round trip that commits by itself (see sql/functions/complete_results.sql).
     const rows = await this.run<CompletionRow>("complete_attempts", [
       attemptIds,
       statuses,
