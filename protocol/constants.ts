@@ -108,6 +108,30 @@ export type TaskState = (typeof TaskStates)[keyof typeof TaskStates];
 export const ResultStatuses = { COMPLETE: "complete", ERROR: "error" } as const;
 export type ResultStatus = (typeof ResultStatuses)[keyof typeof ResultStatuses];
 
+/**
+ * Error types the protocol itself reserves for `step_error.type` (any other
+ * type is the handler's own, e.g. its exception class). Every SDK and the
+ * broker write these same strings; protocol/schemas/common.json
+ * (`$defs/reserved_error_type`) lists them with who writes each.
+ */
+export const StepErrorTypes = {
+  /** (pool) the STEP names a handler this pool does not serve. */
+  UNKNOWN_HANDLER: "unknown_handler",
+  /** (pool) the result would exceed the broker's max_message_bytes. */
+  OUTPUT_TOO_LARGE: "output_too_large",
+  /** (pool) the handler returned a value JSON cannot carry. */
+  INVALID_OUTPUT: "invalid_output",
+  /** (pool) the result item the pool built fails result.json (say, an error message too long). */
+  INVALID_RESULT: "invalid_result",
+  /** (broker) the attempt's lease ran out without a result. */
+  TIMEOUT: "timeout",
+  /** (broker) the pool holding the attempt was lost (missed heartbeats, unreachable, reconnected without it). */
+  LOST: "lost",
+  /** (broker) the STEP could not be delivered, or the pool said it could not read it. */
+  UNDELIVERED: "undelivered",
+} as const;
+export type StepErrorType = (typeof StepErrorTypes)[keyof typeof StepErrorTypes];
+
 /** What the broker did with one result, as told in ACK. */
 export const AckOutcomes = {
   /** stored: this attempt's result is now the step's result. */

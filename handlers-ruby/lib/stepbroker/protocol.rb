@@ -39,6 +39,14 @@ module Stepbroker
 
     ENCODINGS = %w[json msgpack].freeze
 
+    # Error types the protocol reserves for step_error.type (protocol/schemas/common.json,
+    # $defs/reserved_error_type): every SDK writes these same strings for these cases.
+    UNKNOWN_HANDLER = "unknown_handler"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    INVALID_OUTPUT = "invalid_output"
+    INVALID_RESULT = "invalid_result"
+    POOL_ERROR_TYPES = [UNKNOWN_HANDLER, OUTPUT_TOO_LARGE, INVALID_OUTPUT, INVALID_RESULT].freeze
+
     # A decoded, checked message.
     Message = Struct.new(:command, :body, :encoding)
 
