@@ -14,10 +14,14 @@ create or replace function claim_steps(
 ) returns setof claimed_step
 language plpgsql volatile
 as $$
+declare
+  v_ids uuid[];
+  v_attempt_ids uuid[];
+  v_attempts integer[];
+  v_task_ids uuid[];
 begin
-  return query
   with picked as (
-    -- any ready step: walk the ready index in priority order (see pick_ready_steps in 0004)
+    -- any ready step: walk the ready index in priority order (see pick_ready_steps.sql)
     select p.id from pick_ready_steps(p_handlers, p_most) as p(id)
     where p_step_ids is null
     union all
@@ -43,22 +47,33 @@ begin
         lease_broker_id = p_broker_id,
         lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
     where s.id = any(array(select p.id from picked p))
-    returning s.id, s.task_id, s.name, s.handler, s.config, s.attempts, s.max_attempts, s.timeout_ms,
-              s.lease_attempt_id, s.lease_expires_at, s.priority, s.run_at, s.position
+    returning s.id, s.task_id, s.attempts, s.lease_attempt_id
   ),
   attempt_rows as (
     insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
     select c.lease_attempt_id, c.id, c.task_id, c.attempts, p_broker_id, p_pool_id from claimed c
-  ),
-  step_flipped as (
+  )
+  select array_agg(c.id), array_agg(c.lease_attempt_id), array_agg(c.attempts), array_agg(distinct c.task_id)
+  into v_ids, v_attempt_ids, v_attempts, v_task_ids
+  from claimed c;
+  if v_ids is null then
+    return;
+  end if;
+
+  -- The history is written by a statement of its own, so with a snapshot taken after the claim.
+  -- pick_ready_steps() reads with its own snapshot too, and can pick a child that a parent's
+  -- result readied after the statement above began; in that statement's snapshot the child's
+  -- current transition was still the one the readying flipped, so a flip there found no row and
+  -- the ready -> in_progress transition went unwritten.
+  with step_flipped as (
     update step_transitions t set most_recent = false
-    from claimed c
+    from unnest(v_ids, v_attempt_ids, v_attempts) as c(id, attempt_id, attempts)
     where t.step_id = c.id and t.most_recent
-    returning t.step_id, t.task_id, t.sort_key, c.lease_attempt_id, c.attempts
+    returning t.step_id, t.task_id, t.sort_key, c.attempt_id, c.attempts
   ),
   step_history as (
     insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
-    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.lease_attempt_id,
+    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.attempt_id,
            jsonb_build_object('broker_id', p_broker_id, 'attempt', f.attempts), f.sort_key + 1, true
     from step_flipped f
   ),
@@ -68,7 +83,7 @@ begin
     update tasks t set state = 'in_progress'
     where t.id = any(array(
       select t2.id from tasks t2
-      where t2.id = any(array(select c.task_id from claimed c)) and t2.state = 'pending'
+      where t2.id = any(v_task_ids) and t2.state = 'pending'
       order by t2.id
       for update skip locked
     ))
@@ -79,27 +94,29 @@ begin
     from started s
     where t.task_id = s.id and t.most_recent
     returning t.task_id, t.sort_key
-  ),
-  task_history as (
-    insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
-    select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
-    from task_flipped f
   )
+  -- (the statement's own part; the data-modifying CTEs above run to completion either way)
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
+  select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
+  from task_flipped f;
+
   -- One probe of the task row per claimed step gives both its template and its context (a correlated
   -- subquery each probed it twice); the template table is a handful of rows.
+  return query
   select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as step_name, c.handler,
          c.attempts as attempt, c.max_attempts, c.timeout_ms,
          jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version) as template,
          t.context,
          c.config,
-         -- read with a snapshot taken after the pick (see step_inputs in 0004)
+         -- read with a snapshot taken after the pick (see step_inputs.sql)
          step_inputs(c.id) as inputs,
          c.lease_expires_at,
          -- steps waiting on this one: the broker sets credit aside for them when the result comes
          (select count(*)::int from step_edges e where e.parent_id = c.id) as children
-  from claimed c
+  from steps c
   join tasks t on t.id = c.task_id
   join task_templates tt on tt.id = t.template_id
+  where c.id = any(v_ids)
   -- in dispatch order (a join does not keep the order the steps were picked in)
   order by c.priority desc, c.run_at, c.task_id, c.position;
 end
