@@ -109,9 +109,8 @@ describe("embedded PostgreSQL", () => {
     // 107 bytes is all sun_path holds; this parent alone is longer
     const deep = path.join(dir, "d".repeat(60), "e".repeat(60));
     const server = await startEmbeddedPostgres({ dataDir: path.join(deep, "pgdata") });
-    let socketDir = "";
+    const socketDir = server.socketDir;
     try {
-      socketDir = server.socketDir;
       assert.ok(socketDir.startsWith(path.join(os.tmpdir(), "stepbroker-pg-")), socketDir);
       assert.equal((await fs.stat(socketDir)).mode & 0o777, 0o700);
       const stored = await readCredentials(server.credentialsFile);
