@@ -62,8 +62,8 @@ export interface EmbeddedServer {
  */
 const LEGACY_SUPERUSER_PASSWORD = "stepbroker";
 const DEFAULT_PORT = 5432;
-/** sun_path is 108 bytes on Linux, including the terminating NUL. */
-const MAX_SOCKET_PATH_BYTES = 107;
+/** sun_path holds 108 bytes on Linux and 104 on the BSDs and macOS, the terminating NUL included. */
+const MAX_SOCKET_PATH_BYTES = process.platform === "linux" ? 107 : 103;
 
 /**
  * Only the local socket, and a SCRAM password for every role. No host lines:
