@@ -485,6 +485,8 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
     });
     const connected = await connectSuperuser(socketDir.path, port, superuserPassword, initialised);
     admin = connected.client;
+    // before any password changes: a start interrupted after them must still find the new ones
+    await writeCredentials(secrets, { superuserPassword, rolePassword, socketDir: socketDir.path, port });
     const upgrading = initialised && (stored === undefined || connected.legacy);
     if (upgrading) {
       logger.warn(
@@ -500,7 +502,6 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
     }
     await ensureRole(admin, { superuserPassword, rolePassword, socketDir: socketDir.path, port });
     if (upgrading) await admin.query(GIVE_SCHEMAS_TO_ROLE);
-    await writeCredentials(secrets, { superuserPassword, rolePassword, socketDir: socketDir.path, port });
   } catch (thrown) {
     await admin?.end().catch(() => undefined);
     await pgInstance?.stop().catch(() => undefined);

@@ -196,8 +196,27 @@ describe("embedded PostgreSQL", () => {
 
     const again = recordingLogger();
     const third = await startEmbeddedPostgres({ dataDir, logger: again });
-    await third.stop();
-    assert.deepEqual(again.warnings, [], "an upgraded directory starts without warnings");
+    try {
+      assert.deepEqual(again.warnings, [], "an upgraded directory starts without warnings");
+      // as if an upgrade stopped after writing the credentials file but before the new password was set
+      const admin = await connect(third.adminUrl);
+      await admin.query(`alter role postgres password 'stepbroker'`);
+      await admin.end();
+    } finally {
+      await third.stop();
+    }
+    const resumed = await startEmbeddedPostgres({ dataDir });
+    try {
+      const admin = await connect(resumed.adminUrl);
+      await admin.end();
+      await assert.rejects(
+        connect(resumed.adminUrl.replace(/:[0-9a-f]{64}@/, ":stepbroker@")),
+        (err: { code?: string }) => err.code === "28P01",
+        "an interrupted upgrade is finished on the next start",
+      );
+    } finally {
+      await resumed.stop();
+    }
   });
 });
 
