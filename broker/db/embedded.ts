@@ -157,24 +157,40 @@ export async function runningEmbeddedUrl(dataDir: string): Promise<string | unde
   const port = Number(lines[3]);
   const socketDir = lines[4]?.trim() ?? "";
   if (!Number.isInteger(pid) || pid <= 0 || !Number.isInteger(port) || port <= 0) return undefined;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "EPERM") return undefined;
-  }
-  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "postgres");
-  if (!cmdline.includes("postgres")) return undefined;
+  if (!(await isLive(pid, "postgres"))) return undefined;
   const credentials = await readCredentials(credentialsFile(resolved));
   if (credentials === undefined) return undefined;
   return socketUrl(EMBEDDED_ROLE, credentials.rolePassword, socketDir || credentials.socketDir, port);
 }
 
+/** The parent pid of a live process, from /proc (undefined when it cannot be read). */
+async function parentPid(pid: number): Promise<number | undefined> {
+  const stat = await fs.readFile(`/proc/${pid}/stat`, "utf8").catch(() => undefined);
+  // pid (comm) state ppid ...: comm may hold spaces and parentheses, so read after the last ")"
+  const ppid = Number(stat?.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+  return Number.isInteger(ppid) && ppid > 0 ? ppid : undefined;
+}
+
+/** True when `pid` is a live process whose command line contains `word`. */
+async function isLive(pid: number, word: string): Promise<boolean> {
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => word);
+  return cmdline.includes(word);
+}
+
 /**
- * A postmaster.pid left by a killed run makes the next start fail. It is stale
- * when no process with that pid exists, or the pid now belongs to something
- * that is not postgres.
+ * Before a start, whatever a previous run left in the data directory:
+ * - a postmaster.pid whose process is gone (or is no postgres) is stale and removed;
+ * - a postgres whose parent is no longer a Node.js process was orphaned by a
+ *   broker killed with SIGKILL (its server outlives it); it is stopped (fast
+ *   shutdown), so a killed broker's next start does not find its directory taken;
+ * - a postgres whose parent lives is another running broker's: refused.
  */
-async function removeStalePidFile(dataDir: string, logger: Logger): Promise<void> {
+async function clearPreviousServer(dataDir: string, logger: Logger): Promise<void> {
   const pidFile = path.join(dataDir, "postmaster.pid");
   let text: string;
   try {
@@ -183,23 +199,29 @@ async function removeStalePidFile(dataDir: string, logger: Logger): Promise<void
     return;
   }
   const pid = Number(text.split("\n")[0]);
-  let alive = false;
-  if (Number.isInteger(pid) && pid > 0) {
-    try {
-      process.kill(pid, 0);
-      alive = true;
-    } catch (err) {
-      alive = (err as NodeJS.ErrnoException).code === "EPERM";
+  if (Number.isInteger(pid) && pid > 0 && (await isLive(pid, "postgres"))) {
+    const ppid = await parentPid(pid);
+    const orphaned = ppid === undefined || ppid === 1 || !(await isLive(ppid, "node"));
+    if (!orphaned) {
+      throw new Error(
+        `PostgreSQL data directory ${dataDir} is in use by process ${pid}; stop it, or set DATABASE_URL to use that server`,
+      );
     }
-    if (alive) {
-      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "postgres");
-      alive = cmdline.includes("postgres");
-    }
-  }
-  if (alive) {
-    throw new Error(
-      `PostgreSQL data directory ${dataDir} is in use by process ${pid}; stop it, or set DATABASE_URL to use that server`,
+    logger.warn(
+      { dataDir, pid, parent: ppid },
+      `stopping the embedded PostgreSQL (pid ${pid}) that a killed broker left running in ${dataDir}`,
     );
+    // SIGINT is postgres's fast shutdown: sessions end, the checkpoint is written, the pid file goes.
+    process.kill(pid, "SIGINT");
+    const deadline = Date.now() + 30_000;
+    while (await isLive(pid, "postgres")) {
+      if (Date.now() > deadline)
+        throw new Error(
+          `the orphaned PostgreSQL (pid ${pid}) in ${dataDir} did not stop within 30 s; stop it by hand`,
+        );
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return;
   }
   logger.warn({ pidFile, pid }, "removing stale postmaster.pid left by a previous run");
   await fs.rm(pidFile, { force: true });
@@ -427,7 +449,7 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
     await makeAncestorsTraversable(dataDir, logger);
   }
   if (initialised) {
-    await removeStalePidFile(dataDir, logger);
+    await clearPreviousServer(dataDir, logger);
   }
   const stored = initialised ? await readCredentials(secrets) : undefined;
   const port = options.port ?? stored?.port ?? DEFAULT_PORT;

@@ -14,6 +14,7 @@ import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import pg from "pg";
+import { pino } from "pino";
 import { runningEmbeddedUrl, startEmbeddedPostgres } from "../../broker/db/embedded";
 import { credentialsFile, readCredentials } from "../../broker/db/embeddedCredentials";
 import type { Logger } from "../../broker/db/logger";
@@ -101,6 +102,63 @@ describe("embedded PostgreSQL", () => {
       );
     } finally {
       await second.close();
+    }
+  });
+
+  it("stops the server a broker killed with SIGKILL left running, and starts in its directory", async function () {
+    this.timeout(120_000);
+    const dataDir = path.join(dir, "orphaned");
+    // A process that starts the embedded server and is then killed without a chance to stop it.
+    const script = `import { startEmbeddedPostgres } from ${JSON.stringify(new URL("../../broker/db/embedded.ts", import.meta.url).pathname)};
+      await startEmbeddedPostgres({ dataDir: ${JSON.stringify(dataDir)} });
+      console.log("ready");
+      setInterval(() => {}, 1000);`;
+    const owner = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(
+        () => reject(new Error("the owner process did not start its server in 90 s")),
+        90_000,
+      );
+      createInterface({ input: owner.stdout! }).on("line", (l) => {
+        if (l === "ready") {
+          clearTimeout(t);
+          resolve();
+        }
+      });
+      owner.once("exit", (c) => reject(new Error(`the owner process exited with ${c}`)));
+    });
+    const orphan = Number((await fs.readFile(path.join(dataDir, "postmaster.pid"), "utf8")).split("\n")[0]);
+    const exited = once(owner, "exit");
+    owner.kill("SIGKILL");
+    await exited;
+    assert.doesNotThrow(() => process.kill(orphan, 0), "the server outlives the process that started it");
+
+    const lines: { msg: string; level: number }[] = [];
+    const logger = pino({ level: "warn" }, { write: (l: string) => lines.push(JSON.parse(l)) });
+    const server = await startEmbeddedPostgres({ dataDir, logger });
+    try {
+      // gone, or a zombie its new parent has not reaped yet: either way no longer running
+      const stat = await fs.readFile(`/proc/${orphan}/stat`, "utf8").catch(() => "");
+      assert.ok(
+        stat === "" || stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z"),
+        `the orphaned server was stopped: ${stat}`,
+      );
+      assert.ok(
+        lines.some((l) =>
+          l.msg.includes(
+            `stopping the embedded PostgreSQL (pid ${orphan}) that a killed broker left running`,
+          ),
+        ),
+        JSON.stringify(lines),
+      );
+      const client = new pg.Client({ connectionString: server.url });
+      await client.connect();
+      await client.query("select 1");
+      await client.end();
+    } finally {
+      await server.stop();
     }
   });
 
