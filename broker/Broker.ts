@@ -51,7 +51,7 @@ import { Outbox } from "./outbox";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
 import { RefusalLog } from "./refusalLog";
 import { roleAllows, rolesFor, Roles, type Role } from "./roles";
-import { listenerIndexOf, tagIdentity } from "./routingId";
+import { PeerIdentities } from "./routingId";
 import type { ClaimedStep, CompletionResult, CreateTaskRequest } from "./statePort";
 import type { JsonObject, JsonValue, StepError } from "./state/types";
 import { startZapHandler, type ZapDomain, type ZapHandler } from "./zap";
@@ -91,6 +91,7 @@ export class Broker {
   private readonly opts: ResolvedOptions;
   /** One per entry of opts.listeners, in the same order: a peer's identity starts with its index. */
   private readonly sockets: Router[];
+  private readonly identities: PeerIdentities;
   private readonly refusals: RefusalLog;
   private readonly outbox: Outbox;
   private readonly pools = new PoolRegistry();
@@ -122,7 +123,8 @@ export class Broker {
     checkEndpoints(this.opts);
     this.refusals = new RefusalLog(this.log, this.opts.refusalLogIntervalMs);
     this.sockets = this.opts.listeners.map((plan) => this.newRouter(plan));
-    this.outbox = new Outbox(this.sockets, {
+    this.identities = new PeerIdentities(this.sockets.length);
+    this.outbox = new Outbox(this.sockets, this.identities, {
       onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
       onError: (identity, err) =>
         this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
@@ -389,7 +391,7 @@ export class Broker {
     try {
       for await (const frames of socket) {
         if (this.state === "stopped") break;
-        if (frames[0]) frames[0] = tagIdentity(index, frames[0]);
+        if (frames[0]) frames[0] = this.identities.tag(index, frames[0]);
         this.onMessage(frames);
       }
     } catch (e) {
@@ -779,7 +781,12 @@ export class Broker {
   }
 
   private listenerOf(identity: Buffer): ListenerPlan {
-    return this.opts.listeners[listenerIndexOf(identity)] ?? this.opts.listeners[0]!;
+    return this.opts.listeners[this.identities.socketOf(identity)] ?? this.opts.listeners[0]!;
+  }
+
+  /** A peer's own routing id (a pool's routingId), whichever socket it is on. */
+  private routingIdOf(identity: Buffer): Buffer {
+    return this.identities.routingIdOf(identity);
   }
 
   private rolesOf(identity: Buffer): ReadonlySet<Role> {

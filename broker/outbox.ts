@@ -1,9 +1,9 @@
 /**
  * One outbox for the broker's sockets. zeromq.js allows a single pending
  * send() per socket (a second throws EBUSY), so every message the broker
- * sends goes through this queue, drained by one loop. An identity starts with
- * the index of the socket its peer is on (see routingId.ts): the outbox sends
- * on that socket, to the routing id that follows.
+ * sends goes through this queue, drained by one loop. An identity names the
+ * socket its peer is on (see routingId.ts): the outbox sends on that socket,
+ * to the peer's own routing id.
  *
  * The ROUTER runs with `mandatory` and `sendTimeout: 0`, so a send either
  * succeeds at once or fails with a code:
@@ -15,7 +15,7 @@
  * Nothing is dropped silently.
  */
 import type { Router } from "zeromq";
-import { listenerIndexOf, routingIdOf } from "./routingId";
+import type { PeerIdentities } from "./routingId";
 
 export interface OutboxHooks {
   /** A message could not be delivered because its peer is gone or stuck. */
@@ -50,6 +50,7 @@ export class Outbox {
 
   constructor(
     private readonly sockets: readonly Router[],
+    private readonly identities: PeerIdentities,
     private readonly hooks: OutboxHooks,
   ) {}
 
@@ -97,9 +98,10 @@ export class Outbox {
           continue;
         }
         try {
-          const socket = this.sockets[listenerIndexOf(item.identity)];
-          if (!socket) throw new Error(`no socket ${listenerIndexOf(item.identity)} for this identity`);
-          await socket.send([routingIdOf(item.identity), ...item.frames]);
+          const index = this.identities.socketOf(item.identity);
+          const socket = this.sockets[index];
+          if (!socket) throw new Error(`no socket ${index} for this identity`);
+          await socket.send([this.identities.routingIdOf(item.identity), ...item.frames]);
         } catch (e) {
           if (this.closed) break;
           const code = (e as { code?: string }).code;

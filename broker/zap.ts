@@ -27,6 +27,8 @@ export interface ZapDomain {
   anyKey: boolean;
 }
 
+const ZAP_ENDPOINT = "inproc://zeromq.zap.01";
+
 const Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
 
 export function z85Encode(data: Uint8Array): string {
@@ -53,7 +55,7 @@ export async function startZapHandler(
   for (const [name, d] of domains) allowed.set(name, { keys: new Set(d.keys), anyKey: d.anyKey });
   // A ROUTER, not a REP: one reader loop answers each request by its envelope.
   const sock = new Router({ linger: 0 });
-  await sock.bind("inproc://zeromq.zap.01");
+  await sock.bind(ZAP_ENDPOINT);
   let open = true;
   const loop = (async () => {
     try {
@@ -81,7 +83,7 @@ export async function startZapHandler(
           } else {
             text = "unknown key";
             refusals.warn(
-              `zap:${address}`,
+              `zap:${domain}:${address}`,
               { client_key: z, address, zap_domain: domain },
               `refused a CURVE client from ${address} on the ${domain} socket: its key ${z} is not on the ${domain} allow-list; add it to that list file and send SIGHUP, or connect it to the socket of its role`,
             );
@@ -89,7 +91,7 @@ export async function startZapHandler(
         }
         if (status !== "200" && text !== "unknown key")
           refusals.warn(
-            `zap:${address}`,
+            `zap:${domain}:${address}`,
             { address, zap_domain: domain, mechanism: mech },
             `refused a client from ${address} on the ${domain} socket: ${text}`,
           );
@@ -111,6 +113,9 @@ export async function startZapHandler(
     },
     async close() {
       open = false;
+      // close() frees the endpoint only when libzmq's reaper gets to it; a broker started
+      // right after this one must be able to bind the ZAP endpoint at once.
+      await sock.unbind(ZAP_ENDPOINT).catch(() => undefined);
       sock.close();
       await loop;
     },
