@@ -25,12 +25,18 @@ export function isZ85Key(text: string): boolean {
   return Z85_KEY.test(text);
 }
 
-/** The meaningful lines of a key or allow-list file: comments (`#`) and blank lines dropped. */
+/**
+ * The meaningful lines of a key or allow-list file: blank lines and comments
+ * dropped. A comment is a line starting with `#`, or `#` after whitespace at
+ * the end of a line ("KEY  # alice's laptop"); a `#` inside a key is part of
+ * it (Z85 uses the character).
+ */
 export function keyFileLines(text: string): { line: number; text: string }[] {
   return text
     .split("\n")
-    .map((raw, i) => ({ line: i + 1, text: raw.replace(/#.*$/, "").trim() }))
-    .filter((l) => l.text.length > 0);
+    .map((raw, i) => ({ line: i + 1, text: raw.trim() }))
+    .filter((l) => l.text.length > 0 && !l.text.startsWith("#"))
+    .map((l) => ({ line: l.line, text: l.text.replace(/\s+#.*$/, "") }));
 }
 
 /** Reads a key pair written by `stepbroker keygen`; throws naming the file and line when it is not one. */
