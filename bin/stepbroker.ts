@@ -37,7 +37,9 @@ Commands:
   keygen [--out PREFIX]     write a CURVE key pair: PREFIX.key (secret, 0600) and PREFIX.pub
 
 Options:
-  --endpoint URL      broker endpoint; repeat to bind several (default tcp://127.0.0.1:5555, env STEPBROKER_ENDPOINT)
+  --endpoint URL      start: where pools connect (every role without --client-endpoint); repeat to bind several.
+                      submit/cancel/pools: the broker socket to talk to (its client or admin endpoint).
+                      Default tcp://127.0.0.1:5555, env STEPBROKER_ENDPOINT
   --database-url URL  PostgreSQL (default env DATABASE_URL; without it an embedded server in --data-dir)
   --data-dir DIR      embedded PostgreSQL data directory (default .stepbroker/pgdata)
   --schema NAME       database schema (default stepbroker)
