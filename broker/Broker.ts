@@ -192,7 +192,7 @@ export class Broker {
     return diff;
   }
 
-  /** The endpoints actually bound (with `*` ports resolved). */
+  /** The endpoints actually bound (with `*` ports resolved), socket by socket: pool, then client, then admin. */
   get endpoints(): string[] {
     return [...this.boundEndpoints];
   }
