@@ -335,6 +335,11 @@ describe("the CLI over CURVE between two network namespaces joined by a veth pai
       30_000,
     );
     assert.notEqual(asPool.code, 0, "a pool key is refused on the client socket");
+    assert.match(
+      oneLine(asPool),
+      /Over CURVE a refused key gets no answer/,
+      "and the error says what to check",
+    );
   });
 
   it("keeps out a pool whose key is not on the allow-list, logs it, and lets it in after the key is added and SIGHUP", async () => {
