@@ -1,6 +1,6 @@
 /**
- * The broker: one ROUTER socket, a short receive loop, and one named verb per
- * command. Timers send heartbeats, purge silent pools, expire leases and poll
+ * The broker: one ROUTER socket per role group (config.ts planListeners), a
+ * short receive loop each, one role check, and one named verb per command. Timers send heartbeats, purge silent pools, expire leases and poll
  * for work as a safety net. Step and task state change only through the
  * state manager (StatePort); everything here is soft state that a restart
  * rebuilds from HELLOs and PostgreSQL.
@@ -40,12 +40,21 @@ import {
   type TaskView,
 } from "../protocol";
 import { Committer, type CommitReport, type PendingResult } from "./committer";
-import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
+import {
+  checkEndpoints,
+  resolveOptions,
+  type BrokerOptions,
+  type ListenerPlan,
+  type ResolvedOptions,
+} from "./config";
 import { Outbox } from "./outbox";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
+import { RefusalLog } from "./refusalLog";
+import { roleAllows, rolesFor, Roles, type Role } from "./roles";
+import { PeerIdentities } from "./routingId";
 import type { ClaimedStep, CompletionResult, CreateTaskRequest } from "./statePort";
 import type { JsonObject, JsonValue, StepError } from "./state/types";
-import { startZapHandler, type ZapHandler } from "./zap";
+import { startZapHandler, type ZapDomain, type ZapHandler } from "./zap";
 
 const ACCEPTED = new Set<string>([
   PoolCommands.HELLO,
@@ -80,7 +89,10 @@ export class Broker {
   readonly id: string;
   readonly log: Logger;
   private readonly opts: ResolvedOptions;
-  private readonly socket: Router;
+  /** One per entry of opts.listeners, in the same order: a peer's identity starts with its index. */
+  private readonly sockets: Router[];
+  private readonly identities: PeerIdentities;
+  private readonly refusals: RefusalLog;
   private readonly outbox: Outbox;
   private readonly pools = new PoolRegistry();
   private readonly committer: Committer<CommittedBatch>;
@@ -96,6 +108,7 @@ export class Broker {
   private state: BrokerState = "created";
   private startedAt = new Date();
   private boundEndpoints: string[] = [];
+  private readonly bound: { socket: Router; endpoint: string }[] = [];
   private dispatchWanted = false;
   private dispatching: Promise<void> | undefined;
   private recovered = false;
@@ -108,8 +121,25 @@ export class Broker {
     this.id = this.opts.brokerId;
     this.log = base.child({ broker_id: this.id });
     checkEndpoints(this.opts);
+    this.refusals = new RefusalLog(this.log, this.opts.refusalLogIntervalMs);
+    this.sockets = this.opts.listeners.map((plan) => this.newRouter(plan));
+    this.identities = new PeerIdentities(this.sockets.length);
+    this.outbox = new Outbox(this.sockets, this.identities, {
+      onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
+      onError: (identity, err) =>
+        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
+    });
+    this.committer = new Committer(
+      (items) => this.commitBatch(items),
+      this.opts.commitBatch,
+      (r) => this.afterCommit(r),
+      this.log,
+    );
+  }
+
+  private newRouter(plan: ListenerPlan): Router {
     const curve = this.opts.curve;
-    this.socket = new Router({
+    return new Router({
       // A send to a pool that is gone fails (EHOSTUNREACH) instead of vanishing,
       // and the step goes back to ready.
       mandatory: true,
@@ -130,23 +160,39 @@ export class Broker {
       heartbeatTimeout: this.opts.heartbeatMs * this.opts.heartbeatLiveness,
       linger: 0,
       ...(curve
-        ? { curveServer: true, curveSecretKey: curve.secretKey, curvePublicKey: curve.publicKey }
+        ? {
+            curveServer: true,
+            curveSecretKey: curve.secretKey,
+            curvePublicKey: curve.publicKey,
+            // The ZAP handler admits a key only on the socket whose allow-list has it.
+            zapDomain: plan.name,
+          }
         : {}),
     });
-    this.outbox = new Outbox(this.socket, {
-      onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
-      onError: (identity, err) =>
-        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
-    });
-    this.committer = new Committer(
-      (items) => this.commitBatch(items),
-      this.opts.commitBatch,
-      (r) => this.afterCommit(r),
-      this.log,
-    );
   }
 
-  /** The endpoints actually bound (with `*` ports resolved). */
+  /**
+   * Replaces the allow-list of one socket ("pool", "client" or "admin") while
+   * running, as the CLI does on SIGHUP; connections already admitted stay.
+   */
+  setAllowedKeys(name: Role, keys: string[]): { added: string[]; removed: string[] } {
+    const curve = this.opts.curve;
+    if (!curve || !this.zap) throw new Error("this broker does not use CURVE: there is no allow-list to set");
+    if (!this.opts.listeners.some((l) => l.name === name))
+      throw new Error(`this broker has no ${name} socket`);
+    if (keys.length === 0 && !curve.allowAnyKey)
+      throw new Error(
+        `refusing an empty ${name} allow-list: it would lock every ${name} out; the old list stays`,
+      );
+    const diff = this.zap.setKeys(name, keys);
+    this.log.info(
+      { zap_domain: name, added: diff.added, removed: diff.removed, keys: keys.length },
+      `${name} allow-list now has ${keys.length} keys (${diff.added.length} added, ${diff.removed.length} removed)`,
+    );
+    return diff;
+  }
+
+  /** The endpoints actually bound (with `*` ports resolved), socket by socket: pool, then client, then admin. */
   get endpoints(): string[] {
     return [...this.boundEndpoints];
   }
@@ -154,24 +200,34 @@ export class Broker {
   async start(): Promise<void> {
     if (this.state !== "created") throw new Error(`broker cannot start from state ${this.state}`);
     this.startedAt = new Date();
-    if (this.opts.curve) {
-      this.zap = await startZapHandler(this.opts.curve.allowedClientKeys ?? [], this.log);
+    const curve = this.opts.curve;
+    if (curve) {
+      const domains = new Map<string, ZapDomain>(
+        this.opts.listeners.map((l) => [l.name, { keys: l.keys, anyKey: curve.allowAnyKey ?? false }]),
+      );
+      this.zap = await startZapHandler(domains, this.log, this.refusals);
+      this.sockets.forEach((socket, i) => void this.watchHandshakes(socket, this.opts.listeners[i]!));
     }
-    for (const ep of this.opts.endpoints) {
-      try {
-        await this.socket.bind(ep);
-      } catch (e) {
-        const err = coerceError(e);
-        const code = (e as { code?: string }).code;
-        const hint =
-          code === "EADDRINUSE"
-            ? "another process uses this address; stop it or choose another endpoint"
-            : err.message;
-        this.socket.close();
-        await this.zap?.close();
-        throw new Error(`cannot bind ${ep}: ${hint}`, { cause: e });
+    for (const [i, plan] of this.opts.listeners.entries()) {
+      const socket = this.sockets[i]!;
+      for (const ep of plan.endpoints) {
+        try {
+          await socket.bind(ep);
+        } catch (e) {
+          const err = coerceError(e);
+          const code = (e as { code?: string }).code;
+          const hint =
+            code === "EADDRINUSE"
+              ? "another process uses this address; stop it or choose another endpoint"
+              : err.message;
+          for (const s of this.sockets) s.close();
+          await this.zap?.close();
+          throw new Error(`cannot bind ${ep}: ${hint}`, { cause: e });
+        }
+        const bound = socket.lastEndpoint ?? ep;
+        this.boundEndpoints.push(bound);
+        this.bound.push({ socket, endpoint: bound });
       }
-      this.boundEndpoints.push(this.socket.lastEndpoint ?? ep);
     }
     this.state = "running";
     this.unlisten = await this.opts.state.listenForWork(() => this.kickDispatch());
@@ -179,9 +235,18 @@ export class Broker {
     this.every(this.opts.leaseCheckMs, () => this.expireLeases());
     this.every(this.opts.pollMs, () => this.pollTick());
     this.timers.push(setTimeout(() => void this.recoverOrphans(), this.opts.recoveryGraceMs));
-    void this.receiveLoop();
+    this.sockets.forEach((socket, i) => void this.receiveLoop(socket, i));
     this.log.info(
-      { endpoints: this.boundEndpoints, protocol: PROTOCOL_VERSION },
+      {
+        endpoints: this.boundEndpoints,
+        protocol: PROTOCOL_VERSION,
+        sockets: this.opts.listeners.map((l) => ({
+          name: l.name,
+          endpoints: l.endpoints,
+          roles: [...l.roles],
+        })),
+        curve: curve !== undefined,
+      },
       `broker listening on ${this.boundEndpoints.join(", ")}`,
     );
     this.kickDispatch();
@@ -195,7 +260,7 @@ export class Broker {
    */
   async stop(opts: { drainMs?: number } = {}): Promise<void> {
     if (this.state !== "running") {
-      if (this.state === "created") this.socket.close();
+      if (this.state === "created") for (const s of this.sockets) s.close();
       this.state = "stopped";
       return;
     }
@@ -249,8 +314,8 @@ export class Broker {
     this.outbox.close();
     // close() frees an endpoint only once libzmq's reaper thread gets to the socket, which on a busy
     // machine can be after stop() returned; an unbind frees it before, so a new broker can bind it at once.
-    await Promise.all(this.boundEndpoints.map((ep) => this.socket.unbind(ep).catch(() => undefined)));
-    this.socket.close();
+    await Promise.all(this.bound.map((b) => b.socket.unbind(b.endpoint).catch(() => undefined)));
+    for (const s of this.sockets) s.close();
     await this.zap?.close();
     this.state = "stopped";
     this.log.info("broker stopped");
@@ -311,7 +376,7 @@ export class Broker {
     return task;
   }
 
-  listPools(): PoolView[] {
+  listPools(): (PoolView & { pool_id: string })[] {
     return this.pools.view(Date.now());
   }
 
@@ -322,10 +387,11 @@ export class Broker {
 
   // ---------------------------------------------------------------- receive loop
 
-  private async receiveLoop(): Promise<void> {
+  private async receiveLoop(socket: Router, index: number): Promise<void> {
     try {
-      for await (const frames of this.socket) {
+      for await (const frames of socket) {
         if (this.state === "stopped") break;
+        if (frames[0]) frames[0] = this.identities.tag(index, frames[0]);
         this.onMessage(frames);
       }
     } catch (e) {
@@ -351,6 +417,21 @@ export class Broker {
     const decoded = decodeMessage(frames.slice(1), { maxBytes: this.opts.maxMessageBytes, accept: ACCEPTED });
     if (!decoded.ok) {
       this.rejectMessage(identity, pool, decoded.fault, frames);
+      return;
+    }
+    const roles = this.rolesOf(identity);
+    if (!roleAllows(roles, decoded.message.command)) {
+      const command = decoded.message.command;
+      this.rejectMessage(
+        identity,
+        pool,
+        fault(
+          "forbidden",
+          `${command} is not allowed on the ${this.listenerOf(identity).name} socket (roles: ${[...roles].join(", ")}); it is for ${rolesFor(command).join(" or ")} peers: connect to that socket, with a key on its allow-list`,
+          { command },
+        ),
+        frames,
+      );
       return;
     }
     this.strikes.delete(key);
@@ -699,6 +780,48 @@ export class Broker {
     }
   }
 
+  private listenerOf(identity: Buffer): ListenerPlan {
+    return this.opts.listeners[this.identities.socketOf(identity)] ?? this.opts.listeners[0]!;
+  }
+
+  /** A peer's own routing id (a pool's routingId), whichever socket it is on. */
+  private routingIdOf(identity: Buffer): Buffer {
+    return this.identities.routingIdOf(identity);
+  }
+
+  private rolesOf(identity: Buffer): ReadonlySet<Role> {
+    return this.listenerOf(identity).roles;
+  }
+
+  /**
+   * Logs refused CURVE handshakes that never reach the ZAP handler (no key,
+   * a wrong server key, another mechanism). libzmq reports them with the
+   * listener's endpoint, not the peer's address, so they are rate-limited per
+   * socket and reason; unknown keys are logged by the ZAP handler per address.
+   */
+  private async watchHandshakes(socket: Router, plan: ListenerPlan): Promise<void> {
+    try {
+      for await (const ev of socket.events) {
+        if (ev.type !== "handshake:error:protocol" && ev.type !== "handshake:error:other") continue;
+        const err: Error & { code?: string } = ev.error;
+        const reason = err.code ?? err.message;
+        const why =
+          reason === "ERR_ZMTP_MECHANISM_MISMATCH"
+            ? "the peer does not use CURVE (no key, or NULL/PLAIN): give it a key pair and the broker's public key"
+            : reason === "ERR_ZMTP_CRYPTOGRAPHIC"
+              ? "the peer's handshake does not decrypt: it probably uses a wrong broker public key"
+              : `handshake failed: ${err.message}`;
+        this.refusals.warn(
+          `handshake:${plan.name}:${ev.address}:${reason}`,
+          { zap_domain: plan.name, endpoint: ev.address, reason },
+          `refused a peer on the ${plan.name} socket ${ev.address}: ${why}`,
+        );
+      }
+    } catch (e) {
+      if (this.state === "running") this.log.warn({ err: coerceError(e) }, "stopped watching handshakes");
+    }
+  }
+
   private requireHello(identity: Buffer, command: string): void {
     this.sendError(
       identity,
@@ -816,8 +939,13 @@ export class Broker {
           const task = await this.cancel(msg.body.task_id);
           return task ? reply({ task }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
         }
-        case "POOLS":
-          return reply({ pools: this.listPools() });
+        case "POOLS": {
+          // Pool ids are routing ids: knowing one is a step towards impersonating that pool.
+          const pools = this.listPools();
+          return reply({
+            pools: this.rolesOf(identity).has(Roles.ADMIN) ? pools : pools.map(({ pool_id: _id, ...p }) => p),
+          });
+        }
       }
     } catch (e) {
       const err = coerceError(e);
@@ -1146,7 +1274,12 @@ const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
  * the ERROR can carry it; undefined when there is none a valid ERROR may echo.
  */
 function clientRequestId(f: ProtocolFault, body: Buffer | undefined): string | undefined {
-  if (f.code !== "schema_violation" || !body || !CLIENT_COMMANDS.has(f.command ?? "")) return undefined;
+  if (
+    (f.code !== "schema_violation" && f.code !== "forbidden") ||
+    !body ||
+    !CLIENT_COMMANDS.has(f.command ?? "")
+  )
+    return undefined;
   const decoded = decodeBody(body);
   const id = decoded.ok ? decoded.value.request_id : undefined;
   return typeof id === "string" && id.length > 0 && [...id].length <= 128 ? id : undefined;

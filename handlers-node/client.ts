@@ -51,8 +51,11 @@ export class StepbrokerClient {
   private readonly encoding: Encoding;
   private readonly timeoutMs: number;
   private closed = false;
+  /** Whether the socket uses CURVE, for the hint when no reply comes. */
+  private readonly curve: boolean;
 
   constructor(opts: ClientOptions) {
+    this.curve = opts.curve !== undefined;
     this.encoding = opts.encoding ?? "json";
     this.timeoutMs = opts.requestTimeoutMs ?? 10_000;
     this.socket = new Dealer({
@@ -121,7 +124,11 @@ export class StepbrokerClient {
         this.pending.delete(requestId);
         reject(
           new Error(
-            `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?`,
+            `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?${
+              this.curve
+                ? " Over CURVE a refused key gets no answer: check that this client's public key is on the allow-list of that socket (a client or admin endpoint) and that the server key is the broker's"
+                : ""
+            }`,
           ),
         );
       }, this.timeoutMs + extraMs);

@@ -203,6 +203,8 @@ export const ErrorCodes = {
   unknown_template:
     "No template with this namespace, name and version is registered. Register it or check the name.",
   invalid_request: "The request is well-formed but cannot be carried out. Read the message for the reason.",
+  forbidden:
+    "The command is not allowed for the role of the socket it came in on (pool, client or admin). Connect to the socket of that role, with a key on its allow-list; see PROTOCOL.md, Roles and sockets.",
   too_many_errors:
     "The peer sent too many bad messages in a row and was disconnected. Fix the peer, then reconnect.",
   shutting_down:

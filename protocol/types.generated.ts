@@ -343,7 +343,10 @@ export interface StepError {
  * via the `definition` "pool_view".
  */
 export interface PoolView {
-  pool_id: string;
+  /**
+   * Shown to admin clients only (see PROTOCOL.md, Roles and sockets).
+   */
+  pool_id?: string;
   sdk: Sdk;
   handlers: Name[];
   capacity: number;

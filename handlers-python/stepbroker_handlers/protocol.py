@@ -74,6 +74,7 @@ ERROR_CODES: FrozenSet[str] = frozenset(
         "unknown_task",
         "unknown_template",
         "invalid_request",
+        "forbidden",
         "too_many_errors",
         "shutting_down",
         "internal_error",
