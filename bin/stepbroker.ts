@@ -14,7 +14,7 @@ import { StateManager } from "../broker/state/StateManager";
 import { formatExplain } from "../broker/state/explain";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
-import { readKeyPairFile, readPublicKey, writeKeyPairFiles } from "../handlers-node/curveKeys";
+import { readKeyPairFile, readPublicKey, writeKeyPairFiles } from "../protocol/curveKeys";
 import { runDemo } from "../examples/order-fulfilment/demo";
 
 const HELP = `stepbroker — a ZeroMQ step executor broker

@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import type { Logger } from "pino";
-import { isZ85Key, keyFileLines } from "../handlers-node/curveKeys";
+import { isZ85Key, keyFileLines } from "../protocol/curveKeys";
 import type { Role } from "./roles";
 
 /** The keys in an allow-list file; throws naming the file and line of the first bad one. */
