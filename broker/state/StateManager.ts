@@ -33,7 +33,13 @@ import { runStatement, withTransaction } from "../db/transaction";
 import { uuidv7 } from "../db/uuid7";
 import { StateError } from "./errors";
 import { type ExplainInput, explainSteps, failedAncestors } from "./explain";
-import { TemplateError, TemplateErrorCodes, validateTemplate } from "./templates";
+import {
+  MAX_TEMPLATE_EDGES,
+  TemplateError,
+  TemplateErrorCodes,
+  templateEdges,
+  validateTemplate,
+} from "./templates";
 import { AttemptEndings, TransitionEvents } from "./transitions";
 import { listenReconnecting } from "./workListener";
 import type {
@@ -244,6 +250,8 @@ export class StateManager {
   private readonly localListeners = new Set<(notification: WorkNotification) => void>();
   /** Registered templates by id and by "namespace\0name\0version": versions are immutable, so this never goes stale. */
   private readonly templates = new Map<string, TemplateRecord>();
+  /** Each template's edges as step positions, computed once (a registered version never changes). */
+  private readonly edges = new Map<number, { child: number[]; parent: number[] }>();
 
   constructor(db: Database, options: StateManagerOptions = {}) {
     this.db = db;
@@ -420,6 +428,35 @@ export class StateManager {
     return { task, created: inserted.created };
   }
 
+  /**
+   * The dependency edges of each distinct template of a batch, as step
+   * positions (create_tasks.sql turns them into step ids by subscript). A
+   * template registered before the edge limit existed is refused here too.
+   */
+  private batchEdges(templates: TemplateRecord[]): {
+    templateIds: number[];
+    child: number[];
+    parent: number[];
+  } {
+    const out = { templateIds: [] as number[], child: [] as number[], parent: [] as number[] };
+    for (const t of new Map(templates.map((t) => [t.id, t])).values()) {
+      let e = this.edges.get(t.id);
+      if (e === undefined) this.edges.set(t.id, (e = templateEdges(t.definition)));
+      if (e.child.length > MAX_TEMPLATE_EDGES) {
+        throw new StateError(
+          "invalid_request",
+          `template ${t.namespace}/${t.name}@${t.version} has ${e.child.length} dependency edges; the limit is ${MAX_TEMPLATE_EDGES}: register a version with fewer depends_on entries`,
+        );
+      }
+      for (let i = 0; i < e.child.length; i++) {
+        out.templateIds.push(t.id);
+        out.child.push(e.child[i]!);
+        out.parent.push(e.parent[i]!);
+      }
+    }
+    return out;
+  }
+
   private async insertTasks(requests: CreateTaskRequest[]): Promise<{ id: string; created: boolean }[]> {
     if (requests.length === 0) return [];
     const latest = new Map<string, Promise<TemplateRecord>>();
@@ -437,6 +474,7 @@ export class StateManager {
         return found;
       }),
     );
+    const edges = this.batchEdges(templates);
     const ids = requests.map(() => uuidv7());
     const rows = await this.run<{ id: string }>("create_tasks", [
       ids,
@@ -446,6 +484,9 @@ export class StateManager {
       requests.map((r) => r.idempotencyKey ?? null),
       this.workChannel,
       this.notificationPayload("created"),
+      edges.templateIds,
+      edges.child,
+      edges.parent,
     ]);
     if (rows.length > 0) this.wakeLocal({ reason: "created" });
     const inserted = new Set(rows.map((r) => r.id));
