@@ -75,6 +75,8 @@ ERROR_CODES: FrozenSet[str] = frozenset(
         "unknown_template",
         "invalid_request",
         "too_many_errors",
+        "over_budget",
+        "reply_too_large",
         "shutting_down",
         "internal_error",
     }
