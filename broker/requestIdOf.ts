@@ -9,7 +9,7 @@
  *    `request_id` first in the body so that it is found.
  * Undefined when there is none a valid ERROR may echo (1 to 128 code points).
  */
-import { ClientCommands, decodeBody, type ProtocolFault } from "../protocol";
+import { ClientCommands, decodeBody, sniffEncoding, type ProtocolFault } from "../protocol";
 
 const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
 /** How much of each end of an oversized body is scanned. */
@@ -31,7 +31,9 @@ export function requestIdOf(f: ProtocolFault, body: Uint8Array | undefined): str
   const buf = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
   const head = buf.subarray(0, REQUEST_ID_SCAN_BYTES);
   const tail = buf.subarray(Math.max(0, buf.length - REQUEST_ID_SCAN_BYTES));
-  const scan = buf[0] === 0x7b || buf[0] === 0x20 || buf[0] === 0x0a ? scanJson : scanMsgpack;
+  const encoding = sniffEncoding(head);
+  if (encoding === undefined) return undefined;
+  const scan = encoding === "json" ? scanJson : scanMsgpack;
   return scan(head) ?? scan(tail);
 }
 
