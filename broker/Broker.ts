@@ -1075,12 +1075,19 @@ export class Broker {
   private onUndeliverable(identity: Buffer, frames: Buffer[]): void {
     const pool = this.pools.get(identityKey(identity));
     const command = frames[1]?.toString("latin1");
-    // While stopping, pools that already left are expected.
-    const level = this.state === "running" ? "warn" : "debug";
-    this.log[level](
-      { peer: identityKey(identity), pool_id: pool?.poolId, command },
-      `could not deliver ${command}: the peer is gone`,
-    );
+    const key = identityKey(identity);
+    const fields = { peer: key, pool_id: pool?.poolId, command };
+    // While stopping, pools that already left are expected. While running, a peer that sends
+    // requests by the thousand and leaves would otherwise get a line for every lost answer.
+    if (this.state !== "running") this.log.debug(fields, `could not deliver ${command}: the peer is gone`);
+    else
+      this.limiter.write(
+        `gone:${key}`,
+        `about undeliverable messages to ${pool?.poolId ?? JSON.stringify(key)}`,
+        "warn",
+        fields,
+        `could not deliver ${command}: the peer is gone`,
+      );
     if (pool && command === BrokerCommands.WELCOME) {
       // The pool dropped the socket it said HELLO on (no WELCOME in time) and
       // says HELLO again on a fresh one. Forget the registration but keep its

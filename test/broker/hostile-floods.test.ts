@@ -20,7 +20,7 @@ import { RawPeer } from "../support/rawPeer";
 import { eventually, silent, useBrokerStack, type Stack } from "../support/stack";
 import { templateAtEdgeLimit } from "../support/denseTemplates";
 
-/** A pino logger whose lines are counted (and the first few hundred kept) by the test. */
+/** A pino logger whose lines are counted (and the first 5,000 kept) by the test. */
 class CountingLog {
   lines = 0;
   bytes = 0;
@@ -34,7 +34,7 @@ class CountingLog {
           if (line === "") continue;
           this.lines++;
           this.bytes += line.length + 1;
-          if (this.kept.length < 500) this.kept.push(JSON.parse(line) as Record<string, unknown>);
+          if (this.kept.length < 5000) this.kept.push(JSON.parse(line) as Record<string, unknown>);
         }
         done();
       },
@@ -145,6 +145,25 @@ describe("hostile floods", function () {
       const lines = log.about(peer.id).length;
       assert.ok(lines >= 1 && lines <= 10, `${lines} lines about ${peer.id} for ${refusals} refusals`);
       await echoCompletes(stack, 2);
+    });
+
+    it("bounds the lines about answers lost because the peer left right after asking", async () => {
+      await honestPool(stack, cleanups, "honest-gone");
+      const peer = RawPeer.connect(stack.endpoint);
+      const requests = 2000;
+      for (let i = 0; i < requests; i++) await peer.send("POOLS", { request_id: `gone-${i}` });
+      peer.close();
+      // The broker answers everything it had received; each answer it cannot deliver is one lost REPLY.
+      const prober = RawPeer.connect(stack.endpoint);
+      cleanups.push(async () => prober.close());
+      await prober.probe();
+      await prober.next("REPLY", 20_000);
+      const lost = log
+        .about(peer.id)
+        .filter((l) => typeof l.msg === "string" && l.msg.startsWith("could not deliver"));
+      assert.ok(lost.length >= 1, "some answers were lost (else this test proves nothing)");
+      assert.ok(lost.length <= 10, `${lost.length} lines about undeliverable answers to ${peer.id}`);
+      await echoCompletes(stack, 7);
     });
 
     it("writes one summary with the count of what it left out, and forgets the key", () => {
