@@ -146,8 +146,16 @@ export class Broker {
     });
     this.outbox = new Outbox(this.socket, {
       onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
-      onError: (identity, err) =>
-        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
+      onError: (identity, err) => {
+        const peer = identityKey(identity);
+        this.limiter.write(
+          `send:${peer}`,
+          `about failed sends to ${JSON.stringify(peer)}`,
+          "error",
+          { err, peer },
+          `send failed; the message was dropped: ${err.message}`,
+        );
+      },
     });
     this.committer = new Committer(
       (items) => this.commitBatch(items),
