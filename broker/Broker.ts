@@ -18,7 +18,6 @@ import {
   CancelReasons,
   ClientCommands,
   coerceError,
-  decodeBody,
   decodeMessage,
   encodeMessage,
   fault,
@@ -48,12 +47,15 @@ import {
   type ResolvedOptions,
 } from "./config";
 import { Outbox } from "./outbox";
+import { LogLimiter } from "./logLimiter";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
 import { RefusalLog } from "./refusalLog";
+import { requestIdOf } from "./requestIdOf";
 import { roleAllows, rolesFor, Roles, type Role } from "./roles";
 import { PeerIdentities } from "./routingId";
 import type { ClaimedStep, CompletionResult, CreateTaskRequest } from "./statePort";
 import type { JsonObject, JsonValue, StepError } from "./state/types";
+import { WorkBudget } from "./workBudget";
 import { startZapHandler, type ZapDomain, type ZapHandler } from "./zap";
 
 const ACCEPTED = new Set<string>([
@@ -100,6 +102,10 @@ export class Broker {
   /** Consecutive bad messages per peer, and peers ignored after too many. */
   private readonly strikes = new Map<string, number>();
   private readonly ignoredUntil = new Map<string, number>();
+  /** Lines about one peer, or one repeated failure, are rate-limited: a flood must not become a log flood. */
+  private readonly limiter: LogLimiter;
+  /** What each peer may cost in decoding per second. */
+  private readonly budget: WorkBudget;
   /** Attempts pools reclaimed in HELLO.running since this life started. */
   private readonly adopted = new Set<string>();
   private readonly timers: NodeJS.Timeout[] = [];
@@ -120,14 +126,27 @@ export class Broker {
     this.opts = resolveOptions(options, base);
     this.id = this.opts.brokerId;
     this.log = base.child({ broker_id: this.id });
+    this.limiter = new LogLimiter(this.log);
+    this.budget = new WorkBudget({
+      bytesPerSecond: this.opts.peerBytesPerSecond,
+      messagesPerSecond: this.opts.peerMessagesPerSecond,
+    });
     checkEndpoints(this.opts);
     this.refusals = new RefusalLog(this.log, this.opts.refusalLogIntervalMs);
     this.sockets = this.opts.listeners.map((plan) => this.newRouter(plan));
     this.identities = new PeerIdentities(this.sockets.length);
     this.outbox = new Outbox(this.sockets, this.identities, {
       onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
-      onError: (identity, err) =>
-        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
+      onError: (identity, err) => {
+        const peer = identityKey(identity);
+        this.limiter.write(
+          `send:${peer}`,
+          `about failed sends to ${JSON.stringify(peer)}`,
+          "error",
+          { err, peer },
+          `send failed; the message was dropped: ${err.message}`,
+        );
+      },
     });
     this.committer = new Committer(
       (items) => this.commitBatch(items),
@@ -318,6 +337,7 @@ export class Broker {
     for (const s of this.sockets) s.close();
     await this.zap?.close();
     this.state = "stopped";
+    this.limiter.flush();
     this.log.info("broker stopped");
   }
 
@@ -413,6 +433,14 @@ export class Broker {
       this.ignoredUntil.delete(key);
     }
     const pool = this.pools.get(key);
+    // Charged before anything is decoded: that is the work the budget bounds.
+    let bytes = 0;
+    for (let i = 1; i < frames.length; i++) bytes += frames[i]!.length;
+    const verdict = this.budget.take(key, bytes);
+    if (verdict !== "ok") {
+      this.overBudget(identity, pool, verdict === "sustained");
+      return;
+    }
     if (pool) pool.lastSeen = now;
     const decoded = decodeMessage(frames.slice(1), { maxBytes: this.opts.maxMessageBytes, accept: ACCEPTED });
     if (!decoded.ok) {
@@ -434,18 +462,51 @@ export class Broker {
       );
       return;
     }
-    this.strikes.delete(key);
+    // An ERROR is not a sign of health: notePeerError decides whether it counts as a strike.
+    if (decoded.message.command !== PoolCommands.ERROR) this.strikes.delete(key);
     try {
       this.dispatchCommand(identity, key, pool, decoded.message, decoded.encoding);
     } catch (e) {
       const err = coerceError(e);
-      this.log.error({ err, peer: key, command: decoded.message.command }, "failed to handle a message");
-      this.sendError(
+      const command = decoded.message.command;
+      this.limiter.write(
+        `handle:${command}:${err.message}`,
+        `for "failed to handle ${command}: ${err.message}"`,
+        "error",
+        { err, peer: key, command },
+        `failed to handle ${command}: ${err.message}`,
+      );
+      const requestId = (decoded.message.body as { request_id?: unknown }).request_id;
+      this.send(
         identity,
-        fault("internal_error", err.message, { command: decoded.message.command }),
+        BrokerCommands.ERROR,
+        faultToErrorBody(
+          fault("internal_error", err.message, { command }),
+          typeof requestId === "string" ? { request_id: requestId } : {},
+        ),
         pool?.encoding,
       );
     }
+  }
+
+  /**
+   * A message over the peer's work budget is dropped undecoded and unanswered
+   * (an answer would be more work for the flood to cause); the log says so a
+   * few times per interval with a count of the rest; a peer over budget
+   * second after second is dropped.
+   */
+  private overBudget(identity: Buffer, pool: PoolRecord | undefined, sustained: boolean): void {
+    const key = identityKey(identity);
+    const who = pool?.poolId ?? `peer ${JSON.stringify(key)}`;
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
+      { peer: key, pool_id: pool?.poolId, code: "over_budget" },
+      `${who} is over its work budget (${this.budget.messagesPerSecond} messages or ${this.budget.bytesPerSecond} bytes per second): ` +
+        "its messages are dropped unread; send fewer, larger batches",
+    );
+    if (sustained) this.dropPeer(identity, pool, "over_budget");
   }
 
   private dispatchCommand(
@@ -471,7 +532,7 @@ export class Broker {
       case "DISCONNECT":
         return pool ? void this.poolLeaving(pool, msg.body) : undefined;
       case "ERROR":
-        return this.notePeerError(key, pool, msg.body);
+        return this.notePeerError(identity, pool, msg.body);
       case "SUBMIT":
       case "STATUS":
       case "WAIT":
@@ -759,25 +820,37 @@ export class Broker {
     this.log.info({ pool_id: pool.poolId }, `pool ${pool.poolId} disconnected`);
   }
 
-  private notePeerError(key: string, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
-    this.log.warn(
+  private notePeerError(identity: Buffer, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
+    const key = identityKey(identity);
+    const attemptId = body.attempt_id;
+    const flight = attemptId ? pool?.inFlight.get(attemptId) : undefined;
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${pool?.poolId ?? `peer ${JSON.stringify(key)}`}`,
+      "warn",
       {
         peer: key,
         pool_id: pool?.poolId,
         code: body.code,
         command: body.command,
-        attempt_id: body.attempt_id,
+        attempt_id: attemptId,
+        task_id: flight?.taskId,
+        step_id: flight?.stepId,
       },
       `peer ${pool?.poolId ?? key} reported ${body.code}: ${body.message}`,
     );
-    // The pool could not read one of the steps we sent it: put that step back
-    // now rather than after its lease. The attempt counts, so a step the pool
-    // can never read ends in error instead of bouncing forever.
-    const attemptId = body.attempt_id;
-    if (pool && attemptId && pool.inFlight.has(attemptId)) {
+    if (pool && attemptId && flight) {
+      // The pool could not read one of the steps we sent it: put that step back
+      // now rather than after its lease. The attempt counts, so a step the pool
+      // can never read ends in error instead of bouncing forever. This is the
+      // one ERROR a healthy pool sends, and each attempt can be named only once.
+      this.strikes.delete(key);
       this.pools.takeInFlight(attemptId);
       void this.release([attemptId], true, `pool ${pool.poolId} could not take it: ${body.code}`);
+      return;
     }
+    // Any other ERROR is a bad message like any other: a peer that floods them is dropped.
+    this.strike(identity, pool);
   }
 
   private listenerOf(identity: Buffer): ListenerPlan {
@@ -836,9 +909,13 @@ export class Broker {
     frames: Buffer[],
   ): void {
     const key = identityKey(identity);
-    const strikes = (this.strikes.get(key) ?? 0) + 1;
-    this.strikes.set(key, strikes);
-    this.log.warn(
+    const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    // A client matches answers by request_id: echo it whenever the envelope gives it away.
+    const requestId = requestIdOf(f, frames[3]);
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
       {
         peer: key,
         pool_id: pool?.poolId,
@@ -847,14 +924,13 @@ export class Broker {
         schema_path: f.schemaPath,
         instance_path: f.instancePath,
         frames: frames.length - 1,
-        strikes,
+        request_id: requestId,
+        strikes: (this.strikes.get(key) ?? 0) + 1,
       },
-      `rejected a message from ${pool?.poolId ?? "peer " + JSON.stringify(key)}: ${f.code}`,
+      `rejected a message from ${who}: ${f.code}`,
     );
     // Never answer an ERROR with an ERROR: two confused peers would loop.
     if (f.command !== PoolCommands.ERROR) {
-      // A client matches answers by request_id: echo it when the body had one.
-      const requestId = clientRequestId(f, frames[3]);
       this.send(
         identity,
         BrokerCommands.ERROR,
@@ -862,6 +938,19 @@ export class Broker {
         pool?.encoding,
       );
     }
+    this.strike(identity, pool);
+  }
+
+  /** One more bad message in a row from this peer; too many and it is dropped. */
+  private strike(identity: Buffer, pool: PoolRecord | undefined): void {
+    const key = identityKey(identity);
+    const strikes = (this.strikes.get(key) ?? 0) + 1;
+    // Bounded memory: peers that sent one bad message under a fresh routing id each would pile up.
+    if (strikes === 1 && this.strikes.size >= MAX_TRACKED_PEERS) {
+      const oldest = this.strikes.keys().next();
+      if (!oldest.done) this.strikes.delete(oldest.value);
+    }
+    this.strikes.set(key, strikes);
     if (strikes >= MAX_CONSECUTIVE_ERRORS) this.dropPeer(identity, pool, "too_many_errors");
   }
 
@@ -875,17 +964,25 @@ export class Broker {
       pool?.encoding ?? "json",
     );
     this.strikes.delete(key);
+    this.budget.forget(key);
     this.ignoredUntil.set(key, Date.now() + this.opts.heartbeatMs * this.opts.heartbeatLiveness);
     if (pool) void this.purgePool(pool, code);
-    this.log.warn(
+    const who = pool?.poolId ?? JSON.stringify(key);
+    this.limiter.write(
+      `drop:${key}`,
+      `about dropping ${who}`,
+      "warn",
       { peer: key, pool_id: pool?.poolId, code },
-      `dropped peer ${pool?.poolId ?? JSON.stringify(key)}: ${code}`,
+      `dropped peer ${who}: ${code}; its messages are ignored for ${this.opts.heartbeatMs * this.opts.heartbeatLiveness} ms`,
     );
   }
 
   private verbFailed(command: CommandName, identity: Buffer, e: unknown): void {
     const err = coerceError(e);
-    this.log.error(
+    this.limiter.write(
+      `verb:${command}:${err.message}`,
+      `for "failed to handle ${command}: ${err.message}"`,
+      "error",
       { err, peer: identityKey(identity), command },
       `failed to handle ${command}: ${err.message}`,
     );
@@ -900,8 +997,22 @@ export class Broker {
 
   private async serveClient(identity: Buffer, msg: Message, enc: Encoding): Promise<void> {
     const requestId = (msg.body as { request_id: string }).request_id;
-    const reply = (body: Omit<BodyOf<"REPLY">, "request_id">) =>
-      this.send(identity, "REPLY", { request_id: requestId, ...body }, enc);
+    const reply = (body: Omit<BodyOf<"REPLY">, "request_id">): void => {
+      const frames = encodeMessage("REPLY", { request_id: requestId, ...body }, enc);
+      const size = frames[2]!.length;
+      if (size <= this.opts.maxMessageBytes) return this.outbox.send(identity, frames);
+      // The client's decoder refuses what is over the limit, so the reply would be lost and the client
+      // would wait for nothing: say what happened instead, in an answer that fits.
+      const task = body.task ? ` (task ${body.task.task_id} is ${body.task.state})` : "";
+      this.log.warn(
+        { task_id: body.task?.task_id, request_id: requestId, command: msg.command, bytes: size },
+        `the REPLY to ${msg.command}${task} would be ${size} bytes, over max_message_bytes ${this.opts.maxMessageBytes}; sent reply_too_large instead`,
+      );
+      refuse(
+        "reply_too_large",
+        `The REPLY to ${msg.command} would be ${size} bytes, over max_message_bytes ${this.opts.maxMessageBytes}; the request was carried out${task}`,
+      );
+    };
     const refuse = (code: ErrorCode, detail: string) =>
       this.send(
         identity,
@@ -953,7 +1064,14 @@ export class Broker {
       if (code === "unknown_template" || code === "invalid_request" || code === "unknown_task") {
         return refuse(code, err.message);
       }
-      this.log.error({ err, command: msg.command, request_id: requestId }, `failed to serve ${msg.command}`);
+      // A failure that repeats for every request (the database is down) is logged a few times with a count.
+      this.limiter.write(
+        `serve:${msg.command}:${err.message}`,
+        `for "failed to serve ${msg.command}: ${err.message}"`,
+        "error",
+        { err, command: msg.command, request_id: requestId },
+        `failed to serve ${msg.command}: ${err.message}`,
+      );
       refuse("internal_error", err.message);
     }
   }
@@ -1093,12 +1211,19 @@ export class Broker {
   private onUndeliverable(identity: Buffer, frames: Buffer[]): void {
     const pool = this.pools.get(identityKey(identity));
     const command = frames[1]?.toString("latin1");
-    // While stopping, pools that already left are expected.
-    const level = this.state === "running" ? "warn" : "debug";
-    this.log[level](
-      { peer: identityKey(identity), pool_id: pool?.poolId, command },
-      `could not deliver ${command}: the peer is gone`,
-    );
+    const key = identityKey(identity);
+    const fields = { peer: key, pool_id: pool?.poolId, command };
+    // While stopping, pools that already left are expected. While running, a peer that sends
+    // requests by the thousand and leaves would otherwise get a line for every lost answer.
+    if (this.state !== "running") this.log.debug(fields, `could not deliver ${command}: the peer is gone`);
+    else
+      this.limiter.write(
+        `gone:${key}`,
+        `about undeliverable messages to ${pool?.poolId ?? JSON.stringify(key)}`,
+        "warn",
+        fields,
+        `could not deliver ${command}: the peer is gone`,
+      );
     if (pool && command === BrokerCommands.WELCOME) {
       // The pool dropped the socket it said HELLO on (no WELCOME in time) and
       // says HELLO again on a fresh one. Forget the registration but keep its
@@ -1134,6 +1259,8 @@ export class Broker {
       }
     }
     for (const [key, until] of this.ignoredUntil) if (until < now) this.ignoredUntil.delete(key);
+    this.limiter.sweep();
+    this.budget.sweep(now);
   }
 
   /** Forgets a pool; its in-flight attempts go back to ready at once (each counts as an attempt). */
@@ -1267,23 +1394,8 @@ export class Broker {
   }
 }
 
-const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
-
-/**
- * The request_id of a client request that decoded but failed its schema, so
- * the ERROR can carry it; undefined when there is none a valid ERROR may echo.
- */
-function clientRequestId(f: ProtocolFault, body: Buffer | undefined): string | undefined {
-  if (
-    (f.code !== "schema_violation" && f.code !== "forbidden") ||
-    !body ||
-    !CLIENT_COMMANDS.has(f.command ?? "")
-  )
-    return undefined;
-  const decoded = decodeBody(body);
-  const id = decoded.ok ? decoded.value.request_id : undefined;
-  return typeof id === "string" && id.length > 0 && [...id].length <= 128 ? id : undefined;
-}
+/** Strike counts kept at once. */
+const MAX_TRACKED_PEERS = 100_000;
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

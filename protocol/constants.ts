@@ -174,7 +174,7 @@ export const MAX_MESSAGE_BYTES = 1024 * 1024;
 export const HARD_LIMIT_FACTOR = 16;
 /** Most steps in one STEP message, results in one RESULT message. */
 export const MAX_BATCH = 64;
-/** A pool that sends this many bad messages in a row is disconnected. */
+/** A peer that sends this many bad messages in a row (ERRORs included, see PROTOCOL.md) is disconnected. */
 export const MAX_CONSECUTIVE_ERRORS = 10;
 
 /**
@@ -206,7 +206,11 @@ export const ErrorCodes = {
   forbidden:
     "The command is not allowed for the role of the socket it came in on (pool, client or admin). Connect to the socket of that role, with a key on its allow-list; see PROTOCOL.md, Roles and sockets.",
   too_many_errors:
-    "The peer sent too many bad messages in a row and was disconnected. Fix the peer, then reconnect.",
+    "The peer sent too many bad messages in a row (ERRORs included) and was disconnected. Fix the peer, then reconnect.",
+  over_budget:
+    "The peer sent more per second than its work budget (bytes or messages) for several seconds and was disconnected; messages over the budget were dropped unread. Send fewer, larger batches, then reconnect.",
+  reply_too_large:
+    "The reply would be larger than max_message_bytes, so it was not sent; the request itself was carried out (a SUBMIT created its task). Ask for less: keep contexts and step outputs small (store large data elsewhere and pass references), or read the task from the database.",
   shutting_down:
     "The broker is shutting down. Reconnect; another broker or this one after restart will serve you.",
   internal_error:

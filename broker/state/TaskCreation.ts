@@ -6,6 +6,7 @@
 import { uuidv7 } from "../db/uuid7";
 import { StateError } from "./errors";
 import type { StateSql } from "./StateSql";
+import { MAX_TEMPLATE_EDGES, templateEdges } from "./templates";
 import type { TaskReads } from "./TaskReads";
 import type { TemplateStore } from "./TemplateStore";
 import type { WorkNotifier } from "./WorkNotifier";
@@ -19,6 +20,9 @@ export class TaskCreation {
     private readonly notifier: WorkNotifier,
     private readonly reads: TaskReads,
   ) {}
+
+  /** Each template's edges as step positions, computed once (a registered version never changes). */
+  private readonly edges = new Map<number, { child: number[]; parent: number[] }>();
 
   private checkRequest(req: CreateTaskRequest): void {
     if (!isJsonObject(req.context))
@@ -55,6 +59,35 @@ export class TaskCreation {
     return { task, created: inserted.created };
   }
 
+  /**
+   * The dependency edges of each distinct template of a batch, as step
+   * positions (create_tasks.sql turns them into step ids by subscript). A
+   * template registered before the edge limit existed is refused here too.
+   */
+  private batchEdges(templates: TemplateRecord[]): {
+    templateIds: number[];
+    child: number[];
+    parent: number[];
+  } {
+    const out = { templateIds: [] as number[], child: [] as number[], parent: [] as number[] };
+    for (const t of new Map(templates.map((t) => [t.id, t])).values()) {
+      let e = this.edges.get(t.id);
+      if (e === undefined) this.edges.set(t.id, (e = templateEdges(t.definition)));
+      if (e.child.length > MAX_TEMPLATE_EDGES) {
+        throw new StateError(
+          "invalid_request",
+          `template ${t.namespace}/${t.name}@${t.version} has ${e.child.length} dependency edges; the limit is ${MAX_TEMPLATE_EDGES}: register a version with fewer depends_on entries`,
+        );
+      }
+      for (let i = 0; i < e.child.length; i++) {
+        out.templateIds.push(t.id);
+        out.child.push(e.child[i]!);
+        out.parent.push(e.parent[i]!);
+      }
+    }
+    return out;
+  }
+
   private async insertTasks(requests: CreateTaskRequest[]): Promise<{ id: string; created: boolean }[]> {
     if (requests.length === 0) return [];
     const latest = new Map<string, Promise<TemplateRecord>>();
@@ -72,6 +105,7 @@ export class TaskCreation {
         return found;
       }),
     );
+    const edges = this.batchEdges(templates);
     const ids = requests.map(() => uuidv7());
     const rows = await this.sql.run<{ id: string }>("create_tasks", [
       ids,
@@ -81,6 +115,9 @@ export class TaskCreation {
       requests.map((r) => r.idempotencyKey ?? null),
       this.notifier.workChannel,
       this.notifier.payload("created"),
+      edges.templateIds,
+      edges.child,
+      edges.parent,
     ]);
     if (rows.length > 0) this.notifier.wakeLocal({ reason: "created" });
     const inserted = new Set(rows.map((r) => r.id));

@@ -713,7 +713,7 @@ class HandlerPool:
             return
         window = self._hb_s * self._liveness
         self._reconnect(f"broker sent DISCONNECT ({code or 'no code'}: {reason})",
-                        min_delay=window if code == "too_many_errors" else 0.0)
+                        min_delay=window if code in ("too_many_errors", "over_budget") else 0.0)
 
     def _on_error(self, msg: Message) -> None:
         b = msg.body

@@ -76,6 +76,8 @@ ERROR_CODES: FrozenSet[str] = frozenset(
         "invalid_request",
         "forbidden",
         "too_many_errors",
+        "over_budget",
+        "reply_too_large",
         "shutting_down",
         "internal_error",
     }

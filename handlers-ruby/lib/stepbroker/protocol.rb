@@ -35,7 +35,7 @@ module Stepbroker
     ERROR_CODES = %w[malformed_frame unsupported_version unknown_command undecodable_body
                      schema_violation message_too_large hello_required hello_rejected
                      unknown_attempt stale_attempt unknown_task unknown_template invalid_request
-                     forbidden too_many_errors shutting_down internal_error].freeze
+                     forbidden too_many_errors over_budget reply_too_large shutting_down internal_error].freeze
 
     ENCODINGS = %w[json msgpack].freeze
 
