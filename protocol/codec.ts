@@ -159,6 +159,13 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   if (problem) {
     const where = pointer(problem.path);
     const attemptId = resultAttemptId(value, problem.path);
+    // A client matches answers by request_id: a body refused after parsing can still name it.
+    const requestId = (value as { request_id?: unknown }).request_id;
+    const echo =
+      typeof requestId === "string" &&
+      problem.path[0] !== "request_id" &&
+      requestId.length > 0 &&
+      [...requestId].length <= 128;
     const detail =
       problem.code === "undecodable_body"
         ? `The ${encoding} body holds ${problem.what} at ${where || "(body)"}, which the protocol does not allow`
@@ -169,6 +176,7 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
         ...extra,
         instancePath: where,
         ...(attemptId ? { attemptId } : {}),
+        ...(echo ? { requestId } : {}),
       }),
     };
   }

@@ -13,6 +13,8 @@ export interface ProtocolFault {
   instancePath?: string;
   /** The attempt a fault inside a RESULT concerns, when the body names it. */
   attemptId?: string;
+  /** A client's request_id, when the body was read far enough to know it. */
+  requestId?: string;
 }
 
 export function fault(
@@ -35,7 +37,8 @@ export function faultToErrorBody(
   if (f.instancePath !== undefined) body.instance_path = f.instancePath.slice(0, 1024);
   const attemptId = ids.attempt_id ?? f.attemptId;
   if (attemptId) body.attempt_id = attemptId;
-  if (ids.request_id) body.request_id = ids.request_id;
+  const requestId = ids.request_id ?? f.requestId;
+  if (requestId) body.request_id = requestId;
   return body;
 }
 
