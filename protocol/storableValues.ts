@@ -21,16 +21,16 @@ export interface ValueProblem {
   path: string[];
 }
 
-const SURROGATE = /[\ud800-\udfff]/;
+/** Either character jsonb refuses may be here; one native scan, and most strings have neither. */
+const SUSPECT = /[\0\ud800-\udfff]/;
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 const UNSTORABLE = /\0|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
 
 /** U+0000 or a lone surrogate: what jsonb cannot store. Paired surrogates (emoji) are fine. */
 function unstorableString(s: string): string | undefined {
+  if (!SUSPECT.test(s)) return undefined;
   if (s.includes("\0")) return "U+0000";
-  // Two native scans; the second, slower one only for the rare string with a surrogate at all.
-  if (SURROGATE.test(s) && LONE_SURROGATE.test(s)) return "an unpaired surrogate";
-  return undefined;
+  return LONE_SURROGATE.test(s) ? "an unpaired surrogate" : undefined;
 }
 
 /**
@@ -66,15 +66,20 @@ export function valueProblem(value: unknown, maxDepth: number, depth = 1): Value
     const what = unstorableString(value);
     return what ? { code: "unstorable_value", what: `a string holds ${what}`, path: [] } : undefined;
   }
-  if (value === null || typeof value === "boolean") return undefined;
-  if (typeof value === "number")
-    return Number.isFinite(value)
+  if (typeof value !== "object" || value === null) {
+    if (typeof value === "number" && !Number.isFinite(value))
+      return { code: "undecodable_body", what: "a non-finite number", path: [] };
+    return typeof value === "number" || typeof value === "boolean" || value === null
       ? undefined
-      : { code: "undecodable_body", what: "a non-finite number", path: [] };
+      : { code: "undecodable_body", what: `a value of type ${typeof value}`, path: [] };
+  }
   if (depth > maxDepth) return { code: "too_deep", what: `nesting deeper than ${maxDepth} levels`, path: [] };
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i++) {
-      const p = valueProblem(value[i], maxDepth, depth + 1);
+      const v: unknown = value[i];
+      // Plain scalars inline: most values are, and a call per value is most of the cost.
+      if (typeof v === "boolean" || (typeof v === "number" && Number.isFinite(v))) continue;
+      const p = valueProblem(v, maxDepth, depth + 1);
       if (p) {
         p.path.unshift(String(i));
         return p;
@@ -82,19 +87,23 @@ export function valueProblem(value: unknown, maxDepth: number, depth = 1): Value
     }
     return undefined;
   }
-  if (typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype) {
-    for (const key in value) {
-      const bad = unstorableString(key);
-      if (bad) return { code: "unstorable_value", what: `an object key holds ${bad}`, path: [key] };
-      const p = valueProblem((value as Record<string, unknown>)[key], maxDepth, depth + 1);
-      if (p) {
-        p.path.unshift(key);
-        return p;
-      }
+  if (Object.getPrototypeOf(value) !== Object.prototype)
+    return { code: "undecodable_body", what: `a value of type ${typeName(value)}`, path: [] };
+  const obj = value as Record<string, unknown>;
+  const keys = Object.keys(obj);
+  for (let i = 0; i < keys.length; i++) {
+    const key = keys[i]!;
+    const bad = unstorableString(key);
+    if (bad) return { code: "unstorable_value", what: `an object key holds ${bad}`, path: [key] };
+    const v = obj[key];
+    if (typeof v === "boolean" || (typeof v === "number" && Number.isFinite(v))) continue;
+    const p = valueProblem(v, maxDepth, depth + 1);
+    if (p) {
+      p.path.unshift(key);
+      return p;
     }
-    return undefined;
   }
-  return { code: "undecodable_body", what: `a value of type ${typeName(value)}`, path: [] };
+  return undefined;
 }
 
 /** How many levels `value` nests (a scalar is 0, `{}` is 1), or `limit + 1` as soon as it passes `limit`. */
