@@ -230,6 +230,61 @@ describe("the broker refuses values PostgreSQL cannot store, and deep nesting, o
     }
   });
 
+  it("isolates a result that passes validation but PostgreSQL refuses: the rest of its batch is stored", async () => {
+    // usage.tokens is a schema integer but a bigint column: 1e19 is out of range (SQLSTATE 22003).
+    const good = await goodPool();
+    const handler = `raw_${++counter}`;
+    await stack.registerTemplate({
+      namespace: "hostile",
+      name: handler,
+      version: "1",
+      steps: [
+        {
+          name: "only",
+          handler,
+          timeout_ms: LEASE_MS,
+          retry: { max_attempts: 2, backoff: { initial_ms: 0, jitter: 0 } },
+        },
+      ],
+    });
+    const pool = peer();
+    await pool.hello([handler], { capacity: 2, heartbeatMs: RAW_HEARTBEAT_MS });
+    const tasks = [];
+    for (let i = 0; i < 2; i++)
+      tasks.push(
+        (await stack.broker.submit({ namespace: "hostile", name: handler, context: { i } })).task.task_id,
+      );
+    const attempts: { attempt_id: string; task_id: string }[] = [];
+    while (attempts.length < 2)
+      attempts.push(...((await pool.take("STEP", 10_000)).body.steps as typeof attempts));
+    const [bad, fine] = attempts as [(typeof attempts)[0], (typeof attempts)[0]];
+    // One RESULT, so both land in the same group commit.
+    await pool.send("RESULT", {
+      results: [
+        { attempt_id: bad.attempt_id, status: "complete", output: { n: 1 }, usage: { tokens: 1e19 } },
+        { attempt_id: fine.attempt_id, status: "complete", output: { n: 2 } },
+      ],
+    });
+    const error = await pool.take("ERROR", 10_000);
+    assertError(error, "unstorable_value", { attempt_id: bad.attempt_id, command: "RESULT" });
+    const acked = new Map<string, string>();
+    while (acked.size < 2)
+      for (const a of (await pool.take("ACK", 10_000)).body.acks as { attempt_id: string; outcome: string }[])
+        acked.set(a.attempt_id, a.outcome);
+    assert.equal(acked.get(fine.attempt_id), "stored", "the good result of the same batch is stored");
+    assert.equal(acked.get(bad.attempt_id), "stored", "the error that replaced the bad result is stored");
+    const fineTask = await stack.waitForTask(fine.task_id, HONEST_TASK_MS);
+    assert.deepEqual(stepOf(fineTask, "only").output, { n: 2 });
+    // The bad attempt's step is retried now, by its policy, not after its lease.
+    const retry = await pool.take("STEP", HONEST_TASK_MS);
+    const [again] = retry.body.steps as { attempt_id: string; task_id: string; attempt: number }[];
+    assert.equal(again!.task_id, bad.task_id);
+    assert.equal(again!.attempt, 2);
+    const view = await stack.broker.status(bad.task_id);
+    assert.equal(stepOf(view!, "only").error?.type, "unstorable_result");
+    await good.runTask();
+  });
+
   it("answers a SUBMIT with U+0000 in its context with unstorable_value and its request_id", async () => {
     const good = await goodPool();
     const client = peer();
