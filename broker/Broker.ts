@@ -38,7 +38,13 @@ import {
   type StepDispatch,
   type TaskView,
 } from "../protocol";
-import { Committer, type CommitReport, type PendingResult } from "./committer";
+import {
+  Committer,
+  UNSTORABLE_RESULT,
+  type CommitReport,
+  type PendingResult,
+  type RefusedResult,
+} from "./committer";
 import {
   checkEndpoints,
   resolveOptions,
@@ -153,6 +159,7 @@ export class Broker {
       this.opts.commitBatch,
       (r) => this.afterCommit(r),
       this.log,
+      (r) => this.afterRefused(r),
     );
   }
 
@@ -744,6 +751,51 @@ export class Broker {
     if (batch.readied.length > 0) this.kickDispatch();
     for (const r of batch.readied) this.kickAt(Date.parse(r.runAt));
     for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
+  }
+
+  /**
+   * PostgreSQL refused one result that got past validation. The committer has
+   * stored an error outcome for its attempt instead (the ACK went out with
+   * it) or, failing that, dropped it: the pool hears why, by attempt_id.
+   */
+  private afterRefused({ item, err, reason, stored }: RefusedResult): void {
+    const { result, flight } = item;
+    const pool = this.pools.get(item.poolKey);
+    const step = flight ? `step ${flight.stepName}` : "its step";
+    const what = stored
+      ? `stored error ${UNSTORABLE_RESULT} for the attempt instead; ${step} is retried by its policy`
+      : `could not store an error for it either; dropped it, and ${step} is retried when the lease expires`;
+    this.log.error(
+      {
+        err,
+        task_id: flight?.taskId,
+        step_id: flight?.stepId,
+        attempt_id: result.attemptId,
+        pool_id: pool?.poolId ?? result.poolId,
+      },
+      `PostgreSQL refused the ${result.status} result of attempt ${result.attemptId}; ${what}. Fix the handler's output`,
+    );
+    const encoding = pool?.encoding ?? "json";
+    this.send(
+      item.identity,
+      BrokerCommands.ERROR,
+      faultToErrorBody(
+        fault("unstorable_value", `PostgreSQL refused the result (${reason}); ${what}`, {
+          command: PoolCommands.RESULT,
+        }),
+        { attempt_id: result.attemptId },
+      ),
+      encoding,
+    );
+    if (!stored) {
+      if (pool) pool.unacked = Math.max(0, pool.unacked - 1);
+      this.send(
+        item.identity,
+        BrokerCommands.ACK,
+        { acks: [{ attempt_id: result.attemptId, outcome: "stale" }] },
+        encoding,
+      );
+    }
   }
 
   /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */

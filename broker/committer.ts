@@ -4,12 +4,19 @@
  * bound by PostgreSQL round trips per batch, not per result. While a commit
  * runs, the next batch gathers by itself: no timer, no added latency when idle.
  *
- * A batch that fails to commit (the database is restarting, say) is retried
- * after a pause; its results are not acknowledged meanwhile, so the pools
- * keep them. Nothing is dropped.
+ * Two kinds of failure, handled differently:
+ *  - The database is unreachable or restarting: the batch is retried after a
+ *    pause; its results are not acknowledged meanwhile, so the pools keep
+ *    them. Nothing is dropped.
+ *  - PostgreSQL refuses the data (a value jsonb cannot store that got past
+ *    validation): retrying the same batch would fail forever and hold every
+ *    other result behind it. The batch is split in halves, each committed on
+ *    its own, down to the single result at fault; everything else is stored
+ *    and acknowledged, and the bad result is stored as an error outcome of its
+ *    attempt instead (or, if even that is refused, dropped), and the pool told.
  */
 import type { Logger } from "pino";
-import { coerceError } from "../protocol";
+import { coerceError, StepErrorTypes } from "../protocol";
 import type { InFlight } from "./poolRegistry";
 import type { AttemptResult } from "./statePort";
 
@@ -29,7 +36,48 @@ export interface CommitReport<Batch> {
   ms: number;
 }
 
+/** A result PostgreSQL would not store. `stored`: its attempt got the error outcome `UNSTORABLE_RESULT` instead. */
+export interface RefusedResult {
+  item: PendingResult;
+  err: Error;
+  /** What PostgreSQL said, through the wrappers: for the pool's ERROR and the stored error. */
+  reason: string;
+  stored: boolean;
+}
+
+/** The error type stored for an attempt whose own result PostgreSQL refused. */
+export const UNSTORABLE_RESULT = StepErrorTypes.UNSTORABLE_RESULT;
+
 const RETRY_MS = 500;
+/** While the database stays away, one log line per this long, with a count, instead of one per retry. */
+const RETRY_LOG_EVERY_MS = 30_000;
+
+/**
+ * True when PostgreSQL refused the data itself, so retrying the same rows
+ * cannot help: SQLSTATE class 22 (data exception: untranslatable character,
+ * invalid JSON text, ...) or 54 (program limit exceeded: too deep, too
+ * large). A TypeError or RangeError was thrown while serializing the values.
+ * Everything else (class 08, 57P01 admin shutdown, ECONNREFUSED, timeouts)
+ * is about the connection and is retried as a whole batch.
+ */
+export function isDataError(e: unknown): boolean {
+  // The state manager wraps the driver's error (name of the statement, `cause` the original).
+  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
+    if (err instanceof TypeError || err instanceof RangeError) return true;
+    const code = sqlState(err);
+    if (code !== undefined) return /^(22|54)[0-9A-Z]{3}$/.test(code);
+  }
+  return false;
+}
+
+/** The SQLSTATE of a driver error, looking through wrappers' `cause`. */
+function sqlState(e: unknown): string | undefined {
+  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
+    const code = (err as { code?: unknown }).code;
+    if (typeof code === "string") return code;
+  }
+  return undefined;
+}
 
 /** `commit` stores one batch in one transaction and says what came of it. */
 export class Committer<Batch> {
@@ -37,12 +85,18 @@ export class Committer<Batch> {
   private running = false;
   private idleWaiters: (() => void)[] = [];
   private stopped = false;
+  /** Set while pausing after a connection failure; stop() ends the pause early. */
+  private endPause: (() => void) | undefined;
+  private failures = 0;
+  private failingSince = 0;
+  private lastFailureLog = 0;
 
   constructor(
     private readonly commit: (items: PendingResult[]) => Promise<Batch>,
     private readonly maxBatch: number,
     private readonly onCommitted: (report: CommitReport<Batch>) => void,
     private readonly log: Logger,
+    private readonly onRefused: (refused: RefusedResult) => void = () => undefined,
   ) {}
 
   get pending(): number {
@@ -54,14 +108,19 @@ export class Committer<Batch> {
     if (!this.running) void this.flushLoop();
   }
 
-  /** Resolves when every queued result has been committed (or the committer stopped). */
+  /**
+   * Resolves when every queued result has been committed, when the committer
+   * stopped, or when commits are failing for want of a database: waiting then
+   * could last forever, and the pools keep those results until ACK anyway.
+   */
   idle(): Promise<void> {
-    if (!this.running && this.queue.length === 0) return Promise.resolve();
+    if ((!this.running && this.queue.length === 0) || this.endPause) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
   stop(): void {
     this.stopped = true;
+    this.endPause?.();
     this.wake();
   }
 
@@ -76,24 +135,147 @@ export class Committer<Batch> {
     try {
       while (this.queue.length > 0) {
         const items = this.queue.splice(0, this.maxBatch);
-        const started = performance.now();
-        try {
-          const batch = await this.commit(items);
-          this.onCommitted({ items, batch, ms: performance.now() - started });
-        } catch (e) {
-          const err = coerceError(e);
-          this.log.error(
-            { err, results: items.length },
-            `could not commit ${items.length} results; retrying in ${RETRY_MS} ms (the pools keep them until ACK)`,
-          );
-          this.queue.unshift(...items);
-          if (this.stopped) break;
-          await new Promise((r) => setTimeout(r, RETRY_MS));
+        const left = await this.commitIsolating(items);
+        if (!left) {
+          this.recovered();
+          continue;
         }
+        this.queue.unshift(...left.items);
+        this.failed(left.err, left.items.length);
+        if (this.stopped) break;
+        await this.pause();
+        if (this.stopped) break;
       }
     } finally {
       this.running = false;
       this.wake();
     }
   }
+
+  /**
+   * Commits `items`, halving on data errors down to single results. Returns
+   * the results still uncommitted (in order) when the database failed, or
+   * undefined when every result was dealt with.
+   */
+  private async commitIsolating(
+    items: PendingResult[],
+  ): Promise<{ items: PendingResult[]; err: Error } | undefined> {
+    // Parts still to commit, the next one last.
+    const work: PendingResult[][] = [items];
+    while (work.length > 0) {
+      const part = work.pop()!;
+      const started = performance.now();
+      try {
+        const batch = await this.commit(part);
+        this.onCommitted({ items: part, batch, ms: performance.now() - started });
+        continue;
+      } catch (e) {
+        const err = coerceError(e);
+        if (!isDataError(e)) return { items: [part, ...work.reverse()].flat(), err };
+        if (part.length > 1) {
+          const mid = Math.ceil(part.length / 2);
+          this.log.warn(
+            { err, results: part.length },
+            `PostgreSQL refused a batch of ${part.length} results (${codeOf(e)}); committing it in halves to find the result at fault`,
+          );
+          work.push(part.slice(mid), part.slice(0, mid));
+          continue;
+        }
+        const gone = await this.refuse(part[0]!, err);
+        if (gone) return { items: [part, ...work.reverse()].flat(), err: gone };
+      }
+    }
+    return undefined;
+  }
+
+  /**
+   * One result PostgreSQL will not store: store an error outcome for its
+   * attempt instead, so the step follows its retry policy now rather than when
+   * the lease runs out. Returns an error only when the database itself failed
+   * meanwhile (the caller keeps the result and retries later).
+   */
+  private async refuse(item: PendingResult, err: Error): Promise<Error | undefined> {
+    const { result } = item;
+    const replacement: PendingResult = {
+      ...item,
+      result: {
+        attemptId: result.attemptId,
+        status: "error",
+        error: {
+          type: UNSTORABLE_RESULT,
+          message: `PostgreSQL refused to store this attempt's ${result.status} result (${reasonOf(err)}); it is stored as this error instead`,
+          retryable: true,
+        },
+        ...(result.durationMs !== undefined ? { durationMs: result.durationMs } : {}),
+        ...(result.poolId !== undefined ? { poolId: result.poolId } : {}),
+      },
+    };
+    const started = performance.now();
+    try {
+      const batch = await this.commit([replacement]);
+      this.onCommitted({ items: [replacement], batch, ms: performance.now() - started });
+      this.onRefused({ item, err, reason: reasonOf(err), stored: true });
+    } catch (e) {
+      if (!isDataError(e)) return coerceError(e);
+      this.onRefused({ item, err: coerceError(e), reason: reasonOf(e), stored: false });
+    }
+    return undefined;
+  }
+
+  private pause(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.endPause = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, RETRY_MS);
+      this.endPause = done;
+      // Whoever waits for the committer to be idle would wait for the database: let them go.
+      this.wake();
+    });
+  }
+
+  private failed(err: Error, results: number): void {
+    const now = Date.now();
+    this.failures++;
+    if (this.failures === 1) {
+      this.failingSince = now;
+      this.lastFailureLog = now;
+      this.log.error(
+        { err, results },
+        `could not commit ${results} results; retrying every ${RETRY_MS} ms (the pools keep them until ACK)`,
+      );
+    } else if (now - this.lastFailureLog >= RETRY_LOG_EVERY_MS) {
+      this.lastFailureLog = now;
+      this.log.error(
+        { err, results, failures: this.failures, seconds: Math.round((now - this.failingSince) / 1000) },
+        `still cannot commit ${results} results: ${this.failures} attempts failed over ${Math.round((now - this.failingSince) / 1000)} s; retrying every ${RETRY_MS} ms`,
+      );
+    }
+  }
+
+  private recovered(): void {
+    if (this.failures === 0) return;
+    this.log.info(
+      { failures: this.failures, seconds: Math.round((Date.now() - this.failingSince) / 1000) },
+      `commits resumed after ${this.failures} failed attempts over ${Math.round((Date.now() - this.failingSince) / 1000)} s`,
+    );
+    this.failures = 0;
+  }
+}
+
+/** The messages of an error and its causes, innermost last, with the SQLSTATE: "complete_attempts failed: unsupported Unicode escape sequence (SQLSTATE 22P05)". */
+function reasonOf(e: unknown): string {
+  const parts: string[] = [];
+  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
+    const m = err instanceof Error ? err.message : String(err);
+    if (!parts.includes(m)) parts.push(m);
+  }
+  return `${parts.join(": ").slice(0, 300)} (${codeOf(e)})`;
+}
+
+function codeOf(e: unknown): string {
+  const code = sqlState(e);
+  return code !== undefined ? `SQLSTATE ${code}` : e instanceof Error ? e.name : "error";
 }

@@ -25,8 +25,11 @@ import { pino, type Logger } from "pino";
 import {
   HEARTBEAT_INTERVAL_MS,
   HEARTBEAT_LIVENESS,
+  MAX_VALUE_DEPTH,
   StepErrorTypes,
   coerceError,
+  pointer,
+  valueProblem,
   type AckItem,
   type CancelItem,
   type ErrorBody,
@@ -590,7 +593,7 @@ export class HandlerPool {
           `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
         );
       } else if (item.error?.type === StepErrorTypes.INVALID_OUTPUT) {
-        a.log.error(`step ${d.step_name} returned an output that is not JSON: ${item.error.message}`);
+        a.log.error(`step ${d.step_name} returned an output it cannot send: ${item.error.message}`);
       }
       this.finish(a, item);
     }
@@ -665,22 +668,26 @@ export class HandlerPool {
  * permanently: retrying would produce it again.
  */
 function completed(attemptId: string, output: unknown): ResultItem {
+  const invalid = (message: string): ResultItem => ({
+    attempt_id: attemptId,
+    status: "error",
+    error: { type: StepErrorTypes.INVALID_OUTPUT, message: message.slice(0, 8192), retryable: false },
+  });
+  let value: unknown;
   try {
     const text = JSON.stringify(output);
-    return {
-      attempt_id: attemptId,
-      status: "complete",
-      output: text === undefined ? null : (JSON.parse(text) as unknown),
-    };
+    value = text === undefined ? null : (JSON.parse(text) as unknown);
   } catch (e) {
-    return {
-      attempt_id: attemptId,
-      status: "error",
-      error: {
-        type: StepErrorTypes.INVALID_OUTPUT,
-        message: `the handler's output is not JSON: ${coerceError(e).message}`.slice(0, 8192),
-        retryable: false,
-      },
-    };
+    return invalid(`the handler's output is not JSON: ${coerceError(e).message}`);
   }
+  // What the broker would refuse (and this pool then resend forever): say so as the step's error instead.
+  const problem = valueProblem(value, MAX_VALUE_DEPTH);
+  if (problem)
+    return invalid(
+      `the handler's output cannot be stored: at ${pointer(problem.path) || "(the output)"}, ${problem.what}` +
+        (problem.code === "unstorable_value"
+          ? " (PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)"
+          : ""),
+    );
+  return { attempt_id: attemptId, status: "complete", output: value };
 }

@@ -10,6 +10,7 @@ import { Packr, Unpackr } from "msgpackr";
 import {
   COMMAND_SCHEMAS,
   Encodings,
+  MAX_DEPTH,
   MAX_MESSAGE_BYTES,
   PROTOCOL_NAME,
   SIGNATURE,
@@ -17,7 +18,8 @@ import {
   type Encoding,
 } from "./constants";
 import { fault, type ProtocolFault } from "./errors";
-import { firstInvalidUtf8String } from "./msgpackStrings";
+import { scanMsgpack } from "./msgpackStrings";
+import { pointer, valueProblem } from "./storableValues";
 import { validateBody } from "./validate";
 import type { BodyOf, Message } from "./bodies";
 
@@ -39,29 +41,43 @@ const VERSIONED_SIGNATURE = new RegExp(`^${PROTOCOL_NAME}/[0-9]+$`);
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 /**
- * MessagePack can carry what JSON cannot (binary, extension types such as
- * timestamps, non-string keys); the protocol allows none of it, so both
- * encodings decode to the same plain values.
+ * The offset of the first `{` or `[` that opens level `maxDepth + 1` of a JSON
+ * text, or -1. Brackets inside strings do not count; a string is skipped with
+ * indexOf to its closing quote (a quote after an odd run of backslashes is
+ * escaped). Stops at the first excess, so a body nested 100,000 deep costs
+ * maxDepth + 1 bytes of scanning and no parse at all.
  */
-function plainDataProblem(value: unknown, depth = 0): string | undefined {
-  if (depth > 128) return "nesting deeper than 128 levels";
-  if (value === null || typeof value === "string" || typeof value === "boolean") return undefined;
-  if (typeof value === "number") return Number.isFinite(value) ? undefined : "a non-finite number";
-  if (Array.isArray(value)) {
-    for (const v of value) {
-      const p = plainDataProblem(v, depth + 1);
-      if (p) return p;
-    }
-    return undefined;
+export function jsonTooDeepAt(buf: Uint8Array, maxDepth: number): number {
+  let depth = 0;
+  const n = buf.length;
+  for (let i = 0; i < n; i++) {
+    const b = buf[i]!;
+    if (b === 0x22) {
+      let j = i;
+      for (;;) {
+        j = buf.indexOf(0x22, j + 1);
+        if (j < 0) return -1; // unterminated: JSON.parse says so
+        let k = j - 1;
+        while (buf[k] === 0x5c) k--;
+        if ((j - 1 - k) % 2 === 0) break;
+      }
+      i = j;
+    } else if (b === 0x7b || b === 0x5b) {
+      if (++depth > maxDepth) return i;
+    } else if (b === 0x7d || b === 0x5d) depth--;
   }
-  if (typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype) {
-    for (const v of Object.values(value)) {
-      const p = plainDataProblem(v, depth + 1);
-      if (p) return p;
-    }
-    return undefined;
-  }
-  return `a value of type ${value instanceof Uint8Array ? "binary" : value instanceof Date ? "timestamp extension" : typeof value}`;
+  return -1;
+}
+
+function tooDeep(encoding: Encoding, at: number, extra: { command?: string }): BodyDecoding {
+  return {
+    ok: false,
+    fault: fault(
+      "too_deep",
+      `The ${encoding} body nests deeper than ${MAX_DEPTH} levels (level ${MAX_DEPTH + 1} opens at byte ${at})`,
+      { ...extra, instancePath: "" },
+    ),
+  };
 }
 const COMMAND_BUFS = new Map<string, Buffer>(Object.keys(COMMAND_SCHEMAS).map((c) => [c, Buffer.from(c)]));
 
@@ -105,6 +121,23 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
       ok: false,
       fault: fault("undecodable_body", "The body is not a JSON object or a MessagePack map", extra),
     };
+  // Depth first, over the bytes: parsers recurse, and deep input costs them stack, memory and time.
+  if (encoding === Encodings.JSON) {
+    const at = jsonTooDeepAt(buf, MAX_DEPTH);
+    if (at >= 0) return tooDeep(encoding, at, extra);
+  } else {
+    const scan = scanMsgpack(buf, MAX_DEPTH);
+    if (scan?.problem === "too_deep") return tooDeep(encoding, scan.at, extra);
+    if (scan)
+      return {
+        ok: false,
+        fault: fault(
+          "undecodable_body",
+          `The MessagePack body holds a string that is not UTF-8 (at byte ${scan.at}), which the protocol does not allow`,
+          extra,
+        ),
+      };
+  }
   let value: unknown;
   try {
     value =
@@ -122,21 +155,43 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   if (!value || typeof value !== "object" || Array.isArray(value)) {
     return { ok: false, fault: fault("undecodable_body", "The body is not an object", extra) };
   }
-  if (encoding === Encodings.MSGPACK) {
-    const badString = firstInvalidUtf8String(buf);
-    const problem =
-      badString >= 0 ? `a string that is not UTF-8 (at byte ${badString})` : plainDataProblem(value);
-    if (problem)
-      return {
-        ok: false,
-        fault: fault(
-          "undecodable_body",
-          `The MessagePack body holds ${problem}, which the protocol does not allow`,
-          extra,
-        ),
-      };
+  const problem = valueProblem(value, MAX_DEPTH);
+  if (problem) {
+    const where = pointer(problem.path);
+    const attemptId = resultAttemptId(value, problem.path);
+    // A client matches answers by request_id: a body refused after parsing can still name it.
+    const requestId = (value as { request_id?: unknown }).request_id;
+    const echo =
+      typeof requestId === "string" &&
+      problem.path[0] !== "request_id" &&
+      requestId.length > 0 &&
+      [...requestId].length <= 128;
+    const detail =
+      problem.code === "undecodable_body"
+        ? `The ${encoding} body holds ${problem.what} at ${where || "(body)"}, which the protocol does not allow`
+        : `${command ?? "The"} body: ${where || "(body)"}: ${problem.what}`;
+    return {
+      ok: false,
+      fault: fault(problem.code, detail, {
+        ...extra,
+        instancePath: where,
+        ...(attemptId ? { attemptId } : {}),
+        ...(echo ? { requestId } : {}),
+      }),
+    };
   }
   return { ok: true, value: value as Record<string, unknown>, encoding };
+}
+
+const ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** For a fault inside /results/N/..., that result's attempt_id when it is a well-formed id, so the ERROR can name it. */
+function resultAttemptId(body: object, path: readonly string[]): string | undefined {
+  if (path[0] !== "results" || path.length < 2) return undefined;
+  const results = (body as { results?: unknown }).results;
+  const item: unknown = Array.isArray(results) ? results[Number(path[1])] : undefined;
+  const id = item && typeof item === "object" ? (item as { attempt_id?: unknown }).attempt_id : undefined;
+  return typeof id === "string" && ID.test(id) ? id : undefined;
 }
 
 export interface DecodeOptions {

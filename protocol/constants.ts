@@ -129,6 +129,8 @@ export const StepErrorTypes = {
   LOST: "lost",
   /** (broker) the STEP could not be delivered, or the pool said it could not read it. */
   UNDELIVERED: "undelivered",
+  /** (broker) PostgreSQL would not store the attempt's result; the pool was told with ERROR unstorable_value. */
+  UNSTORABLE_RESULT: "unstorable_result",
 } as const;
 export type StepErrorType = (typeof StepErrorTypes)[keyof typeof StepErrorTypes];
 
@@ -174,7 +176,22 @@ export const MAX_MESSAGE_BYTES = 1024 * 1024;
 export const HARD_LIMIT_FACTOR = 16;
 /** Most steps in one STEP message, results in one RESULT message. */
 export const MAX_BATCH = 64;
+/**
+ * How deeply a body may nest, counting the body's own object as level 1, the
+ * same for JSON and MessagePack. Checked over the bytes before the body is
+ * parsed, so a deep body costs a scan, not a parser's recursion and memory.
+ */
+export const MAX_DEPTH = 64;
+/**
+ * How deeply a free-form value (a SUBMIT context, a RESULT output, usage or
+ * error details) may nest on its own. The broker carries these onward deeper
+ * than they arrived (a RESULT output sits at level 4, the same output in a
+ * later STEP's inputs or a REPLY at level 5 or 6), so they get less room than
+ * a body: every body that carries them stays within MAX_DEPTH.
+ */
+export const MAX_VALUE_DEPTH = 56;
 /** A peer that sends this many bad messages in a row (ERRORs included, see PROTOCOL.md) is disconnected. */
+
 export const MAX_CONSECUTIVE_ERRORS = 10;
 
 /**
@@ -193,6 +210,9 @@ export const ErrorCodes = {
     "The body does not match the command's JSON Schema. See schema_path and instance_path for the failing rule.",
   message_too_large:
     "The message is larger than the broker's limit (max_message_bytes in WELCOME). Send fewer steps or results per message, or smaller outputs.",
+  unstorable_value:
+    "A string or object key holds U+0000 or an unpaired surrogate (\\ud800-\\udfff), which PostgreSQL cannot store. instance_path names it; remove or escape it (e.g. base64) before sending.",
+  too_deep: `The body nests deeper than the protocol allows (${MAX_DEPTH} levels for a body, ${MAX_VALUE_DEPTH} for a context, output, usage or error details of its own). Flatten the data, or send it as a string.`,
   hello_required:
     "The pool sent a command before its HELLO was accepted. Send HELLO first and wait for WELCOME.",
   hello_rejected: "The HELLO was refused. Read the message for the reason and fix the pool's configuration.",

@@ -11,6 +11,10 @@ export interface ProtocolFault {
   command?: string;
   schemaPath?: string;
   instancePath?: string;
+  /** The attempt a fault inside a RESULT concerns, when the body names it. */
+  attemptId?: string;
+  /** A client's request_id, when the body was read far enough to know it. */
+  requestId?: string;
 }
 
 export function fault(
@@ -31,8 +35,10 @@ export function faultToErrorBody(
   if (f.command) body.command = f.command.slice(0, 64);
   if (f.schemaPath) body.schema_path = f.schemaPath.slice(0, 1024);
   if (f.instancePath !== undefined) body.instance_path = f.instancePath.slice(0, 1024);
-  if (ids.attempt_id) body.attempt_id = ids.attempt_id;
-  if (ids.request_id) body.request_id = ids.request_id;
+  const attemptId = ids.attempt_id ?? f.attemptId;
+  if (attemptId) body.attempt_id = attemptId;
+  const requestId = ids.request_id ?? f.requestId;
+  if (requestId) body.request_id = requestId;
   return body;
 }
 

@@ -94,7 +94,8 @@ export type ReservedErrorType =
   | "invalid_result"
   | "timeout"
   | "lost"
-  | "undelivered";
+  | "undelivered"
+  | "unstorable_result";
 
 export interface ProtocolBodies {
   ack?: AckBody;

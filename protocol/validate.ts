@@ -4,9 +4,10 @@
  * is validated on both sides.
  */
 import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
-import { COMMAND_SCHEMAS, type CommandName } from "./constants";
+import { COMMAND_SCHEMAS, MAX_VALUE_DEPTH, type CommandName } from "./constants";
 import { fault, type ProtocolFault } from "./errors";
 import { loadSchemaFiles, SCHEMA_ID_PREFIX } from "./schemaFiles";
+import { depthOf } from "./storableValues";
 import type { BodyOf } from "./bodies";
 
 let validators: Map<CommandName, ValidateFunction> | undefined;
@@ -37,9 +38,48 @@ function pickError(errors: ErrorObject[]): ErrorObject | undefined {
 export type Validation<C extends CommandName> =
   { ok: true; body: BodyOf<C> } | { ok: false; fault: ProtocolFault };
 
+/**
+ * The free-form values a SUBMIT or RESULT brings in, by path: the broker
+ * sends them on deeper than they arrived (in STEP and REPLY), so each gets
+ * MAX_VALUE_DEPTH levels of its own.
+ */
+function* carriedValues(command: CommandName, body: unknown): Generator<[string, unknown, string?]> {
+  if (command === "SUBMIT") {
+    yield ["/context", (body as { context?: unknown }).context];
+    return;
+  }
+  if (command !== "RESULT") return;
+  const results = (
+    body as {
+      results: { attempt_id: string; output?: unknown; usage?: unknown; error?: { details?: unknown } }[];
+    }
+  ).results;
+  for (let i = 0; i < results.length; i++) {
+    const r = results[i]!;
+    yield [`/results/${i}/output`, r.output, r.attempt_id];
+    yield [`/results/${i}/usage`, r.usage, r.attempt_id];
+    yield [`/results/${i}/error/details`, r.error?.details, r.attempt_id];
+  }
+}
+
+function valueDepthFault(command: CommandName, body: unknown): ProtocolFault | undefined {
+  for (const [path, value, attemptId] of carriedValues(command, body)) {
+    if (depthOf(value, MAX_VALUE_DEPTH) > MAX_VALUE_DEPTH)
+      return fault("too_deep", `${command} body: ${path} nests deeper than ${MAX_VALUE_DEPTH} levels`, {
+        command,
+        instancePath: path,
+        ...(attemptId ? { attemptId } : {}),
+      });
+  }
+  return undefined;
+}
+
 export function validateBody<C extends CommandName>(command: C, body: unknown): Validation<C> {
   const fn = validatorFor(command);
-  if (fn(body)) return { ok: true, body: body as BodyOf<C> };
+  if (fn(body)) {
+    const deep = valueDepthFault(command, body);
+    return deep ? { ok: false, fault: deep } : { ok: true, body: body as BodyOf<C> };
+  }
   const err = pickError(fn.errors ?? []);
   const where = err?.instancePath || "(body)";
   const detail = err

@@ -29,6 +29,8 @@ HEARTBEAT_LIVENESS = 3
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BATCH = 64
 MAX_CONSECUTIVE_ERRORS = 10
+#: A body nests at most this many levels (its own object is level 1), in both encodings.
+MAX_DEPTH = 64
 
 JSON = "json"
 MSGPACK = "msgpack"
@@ -67,6 +69,8 @@ ERROR_CODES: FrozenSet[str] = frozenset(
         "undecodable_body",
         "schema_violation",
         "message_too_large",
+        "unstorable_value",
+        "too_deep",
         "hello_required",
         "hello_rejected",
         "unknown_attempt",
@@ -167,37 +171,107 @@ def body_encoding(data: bytes) -> Optional[str]:
     return None
 
 
-def _check_plain(value: Any, path: str) -> None:
-    """MessagePack bodies may hold only JSON-like values: no binary, no extensions."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"map key at {path or '/'} is not a string")
-            _check_plain(v, f"{path}/{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{path}/{i}")
+_JSON_SPECIAL = re.compile(rb'["\\\[\]{}]')
+#: What PostgreSQL's jsonb cannot store. json.loads pairs surrogate escapes, so any surrogate left is unpaired.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _json_too_deep_at(data: bytes) -> int:
+    """Offset of the bracket that opens level MAX_DEPTH + 1 outside strings, or -1 (checked before parsing)."""
+    depth = 0
+    in_str = False
+    skip_to = -1
+    for m in _JSON_SPECIAL.finditer(data):
+        i = m.start()
+        if i < skip_to:
+            continue  # the character after a backslash
+        c = data[i]
+        if in_str:
+            if c == 0x5C:
+                skip_to = i + 2
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x7B, 0x5B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return i
+        elif c in (0x7D, 0x5D):
+            depth -= 1
+    return -1
+
+
+def _storable_pointer(path: Tuple[str, ...]) -> str:
+    """JSON Pointer text for a path, with U+0000 and lone surrogates written as \\uXXXX so it stays storable."""
+    return "".join(
+        "/" + _UNSTORABLE.sub(lambda m: "\\u%04x" % ord(m.group()), k.replace("~", "~0").replace("/", "~1"))
+        for k in path
+    )
+
+
+def _unstorable(s: str) -> Optional[str]:
+    m = _UNSTORABLE.search(s)
+    if m is None:
+        return None
+    return "U+0000" if m.group() == "\x00" else "an unpaired surrogate"
+
+
+def _check_value(value: Any, path: Tuple[str, ...], depth: int) -> None:
+    """Only JSON-like values (no binary, no extensions) that jsonb can store, at most MAX_DEPTH deep."""
+    if isinstance(value, str):
+        bad = _unstorable(value)
+        if bad:
+            where = _storable_pointer(path)
+            raise ProtocolError("unstorable_value", f"{where}: a string holds {bad}", instance_path=where)
+    elif isinstance(value, (dict, list)):
+        if depth > MAX_DEPTH:
+            raise ProtocolError("too_deep", f"The body nests deeper than {MAX_DEPTH} levels.", instance_path="")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"map key at {_storable_pointer(path) or '/'} is not a string")
+                bad = _unstorable(k)
+                if bad:
+                    where = _storable_pointer(path + (k,))
+                    raise ProtocolError("unstorable_value", f"{where}: an object key holds {bad}", instance_path=where)
+                _check_value(v, path + (k,), depth + 1)
+        else:
+            for i, v in enumerate(value):
+                _check_value(v, path + (str(i),), depth + 1)
     elif isinstance(value, (bytes, bytearray)):
-        raise ValueError(f"binary value at {path or '/'} is not allowed")
+        raise ValueError(f"binary value at {_storable_pointer(path) or '/'} is not allowed")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"non-finite number at {path or '/'} is not allowed")
+        raise ValueError(f"non-finite number at {_storable_pointer(path) or '/'} is not allowed")
 
 
 def decode_body(data: bytes) -> Tuple[Dict[str, Any], str]:
-    """Decode a body by its first byte. Raises ProtocolError(undecodable_body)."""
+    """Decode a body by its first byte. Raises ProtocolError (undecodable_body, too_deep, unstorable_value)."""
     enc = body_encoding(data)
+    if enc == JSON:
+        at = _json_too_deep_at(data)
+        if at >= 0:
+            raise ProtocolError(
+                "too_deep",
+                f"The JSON body nests deeper than {MAX_DEPTH} levels (level {MAX_DEPTH + 1} opens at byte {at}).",
+                instance_path="",
+            )
     try:
         if enc == JSON:
             if data.startswith(b"\xef\xbb\xbf"):
                 raise ValueError("byte-order mark")
             value = json.loads(data.decode("utf-8", errors="strict"), parse_constant=_reject_constant)
         elif enc == MSGPACK:
+            # The C unpacker bounds its own nesting (StackError); the walk below applies MAX_DEPTH.
             value = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_no_ext)
-            _check_plain(value, "")
         else:
             raise ValueError("the first byte is neither '{' nor a MessagePack map")
+        if isinstance(value, dict):
+            _check_value(value, (), 1)
     except ProtocolError:
         raise
+    except msgpack.exceptions.StackError:
+        raise ProtocolError("too_deep", f"The MessagePack body nests deeper than {MAX_DEPTH} levels.", instance_path="")
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the same protocol error
         raise ProtocolError("undecodable_body", f"The body is neither a JSON object nor a MessagePack map: {exc}")
     if not isinstance(value, dict):

@@ -455,6 +455,42 @@ for (const proto of TRANSPORTS) {
       assert.equal((await broker.next("RESULT")).encoding, "msgpack");
     });
 
+    it("reports an output the broker would refuse (U+0000, a lone surrogate, 57 levels) as invalid_output", async function () {
+      const p = makePool();
+      const outputs: Record<string, unknown> = {
+        nul: { a: ["x\u0000"] },
+        surrogate: { s: "\ud800" },
+        deep: Array.from({ length: 57 }).reduce<unknown>((v) => [v], 1),
+        fine: { emoji: "\ud83d\ude00", deep: Array.from({ length: 54 }).reduce<unknown>((v) => [v], 1) },
+      };
+      for (const [name, out] of Object.entries(outputs)) p.handle(name, () => out);
+      const started = p.start();
+      const hello = await broker.handshake();
+      await started;
+      const expected: Record<string, RegExp | undefined> = {
+        nul: /at \/a\/0, a string holds U\+0000/,
+        surrogate: /at \/s, a string holds an unpaired surrogate/,
+        deep: /nesting deeper than 56 levels/,
+        fine: undefined,
+      };
+      for (const name of Object.keys(outputs)) {
+        const s = stepFor(name);
+        await broker.send(hello.identity, "STEP", { steps: [s] });
+        const [item] = results(await broker.next("RESULT"));
+        const want = expected[name];
+        if (!want) {
+          assert.equal(item!.status, "complete", `${name}: ${JSON.stringify(item!.error)}`);
+          assert.deepEqual(item!.output, outputs[name]);
+          continue;
+        }
+        // Sent as the step's error, which the broker stores, instead of a result it refuses and the pool resends forever.
+        assert.equal(item!.status, "error", name);
+        assert.equal(item!.error!.type, "invalid_output", name);
+        assert.equal(item!.error!.retryable, false, name);
+        assert.match(item!.error!.message, want, name);
+      }
+    });
+
     it("answers bad messages from the broker with ERROR, never an ERROR to an ERROR, and keeps working", async function () {
       const p = makePool();
       p.handle("ok", () => "fine");

@@ -30,7 +30,7 @@ describe("reserved error types", () => {
     const requeue = readFileSync(new URL("../../sql/queries/requeue_attempts.sql", import.meta.url), "utf8");
     const outcomes = /attempt outcome \(([a-z_ |]+)\)/.exec(requeue)?.[1]?.split(" | ") ?? [];
     assert.ok(outcomes.length > 0, "requeue_attempts.sql names the outcomes it writes as error types");
-    const broker = reserved.filter((r) => r.description.startsWith("(broker)")).map((r) => r.const);
-    assert.deepEqual(outcomes.sort(), broker.sort());
+    const broker = new Set(reserved.filter((r) => r.description.startsWith("(broker)")).map((r) => r.const));
+    for (const o of outcomes) assert.ok(broker.has(o), `${o}, written by requeue_attempts.sql, is reserved`);
   });
 });

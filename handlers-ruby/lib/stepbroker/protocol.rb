@@ -24,6 +24,8 @@ module Stepbroker
     MAX_MESSAGE_BYTES = 1024 * 1024
     HARD_LIMIT_FACTOR = 16
     MAX_BATCH = 64
+    # A body nests at most this many levels (its own object is level 1), in both encodings.
+    MAX_DEPTH = 64
 
     COMMANDS = %w[HELLO WELCOME STEP RESULT ACK PROGRESS CANCEL HEARTBEAT DISCONNECT ERROR
                   SUBMIT STATUS WAIT CANCEL_TASK POOLS REPLY].freeze
@@ -33,7 +35,7 @@ module Stepbroker
     POOL_SENDS = %w[HELLO RESULT PROGRESS HEARTBEAT DISCONNECT ERROR].freeze
 
     ERROR_CODES = %w[malformed_frame unsupported_version unknown_command undecodable_body
-                     schema_violation message_too_large hello_required hello_rejected
+                     schema_violation message_too_large unstorable_value too_deep hello_required hello_rejected
                      unknown_attempt stale_attempt unknown_task unknown_template invalid_request
                      forbidden too_many_errors over_budget reply_too_large shutting_down internal_error].freeze
 
@@ -134,8 +136,11 @@ module Stepbroker
         return Fault.new(code: "message_too_large", command: command,
                          message: "The #{command} body is #{body.bytesize} bytes; the limit is #{max_bytes}.")
       end
-      value, encoding = decode_body(body)
-      return Fault.new(code: "undecodable_body", command: command, message: encoding) if value.nil?
+      value, encoding, code, path = decode_body(body)
+      if value.nil?
+        return Fault.new(code: code || "undecodable_body", command: command, message: encoding,
+                         instance_path: path)
+      end
 
       failure = schema.validate(command, value)
       if failure
@@ -148,7 +153,7 @@ module Stepbroker
       Message.new(command, value, encoding)
     end
 
-    # Returns [value, encoding] or [nil, reason].
+    # Returns [value, encoding] or [nil, reason, code, instance_path] (code nil: undecodable_body).
     def decode_body(bytes)
       encoding = sniff(bytes)
       return [nil, "The body is neither a JSON object nor a MessagePack map."] unless encoding
@@ -158,7 +163,12 @@ module Stepbroker
           text = bytes.dup.force_encoding("UTF-8")
           return [nil, "The JSON body is not valid UTF-8."] unless text.valid_encoding?
 
-          JSON.parse(text)
+          # Before parsing: the parser would recurse into deep nesting, and refuses a lone
+          # surrogate escape as a syntax error, where the protocol says unstorable_value.
+          problem = json_prescan(bytes.b)
+          return problem if problem
+
+          JSON.parse(text, max_nesting: false)
         else
           return [nil, "The body is MessagePack, which this pool cannot read (install ruby-msgpack)."] unless msgpack?
 
@@ -166,37 +176,106 @@ module Stepbroker
         end
       return [nil, "The body is not an object."] unless value.is_a?(Hash)
 
-      problem = json_problem(value, "")
+      problem = json_problem(value, [], 1)
+      return problem if problem.is_a?(Array)
       return [nil, "The #{encoding} body holds a value JSON cannot carry: #{problem}."] if problem
 
       [value, encoding]
     rescue JSON::ParserError, EncodingError, StandardError => e
+      # msgpack-ruby stops at 128 levels by itself; anything that deep is over MAX_DEPTH too.
+      if defined?(::MessagePack::StackError) && e.is_a?(::MessagePack::StackError)
+        return [nil, "The msgpack body nests deeper than #{MAX_DEPTH} levels.", "too_deep", ""]
+      end
+
       [nil, "The #{encoding} body does not parse (#{e.class.name.split('::').last}: #{e.message[0, 200]})."]
     end
 
-    # A description of the first value that is not plain JSON (binary,
-    # non-string keys, NaN, extension types), or nil.
-    def json_problem(value, path)
-      case value
-      when Hash
-        value.each do |k, v|
-          return "a non-string key at #{path.empty? ? '/' : path}" unless k.is_a?(String)
-          return "a key that is not UTF-8 at #{path}" unless utf8?(k)
+    JSON_SPECIAL = /["\\\[\]{}]/n.freeze
 
-          p = json_problem(v, "#{path}/#{k}")
-          return p if p
+    # Counts [ and { outside strings up to the first excess over MAX_DEPTH, and finds \uD800-\uDFFF
+    # escapes without their pair. nil, or the [nil, reason, code, path] of decode_body.
+    def json_prescan(bytes)
+      depth = 0
+      in_str = false
+      i = 0
+      while (i = bytes.index(JSON_SPECIAL, i))
+        c = bytes.getbyte(i)
+        if in_str
+          if c == 0x5c
+            if bytes.getbyte(i + 1) == 0x75
+              u = bytes.byteslice(i + 2, 4).to_i(16)
+              if u.between?(0xd800, 0xdbff) && bytes.byteslice(i + 6, 2) == "\\u" &&
+                 bytes.byteslice(i + 8, 4).to_i(16).between?(0xdc00, 0xdfff)
+                i += 12
+                next
+              end
+              if u.between?(0xd800, 0xdfff)
+                return [nil, "The JSON body holds an unpaired surrogate escape (at byte #{i}), which PostgreSQL " \
+                             "cannot store.", "unstorable_value", nil]
+              end
+              i += 6
+            else
+              i += 2
+            end
+            next
+          end
+          in_str = false if c == 0x22
+        elsif c == 0x22
+          in_str = true
+        elsif c == 0x7b || c == 0x5b
+          depth += 1
+          if depth > MAX_DEPTH
+            return [nil, "The JSON body nests deeper than #{MAX_DEPTH} levels (level #{MAX_DEPTH + 1} opens at " \
+                         "byte #{i}).", "too_deep", ""]
+          end
+        elsif c == 0x7d || c == 0x5d
+          depth -= 1
+        end
+        i += 1
+      end
+      nil
+    end
+
+    # JSON Pointer text that is itself storable: U+0000 and lone surrogates as \uXXXX text.
+    def storable_pointer(path)
+      path.map { |k| "/" + k.to_s.gsub("~", "~0").gsub("/", "~1").gsub("\0", "\\u0000") }.join
+    end
+
+    def unstorable(path, what)
+      where = storable_pointer(path)
+      [nil, "#{where}: #{what}, which PostgreSQL cannot store.", "unstorable_value", where]
+    end
+
+    # A String (the reason) for values JSON cannot carry, an Array (decode_body's failure) for
+    # values PostgreSQL cannot store or nesting over MAX_DEPTH, or nil.
+    def json_problem(value, path, depth)
+      case value
+      when Hash, Array
+        return [nil, "The body nests deeper than #{MAX_DEPTH} levels.", "too_deep", ""] if depth > MAX_DEPTH
+
+        if value.is_a?(Hash)
+          value.each do |k, v|
+            return "a non-string key at #{path.empty? ? '/' : storable_pointer(path)}" unless k.is_a?(String)
+            return "a key that is not UTF-8 at #{storable_pointer(path)}" unless utf8?(k)
+            return unstorable(path + [k], "an object key holds U+0000") if k.include?("\0")
+
+            p = json_problem(v, path + [k], depth + 1)
+            return p if p
+          end
+        else
+          value.each_with_index do |v, i|
+            p = json_problem(v, path + [i], depth + 1)
+            return p if p
+          end
         end
         nil
-      when Array
-        value.each_with_index do |v, i|
-          p = json_problem(v, "#{path}/#{i}")
-          return p if p
-        end
-        nil
-      when String then utf8?(value) ? nil : "binary or non-UTF-8 text at #{path}"
-      when Float then value.finite? ? nil : "a non-finite number at #{path}"
+      when String
+        return "binary or non-UTF-8 text at #{storable_pointer(path)}" unless utf8?(value)
+
+        value.include?("\0") ? unstorable(path, "a string holds U+0000") : nil
+      when Float then value.finite? ? nil : "a non-finite number at #{storable_pointer(path)}"
       when Integer, true, false, nil then nil
-      else "a #{value.class} at #{path}"
+      else "a #{value.class} at #{storable_pointer(path)}"
       end
     end
 
