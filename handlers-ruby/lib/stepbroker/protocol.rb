@@ -34,6 +34,7 @@ module Stepbroker
 
     ERROR_CODES = %w[malformed_frame unsupported_version unknown_command undecodable_body
                      schema_violation message_too_large hello_required hello_rejected
+                     identity_mismatch session_mismatch not_your_attempt
                      unknown_attempt stale_attempt unknown_task unknown_template invalid_request
                      too_many_errors shutting_down internal_error].freeze
 
