@@ -25,7 +25,8 @@ export interface InFlight extends AdoptedAttempt {
  * attempt (its probe) and all of them together PROBE_BUDGET, so pools that
  * never answer (a black hole, or a swarm of them) can park only that much of
  * the queue, and only until they are purged. A proven pool's window starts at
- * INITIAL_WINDOW and grows by one per stored result, up to its capacity.
+ * INITIAL_WINDOW and grows by INITIAL_WINDOW per stored result, up to its
+ * capacity: 16, then 272 after a first round of 16 results, then 4,368.
  */
 export const INITIAL_WINDOW = 16;
 export const UNPROVEN_CREDIT_BUDGET = 1024;
@@ -47,7 +48,7 @@ export interface PoolRecord {
   readonly inFlight: Map<string, InFlight>;
   /** sha256 hex of the HELLO's session secret; undefined for a pool that sent none. */
   readonly sessionHash: string | undefined;
-  /** The most attempts it may hold now (slow start): grows by one per stored result, up to capacity. */
+  /** The most attempts it may hold now (slow start): grows by INITIAL_WINDOW per stored result, up to capacity. */
   window: number;
   /** Results of this pool (this session) stored; 0 marks a pool that has proved nothing yet. */
   stored: number;
@@ -171,8 +172,10 @@ export class PoolRegistry {
   }
 
   /**
-   * A result of this pool was stored: its window grows by one, so it doubles
-   * with each round of results (as TCP's slow start), up to its capacity.
+   * A result of this pool was stored: its window grows by INITIAL_WINDOW, so a
+   * pool that answers reaches its capacity within two or three rounds of
+   * results (TCP's +1 per ACK would take log2(capacity / 16) rounds, each a
+   * claim and a commit: measurable on a short run).
    */
   noteStored(pool: PoolRecord): void {
     if (this.counts(pool)) {
@@ -180,7 +183,7 @@ export class PoolRegistry {
       this.proven++;
     }
     pool.stored++;
-    pool.window = Math.min(pool.capacity, pool.window + 1);
+    pool.window = Math.min(pool.capacity, pool.window + INITIAL_WINDOW);
   }
 
   /** The attempt is in flight at this very pool (what a pool may report, extend or hand back). */
