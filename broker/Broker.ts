@@ -1071,8 +1071,12 @@ export class Broker {
       // Pools that have had results stored claim first; pools that have proved nothing yet (maybe
       // silent ones) get only the work they left, so a swarm of those cannot starve a working pool.
       const proven = ready.filter((p) => p.stored > 0);
-      const unproven = ready.filter((p) => p.stored === 0);
       const claimed = await Promise.all(proven.map((pool) => this.dispatchToPool(pool)));
+      // Handlers a proven pool still has credit for: work for them that is ready now or soon goes
+      // to that pool on the next round, never to a pool on probation.
+      const spare = new Set<string>();
+      for (const p of proven) if (p.readyDrained) for (const h of p.handlers) spare.add(h);
+      const unproven = ready.filter((p) => p.stored === 0 && [...p.handlers].some((h) => !spare.has(h)));
       if (unproven.length > 0)
         claimed.push(...(await Promise.all(unproven.map((pool) => this.dispatchToPool(pool)))));
       // A full round means more work may be waiting.

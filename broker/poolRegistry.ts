@@ -229,7 +229,9 @@ export class PoolRegistry {
    * Pools that can take work now: those that have had results stored first,
    * least loaded first; then the unproven ones, those sent the fewest attempts
    * first (a newcomer is tried before pools that took work and never
-   * answered), the longest connected first among equals.
+   * answered), the most recently connected first among equals (one connected
+   * long without completing anything is the likelier black hole, and a silent
+   * one is nearest its purge, which would count the probe as a lost attempt).
    */
   withCredit(): PoolRecord[] {
     return [...this.pools.values()]
@@ -237,7 +239,7 @@ export class PoolRegistry {
       .sort(
         (a, b) =>
           Number(b.stored > 0) - Number(a.stored > 0) ||
-          (a.stored === 0 ? a.sent - b.sent || a.connectedAt.getTime() - b.connectedAt.getTime() : 0) ||
+          (a.stored === 0 ? a.sent - b.sent || b.connectedAt.getTime() - a.connectedAt.getTime() : 0) ||
           (a.inFlight.size + a.reserved) / a.capacity - (b.inFlight.size + b.reserved) / b.capacity,
       );
   }
