@@ -29,6 +29,31 @@ export default tseslint.config(
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_" }],
     },
   },
+  // The one-way dependency rule (DESIGN.md, "Parts and the direction of dependencies"):
+  // protocol/ is the contract and imports neither side; the broker and the Node SDK meet only there.
+  ...[
+    ["broker/**/*.ts", ["handlers-node"], "the broker and the Node SDK share only protocol/"],
+    [
+      "handlers-node/**/*.ts",
+      ["broker"],
+      "a remote handler host installs the SDK without the broker; share code through protocol/",
+    ],
+    [
+      "protocol/**/*.ts",
+      ["broker", "handlers-node"],
+      "protocol/ is the contract: it knows neither the broker nor an SDK",
+    ],
+  ].map(([files, forbidden, why]) => ({
+    files: [files],
+    rules: {
+      "no-restricted-imports": [
+        "error",
+        {
+          patterns: [{ group: forbidden.flatMap((dir) => [`**/${dir}`, `**/${dir}/**`]), message: why }],
+        },
+      ],
+    },
+  })),
   {
     // The mocha reporter is CommonJS: mocha loads reporters with require().
     files: ["**/*.cjs"],

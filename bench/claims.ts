@@ -321,32 +321,20 @@ async function main(): Promise<void> {
   const { values } = parseArgs({
     options: { history: { type: "string" }, ready: { type: "string" }, seconds: { type: "string" } },
   });
-  const fs = await import("node:fs/promises");
-  const os = await import("node:os");
-  const path = await import("node:path");
-  const { startEmbeddedPostgres } = await import("../broker/db/embedded");
-  let url = process.env.DATABASE_URL ?? "";
-  let dir: string | undefined;
-  let stop = async (): Promise<void> => undefined;
-  if (!url) {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
-    await fs.chmod(dir, 0o755);
-    const server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
-    url = server.url;
-    stop = () => server.stop();
-  }
+  const { openBenchDatabase } = await import("./harness");
+  const log = (line: string): void => void process.stderr.write(`${line}\n`);
+  const database = await openBenchDatabase(log);
   try {
     const r = await measureClaims({
-      databaseUrl: url,
+      databaseUrl: database.url,
       history: Number(values.history ?? 1_000_000),
       ready: Number(values.ready ?? 20_000),
       maxSeconds: Number(values.seconds ?? 15),
-      log: (line) => process.stderr.write(`${line}\n`),
+      log,
     });
     process.stdout.write(`${formatClaims(r)}\n`);
   } finally {
-    await stop();
-    if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true });
+    await database.close();
   }
 }
 

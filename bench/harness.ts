@@ -14,6 +14,7 @@ import pg from "pg";
 import { pino } from "pino";
 import { Broker } from "../broker/Broker";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
+import { EMBEDDED_ROLE } from "../broker/db/embeddedCredentials";
 import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
 import type { CreateTaskRequest } from "../broker/state/types";
@@ -148,6 +149,21 @@ export interface BenchDatabase {
 }
 
 /**
+ * The benchmarks connect as the broker's own non-superuser role; each phase
+ * starts from a CHECKPOINT (./checkpoint.ts), which needs pg_checkpoint. Only
+ * this throwaway server gets that grant: a broker's embedded server does not.
+ */
+async function allowCheckpoints(server: EmbeddedServer): Promise<void> {
+  const admin = new pg.Client({ connectionString: server.adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`grant pg_checkpoint to ${EMBEDDED_ROLE}`);
+  } finally {
+    await admin.end();
+  }
+}
+
+/**
  * DATABASE_URL when set; otherwise an embedded PostgreSQL (durable commits,
  * default settings, unless `postgresFlags` say otherwise) in a fresh temp
  * directory. `onTempDir` hears of that directory as soon as it exists, so an
@@ -170,6 +186,7 @@ export async function openBenchDatabase(
       `starting an embedded PostgreSQL (${postgresFlags.length > 0 ? postgresFlags.join(" ") : "durable commits, default settings"})`,
     );
     server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata"), postgresFlags });
+    await allowCheckpoints(server);
   } catch (err) {
     await removeDir();
     throw err;

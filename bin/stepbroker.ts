@@ -7,11 +7,14 @@ import { extname, join } from "node:path";
 import { parseArgs } from "node:util";
 import { pino } from "pino";
 import { parse as parseYaml } from "yaml";
+import { readAllowList, reloadAllowLists, type AllowListFiles } from "../broker/allowList";
 import { Broker } from "../broker/Broker";
+import { checkBrokerOptions, type BrokerOptions, type CurveOptions } from "../broker/config";
 import { StateManager } from "../broker/state/StateManager";
 import { formatExplain } from "../broker/state/explain";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
+import { readKeyPairFile, readPublicKey, writeKeyPairFiles } from "../protocol/curveKeys";
 import { runDemo } from "../examples/order-fulfilment/demo";
 
 const HELP = `stepbroker — a ZeroMQ step executor broker
@@ -30,10 +33,13 @@ Commands:
   templates [list]          list registered templates
   templates validate <file> check a template file
   templates register <file|dir>  register template files
-  pools                     the pools connected to a running broker
+  pools                     the pools connected to a running broker (pool ids for admin clients only)
+  keygen [--out PREFIX]     write a CURVE key pair: PREFIX.key (secret, 0600) and PREFIX.pub
 
 Options:
-  --endpoint URL      broker endpoint; repeat to bind several (default tcp://127.0.0.1:5555, env STEPBROKER_ENDPOINT)
+  --endpoint URL      start: where pools connect (every role without --client-endpoint); repeat to bind several.
+                      submit/cancel/pools: the broker socket to talk to (its client or admin endpoint).
+                      Default tcp://127.0.0.1:5555, env STEPBROKER_ENDPOINT
   --database-url URL  PostgreSQL (default env DATABASE_URL; without it an embedded server in --data-dir)
   --data-dir DIR      embedded PostgreSQL data directory (default .stepbroker/pgdata)
   --schema NAME       database schema (default stepbroker)
@@ -41,33 +47,72 @@ Options:
   --broker-id ID      start: lease owner name, stable across restarts (default host+endpoints)
   --heartbeat-ms N    start: heartbeat interval (default 1000)
   --insecure          start: allow binding TCP beyond loopback without CURVE
+  --client-endpoint URL  start: a socket for clients only (repeatable); then --endpoint serves pools only
+  --admin-endpoint URL   start: a socket for admin clients (POOLS with pool ids); without it the client socket is admin
+  --curve-secret-key-file FILE  start: the broker's key pair (from keygen): every socket uses CURVE
+  --pool-keys FILE    start: public keys admitted to --endpoint, one a line (reloaded on SIGHUP)
+  --client-keys FILE  start: public keys admitted to --client-endpoint (reloaded on SIGHUP)
+  --admin-keys FILE   start: public keys admitted to --admin-endpoint (reloaded on SIGHUP)
+  --allow-any-key     start: admit any CURVE key (an empty allow-list is refused without it)
+  --require-curve     start: refuse to bind any endpoint, loopback included, without CURVE
+  --curve-server-key KEY|FILE  submit/cancel/pools: the broker's public key (or its .pub file)
+  --curve-key-file FILE        submit/cancel/pools: this client's key pair (from keygen)
+  --out PREFIX        keygen: where to write (default ./stepbroker)
   --log-level LEVEL   trace|debug|info|warn|error (default info, env STEPBROKER_LOG_LEVEL)
   --json              print machine-readable JSON
   --verbose           print stacks with errors
   -h, --help          this help
 `;
 
-const { values: opt, positionals } = parseArgs({
-  allowPositionals: true,
-  options: {
-    endpoint: { type: "string", multiple: true },
-    "database-url": { type: "string" },
-    "data-dir": { type: "string" },
-    schema: { type: "string" },
-    templates: { type: "string" },
-    "broker-id": { type: "string" },
-    "heartbeat-ms": { type: "string" },
-    insecure: { type: "boolean" },
-    "log-level": { type: "string" },
-    context: { type: "string" },
-    wait: { type: "boolean" },
-    timeout: { type: "string" },
-    "idempotency-key": { type: "string" },
-    json: { type: "boolean" },
-    verbose: { type: "boolean" },
-    help: { type: "boolean", short: "h" },
-  },
-});
+/** A bad command line: one line on stderr, exit 2 (no stack). */
+class OptionError extends Error {}
+
+function parseCommandLine() {
+  try {
+    return parseCommandLineOrThrow();
+  } catch (e) {
+    process.stderr.write(`stepbroker: ${(e as Error).message.split("\n")[0]}; see stepbroker --help\n`);
+    process.exit(2);
+  }
+}
+
+function parseCommandLineOrThrow() {
+  return parseArgs({
+    allowPositionals: true,
+    strict: true,
+    options: {
+      endpoint: { type: "string", multiple: true },
+      "database-url": { type: "string" },
+      "data-dir": { type: "string" },
+      schema: { type: "string" },
+      templates: { type: "string" },
+      "broker-id": { type: "string" },
+      "heartbeat-ms": { type: "string" },
+      insecure: { type: "boolean" },
+      "log-level": { type: "string" },
+      context: { type: "string" },
+      wait: { type: "boolean" },
+      timeout: { type: "string" },
+      "idempotency-key": { type: "string" },
+      json: { type: "boolean" },
+      verbose: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+      "client-endpoint": { type: "string", multiple: true },
+      "admin-endpoint": { type: "string", multiple: true },
+      "curve-secret-key-file": { type: "string" },
+      "pool-keys": { type: "string" },
+      "client-keys": { type: "string" },
+      "admin-keys": { type: "string" },
+      "allow-any-key": { type: "boolean" },
+      "require-curve": { type: "boolean" },
+      "curve-server-key": { type: "string" },
+      "curve-key-file": { type: "string" },
+      out: { type: "string" },
+    },
+  });
+}
+
+const { values: opt, positionals } = parseCommandLine();
 
 class UsageError extends Error {}
 
@@ -123,24 +168,110 @@ function templateFiles(path: string): string[] {
   }
 }
 
+/** An option's value read by `read`, or an OptionError naming the option. */
+function optionValue<T>(name: string, value: string, read: (v: string) => T): T {
+  try {
+    return read(value);
+  } catch (e) {
+    throw new OptionError(`--${name}: ${(e as Error).message}`);
+  }
+}
+
+function positiveInt(name: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0)
+    throw new OptionError(`--${name} must be a positive integer, not ${JSON.stringify(v)}`);
+  return n;
+}
+
 function client(): StepbrokerClient {
-  return new StepbrokerClient({ endpoint: endpoints[0]!, requestTimeoutMs: 5000 });
+  const serverKey = opt["curve-server-key"];
+  const keyFile = opt["curve-key-file"];
+  if ((serverKey === undefined) !== (keyFile === undefined))
+    throw new OptionError(
+      "CURVE needs both --curve-server-key (the broker's public key) and --curve-key-file (this client's key pair)",
+    );
+  const curve =
+    serverKey !== undefined && keyFile !== undefined
+      ? {
+          serverPublicKey: optionValue("curve-server-key", serverKey, readPublicKey),
+          ...optionValue("curve-key-file", keyFile, readKeyPairFile),
+        }
+      : undefined;
+  return new StepbrokerClient({
+    endpoint: endpoints[0]!,
+    requestTimeoutMs: 5000,
+    ...(curve ? { curve } : {}),
+  });
+}
+
+const ALLOW_LIST_OPTIONS = { pool: "pool-keys", client: "client-keys", admin: "admin-keys" } as const;
+
+/** The broker's CURVE options from the command line, and the allow-list files to reload on SIGHUP. */
+function curveOptions(): { curve?: CurveOptions; files: AllowListFiles } {
+  const files: AllowListFiles = {};
+  for (const [role, name] of Object.entries(ALLOW_LIST_OPTIONS) as [keyof AllowListFiles, string][]) {
+    const file = opt[name as keyof typeof opt];
+    if (typeof file === "string") files[role] = file;
+  }
+  const keyFile = opt["curve-secret-key-file"];
+  if (keyFile === undefined) {
+    const given = Object.values(ALLOW_LIST_OPTIONS).filter((n) => opt[n] !== undefined);
+    if (given.length > 0 || opt["allow-any-key"])
+      throw new OptionError(
+        `${given.length > 0 ? `--${given[0]}` : "--allow-any-key"} needs --curve-secret-key-file (the broker's key pair, from stepbroker keygen)`,
+      );
+    return { files };
+  }
+  const pair = optionValue("curve-secret-key-file", keyFile, readKeyPairFile);
+  const curve: CurveOptions = { ...pair, allowAnyKey: opt["allow-any-key"] ?? false };
+  if (files.pool) curve.poolKeys = optionValue("pool-keys", files.pool, readAllowList);
+  if (files.client) curve.clientKeys = optionValue("client-keys", files.client, readAllowList);
+  if (files.admin) curve.adminKeys = optionValue("admin-keys", files.admin, readAllowList);
+  return { curve, files };
+}
+
+function keygen(): number {
+  const prefix = opt.out ?? "stepbroker";
+  let written;
+  try {
+    written = writeKeyPairFiles(prefix);
+  } catch (e) {
+    throw new UsageError(`keygen: ${(e as Error).message}`);
+  }
+  print(
+    { public_key: written.publicKey, key_file: written.keyFile, pub_file: written.pubFile },
+    `${written.publicKey}\nwrote ${written.keyFile} (secret, mode 0600) and ${written.pubFile}`,
+  );
+  return 0;
 }
 
 async function start(): Promise<void> {
+  const heartbeatMs = positiveInt("heartbeat-ms", opt["heartbeat-ms"]);
+  const { curve, files } = curveOptions();
+  const options: Omit<BrokerOptions, "state"> = {
+    endpoints,
+    logger,
+    ...(opt["client-endpoint"] ? { clientEndpoints: opt["client-endpoint"] } : {}),
+    ...(opt["admin-endpoint"] ? { adminEndpoints: opt["admin-endpoint"] } : {}),
+    ...(opt["broker-id"] ? { brokerId: opt["broker-id"] } : {}),
+    ...(heartbeatMs !== undefined ? { heartbeatMs } : {}),
+    ...(opt.insecure ? { allowInsecure: true } : {}),
+    ...(opt["require-curve"] ? { requireCurve: true } : {}),
+    ...(curve ? { curve } : {}),
+  };
+  try {
+    checkBrokerOptions(options, logger);
+  } catch (e) {
+    throw new OptionError((e as Error).message);
+  }
   const sm = await openState(logger);
   for (const f of opt.templates ? templateFiles(opt.templates) : []) {
     const t = await sm.registerTemplate(readTemplateFile(f));
     logger.info(`registered template ${t.namespace}/${t.name}@${t.version} from ${f}`);
   }
-  const broker = new Broker({
-    endpoints,
-    state: sm,
-    logger,
-    ...(opt["broker-id"] ? { brokerId: opt["broker-id"] } : {}),
-    ...(opt["heartbeat-ms"] ? { heartbeatMs: Number(opt["heartbeat-ms"]) } : {}),
-    ...(opt.insecure ? { allowInsecure: true } : {}),
-  });
+  const broker = new Broker({ ...options, state: sm });
   try {
     await broker.start();
   } catch (e) {
@@ -162,6 +293,12 @@ async function start(): Promise<void> {
   process.removeAllListeners("SIGTERM");
   process.once("SIGINT", () => void stop());
   process.once("SIGTERM", () => void stop());
+  if (curve) {
+    process.on("SIGHUP", () => {
+      logger.info("SIGHUP: reading the allow-list files again");
+      reloadAllowLists(broker, files, logger);
+    });
+  }
 }
 
 function parseTemplateRef(ref: string): { namespace: string; name: string; version?: string } {
@@ -191,6 +328,8 @@ async function main(): Promise<number> {
     return command || opt.help ? 0 : 64;
   }
   switch (command) {
+    case "keygen":
+      return keygen();
     case "start":
       await start();
       return -1; // keeps running
@@ -299,7 +438,7 @@ async function main(): Promise<number> {
         const pools = await c.pools();
         const rows = pools.map(
           (p) =>
-            `${p.pool_id.padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
+            `${(p.pool_id ?? "(id shown to admins)").padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
         );
         print(pools, rows.length ? rows.join("\n") : "no pools connected");
         return 0;
@@ -342,6 +481,6 @@ main().then(
       `stepbroker: ${err.message}${causes.length ? ` (${causes.join(": ")})` : ""}${hintFor(err)}\n`,
     );
     if (opt.verbose && err.stack) process.stderr.write(err.stack + "\n");
-    process.exit(err instanceof UsageError ? 64 : 1);
+    process.exit(err instanceof OptionError ? 2 : err instanceof UsageError ? 64 : 1);
   },
 );

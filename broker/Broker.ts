@@ -1,6 +1,6 @@
 /**
- * The broker: one ROUTER socket, a short receive loop, and one named verb per
- * command. Timers send heartbeats, purge silent pools, expire leases and poll
+ * The broker: one ROUTER socket per role group (config.ts planListeners), a
+ * short receive loop each, one role check, and one named verb per command. Timers send heartbeats, purge silent pools, expire leases and poll
  * for work as a safety net. Step and task state change only through the
  * state manager (StatePort); everything here is soft state that a restart
  * rebuilds from HELLOs and PostgreSQL.
@@ -19,7 +19,6 @@ import {
   CancelReasons,
   ClientCommands,
   coerceError,
-  decodeBody,
   decodeMessage,
   encodeMessage,
   fault,
@@ -41,12 +40,24 @@ import {
   type TaskView,
 } from "../protocol";
 import { Committer, type CommitReport, type PendingResult } from "./committer";
-import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
+import {
+  checkEndpoints,
+  resolveOptions,
+  type BrokerOptions,
+  type ListenerPlan,
+  type ResolvedOptions,
+} from "./config";
 import { Outbox } from "./outbox";
+import { LogLimiter } from "./logLimiter";
 import { identityKey, PoolRegistry, type InFlight, type PoolRecord } from "./poolRegistry";
+import { RefusalLog } from "./refusalLog";
+import { requestIdOf } from "./requestIdOf";
+import { roleAllows, rolesFor, Roles, type Role } from "./roles";
+import { PeerIdentities } from "./routingId";
 import type { ClaimedStep, CompletionResult, CreateTaskRequest } from "./statePort";
 import type { JsonObject, JsonValue, StepError } from "./state/types";
-import { startZapHandler, type ZapHandler } from "./zap";
+import { WorkBudget } from "./workBudget";
+import { startZapHandler, type ZapDomain, type ZapHandler } from "./zap";
 
 const ACCEPTED = new Set<string>([
   PoolCommands.HELLO,
@@ -85,7 +96,10 @@ export class Broker {
   readonly id: string;
   readonly log: Logger;
   private readonly opts: ResolvedOptions;
-  private readonly socket: Router;
+  /** One per entry of opts.listeners, in the same order: a peer's identity starts with its index. */
+  private readonly sockets: Router[];
+  private readonly identities: PeerIdentities;
+  private readonly refusals: RefusalLog;
   private readonly outbox: Outbox;
   private readonly pools = new PoolRegistry();
   private readonly committer: Committer<CommittedBatch>;
@@ -93,6 +107,10 @@ export class Broker {
   /** Consecutive bad messages per peer, and peers ignored after too many. */
   private readonly strikes = new Map<string, number>();
   private readonly ignoredUntil = new Map<string, number>();
+  /** Lines about one peer, or one repeated failure, are rate-limited: a flood must not become a log flood. */
+  private readonly limiter: LogLimiter;
+  /** What each peer may cost in decoding per second. */
+  private readonly budget: WorkBudget;
   /** Attempts pools reclaimed in HELLO.running since this life started. */
   private readonly adopted = new Set<string>();
   private readonly timers: NodeJS.Timeout[] = [];
@@ -101,6 +119,7 @@ export class Broker {
   private state: BrokerState = "created";
   private startedAt = new Date();
   private boundEndpoints: string[] = [];
+  private readonly bound: { socket: Router; endpoint: string }[] = [];
   private dispatchWanted = false;
   private dispatching: Promise<void> | undefined;
   private recovered = false;
@@ -112,9 +131,39 @@ export class Broker {
     this.opts = resolveOptions(options, base);
     this.id = this.opts.brokerId;
     this.log = base.child({ broker_id: this.id });
+    this.limiter = new LogLimiter(this.log);
+    this.budget = new WorkBudget({
+      bytesPerSecond: this.opts.peerBytesPerSecond,
+      messagesPerSecond: this.opts.peerMessagesPerSecond,
+    });
     checkEndpoints(this.opts);
+    this.refusals = new RefusalLog(this.log, this.opts.refusalLogIntervalMs);
+    this.sockets = this.opts.listeners.map((plan) => this.newRouter(plan));
+    this.identities = new PeerIdentities(this.sockets.length);
+    this.outbox = new Outbox(this.sockets, this.identities, {
+      onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
+      onError: (identity, err) => {
+        const peer = identityKey(identity);
+        this.limiter.write(
+          `send:${peer}`,
+          `about failed sends to ${JSON.stringify(peer)}`,
+          "error",
+          { err, peer },
+          `send failed; the message was dropped: ${err.message}`,
+        );
+      },
+    });
+    this.committer = new Committer(
+      (items) => this.commitBatch(items),
+      this.opts.commitBatch,
+      (r) => this.afterCommit(r),
+      this.log,
+    );
+  }
+
+  private newRouter(plan: ListenerPlan): Router {
     const curve = this.opts.curve;
-    this.socket = new Router({
+    return new Router({
       // A send to a pool that is gone fails (EHOSTUNREACH) instead of vanishing,
       // and the step goes back to ready.
       mandatory: true,
@@ -138,23 +187,39 @@ export class Broker {
       heartbeatTimeout: this.opts.heartbeatMs * this.opts.heartbeatLiveness,
       linger: 0,
       ...(curve
-        ? { curveServer: true, curveSecretKey: curve.secretKey, curvePublicKey: curve.publicKey }
+        ? {
+            curveServer: true,
+            curveSecretKey: curve.secretKey,
+            curvePublicKey: curve.publicKey,
+            // The ZAP handler admits a key only on the socket whose allow-list has it.
+            zapDomain: plan.name,
+          }
         : {}),
     });
-    this.outbox = new Outbox(this.socket, {
-      onUnreachable: (identity, frames) => this.onUndeliverable(identity, frames),
-      onError: (identity, err) =>
-        this.log.error({ err, peer: identityKey(identity) }, "send failed; the message was dropped"),
-    });
-    this.committer = new Committer(
-      (items) => this.commitBatch(items),
-      this.opts.commitBatch,
-      (r) => this.afterCommit(r),
-      this.log,
-    );
   }
 
-  /** The endpoints actually bound (with `*` ports resolved). */
+  /**
+   * Replaces the allow-list of one socket ("pool", "client" or "admin") while
+   * running, as the CLI does on SIGHUP; connections already admitted stay.
+   */
+  setAllowedKeys(name: Role, keys: string[]): { added: string[]; removed: string[] } {
+    const curve = this.opts.curve;
+    if (!curve || !this.zap) throw new Error("this broker does not use CURVE: there is no allow-list to set");
+    if (!this.opts.listeners.some((l) => l.name === name))
+      throw new Error(`this broker has no ${name} socket`);
+    if (keys.length === 0 && !curve.allowAnyKey)
+      throw new Error(
+        `refusing an empty ${name} allow-list: it would lock every ${name} out; the old list stays`,
+      );
+    const diff = this.zap.setKeys(name, keys);
+    this.log.info(
+      { zap_domain: name, added: diff.added, removed: diff.removed, keys: keys.length },
+      `${name} allow-list now has ${keys.length} keys (${diff.added.length} added, ${diff.removed.length} removed)`,
+    );
+    return diff;
+  }
+
+  /** The endpoints actually bound (with `*` ports resolved), socket by socket: pool, then client, then admin. */
   get endpoints(): string[] {
     return [...this.boundEndpoints];
   }
@@ -162,24 +227,34 @@ export class Broker {
   async start(): Promise<void> {
     if (this.state !== "created") throw new Error(`broker cannot start from state ${this.state}`);
     this.startedAt = new Date();
-    if (this.opts.curve) {
-      this.zap = await startZapHandler(this.opts.curve.allowedClientKeys ?? [], this.log);
+    const curve = this.opts.curve;
+    if (curve) {
+      const domains = new Map<string, ZapDomain>(
+        this.opts.listeners.map((l) => [l.name, { keys: l.keys, anyKey: curve.allowAnyKey ?? false }]),
+      );
+      this.zap = await startZapHandler(domains, this.log, this.refusals);
+      this.sockets.forEach((socket, i) => void this.watchHandshakes(socket, this.opts.listeners[i]!));
     }
-    for (const ep of this.opts.endpoints) {
-      try {
-        await this.socket.bind(ep);
-      } catch (e) {
-        const err = coerceError(e);
-        const code = (e as { code?: string }).code;
-        const hint =
-          code === "EADDRINUSE"
-            ? "another process uses this address; stop it or choose another endpoint"
-            : err.message;
-        this.socket.close();
-        await this.zap?.close();
-        throw new Error(`cannot bind ${ep}: ${hint}`, { cause: e });
+    for (const [i, plan] of this.opts.listeners.entries()) {
+      const socket = this.sockets[i]!;
+      for (const ep of plan.endpoints) {
+        try {
+          await socket.bind(ep);
+        } catch (e) {
+          const err = coerceError(e);
+          const code = (e as { code?: string }).code;
+          const hint =
+            code === "EADDRINUSE"
+              ? "another process uses this address; stop it or choose another endpoint"
+              : err.message;
+          for (const s of this.sockets) s.close();
+          await this.zap?.close();
+          throw new Error(`cannot bind ${ep}: ${hint}`, { cause: e });
+        }
+        const bound = socket.lastEndpoint ?? ep;
+        this.boundEndpoints.push(bound);
+        this.bound.push({ socket, endpoint: bound });
       }
-      this.boundEndpoints.push(this.socket.lastEndpoint ?? ep);
     }
     this.state = "running";
     this.unlisten = await this.opts.state.listenForWork(() => this.kickDispatch());
@@ -187,9 +262,18 @@ export class Broker {
     this.every(this.opts.leaseCheckMs, () => this.expireLeases());
     this.every(this.opts.pollMs, () => this.pollTick());
     this.timers.push(setTimeout(() => void this.recoverOrphans(), this.opts.recoveryGraceMs));
-    void this.receiveLoop();
+    this.sockets.forEach((socket, i) => void this.receiveLoop(socket, i));
     this.log.info(
-      { endpoints: this.boundEndpoints, protocol: PROTOCOL_VERSION },
+      {
+        endpoints: this.boundEndpoints,
+        protocol: PROTOCOL_VERSION,
+        sockets: this.opts.listeners.map((l) => ({
+          name: l.name,
+          endpoints: l.endpoints,
+          roles: [...l.roles],
+        })),
+        curve: curve !== undefined,
+      },
       `broker listening on ${this.boundEndpoints.join(", ")}`,
     );
     this.kickDispatch();
@@ -203,7 +287,7 @@ export class Broker {
    */
   async stop(opts: { drainMs?: number } = {}): Promise<void> {
     if (this.state !== "running") {
-      if (this.state === "created") this.socket.close();
+      if (this.state === "created") for (const s of this.sockets) s.close();
       this.state = "stopped";
       return;
     }
@@ -257,10 +341,11 @@ export class Broker {
     this.outbox.close();
     // close() frees an endpoint only once libzmq's reaper thread gets to the socket, which on a busy
     // machine can be after stop() returned; an unbind frees it before, so a new broker can bind it at once.
-    await Promise.all(this.boundEndpoints.map((ep) => this.socket.unbind(ep).catch(() => undefined)));
-    this.socket.close();
+    await Promise.all(this.bound.map((b) => b.socket.unbind(b.endpoint).catch(() => undefined)));
+    for (const s of this.sockets) s.close();
     await this.zap?.close();
     this.state = "stopped";
+    this.limiter.flush();
     this.log.info("broker stopped");
   }
 
@@ -319,7 +404,7 @@ export class Broker {
     return task;
   }
 
-  listPools(): PoolView[] {
+  listPools(): (PoolView & { pool_id: string })[] {
     return this.pools.view(Date.now());
   }
 
@@ -330,10 +415,11 @@ export class Broker {
 
   // ---------------------------------------------------------------- receive loop
 
-  private async receiveLoop(): Promise<void> {
+  private async receiveLoop(socket: Router, index: number): Promise<void> {
     try {
-      for await (const frames of this.socket) {
+      for await (const frames of socket) {
         if (this.state === "stopped") break;
+        if (frames[0]) frames[0] = this.identities.tag(index, frames[0]);
         this.onMessage(frames);
       }
     } catch (e) {
@@ -355,24 +441,80 @@ export class Broker {
       this.ignoredUntil.delete(key);
     }
     const pool = this.pools.get(key);
+    // Charged before anything is decoded: that is the work the budget bounds.
+    let bytes = 0;
+    for (let i = 1; i < frames.length; i++) bytes += frames[i]!.length;
+    const verdict = this.budget.take(key, bytes);
+    if (verdict !== "ok") {
+      this.overBudget(identity, pool, verdict === "sustained");
+      return;
+    }
     if (pool) pool.lastSeen = now;
     const decoded = decodeMessage(frames.slice(1), { maxBytes: this.opts.maxMessageBytes, accept: ACCEPTED });
     if (!decoded.ok) {
       this.rejectMessage(identity, pool, decoded.fault, frames);
       return;
     }
-    this.strikes.delete(key);
+    const roles = this.rolesOf(identity);
+    if (!roleAllows(roles, decoded.message.command)) {
+      const command = decoded.message.command;
+      this.rejectMessage(
+        identity,
+        pool,
+        fault(
+          "forbidden",
+          `${command} is not allowed on the ${this.listenerOf(identity).name} socket (roles: ${[...roles].join(", ")}); it is for ${rolesFor(command).join(" or ")} peers: connect to that socket, with a key on its allow-list`,
+          { command },
+        ),
+        frames,
+      );
+      return;
+    }
+    // An ERROR is not a sign of health: notePeerError decides whether it counts as a strike.
+    if (decoded.message.command !== PoolCommands.ERROR) this.strikes.delete(key);
     try {
       this.dispatchCommand(identity, key, pool, decoded.message, decoded.encoding);
     } catch (e) {
       const err = coerceError(e);
-      this.log.error({ err, peer: key, command: decoded.message.command }, "failed to handle a message");
-      this.sendError(
+      const command = decoded.message.command;
+      this.limiter.write(
+        `handle:${command}:${err.message}`,
+        `for "failed to handle ${command}: ${err.message}"`,
+        "error",
+        { err, peer: key, command },
+        `failed to handle ${command}: ${err.message}`,
+      );
+      const requestId = (decoded.message.body as { request_id?: unknown }).request_id;
+      this.send(
         identity,
-        fault("internal_error", err.message, { command: decoded.message.command }),
+        BrokerCommands.ERROR,
+        faultToErrorBody(
+          fault("internal_error", err.message, { command }),
+          typeof requestId === "string" ? { request_id: requestId } : {},
+        ),
         pool?.encoding,
       );
     }
+  }
+
+  /**
+   * A message over the peer's work budget is dropped undecoded and unanswered
+   * (an answer would be more work for the flood to cause); the log says so a
+   * few times per interval with a count of the rest; a peer over budget
+   * second after second is dropped.
+   */
+  private overBudget(identity: Buffer, pool: PoolRecord | undefined, sustained: boolean): void {
+    const key = identityKey(identity);
+    const who = pool?.poolId ?? `peer ${JSON.stringify(key)}`;
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
+      { peer: key, pool_id: pool?.poolId, code: "over_budget" },
+      `${who} is over its work budget (${this.budget.messagesPerSecond} messages or ${this.budget.bytesPerSecond} bytes per second): ` +
+        "its messages are dropped unread; send fewer, larger batches",
+    );
+    if (sustained) this.dropPeer(identity, pool, "over_budget");
   }
 
   private dispatchCommand(
@@ -398,7 +540,7 @@ export class Broker {
       case "DISCONNECT":
         return pool ? void this.poolLeaving(pool, msg.body) : undefined;
       case "ERROR":
-        return this.notePeerError(key, pool, msg.body);
+        return this.notePeerError(identity, pool, msg.body);
       case "SUBMIT":
       case "STATUS":
       case "WAIT":
@@ -419,8 +561,9 @@ export class Broker {
   private async registerPool(identity: Buffer, key: string, hello: BodyOf<"HELLO">): Promise<void> {
     // What a pool holds is found by its routing id, and what the database records by its pool_id:
     // they must be one name, or a pool could speak for another.
-    if (!identity.equals(Buffer.from(hello.pool_id, "utf8"))) {
-      const routingId = identity.toString("utf8");
+    const ownId = this.routingIdOf(identity);
+    if (!ownId.equals(Buffer.from(hello.pool_id, "utf8"))) {
+      const routingId = ownId.toString("utf8");
       this.log.warn(
         { peer: key, pool_id: hello.pool_id, routing_id: routingId },
         `refused HELLO: pool_id ${JSON.stringify(hello.pool_id)} is not the routing id ${JSON.stringify(routingId)} it came from`,
@@ -658,9 +801,9 @@ export class Broker {
   /**
    * Stores a batch of results. When they may make children ready, as much of
    * one pool's credit as there are such children is set aside, and the same
-   * transaction claims the children for that pool (complete_results in
-   * migrations 0006 and 0008): a child then reaches a pool without a second trip to the
-   * database after its parent's result.
+   * transaction claims the children for that pool (sql/functions/complete_results.sql):
+   * a child then reaches a pool without a second trip to the database after its
+   * parent's result.
    */
   private async commitBatch(items: PendingResult[]): Promise<CommittedBatch> {
     const results = items.map((i) => i.result);
@@ -870,24 +1013,78 @@ export class Broker {
     this.log.info({ pool_id: pool.poolId }, `pool ${pool.poolId} disconnected`);
   }
 
-  private notePeerError(key: string, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
-    this.log.warn(
+  private notePeerError(identity: Buffer, pool: PoolRecord | undefined, body: BodyOf<"ERROR">): void {
+    const key = identityKey(identity);
+    const attemptId = body.attempt_id;
+    const flight = attemptId ? pool?.inFlight.get(attemptId) : undefined;
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${pool?.poolId ?? `peer ${JSON.stringify(key)}`}`,
+      "warn",
       {
         peer: key,
         pool_id: pool?.poolId,
         code: body.code,
         command: body.command,
-        attempt_id: body.attempt_id,
+        attempt_id: attemptId,
+        task_id: flight?.taskId,
+        step_id: flight?.stepId,
       },
       `peer ${pool?.poolId ?? key} reported ${body.code}: ${body.message}`,
     );
-    // The pool could not read one of the steps we sent it: put that step back
-    // now rather than after its lease. The attempt counts, so a step the pool
-    // can never read ends in error instead of bouncing forever.
-    const attemptId = body.attempt_id;
-    if (pool && attemptId && pool.inFlight.has(attemptId)) {
+    if (pool && attemptId && flight) {
+      // The pool could not read one of the steps we sent it: put that step back
+      // now rather than after its lease. The attempt counts, so a step the pool
+      // can never read ends in error instead of bouncing forever. This is the
+      // one ERROR a healthy pool sends, and each attempt can be named only once.
+      this.strikes.delete(key);
       this.pools.takeInFlight(attemptId);
       void this.release([attemptId], true, `pool ${pool.poolId} could not take it: ${body.code}`);
+      return;
+    }
+    // Any other ERROR is a bad message like any other: a peer that floods them is dropped.
+    this.strike(identity, pool);
+  }
+
+  private listenerOf(identity: Buffer): ListenerPlan {
+    return this.opts.listeners[this.identities.socketOf(identity)] ?? this.opts.listeners[0]!;
+  }
+
+  /** A peer's own routing id (a pool's routingId), whichever socket it is on. */
+  private routingIdOf(identity: Buffer): Buffer {
+    return this.identities.routingIdOf(identity);
+  }
+
+  private rolesOf(identity: Buffer): ReadonlySet<Role> {
+    return this.listenerOf(identity).roles;
+  }
+
+  /**
+   * Logs refused CURVE handshakes that never reach the ZAP handler (no key,
+   * a wrong server key, another mechanism). libzmq reports them with the
+   * listener's endpoint, not the peer's address, so they are rate-limited per
+   * socket and reason; unknown keys are logged by the ZAP handler per address.
+   */
+  private async watchHandshakes(socket: Router, plan: ListenerPlan): Promise<void> {
+    try {
+      for await (const ev of socket.events) {
+        if (ev.type !== "handshake:error:protocol" && ev.type !== "handshake:error:other") continue;
+        const err: Error & { code?: string } = ev.error;
+        const reason = err.code ?? err.message;
+        const why =
+          reason === "ERR_ZMTP_MECHANISM_MISMATCH"
+            ? "the peer does not use CURVE (no key, or NULL/PLAIN): give it a key pair and the broker's public key"
+            : reason === "ERR_ZMTP_CRYPTOGRAPHIC"
+              ? "the peer's handshake does not decrypt: it probably uses a wrong broker public key"
+              : `handshake failed: ${err.message}`;
+        this.refusals.warn(
+          `handshake:${plan.name}:${ev.address}:${reason}`,
+          { zap_domain: plan.name, endpoint: ev.address, reason },
+          `refused a peer on the ${plan.name} socket ${ev.address}: ${why}`,
+        );
+      }
+    } catch (e) {
+      if (this.state === "running") this.log.warn({ err: coerceError(e) }, "stopped watching handshakes");
     }
   }
 
@@ -905,9 +1102,13 @@ export class Broker {
     frames: Buffer[],
   ): void {
     const key = identityKey(identity);
-    const strikes = (this.strikes.get(key) ?? 0) + 1;
-    this.strikes.set(key, strikes);
-    this.log.warn(
+    const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    // A client matches answers by request_id: echo it whenever the envelope gives it away.
+    const requestId = requestIdOf(f, frames[3]);
+    this.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
       {
         peer: key,
         pool_id: pool?.poolId,
@@ -916,14 +1117,13 @@ export class Broker {
         schema_path: f.schemaPath,
         instance_path: f.instancePath,
         frames: frames.length - 1,
-        strikes,
+        request_id: requestId,
+        strikes: (this.strikes.get(key) ?? 0) + 1,
       },
-      `rejected a message from ${pool?.poolId ?? "peer " + JSON.stringify(key)}: ${f.code}`,
+      `rejected a message from ${who}: ${f.code}`,
     );
     // Never answer an ERROR with an ERROR: two confused peers would loop.
     if (f.command !== PoolCommands.ERROR) {
-      // A client matches answers by request_id: echo it when the body had one.
-      const requestId = clientRequestId(f, frames[3]);
       this.send(
         identity,
         BrokerCommands.ERROR,
@@ -931,6 +1131,19 @@ export class Broker {
         pool?.encoding,
       );
     }
+    this.strike(identity, pool);
+  }
+
+  /** One more bad message in a row from this peer; too many and it is dropped. */
+  private strike(identity: Buffer, pool: PoolRecord | undefined): void {
+    const key = identityKey(identity);
+    const strikes = (this.strikes.get(key) ?? 0) + 1;
+    // Bounded memory: peers that sent one bad message under a fresh routing id each would pile up.
+    if (strikes === 1 && this.strikes.size >= MAX_TRACKED_PEERS) {
+      const oldest = this.strikes.keys().next();
+      if (!oldest.done) this.strikes.delete(oldest.value);
+    }
+    this.strikes.set(key, strikes);
     if (strikes >= MAX_CONSECUTIVE_ERRORS) this.dropPeer(identity, pool, "too_many_errors");
   }
 
@@ -944,17 +1157,25 @@ export class Broker {
       pool?.encoding ?? "json",
     );
     this.strikes.delete(key);
+    this.budget.forget(key);
     this.ignoredUntil.set(key, Date.now() + this.opts.heartbeatMs * this.opts.heartbeatLiveness);
     if (pool) void this.purgePool(pool, code);
-    this.log.warn(
+    const who = pool?.poolId ?? JSON.stringify(key);
+    this.limiter.write(
+      `drop:${key}`,
+      `about dropping ${who}`,
+      "warn",
       { peer: key, pool_id: pool?.poolId, code },
-      `dropped peer ${pool?.poolId ?? JSON.stringify(key)}: ${code}`,
+      `dropped peer ${who}: ${code}; its messages are ignored for ${this.opts.heartbeatMs * this.opts.heartbeatLiveness} ms`,
     );
   }
 
   private verbFailed(command: CommandName, identity: Buffer, e: unknown): void {
     const err = coerceError(e);
-    this.log.error(
+    this.limiter.write(
+      `verb:${command}:${err.message}`,
+      `for "failed to handle ${command}: ${err.message}"`,
+      "error",
       { err, peer: identityKey(identity), command },
       `failed to handle ${command}: ${err.message}`,
     );
@@ -969,8 +1190,22 @@ export class Broker {
 
   private async serveClient(identity: Buffer, msg: Message, enc: Encoding): Promise<void> {
     const requestId = (msg.body as { request_id: string }).request_id;
-    const reply = (body: Omit<BodyOf<"REPLY">, "request_id">) =>
-      this.send(identity, "REPLY", { request_id: requestId, ...body }, enc);
+    const reply = (body: Omit<BodyOf<"REPLY">, "request_id">): void => {
+      const frames = encodeMessage("REPLY", { request_id: requestId, ...body }, enc);
+      const size = frames[2]!.length;
+      if (size <= this.opts.maxMessageBytes) return this.outbox.send(identity, frames);
+      // The client's decoder refuses what is over the limit, so the reply would be lost and the client
+      // would wait for nothing: say what happened instead, in an answer that fits.
+      const task = body.task ? ` (task ${body.task.task_id} is ${body.task.state})` : "";
+      this.log.warn(
+        { task_id: body.task?.task_id, request_id: requestId, command: msg.command, bytes: size },
+        `the REPLY to ${msg.command}${task} would be ${size} bytes, over max_message_bytes ${this.opts.maxMessageBytes}; sent reply_too_large instead`,
+      );
+      refuse(
+        "reply_too_large",
+        `The REPLY to ${msg.command} would be ${size} bytes, over max_message_bytes ${this.opts.maxMessageBytes}; the request was carried out${task}`,
+      );
+    };
     const refuse = (code: ErrorCode, detail: string) =>
       this.send(
         identity,
@@ -1008,8 +1243,13 @@ export class Broker {
           const task = await this.cancel(msg.body.task_id);
           return task ? reply({ task }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
         }
-        case "POOLS":
-          return reply({ pools: this.listPools() });
+        case "POOLS": {
+          // Pool ids are routing ids: knowing one is a step towards impersonating that pool.
+          const pools = this.listPools();
+          return reply({
+            pools: this.rolesOf(identity).has(Roles.ADMIN) ? pools : pools.map(({ pool_id: _id, ...p }) => p),
+          });
+        }
       }
     } catch (e) {
       const err = coerceError(e);
@@ -1017,7 +1257,14 @@ export class Broker {
       if (code === "unknown_template" || code === "invalid_request" || code === "unknown_task") {
         return refuse(code, err.message);
       }
-      this.log.error({ err, command: msg.command, request_id: requestId }, `failed to serve ${msg.command}`);
+      // A failure that repeats for every request (the database is down) is logged a few times with a count.
+      this.limiter.write(
+        `serve:${msg.command}:${err.message}`,
+        `for "failed to serve ${msg.command}: ${err.message}"`,
+        "error",
+        { err, command: msg.command, request_id: requestId },
+        `failed to serve ${msg.command}: ${err.message}`,
+      );
       refuse("internal_error", err.message);
     }
   }
@@ -1167,12 +1414,19 @@ export class Broker {
   private onUndeliverable(identity: Buffer, frames: Buffer[]): void {
     const pool = this.pools.get(identityKey(identity));
     const command = frames[1]?.toString("latin1");
-    // While stopping, pools that already left are expected.
-    const level = this.state === "running" ? "warn" : "debug";
-    this.log[level](
-      { peer: identityKey(identity), pool_id: pool?.poolId, command },
-      `could not deliver ${command}: the peer is gone`,
-    );
+    const key = identityKey(identity);
+    const fields = { peer: key, pool_id: pool?.poolId, command };
+    // While stopping, pools that already left are expected. While running, a peer that sends
+    // requests by the thousand and leaves would otherwise get a line for every lost answer.
+    if (this.state !== "running") this.log.debug(fields, `could not deliver ${command}: the peer is gone`);
+    else
+      this.limiter.write(
+        `gone:${key}`,
+        `about undeliverable messages to ${pool?.poolId ?? JSON.stringify(key)}`,
+        "warn",
+        fields,
+        `could not deliver ${command}: the peer is gone`,
+      );
     if (pool && command === BrokerCommands.WELCOME) {
       // The pool dropped the socket it said HELLO on (no WELCOME in time) and
       // says HELLO again on a fresh one. Forget the registration but keep its
@@ -1208,6 +1462,8 @@ export class Broker {
       }
     }
     for (const [key, until] of this.ignoredUntil) if (until < now) this.ignoredUntil.delete(key);
+    this.limiter.sweep();
+    this.budget.sweep(now);
   }
 
   /** Forgets a pool; its in-flight attempts go back to ready at once (each counts as an attempt). */
@@ -1341,18 +1597,8 @@ export class Broker {
   }
 }
 
-const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
-
-/**
- * The request_id of a client request that decoded but failed its schema, so
- * the ERROR can carry it; undefined when there is none a valid ERROR may echo.
- */
-function clientRequestId(f: ProtocolFault, body: Buffer | undefined): string | undefined {
-  if (f.code !== "schema_violation" || !body || !CLIENT_COMMANDS.has(f.command ?? "")) return undefined;
-  const decoded = decodeBody(body);
-  const id = decoded.ok ? decoded.value.request_id : undefined;
-  return typeof id === "string" && id.length > 0 && [...id].length <= 128 ? id : undefined;
-}
+/** Strike counts kept at once. */
+const MAX_TRACKED_PEERS = 100_000;
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

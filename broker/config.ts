@@ -4,19 +4,48 @@
 import { hostname } from "node:os";
 import type { Logger } from "pino";
 import { HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_BATCH, MAX_MESSAGE_BYTES } from "../protocol";
+import { Roles, type Role } from "./roles";
 import type { StatePort } from "./statePort";
+import { PEER_BYTES_PER_SECOND, PEER_MESSAGES_PER_SECOND } from "./workBudget";
 
 export interface CurveOptions {
-  /** The broker's Z85 key pair (from zeromq's curveKeyPair()). */
+  /** The broker's Z85 key pair (from `stepbroker keygen` or zeromq's curveKeyPair()). */
   publicKey: string;
   secretKey: string;
-  /** Z85 public keys of the pools and clients allowed in; empty or absent admits any key. */
-  allowedClientKeys?: string[];
+  /** Z85 public keys admitted to `endpoints` (pools; every role when no other socket is bound). */
+  poolKeys?: string[];
+  /** Keys admitted to `clientEndpoints`. */
+  clientKeys?: string[];
+  /** Keys admitted to `adminEndpoints`. */
+  adminKeys?: string[];
+  /** Admit any CURVE key (encryption without authentication). An empty allow-list is refused without it. */
+  allowAnyKey?: boolean;
+}
+
+/** One ROUTER the broker binds: its endpoints, the roles its peers have, and its ZAP domain. */
+export interface ListenerPlan {
+  /** Names the socket in logs and is its ZAP domain: "pool", "client" or "admin". */
+  name: Role;
+  endpoints: string[];
+  roles: ReadonlySet<Role>;
+  /** Its allow-list, with CURVE. */
+  keys: string[];
 }
 
 export interface BrokerOptions {
-  /** Where to bind: inproc://, ipc:// or tcp:// endpoints. `tcp://127.0.0.1:*` picks a free port. */
+  /**
+   * Where to bind: inproc://, ipc:// or tcp:// endpoints. `tcp://127.0.0.1:*` picks a free port.
+   * Pools connect here; so does every role that has no socket of its own.
+   */
   endpoints: string[];
+  /** A socket for clients (SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS); without it clients use `endpoints`. */
+  clientEndpoints?: string[];
+  /** A socket for admin clients (client commands, and POOLS with pool ids); without it admins use the client socket. */
+  adminEndpoints?: string[];
+  /** Refuse to bind any endpoint, loopback and ipc:// included, without CURVE. */
+  requireCurve?: boolean;
+  /** At most one log line per refused peer address (or listener and reason) per this many ms. */
+  refusalLogIntervalMs?: number;
   state: StatePort;
   /**
    * Names this broker's leases. Keep it stable across restarts (the default is
@@ -36,14 +65,23 @@ export interface BrokerOptions {
   recoveryGraceMs?: number;
   /** Most results in one group commit. */
   commitBatch?: number;
+  /**
+   * The work budget of one peer: bytes of frames and messages per second the
+   * broker decodes from it (defaults 64 MiB and 20,000); beyond, its messages
+   * are dropped undecoded, and after 3 s in a row of that the peer is dropped.
+   */
+  peerBytesPerSecond?: number;
+  peerMessagesPerSecond?: number;
   /** Bind TCP on a non-loopback address without CURVE. */
   allowInsecure?: boolean;
   curve?: CurveOptions;
   logger?: Logger;
 }
 
-export type ResolvedOptions = Required<Omit<BrokerOptions, "curve" | "logger" | "state">> &
-  Pick<BrokerOptions, "curve" | "state"> & { logger: Logger };
+export type ResolvedOptions = Required<
+  Omit<BrokerOptions, "curve" | "logger" | "state" | "clientEndpoints" | "adminEndpoints">
+> &
+  Pick<BrokerOptions, "curve" | "state"> & { logger: Logger; listeners: ListenerPlan[] };
 
 export function defaultBrokerId(endpoints: string[]): string {
   const ep = endpoints.join(",").replace(/[^A-Za-z0-9_.:-]+/g, "_");
@@ -65,10 +103,55 @@ export function resolveOptions(o: BrokerOptions, logger: Logger): ResolvedOption
     leaseCheckMs: o.leaseCheckMs ?? 500,
     recoveryGraceMs: o.recoveryGraceMs ?? heartbeatMs * heartbeatLiveness * 2,
     commitBatch: o.commitBatch ?? 2048,
+    peerBytesPerSecond: o.peerBytesPerSecond ?? PEER_BYTES_PER_SECOND,
+    peerMessagesPerSecond: o.peerMessagesPerSecond ?? PEER_MESSAGES_PER_SECOND,
     allowInsecure: o.allowInsecure ?? false,
+    requireCurve: o.requireCurve ?? false,
+    refusalLogIntervalMs: o.refusalLogIntervalMs ?? 60_000,
     curve: o.curve,
     logger,
+    listeners: planListeners(o),
   };
+}
+
+/**
+ * The sockets to bind. Each role without a socket of its own is served by
+ * the next one down: admin by the client socket, client by the pool socket.
+ * So a broker given only `endpoints` serves every role on one socket (the
+ * loopback default), and over CURVE each key's role is fixed by the socket,
+ * hence the allow-list, it is admitted to.
+ */
+export function planListeners(o: BrokerOptions): ListenerPlan[] {
+  const client = o.clientEndpoints ?? [];
+  const admin = o.adminEndpoints ?? [];
+  const c = o.curve;
+  const plans: ListenerPlan[] = [
+    {
+      name: Roles.POOL,
+      endpoints: o.endpoints,
+      roles: new Set<Role>([
+        Roles.POOL,
+        ...(client.length === 0 ? [Roles.CLIENT] : []),
+        ...(client.length === 0 && admin.length === 0 ? [Roles.ADMIN] : []),
+      ]),
+      keys: c?.poolKeys ?? [],
+    },
+  ];
+  if (client.length > 0)
+    plans.push({
+      name: Roles.CLIENT,
+      endpoints: client,
+      roles: new Set<Role>([Roles.CLIENT, ...(admin.length === 0 ? [Roles.ADMIN] : [])]),
+      keys: c?.clientKeys ?? [],
+    });
+  if (admin.length > 0)
+    plans.push({
+      name: Roles.ADMIN,
+      endpoints: admin,
+      roles: new Set<Role>([Roles.ADMIN]),
+      keys: c?.adminKeys ?? [],
+    });
+  return plans;
 }
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|\[::1\]|::1)$/;
@@ -86,7 +169,12 @@ export function tcpHost(endpoint: string): string | undefined {
 export function checkEndpoints(o: ResolvedOptions): void {
   if (o.endpoints.length === 0)
     throw new Error("no endpoint to bind: give at least one (e.g. tcp://127.0.0.1:5555)");
-  for (const ep of o.endpoints) {
+  if (o.requireCurve && !o.curve)
+    throw new Error(
+      "CURVE is required (--require-curve) but no key pair is configured: give --curve-secret-key-file FILE (made by stepbroker keygen)",
+    );
+  checkAllowLists(o);
+  for (const ep of o.listeners.flatMap((l) => l.endpoints)) {
     if (!/^(tcp|ipc|inproc):\/\/.+/.test(ep)) {
       throw new Error(`endpoint ${JSON.stringify(ep)} is not tcp://, ipc:// or inproc://`);
     }
@@ -97,4 +185,40 @@ export function checkEndpoints(o: ResolvedOptions): void {
       );
     }
   }
+}
+
+/**
+ * Over CURVE, a key list must name the socket it is for (a socket, not a
+ * message, decides a key's role), and an empty list is refused: libzmq would
+ * admit every key that knows the broker's public key.
+ */
+function checkAllowLists(o: ResolvedOptions): void {
+  const c = o.curve;
+  if (!c) return;
+  const names = new Set(o.listeners.map((l) => l.name));
+  for (const [role, keys, flag] of [
+    [Roles.CLIENT, c.clientKeys, "client"],
+    [Roles.ADMIN, c.adminKeys, "admin"],
+  ] as const) {
+    if (keys !== undefined && keys.length > 0 && !names.has(role))
+      throw new Error(
+        `--${flag}-keys needs --${flag}-endpoint: over CURVE the socket a key is admitted to decides its role`,
+      );
+  }
+  if (c.allowAnyKey) return;
+  for (const l of o.listeners) {
+    if (l.keys.length === 0)
+      throw new Error(
+        `the allow-list of the ${l.name} socket (${l.endpoints.join(", ")}) is empty: give --${l.name}-keys FILE with at least one public key, or --allow-any-key to admit any CURVE key`,
+      );
+  }
+}
+
+/**
+ * The checks a Broker makes when constructed, without a database: the CLI
+ * runs them before it opens (maybe starts) PostgreSQL, so a bad option fails
+ * in a moment. None of them reads `state`.
+ */
+export function checkBrokerOptions(o: Omit<BrokerOptions, "state">, logger: Logger): void {
+  checkEndpoints(resolveOptions({ ...o, state: undefined as unknown as StatePort }, logger));
 }

@@ -1,7 +1,9 @@
 /**
- * One outbox per socket. zeromq.js allows a single pending send() per socket
- * (a second throws EBUSY), so every message the broker sends goes through
- * this queue, drained by one loop.
+ * One outbox for the broker's sockets. zeromq.js allows a single pending
+ * send() per socket (a second throws EBUSY), so every message the broker
+ * sends goes through this queue, drained by one loop. An identity names the
+ * socket its peer is on (see routingId.ts): the outbox sends on that socket,
+ * to the peer's own routing id.
  *
  * The ROUTER runs with `mandatory` and `sendTimeout: 0`, so a send either
  * succeeds at once or fails with a code:
@@ -13,6 +15,7 @@
  * Nothing is dropped silently.
  */
 import type { Router } from "zeromq";
+import type { PeerIdentities } from "./routingId";
 
 export interface OutboxHooks {
   /** A message could not be delivered because its peer is gone or stuck. */
@@ -46,7 +49,8 @@ export class Outbox {
   private idleWaiters: (() => void)[] = [];
 
   constructor(
-    private readonly socket: Router,
+    private readonly sockets: readonly Router[],
+    private readonly identities: PeerIdentities,
     private readonly hooks: OutboxHooks,
   ) {}
 
@@ -94,7 +98,10 @@ export class Outbox {
           continue;
         }
         try {
-          await this.socket.send([item.identity, ...item.frames]);
+          const index = this.identities.socketOf(item.identity);
+          const socket = this.sockets[index];
+          if (!socket) throw new Error(`no socket ${index} for this identity`);
+          await socket.send([this.identities.routingIdOf(item.identity), ...item.frames]);
         } catch (e) {
           if (this.closed) break;
           const code = (e as { code?: string }).code;

@@ -250,7 +250,8 @@ export class PoolRegistry {
     return out;
   }
 
-  view(now: number): PoolView[] {
+  /** Every pool with its id: what admins see (the wire type leaves pool_id out for other clients). */
+  view(now: number): (PoolView & { pool_id: string })[] {
     return [...this.pools.values()].map((p) => ({
       pool_id: p.poolId,
       sdk: p.sdk,

@@ -1,18 +1,33 @@
 /**
  * A ZAP handler (ZeroMQ RFC 27) that admits CURVE clients whose public key is
- * on an allow-list. Without a ZAP handler, CURVE encrypts but admits any
- * client that knows the broker's public key.
+ * on the allow-list of the ZAP domain they connect to. Without a ZAP handler,
+ * CURVE encrypts but admits any client that knows the broker's public key.
+ *
+ * The broker binds one ROUTER per role (pools, clients, admins), each with its
+ * own ZAP domain, so the socket a key is admitted to decides what it may send:
+ * zeromq.js cannot tell which key sent a given message on a shared socket.
  *
  * libzmq asks the socket bound at inproc://zeromq.zap.01 in the same context;
- * the request carries the client's raw 32-byte key, which is Z85-encoded here
- * to compare with keys written as curveKeyPair() prints them.
+ * the request carries the domain and the client's raw 32-byte key, which is
+ * Z85-encoded here to compare with keys written as `stepbroker keygen` prints them.
  */
 import type { Logger } from "pino";
 import { Router } from "zeromq";
+import type { RefusalLog } from "./refusalLog";
 
 export interface ZapHandler {
+  /** Replaces a domain's allow-list; returns the keys added and removed. */
+  setKeys(domain: string, keys: readonly string[]): { added: string[]; removed: string[] };
   close(): Promise<void>;
 }
+
+/** One ZAP domain: its allow-list, or `anyKey` to admit every CURVE key (--allow-any-key). */
+export interface ZapDomain {
+  keys: readonly string[];
+  anyKey: boolean;
+}
+
+const ZAP_ENDPOINT = "inproc://zeromq.zap.01";
 
 const Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
 
@@ -31,37 +46,55 @@ export function z85Encode(data: Uint8Array): string {
   return out;
 }
 
-export async function startZapHandler(allowedKeys: string[], log: Logger): Promise<ZapHandler> {
-  const allowed = new Set(allowedKeys);
+export async function startZapHandler(
+  domains: ReadonlyMap<string, ZapDomain>,
+  log: Logger,
+  refusals: RefusalLog,
+): Promise<ZapHandler> {
+  const allowed = new Map<string, { keys: Set<string>; anyKey: boolean }>();
+  for (const [name, d] of domains) allowed.set(name, { keys: new Set(d.keys), anyKey: d.anyKey });
   // A ROUTER, not a REP: one reader loop answers each request by its envelope.
   const sock = new Router({ linger: 0 });
-  await sock.bind("inproc://zeromq.zap.01");
+  await sock.bind(ZAP_ENDPOINT);
   let open = true;
   const loop = (async () => {
     try {
       for await (const frames of sock) {
         // [routing id, empty delimiter, version, request id, domain, address, identity, mechanism, ...credentials]
-        const [rid, delim, version, requestId, , address, , mechanism, key] = frames;
+        const [rid, delim, version, requestId, domainFrame, addressFrame, , mechanism, key] = frames;
         if (!rid || !delim || !version || !requestId) continue;
         const mech = mechanism?.toString() ?? "";
+        const domain = domainFrame?.toString() ?? "";
+        const address = addressFrame?.toString() ?? "";
+        const d = allowed.get(domain);
         let status = "400";
-        let text = "unknown key";
+        let text: string;
         let user = "";
-        if (mech === "CURVE" && key && key.length === 32) {
+        if (!d) {
+          text = `unknown ZAP domain ${domain}`;
+        } else if (mech !== "CURVE" || !key || key.length !== 32) {
+          text = `mechanism ${mech} not allowed`;
+        } else {
           const z = z85Encode(key);
-          if (allowed.size === 0 || allowed.has(z)) {
+          if (d.anyKey || d.keys.has(z)) {
             status = "200";
             text = "OK";
             user = z;
-          }
-          if (status !== "200")
-            log.warn(
-              { client_key: z, address: address?.toString() },
-              "refused a CURVE client whose key is not on the allow-list",
+          } else {
+            text = "unknown key";
+            refusals.warn(
+              `zap:${domain}:${address}`,
+              { client_key: z, address, zap_domain: domain },
+              `refused a CURVE client from ${address} on the ${domain} socket: its key ${z} is not on the ${domain} allow-list; add it to that list file and send SIGHUP, or connect it to the socket of its role`,
             );
-        } else {
-          text = `mechanism ${mech} not allowed`;
+          }
         }
+        if (status !== "200" && text !== "unknown key")
+          refusals.warn(
+            `zap:${domain}:${address}`,
+            { address, zap_domain: domain, mechanism: mech },
+            `refused a client from ${address} on the ${domain} socket: ${text}`,
+          );
         await sock.send([rid, delim, version, requestId, status, text, user, ""]);
       }
     } catch (e) {
@@ -69,8 +102,20 @@ export async function startZapHandler(allowedKeys: string[], log: Logger): Promi
     }
   })();
   return {
+    setKeys(domain, keys) {
+      const d = allowed.get(domain);
+      if (!d) throw new Error(`no ZAP domain ${domain}`);
+      const next = new Set(keys);
+      const added = [...next].filter((k) => !d.keys.has(k));
+      const removed = [...d.keys].filter((k) => !next.has(k));
+      d.keys = next;
+      return { added, removed };
+    },
     async close() {
       open = false;
+      // close() frees the endpoint only when libzmq's reaper gets to it; a broker started
+      // right after this one must be able to bind the ZAP endpoint at once.
+      await sock.unbind(ZAP_ENDPOINT).catch(() => undefined);
       sock.close();
       await loop;
     },

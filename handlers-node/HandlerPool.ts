@@ -25,6 +25,7 @@ import { pino, type Logger } from "pino";
 import {
   HEARTBEAT_INTERVAL_MS,
   HEARTBEAT_LIVENESS,
+  StepErrorTypes,
   coerceError,
   type AckItem,
   type CancelItem,
@@ -457,7 +458,7 @@ export class HandlerPool {
           attempt_id: a.id,
           status: "error",
           error: {
-            type: "unknown_handler",
+            type: StepErrorTypes.UNKNOWN_HANDLER,
             message: `pool ${this.poolId} has no handler named "${d.handler}"; it serves ${this.handlerNames.join(", ")}`,
             retryable: true,
           },
@@ -520,7 +521,7 @@ export class HandlerPool {
       attempt_id: item.attempt_id,
       status: "error",
       error: {
-        type: "output_too_large",
+        type: StepErrorTypes.OUTPUT_TOO_LARGE,
         message: `the result is ${bytes} bytes; the broker accepts at most ${link.terms.maxMessageBytes}. Store large data elsewhere and return a reference.`,
         retryable: false,
       },
@@ -595,7 +596,7 @@ export class HandlerPool {
           { duration_ms: item.duration_ms },
           `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
         );
-      } else if (item.error?.type === "invalid_output") {
+      } else if (item.error?.type === StepErrorTypes.INVALID_OUTPUT) {
         a.log.error(`step ${d.step_name} returned an output that is not JSON: ${item.error.message}`);
       }
       this.finish(a, item);
@@ -683,7 +684,7 @@ function completed(attemptId: string, output: unknown): ResultItem {
       attempt_id: attemptId,
       status: "error",
       error: {
-        type: "invalid_output",
+        type: StepErrorTypes.INVALID_OUTPUT,
         message: `the handler's output is not JSON: ${coerceError(e).message}`.slice(0, 8192),
         retryable: false,
       },

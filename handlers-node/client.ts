@@ -10,6 +10,8 @@ import {
   ClientCommands,
   decodeMessage,
   encodeMessage,
+  HARD_LIMIT_FACTOR,
+  MAX_MESSAGE_BYTES,
   type BodyOf,
   type Encoding,
   type ErrorBody,
@@ -26,13 +28,16 @@ export interface ClientOptions {
   curve?: { serverPublicKey: string; publicKey: string; secretKey: string };
 }
 
-/** An ERROR the broker answered with; match on `code`. */
+/** An ERROR the broker answered with; match on `code` (e.g. message_too_large, reply_too_large). */
 export class BrokerError extends Error {
   readonly code: string;
+  /** The command the broker refused, when it said. */
+  readonly command: string | undefined;
   constructor(body: ErrorBody) {
-    super(body.message);
+    super(`${body.code}: ${body.message}`);
     this.name = "BrokerError";
     this.code = body.code;
+    this.command = body.command;
   }
 }
 
@@ -43,6 +48,7 @@ interface Pending {
 }
 
 type Request = keyof typeof ClientCommands;
+const ANSWERS = new Set(["REPLY", "ERROR"]);
 
 export class StepbrokerClient {
   private readonly socket: Dealer;
@@ -51,8 +57,11 @@ export class StepbrokerClient {
   private readonly encoding: Encoding;
   private readonly timeoutMs: number;
   private closed = false;
+  /** Whether the socket uses CURVE, for the hint when no reply comes. */
+  private readonly curve: boolean;
 
   constructor(opts: ClientOptions) {
+    this.curve = opts.curve !== undefined;
     this.encoding = opts.encoding ?? "json";
     this.timeoutMs = opts.requestTimeoutMs ?? 10_000;
     this.socket = new Dealer({
@@ -121,12 +130,17 @@ export class StepbrokerClient {
         this.pending.delete(requestId);
         reject(
           new Error(
-            `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?`,
+            `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?${
+              this.curve
+                ? " Over CURVE a refused key gets no answer: check that this client's public key is on the allow-list of that socket (a client or admin endpoint) and that the server key is the broker's"
+                : ""
+            }`,
           ),
         );
       }, this.timeoutMs + extraMs);
       this.pending.set(requestId, { resolve, reject, timer });
-      const frames = encodeMessage(command, { ...body, request_id: requestId } as BodyOf<C>, this.encoding);
+      // request_id first: a broker that refuses a body too large to parse finds it by scanning the first bytes.
+      const frames = encodeMessage(command, { request_id: requestId, ...body } as BodyOf<C>, this.encoding);
       // One pending send per socket: chain them.
       this.sendChain = this.sendChain
         .then(() => this.socket.send(frames))
@@ -141,7 +155,12 @@ export class StepbrokerClient {
   private async readLoop(): Promise<void> {
     try {
       for await (const frames of this.socket) {
-        const decoded = decodeMessage(frames, { accept: new Set(["REPLY", "ERROR"]) });
+        // The broker never sends a REPLY over max_message_bytes (it answers reply_too_large instead);
+        // the hard limit only guards against a peer that is not a broker.
+        const decoded = decodeMessage(frames, {
+          accept: ANSWERS,
+          maxBytes: MAX_MESSAGE_BYTES * HARD_LIMIT_FACTOR,
+        });
         if (!decoded.ok) continue;
         const msg = decoded.message;
         const requestId = (msg.body as { request_id?: string }).request_id;

@@ -25,3 +25,10 @@ export type {
   StepContext,
 } from "./types";
 export { SDK, SDK_VERSION } from "./version";
+export {
+  isZ85Key,
+  readKeyPairFile,
+  readPublicKey,
+  writeKeyPairFiles,
+  type CurveKeyPair,
+} from "../protocol/curveKeys";

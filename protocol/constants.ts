@@ -108,6 +108,30 @@ export type TaskState = (typeof TaskStates)[keyof typeof TaskStates];
 export const ResultStatuses = { COMPLETE: "complete", ERROR: "error" } as const;
 export type ResultStatus = (typeof ResultStatuses)[keyof typeof ResultStatuses];
 
+/**
+ * Error types the protocol itself reserves for `step_error.type` (any other
+ * type is the handler's own, e.g. its exception class). Every SDK and the
+ * broker write these same strings; protocol/schemas/common.json
+ * (`$defs/reserved_error_type`) lists them with who writes each.
+ */
+export const StepErrorTypes = {
+  /** (pool) the STEP names a handler this pool does not serve. */
+  UNKNOWN_HANDLER: "unknown_handler",
+  /** (pool) the result would exceed the broker's max_message_bytes. */
+  OUTPUT_TOO_LARGE: "output_too_large",
+  /** (pool) the handler returned a value JSON cannot carry. */
+  INVALID_OUTPUT: "invalid_output",
+  /** (pool) the result item the pool built fails result.json (say, an error message too long). */
+  INVALID_RESULT: "invalid_result",
+  /** (broker) the attempt's lease ran out without a result. */
+  TIMEOUT: "timeout",
+  /** (broker) the pool holding the attempt was lost (missed heartbeats, unreachable, reconnected without it). */
+  LOST: "lost",
+  /** (broker) the STEP could not be delivered, or the pool said it could not read it. */
+  UNDELIVERED: "undelivered",
+} as const;
+export type StepErrorType = (typeof StepErrorTypes)[keyof typeof StepErrorTypes];
+
 /** What the broker did with one result, as told in ACK. */
 export const AckOutcomes = {
   /** stored: this attempt's result is now the step's result. */
@@ -150,7 +174,7 @@ export const MAX_MESSAGE_BYTES = 1024 * 1024;
 export const HARD_LIMIT_FACTOR = 16;
 /** Most steps in one STEP message, results in one RESULT message. */
 export const MAX_BATCH = 64;
-/** A pool that sends this many bad messages in a row is disconnected. */
+/** A peer that sends this many bad messages in a row (ERRORs included, see PROTOCOL.md) is disconnected. */
 export const MAX_CONSECUTIVE_ERRORS = 10;
 
 /**
@@ -185,8 +209,14 @@ export const ErrorCodes = {
   unknown_template:
     "No template with this namespace, name and version is registered. Register it or check the name.",
   invalid_request: "The request is well-formed but cannot be carried out. Read the message for the reason.",
+  forbidden:
+    "The command is not allowed for the role of the socket it came in on (pool, client or admin). Connect to the socket of that role, with a key on its allow-list; see PROTOCOL.md, Roles and sockets.",
   too_many_errors:
-    "The peer sent too many bad messages in a row and was disconnected. Fix the peer, then reconnect.",
+    "The peer sent too many bad messages in a row (ERRORs included) and was disconnected. Fix the peer, then reconnect.",
+  over_budget:
+    "The peer sent more per second than its work budget (bytes or messages) for several seconds and was disconnected; messages over the budget were dropped unread. Send fewer, larger batches, then reconnect.",
+  reply_too_large:
+    "The reply would be larger than max_message_bytes, so it was not sent; the request itself was carried out (a SUBMIT created its task). Ask for less: keep contexts and step outputs small (store large data elsewhere and pass references), or read the task from the database.",
   shutting_down:
     "The broker is shutting down. Reconnect; another broker or this one after restart will serve you.",
   internal_error:

@@ -81,6 +81,20 @@ export type ResultItem = unknown & {
  * via the `definition` "result_status".
  */
 export type ResultStatus = "complete" | "error";
+/**
+ * Error types the protocol reserves: every SDK and the broker write exactly these strings for these cases. '(pool)' ones are written by an SDK in a RESULT, '(broker)' ones by the broker in the step's stored error.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "reserved_error_type".
+ */
+export type ReservedErrorType =
+  | "unknown_handler"
+  | "output_too_large"
+  | "invalid_output"
+  | "invalid_result"
+  | "timeout"
+  | "lost"
+  | "undelivered";
 
 export interface ProtocolBodies {
   ack?: AckBody;
@@ -314,7 +328,7 @@ export interface StepView {
  */
 export interface StepError {
   /**
-   * The error's class or code in the handler's language, e.g. PaymentDeclined.
+   * The error's class or code in the handler's language, e.g. PaymentDeclined; the types in $defs/reserved_error_type mean what that list says, whoever writes them.
    */
   type: string;
   message: string;
@@ -333,7 +347,10 @@ export interface StepError {
  * via the `definition` "pool_view".
  */
 export interface PoolView {
-  pool_id: string;
+  /**
+   * Shown to admin clients only (see PROTOCOL.md, Roles and sockets).
+   */
+  pool_id?: string;
   sdk: Sdk;
   handlers: Name[];
   capacity: number;

@@ -4,6 +4,13 @@
  * transaction holding a transaction-level advisory lock for the schema, and
  * re-reads the ledger under that lock: two processes migrating at once apply
  * each migration exactly once between them.
+ *
+ * Migrations hold tables, indexes, triggers and the `drop function` a
+ * signature change needs. The live definition of every SQL function is a file
+ * of its own in sql/functions/ (`create or replace`), applied after the
+ * migrations in one more locked transaction whenever its checksum differs from
+ * the one in `schema_functions`: a reader finds today's body in one place, not
+ * in the last migration that happened to redefine it.
  */
 import { createHash } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
@@ -13,6 +20,8 @@ import { type Logger, silentLogger } from "./logger";
 
 const MIGRATION_DIR = new URL("../../sql/migrations/", import.meta.url);
 const MIGRATION_FILE = /^(\d{4})_[a-z0-9_]+\.sql$/;
+const FUNCTION_DIR = new URL("../../sql/functions/", import.meta.url);
+const FUNCTION_FILE = /^[a-z][a-z0-9_]*\.sql$/;
 
 export interface Migration {
   /** File name without .sql, e.g. "0001_init". */
@@ -35,8 +44,28 @@ export function listMigrations(): Migration[] {
       );
     }
     const sql = readFileSync(new URL(file, MIGRATION_DIR), "utf8");
-    return { name: file.slice(0, -4), sql, checksum: createHash("sha256").update(sql).digest("hex") };
+    return { name: file.slice(0, -4), sql, checksum: sha256(sql) };
   });
+}
+
+function sha256(text: string): string {
+  return createHash("sha256").update(text).digest("hex");
+}
+
+/** Every function definition in sql/functions/, by name; each file defines the function it is named after. */
+export function listFunctions(): Migration[] {
+  return readdirSync(FUNCTION_DIR)
+    .filter((f) => f.endsWith(".sql"))
+    .sort()
+    .map((file) => {
+      if (!FUNCTION_FILE.test(file)) throw new Error(`sql/functions/${file}: name it after its function`);
+      const sql = readFileSync(new URL(file, FUNCTION_DIR), "utf8");
+      const name = file.slice(0, -4);
+      if (!new RegExp(`create or replace function ${name}\\(`).test(sql)) {
+        throw new Error(`sql/functions/${file} must define ${name}() with create or replace function`);
+      }
+      return { name, sql, checksum: sha256(sql) };
+    });
 }
 
 /** Both halves of the advisory lock key: one constant for stepbroker, one per schema. */
@@ -74,6 +103,10 @@ export async function migrateSchema(
       `create table if not exists ${quoted}.schema_migrations (
          name text primary key, checksum text not null, applied_at timestamptz not null default now())`,
     );
+    await client.query(
+      `create table if not exists ${quoted}.schema_functions (
+         name text primary key, checksum text not null, applied_at timestamptz not null default now())`,
+    );
   });
 
   for (const migration of migrations) {
@@ -101,5 +134,21 @@ export async function migrateSchema(
       logger.info({ migration: migration.name, schema }, "applied migration");
     });
   }
+  await inLockedTransaction("functions", async () => {
+    const known = await client.query<{ name: string; checksum: string }>(
+      `select name, checksum from ${quoted}.schema_functions`,
+    );
+    const current = new Map(known.rows.map((r) => [r.name, r.checksum]));
+    for (const fn of listFunctions()) {
+      if (current.get(fn.name) === fn.checksum) continue;
+      await client.query(fn.sql);
+      await client.query(
+        `insert into ${quoted}.schema_functions (name, checksum) values ($1, $2)
+         on conflict (name) do update set checksum = excluded.checksum, applied_at = now()`,
+        [fn.name, fn.checksum],
+      );
+      logger.info({ function: fn.name, schema }, "applied function definition");
+    }
+  });
   return applied;
 }

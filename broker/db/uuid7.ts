@@ -2,7 +2,7 @@
  * Time-ordered UUIDs (RFC 9562 version 7: 48 bits of Unix milliseconds, then
  * random bits) for ids this process creates. Index pages of ids that grow
  * with time stay together and warm; random (v4) ids scatter every insert
- * over the whole index. SQL creates the others with new_id() (migration 0003).
+ * over the whole index. SQL creates the others with new_id() (sql/functions/new_id.sql).
  */
 import { randomFillSync } from "node:crypto";
 

@@ -23,8 +23,20 @@ export const TemplateErrorCodes = {
   CYCLE: "template_cycle",
   CONFLICT: "template_conflict",
   UNREADABLE: "template_unreadable",
+  TOO_MANY_EDGES: "template_too_many_edges",
 } as const;
 export type TemplateErrorCode = (typeof TemplateErrorCodes)[keyof typeof TemplateErrorCodes];
+
+/** Most steps in one template (template.schema.json says the same in steps.maxItems). */
+export const MAX_TEMPLATE_STEPS = 1000;
+/**
+ * Most dependency edges in one template, counted over every depends_on list.
+ * Each edge is a row written per task and a counter decremented when its
+ * parent finishes, so a template linking every step to every earlier one
+ * (499,500 edges at 1,000 steps) made each SUBMIT a 40 s write; 10,000 keeps a
+ * task at the step limit a bounded write while allowing ten parents per step.
+ */
+export const MAX_TEMPLATE_EDGES = 10_000;
 
 export interface TemplateProblem {
   code: TemplateErrorCode;
@@ -86,6 +98,29 @@ function describe(input: unknown): string {
   return "(unnamed)";
 }
 
+/** depends_on entries over all steps of a template not yet validated (lists that are not arrays count nothing). */
+function rawEdgeCount(input: unknown): number {
+  const steps = (input as { steps?: unknown } | null)?.steps;
+  if (!Array.isArray(steps)) return 0;
+  let n = 0;
+  for (const step of steps) {
+    const deps = (step as { depends_on?: unknown } | null)?.depends_on;
+    if (Array.isArray(deps)) n += deps.length;
+  }
+  return n;
+}
+
+function edgeProblem(edges: number): TemplateProblem | undefined {
+  if (edges <= MAX_TEMPLATE_EDGES) return undefined;
+  return {
+    code: TemplateErrorCodes.TOO_MANY_EDGES,
+    path: "steps",
+    message:
+      `the template has ${edges} dependency edges (depends_on entries over all steps); the limit is ${MAX_TEMPLATE_EDGES}: ` +
+      "depend on fewer steps, e.g. on one step that joins a group instead of on every step of the group",
+  };
+}
+
 /** The graph checks: at least one step, unique names, known dependencies, no cycle. */
 function graphProblems(def: TemplateDefinition): TemplateProblem[] {
   const problems: TemplateProblem[] = [];
@@ -117,6 +152,9 @@ function graphProblems(def: TemplateDefinition): TemplateProblem[] {
     });
   });
   if (problems.length > 0) return problems;
+
+  const edges = edgeProblem(def.steps.reduce((n, step) => n + step.depends_on.length, 0));
+  if (edges) return [edges];
 
   // Depth-first search; a grey node met again closes a cycle.
   const colour = new Map<string, "grey" | "black">();
@@ -157,11 +195,31 @@ function graphProblems(def: TemplateDefinition): TemplateProblem[] {
   return problems;
 }
 
+/** Positions (0-based) of each dependency edge's child and parent, in the order the steps list them. */
+export function templateEdges(def: TemplateDefinition): { child: number[]; parent: number[] } {
+  const index = new Map(def.steps.map((step, i) => [step.name, i]));
+  const child: number[] = [];
+  const parent: number[] = [];
+  def.steps.forEach((step, i) => {
+    for (const dep of step.depends_on) {
+      const p = index.get(dep);
+      if (p === undefined) throw new Error(`step "${step.name}" depends on unknown step "${dep}"`);
+      child.push(i);
+      parent.push(p);
+    }
+  });
+  return { child, parent };
+}
+
 /**
  * Validates a template and returns it normalized (a copy, with every default
  * filled in). Throws TemplateError naming each problem.
  */
 export function validateTemplate(input: unknown): TemplateDefinition {
+  // Counted before the schema check, whose uniqueItems rule costs the square of each depends_on list:
+  // a template far over the edge limit is refused without that work.
+  const edges = edgeProblem(rawEdgeCount(input));
+  if (edges) throw new TemplateError(describe(input), [edges]);
   const copy: unknown = structuredClone(input);
   if (!validateSchema(copy)) {
     throw new TemplateError(describe(input), (validateSchema.errors ?? []).map(schemaProblem));

@@ -214,7 +214,7 @@ export interface AdoptedAttempt {
 
 /**
  * How a HELLO's session fared against the one on record for its pool_id
- * (take_pool_session() in migration 0009): `held` refuses it, every other
+ * (take_pool_session() in sql/functions): `held` refuses it, every other
  * outcome lets the pool register.
  */
 export type PoolSessionOutcome = "none" | "new" | "same" | "held" | "released" | "replaced";

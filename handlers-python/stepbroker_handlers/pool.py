@@ -34,10 +34,13 @@ from .protocol import (
     ENCODINGS,
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_LIVENESS,
+    INVALID_OUTPUT,
     JSON,
     MAX_BATCH,
     MAX_MESSAGE_BYTES,
     NAME_RE,
+    OUTPUT_TOO_LARGE,
+    UNKNOWN_HANDLER,
     Codec,
     Message,
     ProtocolError,
@@ -384,7 +387,7 @@ class HandlerPool:
                 except (TypeError, ValueError) as exc:
                     item = error_item(step.attempt_id, exc)
                     item["error"].update(
-                        type="InvalidOutput",
+                        type=INVALID_OUTPUT,
                         message=f"the handler's return value is not JSON: {exc}"[:8192],
                         retryable=False,
                     )
@@ -648,7 +651,7 @@ class HandlerPool:
                         "attempt_id": aid,
                         "status": "error",
                         "error": {
-                            "type": "unknown_handler",
+                            "type": UNKNOWN_HANDLER,
                             "message": f"pool {self.pool_id} does not serve handler {s['handler']!r}",
                             "retryable": True,
                         },
@@ -716,7 +719,7 @@ class HandlerPool:
             return
         window = self._hb_s * self._liveness
         self._reconnect(f"broker sent DISCONNECT ({code or 'no code'}: {reason})",
-                        min_delay=window if code == "too_many_errors" else 0.0)
+                        min_delay=window if code in ("too_many_errors", "over_budget") else 0.0)
 
     def _on_error(self, msg: Message) -> None:
         b = msg.body
@@ -848,7 +851,7 @@ class HandlerPool:
             "attempt_id": aid,
             "status": "error",
             "error": {
-                "type": "output_too_large",
+                "type": OUTPUT_TOO_LARGE,
                 "message": f"the result is {n} bytes, over the broker's max_message_bytes of {limit}",
                 "retryable": False,
             },

@@ -77,11 +77,22 @@ ERROR_CODES: FrozenSet[str] = frozenset(
         "unknown_task",
         "unknown_template",
         "invalid_request",
+        "forbidden",
         "too_many_errors",
+        "over_budget",
+        "reply_too_large",
         "shutting_down",
         "internal_error",
     }
 )
+
+# Error types the protocol reserves for step_error.type (protocol/schemas/common.json,
+# $defs/reserved_error_type): every SDK writes these same strings for these cases.
+UNKNOWN_HANDLER = "unknown_handler"
+OUTPUT_TOO_LARGE = "output_too_large"
+INVALID_OUTPUT = "invalid_output"
+INVALID_RESULT = "invalid_result"
+POOL_ERROR_TYPES = (UNKNOWN_HANDLER, OUTPUT_TOO_LARGE, INVALID_OUTPUT, INVALID_RESULT)
 
 CANCEL_REASONS = ("task_cancelled", "timeout", "lease_lost", "shutdown")
 ACK_OUTCOMES = ("stored", "duplicate", "stale", "unknown")

@@ -169,7 +169,7 @@ def test_multi_step_dispatch_and_outcomes(broker: FakeBroker, pool: HandlerPool)
     assert perm["error"]["type"] == "PermanentError" and perm["error"]["retryable"] is False
     assert declined["error"]["type"] == "payment_declined" and declined["error"]["retryable"] is True
     assert boom["error"]["type"] == "KeyError" and boom["error"]["retryable"] is True
-    assert bad["error"]["type"] == "InvalidOutput" and bad["error"]["retryable"] is False
+    assert bad["error"]["type"] == "invalid_output" and bad["error"]["retryable"] is False
     assert unknown["error"]["type"] == "unknown_handler" and unknown["error"]["retryable"] is True
     for item in got.values():
         if item["attempt_id"] != unknown["attempt_id"]:

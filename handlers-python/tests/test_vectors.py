@@ -9,8 +9,8 @@ from typing import Any, List
 import msgpack
 import pytest
 
-from conftest import VECTORS
-from stepbroker_handlers.protocol import ALL_COMMANDS, JSON, MSGPACK, ProtocolError, frame
+from conftest import SCHEMAS, VECTORS
+from stepbroker_handlers.protocol import ALL_COMMANDS, JSON, MSGPACK, POOL_ERROR_TYPES, ProtocolError, frame
 
 
 def _files() -> List[Any]:
@@ -45,6 +45,13 @@ def same(a: Any, b: Any) -> bool:
 
 def raw_frames(spec: List[Any]) -> List[bytes]:
     return [bytes.fromhex(f["hex"]) if "hex" in f else f["text"].encode("utf-8") for f in spec]
+
+
+def test_pool_error_types_are_the_reserved_ones_of_the_schema() -> None:
+    """The error types an SDK writes are the protocol's, spelled as every SDK spells them."""
+    reserved = json.loads((SCHEMAS / "common.json").read_text())["$defs"]["reserved_error_type"]["oneOf"]
+    pool_types = {t["const"] for t in reserved if t["description"].startswith("(pool)")}
+    assert pool_types == set(POOL_ERROR_TYPES)
 
 
 def test_every_command_has_vectors() -> None:

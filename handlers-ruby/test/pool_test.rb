@@ -135,11 +135,12 @@ class PoolTest < Minitest::Test
       p.handle("boom") { |_s| raise ArgumentError, "bad input" }
       p.handle("perm") { |_s| raise Stepbroker::PermanentError, "card declined" }
       p.handle("later") { |_s| raise Stepbroker::RetryableError.new("busy", retry_after_ms: 2000) }
+      p.handle("bad_output") { |_s| { "x" => Float::NAN } }
     end
-    steps = %w[nothing boom perm later].map { |h| FakeBroker.step(h) }
+    steps = %w[nothing boom perm later bad_output].map { |h| FakeBroker.step(h) }
     @broker.send(id, "STEP", { "steps" => steps })
     r = @broker.expect_results(steps.map { |s| s["attempt_id"] })
-    nothing, boom, perm, later = steps.map { |s| r[s["attempt_id"]] }
+    nothing, boom, perm, later, bad = steps.map { |s| r[s["attempt_id"]] }
     assert_equal "complete", nothing["status"]
     assert nothing.key?("output") && nothing["output"].nil?, "nil output is sent as null"
     assert_equal "error", boom["status"]
@@ -151,6 +152,8 @@ class PoolTest < Minitest::Test
     assert_equal false, perm["error"]["retryable"]
     assert_equal true, later["error"]["retryable"]
     assert_equal 2000, later["error"]["retry_after_ms"]
+    assert_equal "invalid_output", bad["error"]["type"], "the type every SDK writes for an output JSON cannot carry"
+    assert_equal false, bad["error"]["retryable"]
   end
 
   def test_unknown_handler_is_a_retryable_error_result

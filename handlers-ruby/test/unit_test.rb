@@ -26,6 +26,14 @@ class UnitTest < Minitest::Test
     end
   end
 
+  # The error types an SDK writes are the protocol's, spelled as every SDK spells them.
+  def test_pool_error_types_are_the_reserved_ones_of_the_schema
+    common = JSON.parse(File.read(File.join(Stepbroker::Schema::DEFAULT_DIR, "common.json")))
+    pool_types = common["$defs"]["reserved_error_type"]["oneOf"]
+                 .select { |t| t["description"].start_with?("(pool)") }.map { |t| t["const"] }
+    assert_equal pool_types.sort, P::POOL_ERROR_TYPES.sort
+  end
+
   def test_every_schema_uses_only_supported_keywords
     P::COMMANDS.each do |c|
       assert_empty Stepbroker::Schema.default.unsupported_keywords(c), c

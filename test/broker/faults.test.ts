@@ -27,6 +27,7 @@ import type { AttemptRecord } from "../../broker/state/types";
 import type { StateManager } from "../../broker/state/StateManager";
 import { freeTcpEndpoint, spawnBrokerProcess, type BrokerProcess } from "../support/brokerProcess";
 import { useStateManager } from "../support/db";
+import { assertInvariants } from "../support/invariants";
 import { eventually, silent, spawnNodePool, stepOf, useBrokerStack, type ChildPool } from "../support/stack";
 
 const NS = "faults";
@@ -188,6 +189,8 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
   afterEach(async function () {
     this.timeout(30_000);
     while (cleanups.length) await cleanups.pop()!();
+    // Whatever the fault, the history it left is whole (DESIGN.md, "History is insert-only").
+    await assertInvariants(stack);
   });
 
   async function nodePool(handlers: string, capacity = 1, extra: string[] = []): Promise<ChildPool> {
@@ -513,6 +516,7 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     logs = [];
     while (cleanups.length) await cleanups.pop()!();
     while (brokers.length) await brokers.pop()!.stop();
+    await assertInvariants(state);
   });
 
   async function broker(endpoint: string, brokerId: string, recoveryGraceMs: number): Promise<BrokerProcess> {

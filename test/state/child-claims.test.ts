@@ -4,6 +4,7 @@
  * and that the history reads as if a separate claim had taken them.
  */
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { StepStates } from "../../protocol/constants";
 import type { ClaimedStep } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
@@ -165,6 +166,61 @@ describe("children claimed with their parent's result", () => {
       last.finishedTasks.map((f) => f.state),
       ["complete"],
     );
+    await assertInvariants(t);
+  });
+
+  it("writes the claim's transition for a child readied after the claim's statement began", async function () {
+    this.timeout(20_000);
+    const root = await rootClaimed();
+    // A pick that waits before it looks: the claim's statement takes its snapshot, then the
+    // parent's result commits, then the pick (with a snapshot of its own) sees the child ready.
+    // Without a fresh snapshot for the history, the claim found no current transition to follow.
+    // (plpgsql: each of its statements reads with a snapshot of its own.)
+    await t.sql(`create or replace function pick_ready_steps(handlers text[], most integer) returns setof uuid
+                 language plpgsql volatile set enable_sort = off as $$
+                 begin
+                   perform pg_sleep(2);
+                   return query select s.id from steps s
+                     where s.state = 'ready' and s.run_at <= now() and s.handler = any(handlers)
+                     order by s.priority desc, s.run_at limit most for update skip locked;
+                 end
+                 $$`);
+    // The parent's result starts first (so the child's run_at precedes the claim's now()) and
+    // waits on its task's lock; the claim starts; the lock goes; the result commits; the pick wakes.
+    const holder = await t.db.pool.connect();
+    try {
+      await holder.query("begin");
+      await holder.query("select id from tasks where id = $1 for update", [root.task_id]);
+      const completion = t.sm.completeAttempts([
+        { attemptId: root.attempt_id, status: "complete", output: { from: "a" } },
+      ]);
+      await new Promise((r) => setTimeout(r, 200));
+      const claim = t.sm.claimSteps({ brokerId: "b2", handlers: ["h"], limit: 1000 });
+      await new Promise((r) => setTimeout(r, 300));
+      await holder.query("commit");
+      const out = await completion;
+      assert.deepEqual(
+        out.outcomes.map((o) => o.outcome),
+        ["stored"],
+      );
+      const claimed = await claim;
+      const b = claimed.find((c) => c.task_id === root.task_id && c.step_name === "b");
+      assert.ok(
+        b,
+        `the delayed pick claimed child b (claimed: ${JSON.stringify(claimed.map((c) => [c.task_id, c.step_name]))}, root of ${root.task_id})`,
+      );
+      const history = await t.sql<{ from_state: string | null; to_state: string; event: string }>(
+        `select from_state, to_state, event from step_transitions where step_id = $1 order by sort_key`,
+        [b.step_id],
+      );
+      assert.deepEqual(
+        history.map((h) => `${h.from_state ?? ""}>${h.to_state}`),
+        [">pending", "pending>ready", "ready>in_progress"],
+      );
+    } finally {
+      holder.release();
+      await t.sql(readFileSync(new URL("../../sql/functions/pick_ready_steps.sql", import.meta.url), "utf8"));
+    }
     await assertInvariants(t);
   });
 });

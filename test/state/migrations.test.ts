@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { StepStates, TaskStates } from "../../protocol/constants";
 import { assertIdentifier } from "../../broker/db/identifiers";
-import { listMigrations } from "../../broker/db/migrate";
+import { readFileSync } from "node:fs";
+import { listFunctions, listMigrations } from "../../broker/db/migrate";
 import { openDatabase } from "../../broker/db/openDatabase";
 import { STEP_MOVES, TASK_MOVES } from "../../broker/state/transitions";
 import { databaseUrl, dropSchema, uniqueSchemaName, useStateManager } from "../support/db";
@@ -75,6 +76,77 @@ describe("migrations", () => {
       }
     } finally {
       await dropSchema(schema);
+    }
+  });
+
+  it("keeps each function's live definition in sql/functions/, applied once and again when it changes", async () => {
+    const files = listFunctions();
+    const ledger = await t.sql<{ name: string; checksum: string; applied_at: Date }>(
+      `select name, checksum, applied_at from schema_functions order by name`,
+    );
+    assert.deepEqual(
+      ledger.map((r) => [r.name, r.checksum]),
+      files.map((f) => [f.name, f.checksum]),
+    );
+    // What the server runs is the file's body, whatever a migration defined before.
+    for (const f of files) {
+      const rows = await t.sql<{ src: string }>(
+        `select prosrc as src from pg_proc where proname = $1 and pronamespace = current_schema()::regnamespace`,
+        [f.name],
+      );
+      assert.equal(rows.length, 1, `one ${f.name}()`);
+      assert.ok(
+        f.sql.includes(rows[0]!.src.trim()),
+        `${f.name}() runs the body in sql/functions/${f.name}.sql`,
+      );
+    }
+    await t.sm.migrate();
+    const again = await t.sql<{ name: string; applied_at: Date }>(
+      `select name, applied_at from schema_functions order by name`,
+    );
+    assert.deepEqual(
+      again,
+      ledger.map(({ name, applied_at }) => ({ name, applied_at })),
+      "unchanged files are not re-applied",
+    );
+    // A definition recorded under another checksum (its file changed since) is applied again.
+    await t.sql(`update schema_functions set checksum = 'changed' where name = 'step_inputs'`);
+    await t.sm.migrate();
+    const [row] = await t.sql<{ checksum: string }>(
+      `select checksum from schema_functions where name = 'step_inputs'`,
+    );
+    assert.equal(row?.checksum, files.find((f) => f.name === "step_inputs")?.checksum);
+  });
+
+  it("fails when a released migration changes, and keeps function bodies out of new ones", () => {
+    const released = new Map(
+      readFileSync(new URL("../../sql/migrations/SHA256SUMS", import.meta.url), "utf8")
+        .trim()
+        .split("\n")
+        .map((line) => {
+          const [sum, file] = line.split(/\s+/);
+          return [file?.replace(/\.sql$/, ""), sum] as const;
+        }),
+    );
+    for (const m of listMigrations()) {
+      const sum = released.get(m.name);
+      assert.ok(
+        sum !== undefined,
+        `sql/migrations/${m.name}.sql is not in sql/migrations/SHA256SUMS: once it is final, add it with \`sha256sum ${m.name}.sql >> SHA256SUMS\``,
+      );
+      assert.equal(
+        m.checksum,
+        sum,
+        `sql/migrations/${m.name}.sql changed after its release; migrations are forward-only: restore it and add a new one`,
+      );
+      // Migrations up to 0008 were released with function bodies; later ones keep them in sql/functions/.
+      if (Number(m.name.slice(0, 4)) > 8) {
+        assert.doesNotMatch(
+          m.sql,
+          /create\s+(or\s+replace\s+)?function/i,
+          `${m.name}: define functions in sql/functions/<name>.sql; a migration only drops one whose signature changes`,
+        );
+      }
     }
   });
 

@@ -5,20 +5,33 @@
  * (or a whole table) per claim turns draining a queue quadratic.
  */
 import assert from "node:assert/strict";
-import type pg from "pg";
+import pg from "pg";
+import { connectionConfig } from "../../broker/db/openDatabase";
 import { loadQueries } from "../../broker/db/queries";
-import { useStateManager } from "../support/db";
+import { adminDatabaseUrl, useStateManager } from "../support/db";
 
 const TABLES = ["steps", "tasks", "step_edges", "step_attempts", "step_transitions", "task_transitions"];
 
 describe("hot-path plans on tables never analyzed", function () {
   this.timeout(60_000);
   const t = useStateManager("plans");
-  let client: pg.PoolClient;
+  let client: pg.ClientBase;
+  let release: () => Promise<void>;
   beforeEach(async () => {
-    client = await t.db.pool.connect();
+    // Only a superuser may load auto_explain and set its options; DATABASE_URL is the broker's lesser role.
+    const admin = adminDatabaseUrl();
+    if (admin === undefined) {
+      const pooled = await t.db.pool.connect();
+      client = pooled;
+      release = async () => pooled.release();
+    } else {
+      const own = new pg.Client(connectionConfig(admin, t.schema));
+      await own.connect();
+      client = own;
+      release = () => own.end();
+    }
   });
-  afterEach(() => client.release());
+  afterEach(() => release());
 
   before(async () => {
     for (const table of TABLES) await t.sql(`alter table ${table} set (autovacuum_enabled = false)`);
@@ -64,7 +77,7 @@ describe("hot-path plans on tables never analyzed", function () {
     try {
       await client.query("load 'auto_explain'");
     } catch (err) {
-      // The embedded server always allows it; a DATABASE_URL of a role that may not load modules cannot.
+      // The test run's embedded server gives a superuser URL; a DATABASE_URL of a role that may not load modules cannot.
       if ((err as { code?: string }).code === "42501") {
         console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
         this.skip();

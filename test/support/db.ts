@@ -20,6 +20,15 @@ export function databaseUrl(): string {
   return url;
 }
 
+/**
+ * A superuser URL of the same server, when the test run has one (the embedded
+ * server of test/support/global.ts). DATABASE_URL is not a superuser there.
+ */
+export function adminDatabaseUrl(): string | undefined {
+  const url = process.env.DATABASE_ADMIN_URL;
+  return url === undefined || url === "" ? undefined : url;
+}
+
 /** A fresh schema name, unique per call: t_<label>_<random>. */
 export function uniqueSchemaName(label: string): string {
   const clean = label

@@ -3,6 +3,11 @@
  * DATABASE_URL is set), its URL put in process.env.DATABASE_URL for every test
  * file, stopped and its data directory deleted at the end. Each test file then
  * works in a schema of its own (see ./db.ts).
+ *
+ * DATABASE_URL connects as the non-superuser role the broker uses in
+ * production, so the tests run with the privileges the broker really has;
+ * DATABASE_ADMIN_URL (the superuser) is there for the few tests that need more
+ * (loading auto_explain to read plans).
  */
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -32,6 +37,7 @@ export async function mochaGlobalSetup(): Promise<void> {
     ],
   });
   process.env.DATABASE_URL = server.url;
+  process.env.DATABASE_ADMIN_URL = server.adminUrl;
 }
 
 export async function mochaGlobalTeardown(): Promise<void> {
@@ -41,5 +47,6 @@ export async function mochaGlobalTeardown(): Promise<void> {
     if (tempDir !== undefined) await fs.rm(tempDir, { recursive: true, force: true });
     server = undefined;
     tempDir = undefined;
+    delete process.env.DATABASE_ADMIN_URL;
   }
 }

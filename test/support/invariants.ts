@@ -5,7 +5,16 @@
 import assert from "node:assert/strict";
 import type { TestState } from "./db";
 
-export async function assertInvariants(t: TestState): Promise<void> {
+/** Anything that runs a query on the schema under test: a TestState, or a broker Stack. */
+export type SchemaQuery = Pick<TestState, "sql">;
+
+/**
+ * DESIGN.md, "History is insert-only": for every step and task the chain of
+ * transitions is continuous and ends in the row's state; exactly one complete
+ * attempt per complete step and none for any other; no attempt open without
+ * its step's lease. Holds at every commit, so it may run while work is in flight.
+ */
+export async function assertInvariants(t: SchemaQuery): Promise<void> {
   // exactly one most_recent transition per step and per task, and it names the current state
   const stepDrift = await t.sql<{ id: string; state: string; current: number; to_state: string | null }>(`
     select s.id, s.state, count(tr.*) filter (where tr.most_recent)::int as current,
@@ -26,6 +35,19 @@ export async function assertInvariants(t: TestState): Promise<void> {
       from step_transitions window w as (partition by step_id order by sort_key)) x
     where sort_key <> n or from_state is distinct from previous`);
   assert.deepEqual(gaps, [], "step transitions are not a contiguous chain");
+  const taskGaps = await t.sql<{ task_id: string }>(`
+    select task_id from (
+      select task_id, sort_key, from_state, lag(to_state) over w as previous, row_number() over w as n
+      from task_transitions window w as (partition by task_id order by sort_key)) x
+    where sort_key <> n or from_state is distinct from previous`);
+  assert.deepEqual(taskGaps, [], "task transitions are not a contiguous chain");
+  // exactly-once completion: one complete attempt per complete step, none elsewhere
+  const completions = await t.sql<{ id: string; state: string; complete_attempts: number }>(`
+    select s.id, s.state, count(a.*)::int as complete_attempts
+    from steps s left join step_attempts a on a.step_id = s.id and a.outcome = 'complete'
+    group by s.id, s.state
+    having count(a.*) <> (case when s.state = 'complete' then 1 else 0 end)`);
+  assert.deepEqual(completions, [], "a step whose complete attempts are not exactly one (complete) or none");
   // a complete step always has its output; only the lease holder is unfinished
   const noOutput = await t.sql(`select id from steps where state = 'complete' and not has_output`);
   assert.deepEqual(noOutput, []);

@@ -24,6 +24,13 @@ export interface Incoming {
   readonly body: Record<string, unknown>;
 }
 
+/** CURVE keys for a raw peer: the broker's public key and the peer's own pair (Z85). */
+export interface PeerCurve {
+  serverPublicKey: string;
+  publicKey: string;
+  secretKey: string;
+}
+
 export class RawPeer {
   readonly socket: Dealer;
   readonly id: string;
@@ -36,14 +43,25 @@ export class RawPeer {
   private heartbeat: NodeJS.Timeout | undefined;
   private closed = false;
 
-  private constructor(id: string) {
+  private constructor(id: string, curve: PeerCurve | undefined) {
     this.id = id;
-    this.socket = new Dealer({ routingId: id, linger: 0, sendTimeout: 2000 });
+    this.socket = new Dealer({
+      routingId: id,
+      linger: 0,
+      sendTimeout: 2000,
+      ...(curve
+        ? {
+            curveServerKey: curve.serverPublicKey,
+            curvePublicKey: curve.publicKey,
+            curveSecretKey: curve.secretKey,
+          }
+        : {}),
+    });
   }
 
-  /** Connects a DEALER with routing id `id` (a fresh one by default) to `endpoint`. */
-  static connect(endpoint: string, id = `raw-${randomBytes(4).toString("hex")}`): RawPeer {
-    const peer = new RawPeer(id);
+  /** Connects a DEALER with routing id `id` (a fresh one by default) to `endpoint`, over CURVE when given keys. */
+  static connect(endpoint: string, id = `raw-${randomBytes(4).toString("hex")}`, curve?: PeerCurve): RawPeer {
+    const peer = new RawPeer(id, curve);
     peer.socket.connect(endpoint);
     void peer.readLoop();
     return peer;

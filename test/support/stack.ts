@@ -11,6 +11,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import type pg from "pg";
 import { pino } from "pino";
 import { Broker } from "../../broker/Broker";
 import type { BrokerOptions } from "../../broker/config";
@@ -40,6 +41,8 @@ export interface Stack {
   endpoint: string;
   startBroker(overrides?: Partial<BrokerOptions>): Promise<Broker>;
   registerTemplate(def: unknown): Promise<void>;
+  /** A query on the test schema (for assertions on the tables themselves, e.g. assertInvariants). */
+  sql<R extends pg.QueryResultRow>(text: string, values?: unknown[]): Promise<R[]>;
   waitForTask(taskId: string, timeoutMs?: number): Promise<TaskView>;
 }
 
@@ -83,6 +86,8 @@ export function useBrokerStack(
       stack.endpoint = broker.endpoints[0]!;
       return broker;
     };
+    stack.sql = async <R extends pg.QueryResultRow>(text: string, values?: unknown[]) =>
+      (await stack.sm.db.pool.query<R>(text, values)).rows;
     stack.registerTemplate = async (def) => {
       await stack.sm.registerTemplate(def);
     };

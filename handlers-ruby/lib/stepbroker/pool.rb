@@ -424,7 +424,7 @@ module Stepbroker
       @logger.error("stepbroker: result of attempt_id=#{id} is #{size} bytes, over max_message_bytes; sending an error instead")
       entry[:item] = {
         "attempt_id" => id, "status" => "error",
-        "error" => { "type" => "output_too_large", "retryable" => false,
+        "error" => { "type" => Protocol::OUTPUT_TOO_LARGE, "retryable" => false,
                      "message" => "The handler's result is #{size} bytes; the broker accepts at most " \
                                   "#{@terms['max_message_bytes']} bytes per message." }
       }
@@ -561,7 +561,7 @@ module Stepbroker
         unless @handlers.key?(s["handler"])
           @logger.error("stepbroker: no handler #{s['handler'].inspect} in this pool; #{ids(s)}")
           add_result({ "attempt_id" => id, "status" => "error",
-                       "error" => { "type" => "unknown_handler", "retryable" => true,
+                       "error" => { "type" => Protocol::UNKNOWN_HANDLER, "retryable" => true,
                                     "message" => "Pool #{@pool_id} has no handler #{s['handler'].inspect}; " \
                                                  "it serves #{@handlers.keys.join(', ')}" } })
           next
@@ -682,7 +682,7 @@ module Stepbroker
         @logger.error("stepbroker: result of attempt_id=#{item['attempt_id']} is invalid " \
                       "(#{problem.instance_path} #{problem.message}); sending an error instead")
         item = { "attempt_id" => item["attempt_id"], "status" => "error",
-                 "error" => { "type" => "InvalidResult", "retryable" => false,
+                 "error" => { "type" => Protocol::INVALID_RESULT, "retryable" => false,
                               "message" => "The pool built an invalid result: #{problem.instance_path} #{problem.message}"[0, 8192] } }
       end
       @unacked[item["attempt_id"]] = { item: item, sent_at: nil }
@@ -828,7 +828,15 @@ module Stepbroker
       step.logger.debug("started")
       handler = @handlers[step.handler]
       handler = handler.new if handler.is_a?(Class)
-      output = Stepbroker.jsonify(handler.call(step))
+      value = handler.call(step)
+      begin
+        output = Stepbroker.jsonify(value)
+      rescue StandardError => e
+        ms = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0) * 1000).round(3)
+        return { "attempt_id" => step.attempt_id, "status" => "error", "duration_ms" => ms,
+                 "error" => { "type" => Protocol::INVALID_OUTPUT, "retryable" => false,
+                              "message" => "the handler's return value is not JSON: #{Stepbroker.utf8(e.message)}"[0, 8192] } }
+      end
       ms = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0) * 1000).round(3)
       step.logger.debug("complete in #{ms} ms")
       { "attempt_id" => step.attempt_id, "status" => "complete", "output" => output, "duration_ms" => ms }

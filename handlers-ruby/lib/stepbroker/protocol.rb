@@ -36,9 +36,17 @@ module Stepbroker
                      schema_violation message_too_large hello_required hello_rejected
                      identity_mismatch session_mismatch not_your_attempt
                      unknown_attempt stale_attempt unknown_task unknown_template invalid_request
-                     too_many_errors shutting_down internal_error].freeze
+                     forbidden too_many_errors over_budget reply_too_large shutting_down internal_error].freeze
 
     ENCODINGS = %w[json msgpack].freeze
+
+    # Error types the protocol reserves for step_error.type (protocol/schemas/common.json,
+    # $defs/reserved_error_type): every SDK writes these same strings for these cases.
+    UNKNOWN_HANDLER = "unknown_handler"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    INVALID_OUTPUT = "invalid_output"
+    INVALID_RESULT = "invalid_result"
+    POOL_ERROR_TYPES = [UNKNOWN_HANDLER, OUTPUT_TOO_LARGE, INVALID_OUTPUT, INVALID_RESULT].freeze
 
     # A decoded, checked message.
     Message = Struct.new(:command, :body, :encoding)

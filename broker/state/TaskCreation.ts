@@ -1,0 +1,145 @@
+/**
+ * Task creation: a task, its steps, its edges and their first transitions in
+ * one statement per batch; idempotency keys map a repeated request to the
+ * task it created.
+ */
+import { uuidv7 } from "../db/uuid7";
+import { StateError } from "./errors";
+import type { StateSql } from "./StateSql";
+import { MAX_TEMPLATE_EDGES, templateEdges } from "./templates";
+import type { TaskReads } from "./TaskReads";
+import type { TemplateStore } from "./TemplateStore";
+import type { WorkNotifier } from "./WorkNotifier";
+import { INT4_MAX, isJsonObject } from "./rows";
+import type { CreateTaskRequest, TaskView, TemplateRecord } from "./types";
+
+export class TaskCreation {
+  constructor(
+    private readonly sql: StateSql,
+    private readonly templates: TemplateStore,
+    private readonly notifier: WorkNotifier,
+    private readonly reads: TaskReads,
+  ) {}
+
+  /** Each template's edges as step positions, computed once (a registered version never changes). */
+  private readonly edges = new Map<number, { child: number[]; parent: number[] }>();
+
+  private checkRequest(req: CreateTaskRequest): void {
+    if (!isJsonObject(req.context))
+      throw new StateError("invalid_request", "a task's context must be a JSON object");
+    const priority = req.priority ?? 0;
+    if (!Number.isInteger(priority) || Math.abs(priority) > INT4_MAX) {
+      throw new StateError("invalid_request", `priority must be an integer (got ${String(req.priority)})`);
+    }
+    if (
+      req.idempotencyKey !== undefined &&
+      (req.idempotencyKey.length === 0 || req.idempotencyKey.length > 256)
+    ) {
+      throw new StateError("invalid_request", "an idempotency key has 1 to 256 characters");
+    }
+  }
+
+  /**
+   * Inserts tasks with all their steps in one statement; returns the task id
+   * of each request, in order (the existing task's id for a known idempotency key).
+   */
+  async createTasks(requests: CreateTaskRequest[]): Promise<string[]> {
+    return (await this.insertTasks(requests)).map((t) => t.id);
+  }
+
+  /**
+   * Creates one task from a registered template (the latest version when none
+   * is given). A known idempotency key returns the existing task, created=false.
+   */
+  async createTask(request: CreateTaskRequest): Promise<{ task: TaskView; created: boolean }> {
+    const [inserted] = await this.insertTasks([request]);
+    if (inserted === undefined) throw new Error("insertTasks returned nothing");
+    const task = await this.reads.getTask(inserted.id, { includeSteps: true });
+    if (task === null) throw new Error(`task ${inserted.id} vanished right after it was created`);
+    return { task, created: inserted.created };
+  }
+
+  /**
+   * The dependency edges of each distinct template of a batch, as step
+   * positions (create_tasks.sql turns them into step ids by subscript). A
+   * template registered before the edge limit existed is refused here too.
+   */
+  private batchEdges(templates: TemplateRecord[]): {
+    templateIds: number[];
+    child: number[];
+    parent: number[];
+  } {
+    const out = { templateIds: [] as number[], child: [] as number[], parent: [] as number[] };
+    for (const t of new Map(templates.map((t) => [t.id, t])).values()) {
+      let e = this.edges.get(t.id);
+      if (e === undefined) this.edges.set(t.id, (e = templateEdges(t.definition)));
+      if (e.child.length > MAX_TEMPLATE_EDGES) {
+        throw new StateError(
+          "invalid_request",
+          `template ${t.namespace}/${t.name}@${t.version} has ${e.child.length} dependency edges; the limit is ${MAX_TEMPLATE_EDGES}: register a version with fewer depends_on entries`,
+        );
+      }
+      for (let i = 0; i < e.child.length; i++) {
+        out.templateIds.push(t.id);
+        out.child.push(e.child[i]!);
+        out.parent.push(e.parent[i]!);
+      }
+    }
+    return out;
+  }
+
+  private async insertTasks(requests: CreateTaskRequest[]): Promise<{ id: string; created: boolean }[]> {
+    if (requests.length === 0) return [];
+    const latest = new Map<string, Promise<TemplateRecord>>();
+    const templates = await Promise.all(
+      requests.map((req) => {
+        this.checkRequest(req);
+        if (req.version !== undefined) return this.templates.get(req.namespace, req.name, req.version);
+        // "latest" is looked up once per batch, so every task of the batch gets the same version
+        const key = `${req.namespace}\0${req.name}`;
+        let found = latest.get(key);
+        if (found === undefined) {
+          found = this.templates.get(req.namespace, req.name);
+          latest.set(key, found);
+        }
+        return found;
+      }),
+    );
+    const edges = this.batchEdges(templates);
+    const ids = requests.map(() => uuidv7());
+    const rows = await this.sql.run<{ id: string }>("create_tasks", [
+      ids,
+      templates.map((t) => t.id),
+      requests.map((r) => JSON.stringify(r.context)),
+      requests.map((r) => r.priority ?? 0),
+      requests.map((r) => r.idempotencyKey ?? null),
+      this.notifier.workChannel,
+      this.notifier.payload("created"),
+      edges.templateIds,
+      edges.child,
+      edges.parent,
+    ]);
+    if (rows.length > 0) this.notifier.wakeLocal({ reason: "created" });
+    const inserted = new Set(rows.map((r) => r.id));
+    if (inserted.size === requests.length) return ids.map((id) => ({ id, created: true }));
+
+    // The others were skipped: their idempotency key belongs to an existing task
+    // (or to an earlier request of this batch).
+    const keys = requests.flatMap((r, i) =>
+      inserted.has(ids[i] ?? "") || r.idempotencyKey === undefined ? [] : [r.idempotencyKey],
+    );
+    const existing = await this.sql.run<{ id: string; idempotency_key: string }>(
+      "find_tasks_by_idempotency_key",
+      [keys],
+    );
+    const byKey = new Map(existing.map((r) => [r.idempotency_key, r.id]));
+    return requests.map((r, i) => {
+      const id = ids[i] ?? "";
+      if (inserted.has(id)) return { id, created: true };
+      const found = r.idempotencyKey === undefined ? undefined : byKey.get(r.idempotencyKey);
+      if (found === undefined)
+        throw new Error(`task of request ${i} was neither inserted nor found by its idempotency key`);
+      return { id: found, created: false };
+    });
+  }
+}

@@ -1,0 +1,123 @@
+-- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given) for one pool, one attempt each under a lease.
+-- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006.
+--
+-- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
+-- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
+-- plpgsql, not sql: its statement plans are cached for the session on every server version.
+--
+-- Plan shape (this is the hot path): big tables are only ever reached by primary-key or partial-index
+-- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
+-- No two CTEs are joined to each other (a nested loop over CTE scans would be quadratic).
+create or replace function claim_steps(
+  p_broker_id text, p_handlers text[], p_most integer, p_step_ids uuid[], p_pool_id text
+) returns setof claimed_step
+language plpgsql volatile
+as $$
+declare
+  v_ids uuid[];
+  v_attempt_ids uuid[];
+  v_attempts integer[];
+  v_task_ids uuid[];
+begin
+  with picked as (
+    -- any ready step: walk the ready index in priority order (see pick_ready_steps.sql)
+    select p.id from pick_ready_steps(p_handlers, p_most) as p(id)
+    where p_step_ids is null
+    union all
+    -- only the given steps (children just readied): a few primary-key probes
+    select given.id from (
+      select s.id
+      from steps s
+      where p_step_ids is not null
+        and s.id = any(p_step_ids)
+        and s.state = 'ready'
+        and s.run_at <= now()
+        and s.handler = any(p_handlers)
+      order by s.priority desc, s.run_at
+      limit p_most
+      for update skip locked
+    ) as given
+  ),
+  claimed as (
+    update steps s
+    set state = 'in_progress',
+        attempts = s.attempts + 1,
+        lease_attempt_id = new_id(),
+        lease_broker_id = p_broker_id,
+        lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
+    where s.id = any(array(select p.id from picked p))
+    returning s.id, s.task_id, s.attempts, s.lease_attempt_id
+  ),
+  attempt_rows as (
+    insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
+    select c.lease_attempt_id, c.id, c.task_id, c.attempts, p_broker_id, p_pool_id from claimed c
+  )
+  select array_agg(c.id), array_agg(c.lease_attempt_id), array_agg(c.attempts), array_agg(distinct c.task_id)
+  into v_ids, v_attempt_ids, v_attempts, v_task_ids
+  from claimed c;
+  if v_ids is null then
+    return;
+  end if;
+
+  -- The history is written by a statement of its own, so with a snapshot taken after the claim.
+  -- pick_ready_steps() reads with its own snapshot too, and can pick a child that a parent's
+  -- result readied after the statement above began; in that statement's snapshot the child's
+  -- current transition was still the one the readying flipped, so a flip there found no row and
+  -- the ready -> in_progress transition went unwritten.
+  with step_flipped as (
+    update step_transitions t set most_recent = false
+    from unnest(v_ids, v_attempt_ids, v_attempts) as c(id, attempt_id, attempts)
+    where t.step_id = c.id and t.most_recent
+    returning t.step_id, t.task_id, t.sort_key, c.attempt_id, c.attempts
+  ),
+  step_history as (
+    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
+    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.attempt_id,
+           jsonb_build_object('broker_id', p_broker_id, 'attempt', f.attempts), f.sort_key + 1, true
+    from step_flipped f
+  ),
+  -- SKIP LOCKED here too: a claim never waits, so claims cannot deadlock on task rows.
+  -- Whoever holds a pending task's lock is another claim starting it, or a cancel.
+  started as (
+    update tasks t set state = 'in_progress'
+    where t.id = any(array(
+      select t2.id from tasks t2
+      where t2.id = any(v_task_ids) and t2.state = 'pending'
+      order by t2.id
+      for update skip locked
+    ))
+    returning t.id
+  ),
+  task_flipped as (
+    update task_transitions t set most_recent = false
+    from started s
+    where t.task_id = s.id and t.most_recent
+    returning t.task_id, t.sort_key
+  )
+  -- (the statement's own part; the data-modifying CTEs above run to completion either way)
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
+  select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
+  from task_flipped f;
+
+  -- One probe of the task row per claimed step gives both its template and its context (a correlated
+  -- subquery each probed it twice); the template table is a handful of rows.
+  return query
+  select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as step_name, c.handler,
+         c.attempts as attempt, c.max_attempts, c.timeout_ms,
+         jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version) as template,
+         t.context,
+         c.config,
+         -- read with a snapshot taken after the pick (see step_inputs.sql)
+         step_inputs(c.id) as inputs,
+         c.lease_expires_at,
+         -- steps waiting on this one: the broker sets credit aside for them when the result comes
+         (select count(*)::int from step_edges e where e.parent_id = c.id) as children
+  from steps c
+  join tasks t on t.id = c.task_id
+  join task_templates tt on tt.id = t.template_id
+  where c.id = any(v_ids)
+  -- in dispatch order (a join does not keep the order the steps were picked in)
+  order by c.priority desc, c.run_at, c.task_id, c.position;
+end
+$$;

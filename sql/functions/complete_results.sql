@@ -1,0 +1,211 @@
+-- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
+-- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008.
+create or replace function complete_results(
+  p_attempt_ids uuid[], p_statuses text[], p_outputs text[], p_errors text[],
+  p_durations_ms float8[], p_pool_ids text[], p_usages text[], p_output_bytes int[],
+  p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
+) returns setof completion_row
+language plpgsql volatile
+as $$
+declare
+  v_rows completion_row[];
+  v_ending uuid[];
+begin
+  -- 1. Lock the tasks of the attempts, in id order (no deadlock between batches), so that
+  --    finalizing below sees every concurrent change to their steps.
+  perform 1
+  from tasks t
+  where t.id = any(array(select a.task_id from step_attempts a where a.attempt_id = any(p_attempt_ids)))
+  order by t.id
+  for update;
+
+  -- 2. Store the results: each result whose attempt holds its step's lease completes the step or
+  --    fails/re-schedules it by its retry policy; children whose last parent completed become ready.
+  --    Plan shape (hot path): each big table is reached as the inner side of a join or
+  --    UPDATE ... FROM a small CTE, one primary-key probe per result.
+  with input as (
+    select r.*
+    from unnest(p_attempt_ids, p_statuses, p_outputs, p_errors, p_durations_ms, p_pool_ids, p_usages, p_output_bytes)
+         with ordinality as r(attempt_id, status, output, error, duration_ms, pool_id, usage, output_bytes, ord)
+  ),
+  -- The first result of each attempt in the batch counts; later copies are duplicates.
+  firsts as (
+    select distinct on (attempt_id) * from input order by attempt_id, ord
+  ),
+  decided as (
+    select f.*, s.id as step_id,
+           case
+             when f.status = 'complete' then 'complete'
+             when coalesce((f.error::jsonb ->> 'retryable')::boolean, true)
+                  and s.retryable and s.attempts < s.max_attempts then 'ready'
+             else 'error'
+           end as new_state,
+           coalesce((f.error::jsonb ->> 'retry_after_ms')::double precision,
+                    backoff_delay_ms(s.backoff_initial_ms, s.backoff_multiplier, s.backoff_max_ms, s.backoff_jitter, s.attempts))
+             as delay_ms
+    from firsts f
+    join step_attempts a on a.attempt_id = f.attempt_id
+    join steps s on s.id = a.step_id
+    where s.lease_attempt_id = f.attempt_id
+  ),
+  -- Only the lease holder stores (a lease implies in_progress, by a CHECK). The condition is
+  -- re-checked on the current row version, so a lease lost meanwhile stores nothing.
+  stored as (
+    update steps s
+    set state = d.new_state,
+        output = case when d.new_state = 'complete' then d.output::jsonb end,
+        has_output = d.new_state = 'complete' and d.output is not null,
+        error = case when d.new_state = 'complete' then null else d.error::jsonb end,
+        run_at = case when d.new_state = 'ready' then now() + d.delay_ms * interval '1 millisecond' else s.run_at end,
+        finished_at = case when d.new_state in ('complete', 'error') then now() end,
+        lease_attempt_id = null, lease_broker_id = null, lease_expires_at = null
+    from decided d
+    where s.id = d.step_id and s.lease_attempt_id = d.attempt_id
+    returning s.id, s.task_id, s.handler, s.state, s.run_at, s.attempts, d.attempt_id, d.status, d.error,
+              d.duration_ms, d.pool_id, d.usage, d.output_bytes
+  ),
+  attempt_rows as (
+    update step_attempts a
+    set finished_at = now(),
+        outcome = st.status,
+        error = st.error::jsonb,
+        duration_ms = coalesce(st.duration_ms, extract(epoch from now() - a.started_at) * 1000),
+        pool_id = coalesce(st.pool_id, a.pool_id),
+        output_bytes = st.output_bytes,
+        cost = (st.usage::jsonb ->> 'cost')::double precision,
+        tokens = (st.usage::jsonb ->> 'tokens')::bigint,
+        artifacts = st.usage::jsonb -> 'artifacts'
+    from stored st
+    where a.attempt_id = st.attempt_id
+  ),
+  finished_parents as (
+    select e.child_id, count(*)::int as n
+    from stored st join step_edges e on e.parent_id = st.id
+    where st.state = 'complete'
+    group by e.child_id
+  ),
+  -- The children of the completed steps; those whose last parent this batch completes become
+  -- ready, and up to p_claim_most of them that the named pool serves are claimed at once (highest
+  -- priority first). Tasks are locked (step 1), so no other writer changes these rows meanwhile.
+  children as (
+    select fp.child_id as id, fp.n,
+           c.state = 'pending' and c.pending_parents = fp.n as becomes_ready,
+           coalesce(c.state = 'pending' and c.pending_parents = fp.n and p_claim_most > 0
+                    and c.handler = any(p_claim_handlers), false) as claimable,
+           c.priority
+    from finished_parents fp join steps c on c.id = fp.child_id
+  ),
+  marked as (
+    select ch.id, ch.n, ch.becomes_ready,
+           ch.claimable and row_number() over (partition by ch.claimable order by ch.priority desc, ch.id) <= p_claim_most
+             as take
+    from children ch
+  ),
+  readied_children as (
+    update steps c
+    set pending_parents = c.pending_parents - m.n,
+        state = case when m.take then 'in_progress'
+                     when m.becomes_ready then 'ready'
+                     else c.state end,
+        run_at = case when m.becomes_ready then now() else c.run_at end,
+        attempts = case when m.take then c.attempts + 1 else c.attempts end,
+        lease_attempt_id = case when m.take then new_id() end,
+        lease_broker_id = case when m.take then p_broker_id end,
+        lease_expires_at = case when m.take then now() + c.timeout_ms * interval '1 millisecond' end
+    from marked m
+    where c.id = m.id
+    returning c.id, c.task_id, c.handler, c.state, c.run_at, c.attempts, c.lease_attempt_id, m.becomes_ready, m.take
+  ),
+  claimed_attempts as (
+    insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
+    select rc.lease_attempt_id, rc.id, rc.task_id, rc.attempts, p_broker_id, p_claim_pool_id
+    from readied_children rc
+    where rc.take
+  ),
+  changes as (
+    select st.id as step_id, 'in_progress' as from_state, st.state as to_state,
+           case st.state when 'complete' then 'completed' when 'ready' then 'retry_scheduled' else 'failed' end as event,
+           st.attempt_id,
+           case when st.state = 'complete' then null
+                else jsonb_build_object('error', st.error::jsonb, 'attempt', st.attempts) end as metadata,
+           null::uuid as claim_attempt_id, null::int as claim_attempt
+    from stored st
+    union all
+    select rc.id, 'pending', 'ready', 'parents_finished', null::uuid, null::jsonb,
+           rc.lease_attempt_id, case when rc.take then rc.attempts end
+    from readied_children rc
+    where rc.becomes_ready
+  ),
+  flipped as (
+    update step_transitions t set most_recent = false
+    from changes ch
+    where t.step_id = ch.step_id and t.most_recent
+    returning t.step_id, t.task_id, t.sort_key, ch.from_state, ch.to_state, ch.event, ch.attempt_id, ch.metadata,
+              ch.claim_attempt_id, ch.claim_attempt
+  ),
+  -- A claimed child gets both rows: pending -> ready, then ready -> in_progress as claim_steps writes it.
+  history as (
+    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
+    select f.step_id, f.task_id, f.from_state, f.to_state, f.event, f.attempt_id, f.metadata, f.sort_key + 1,
+           f.claim_attempt_id is null
+    from flipped f
+    union all
+    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.claim_attempt_id,
+           jsonb_build_object('broker_id', p_broker_id, 'attempt', f.claim_attempt), f.sort_key + 2, true
+    from flipped f
+    where f.claim_attempt_id is not null
+  )
+  select coalesce(array_agg(row(x.kind, x.attempt_id, x.prior_outcome, x.step_id, x.task_id, x.state,
+                                x.handler, x.run_at, null::jsonb, null::jsonb)::completion_row), '{}')
+  into v_rows
+  from (
+    select 'stored' as kind, st.attempt_id, null as prior_outcome, st.id as step_id, st.task_id, st.state, st.handler, st.run_at
+    from stored st
+    union all
+    select 'known', f.attempt_id, a.outcome, a.step_id, a.task_id, null, null, null
+    from firsts f left join step_attempts a on a.attempt_id = f.attempt_id
+    union all
+    -- 'readied' rows are the children left ready; 'claimed' ones get their STEP fields in step 3
+    select case when rc.take then 'claimed' else 'readied' end, rc.lease_attempt_id, null, rc.id,
+           rc.task_id, rc.state, rc.handler, rc.run_at
+    from readied_children rc
+    where rc.becomes_ready
+  ) as x;
+  return query
+  select r.* from unnest(v_rows) r where r.kind <> 'claimed';
+
+  -- 3. The children claimed above (the pool the broker named serves them, and it set that much of
+  --    the pool's credit aside): the fields of their STEP, as claim_steps() returns them. A
+  --    statement of its own, so it sees the parents' outputs stored above.
+  if exists (select 1 from unnest(v_rows) r where r.kind = 'claimed') then
+    return query
+    select 'claimed'::text, c.lease_attempt_id, null::text, c.id, c.task_id, c.state, c.handler,
+           null::timestamptz, null::jsonb,
+           to_jsonb(row(c.task_id, c.id, c.lease_attempt_id, c.name, c.handler, c.attempts, c.max_attempts,
+                        c.timeout_ms,
+                        jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version),
+                        t.context, c.config, step_inputs(c.id), c.lease_expires_at,
+                        (select count(*)::int from step_edges e where e.parent_id = c.id))::claimed_step)
+    from steps c
+    join tasks t on t.id = c.task_id
+    join task_templates tt on tt.id = t.template_id
+    where c.id = any(array(select r.step_id from unnest(v_rows) r where r.kind = 'claimed'))
+    order by c.priority desc, c.task_id, c.position;
+  end if;
+
+  -- 4. End the tasks whose last runnable step this batch finished. A task this batch readied a
+  --    step of cannot end (it is locked, and that step is ready or now claimed): it is not asked,
+  --    which spares a parent's result the statement.
+  v_ending := array(
+    select r.task_id from unnest(v_rows) r where r.kind = 'stored'
+    except
+    select r.task_id from unnest(v_rows) r where r.kind in ('readied', 'claimed'));
+  if cardinality(v_ending) > 0 then
+    return query
+    select 'ended'::text, null::uuid, null::text, null::uuid, f.task_id, f.state, null::text, null::timestamptz,
+           f.error, null::jsonb
+    from finalize_tasks(v_ending) f;
+  end if;
+end
+$$;
