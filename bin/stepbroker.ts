@@ -294,6 +294,9 @@ async function start(): Promise<void> {
   process.once("SIGINT", () => void stop());
   process.once("SIGTERM", () => void stop());
   if (curve) {
+    // Its exit hook also stops the server on SIGHUP: a reload must not take the database down
+    // (every HELLO since reads it: pool sessions).
+    process.removeAllListeners("SIGHUP");
     process.on("SIGHUP", () => {
       logger.info("SIGHUP: reading the allow-list files again");
       reloadAllowLists(broker, files, logger);
