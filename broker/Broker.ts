@@ -11,6 +11,7 @@
  *   stopping  no new claims; in-flight attempts finish or are handed back
  *   stopped   socket closed, timers cleared
  */
+import { createHash } from "node:crypto";
 import pino, { type Logger } from "pino";
 import { Router } from "zeromq";
 import {
@@ -73,7 +74,11 @@ const ACCEPTED = new Set<string>([
   PoolCommands.ERROR,
   ...Object.values(ClientCommands),
 ]);
+/** Refused attempts named one by one in ERRORs and log lines, per message; the rest are counted. */
+const MAX_NAMED_REFUSALS = 16;
 const TERMINAL_TASK_STATES = new Set<string>([TaskStates.COMPLETE, TaskStates.ERROR, TaskStates.CANCELLED]);
+
+type ResultItem = BodyOf<"RESULT">["results"][number];
 
 type BrokerState = "created" | "running" | "stopping" | "stopped";
 
@@ -172,8 +177,11 @@ export class Broker {
       // With mandatory, the default (-1) would block forever on a peer with no
       // connection; 0 fails at once: EHOSTUNREACH = gone, EAGAIN = back-pressure.
       sendTimeout: 0,
-      // A reconnecting pool keeps its routing id and takes over its old session.
-      handover: true,
+      // A routing id belongs to the connection that holds it: a second connection with the same
+      // id is refused while the first is up, so no peer can take over a connected pool's route
+      // (and its STEPs). A pool that reconnects closes its old socket first; libzmq retries the
+      // new connection until the broker has seen the old one close (PROTOCOL.md, Ownership).
+      handover: false,
       // Credit bounds what the broker sends to a pool; these bound what a
       // misbehaving peer can queue.
       sendHighWaterMark: 100_000,
@@ -558,6 +566,34 @@ export class Broker {
   // ---------------------------------------------------------------- pool verbs
 
   private async registerPool(identity: Buffer, key: string, hello: BodyOf<"HELLO">): Promise<void> {
+    // What a pool holds is found by its routing id, and what the database records by its pool_id:
+    // they must be one name, or a pool could speak for another.
+    const ownId = this.routingIdOf(identity);
+    if (!ownId.equals(Buffer.from(hello.pool_id, "utf8"))) {
+      const routingId = ownId.toString("utf8");
+      this.log.warn(
+        { peer: key, pool_id: hello.pool_id, routing_id: routingId },
+        `refused HELLO: pool_id ${JSON.stringify(hello.pool_id)} is not the routing id ${JSON.stringify(routingId)} it came from`,
+      );
+      return this.sendError(
+        identity,
+        fault(
+          "identity_mismatch",
+          `pool_id ${JSON.stringify(hello.pool_id)} differs from this socket's routing id ${JSON.stringify(routingId)}`,
+          { command: "HELLO" },
+        ),
+      );
+    }
+    const sessionHash =
+      hello.session === undefined ? undefined : createHash("sha256").update(hello.session).digest("hex");
+    if (!this.sessionMayHold(identity, hello.pool_id, sessionHash, "is connected")) return;
+    const taken = await this.opts.state.takePoolSession(hello.pool_id, sessionHash ?? null);
+    if (taken === "held") {
+      this.refuseSession(identity, hello.pool_id, "has attempts in flight");
+      return;
+    }
+    // Checked again: another HELLO for this routing id may have registered while we asked the database.
+    if (!this.sessionMayHold(identity, hello.pool_id, sessionHash, "is connected")) return;
     const previous = this.pools.get(key);
     const running = new Set(hello.running ?? []);
     if (previous) {
@@ -567,8 +603,14 @@ export class Broker {
       if (lost.length > 0) await this.release(lost, true, "pool reconnected without it");
     }
     const encoding: Encoding = hello.encoding ?? "json";
-    const adopted = running.size > 0 ? await this.opts.state.adoptAttempts([...running], this.id) : [];
-    const pool = this.pools.register(identity, hello, encoding, Date.now());
+    const adopted =
+      running.size > 0 ? await this.opts.state.adoptAttempts([...running], this.id, hello.pool_id) : [];
+    // Listed attempts that were sent to another pool stay that pool's; the sender hears why after WELCOME.
+    const adoptedIds = new Set(adopted.map((a) => a.attemptId));
+    const notAdopted = [...running].filter((id) => !adoptedIds.has(id));
+    const foreign =
+      notAdopted.length > 0 ? await this.opts.state.foreignAttempts(notAdopted, hello.pool_id) : new Map();
+    const pool = this.pools.register(identity, hello, encoding, Date.now(), sessionHash);
     for (const a of adopted) {
       this.adopted.add(a.attemptId);
       if (!pool.handlers.has(a.handler)) continue;
@@ -588,6 +630,11 @@ export class Broker {
       },
       "json",
     );
+    this.refuseForeign(
+      pool,
+      "HELLO",
+      [...foreign].map(([attemptId, owner]) => ({ attemptId, owner })),
+    );
     this.log.info(
       {
         pool_id: hello.pool_id,
@@ -597,53 +644,165 @@ export class Broker {
         sdk: hello.sdk,
         adopted: adopted.length,
         reconnect: Boolean(previous),
+        session: taken,
+        window: pool.window,
       },
       `pool ${hello.pool_id} (${hello.sdk.language} ${hello.sdk.name} ${hello.sdk.version}) ${previous ? "reconnected" : "connected"}: ` +
-        `${hello.handlers.join(", ")}, capacity ${hello.capacity}, ${encoding}`,
+        `${hello.handlers.join(", ")}, capacity ${hello.capacity} (credit ${pool.window} until it completes work), ${encoding}`,
     );
     this.kickDispatch();
   }
 
+  /**
+   * A HELLO may take over a registered routing id only with the session secret of the
+   * registration that holds it (a pool that sent none can be taken over, as before sessions).
+   */
+  private sessionMayHold(
+    identity: Buffer,
+    poolId: string,
+    sessionHash: string | undefined,
+    why: string,
+  ): boolean {
+    const current = this.pools.get(identityKey(identity));
+    if (current?.sessionHash === undefined || current.sessionHash === sessionHash) return true;
+    this.refuseSession(identity, poolId, why);
+    return false;
+  }
+
+  private refuseSession(identity: Buffer, poolId: string, why: string): void {
+    this.log.warn(
+      { peer: identityKey(identity), pool_id: poolId, holder_pool_id: poolId },
+      `refused HELLO for pool ${poolId}: pool ${poolId} ${why} under another session, and this HELLO does not carry its secret`,
+    );
+    this.sendError(
+      identity,
+      fault("session_mismatch", `pool ${poolId} ${why} under another session`, { command: "HELLO" }),
+    );
+  }
+
+  /**
+   * Tells a pool that attempts it named were sent to another pool, and logs each with both pool
+   * ids. At most MAX_NAMED_REFUSALS are named one by one; the log line counts the rest.
+   */
+  private refuseForeign(
+    pool: PoolRecord,
+    command: CommandName,
+    attempts: { attemptId: string; owner: string; flight?: InFlight }[],
+  ): void {
+    if (attempts.length === 0) return;
+    for (const { attemptId, owner, flight } of attempts.slice(0, MAX_NAMED_REFUSALS)) {
+      this.log.warn(
+        {
+          pool_id: pool.poolId,
+          owner_pool_id: owner,
+          attempt_id: attemptId,
+          task_id: flight?.taskId,
+          step_id: flight?.stepId,
+          command,
+        },
+        `refused ${command} from pool ${pool.poolId} for attempt ${attemptId}: it was sent to pool ${owner}`,
+      );
+      this.send(
+        pool.identity,
+        BrokerCommands.ERROR,
+        faultToErrorBody(
+          fault("not_your_attempt", `attempt ${attemptId} was sent to another pool`, { command }),
+          { attempt_id: attemptId },
+        ),
+        pool.encoding,
+      );
+    }
+    if (attempts.length > MAX_NAMED_REFUSALS) {
+      this.log.warn(
+        { pool_id: pool.poolId, command, refused: attempts.length },
+        `refused ${command} from pool ${pool.poolId} for ${attempts.length - MAX_NAMED_REFUSALS} more attempts sent to other pools`,
+      );
+    }
+  }
+
   private acceptResults(pool: PoolRecord, body: BodyOf<"RESULT">): void {
     const now = Date.now();
+    const unheld: ResultItem[] = [];
     for (const r of body.results) {
-      const held = this.pools.takeInFlight(r.attempt_id);
-      if (held && held.pool !== pool) {
-        // Another pool holds this attempt: nothing one pool sends may change another's steps.
-        this.pools.addInFlight(held.pool, held.flight);
-        this.log.warn(
-          { pool_id: pool.poolId, attempt_id: r.attempt_id, holder: held.pool.poolId },
-          `pool ${pool.poolId} sent a result for an attempt held by ${held.pool.poolId}; refused as stale`,
-        );
-        this.send(
-          pool.identity,
-          BrokerCommands.ACK,
-          { acks: [{ attempt_id: r.attempt_id, outcome: "stale" }] },
-          pool.encoding,
-        );
+      const holder = this.pools.holderOf(r.attempt_id);
+      if (holder && holder !== pool) {
+        // Nothing one pool sends may change another's steps.
+        this.refuseForeignResults(pool, [
+          { attemptId: r.attempt_id, owner: holder.poolId, flight: holder.inFlight.get(r.attempt_id) },
+        ]);
         continue;
       }
-      pool.unacked++;
-      this.committer.add({
-        poolKey: pool.key,
-        identity: pool.identity,
-        receivedAt: now,
-        ...(held ? { flight: held.flight } : {}),
-        result: {
-          attemptId: r.attempt_id,
-          status: r.status,
-          // Validated against the schema on arrival, so it is plain JSON.
-          ...(r.status === "complete" ? { output: (r.output ?? null) as JsonValue } : {}),
-          ...(r.error ? { error: r.error as StepError } : {}),
-          ...(r.duration_ms !== undefined ? { durationMs: r.duration_ms } : {}),
-          ...(r.usage ? { usage: r.usage } : {}),
-          poolId: pool.poolId,
-        },
-      });
+      if (!holder) {
+        unheld.push(r);
+        continue;
+      }
+      this.commitResult(pool, r, now, this.pools.takeInFlight(r.attempt_id)?.flight);
     }
     // Credit came back: more work can go out while the commit runs.
     this.kickDispatch(pool);
-    if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
+    if (unheld.length > 0) {
+      // Not in flight here (a broker restart, a lease lost): the database knows whose it was.
+      void this.acceptUnheldResults(pool, unheld, now).catch((e) =>
+        this.verbFailed("RESULT", pool.identity, e),
+      );
+    } else if (pool.draining && pool.inFlight.size === 0) this.forgetDrainedPool(pool);
+  }
+
+  private async acceptUnheldResults(pool: PoolRecord, results: ResultItem[], now: number): Promise<void> {
+    const foreign = await this.opts.state.foreignAttempts(
+      results.map((r) => r.attempt_id),
+      pool.poolId,
+    );
+    const refused: { attemptId: string; owner: string }[] = [];
+    for (const r of results) {
+      const owner = foreign.get(r.attempt_id.toLowerCase());
+      if (owner !== undefined) refused.push({ attemptId: r.attempt_id, owner });
+      else this.commitResult(pool, r, now, undefined);
+    }
+    this.refuseForeignResults(pool, refused);
+    if (pool.draining && pool.inFlight.size === 0 && this.pools.get(pool.key) === pool)
+      this.forgetDrainedPool(pool);
+  }
+
+  /** Another pool's attempts: acknowledged as stale (the sender forgets them), and refused by name. */
+  private refuseForeignResults(
+    pool: PoolRecord,
+    attempts: { attemptId: string; owner: string; flight?: InFlight | undefined }[],
+  ): void {
+    if (attempts.length === 0) return;
+    for (let i = 0; i < attempts.length; i += this.opts.maxBatch) {
+      const acks = attempts
+        .slice(i, i + this.opts.maxBatch)
+        .map((a) => ({ attempt_id: a.attemptId, outcome: "stale" as const }));
+      this.send(pool.identity, BrokerCommands.ACK, { acks }, pool.encoding);
+    }
+    this.refuseForeign(
+      pool,
+      "RESULT",
+      attempts.map(({ attemptId, owner, flight }) =>
+        flight ? { attemptId, owner, flight } : { attemptId, owner },
+      ),
+    );
+  }
+
+  private commitResult(pool: PoolRecord, r: ResultItem, now: number, flight: InFlight | undefined): void {
+    pool.unacked++;
+    this.committer.add({
+      poolKey: pool.key,
+      identity: pool.identity,
+      receivedAt: now,
+      ...(flight ? { flight } : {}),
+      result: {
+        attemptId: r.attempt_id,
+        status: r.status,
+        // Validated against the schema on arrival, so it is plain JSON.
+        ...(r.status === "complete" ? { output: (r.output ?? null) as JsonValue } : {}),
+        ...(r.error ? { error: r.error as StepError } : {}),
+        ...(r.duration_ms !== undefined ? { durationMs: r.duration_ms } : {}),
+        ...(r.usage ? { usage: r.usage } : {}),
+        poolId: pool.poolId,
+      },
+    });
   }
 
   /**
@@ -659,7 +818,7 @@ export class Broker {
     if (!claimFor) return { result: await this.opts.state.completeAttempts(results) };
     const { pool, limit } = claimFor;
     // Held until afterCommit has put the claimed children in flight, so no dispatch claims against it.
-    pool.reserved += limit;
+    this.pools.reserve(pool, limit);
     let result: CompletionResult;
     try {
       result = await this.opts.state.completeAttempts(results, {
@@ -669,11 +828,11 @@ export class Broker {
         limit,
       });
     } catch (e) {
-      pool.reserved -= limit;
+      this.pools.unreserve(pool, limit);
       throw e;
     }
     if (result.claimed.length > 0 && !this.canSendTo(pool)) {
-      pool.reserved -= limit;
+      this.pools.unreserve(pool, limit);
       // Given back here, not later, so that stop() (which waits for the committer) waits for it too.
       await this.release(
         result.claimed.map((c) => c.attempt_id),
@@ -717,7 +876,7 @@ export class Broker {
           "pool left before its children were sent",
         );
       }
-      pool.reserved -= reserved;
+      this.pools.unreserve(pool, reserved);
       // A dispatch round that found this credit set aside may have left work behind.
       if (batch.claimed.length < reserved) this.kickDispatch(pool);
     }
@@ -729,6 +888,8 @@ export class Broker {
         acks: { attempt_id: string; outcome: "stored" | "duplicate" | "stale" | "unknown" }[];
       }
     >();
+    // Pools whose slow-start window grew: that credit is new, and no result will ask for it.
+    const grown = new Set<PoolRecord>();
     for (const item of items) {
       const outcome = outcomes.get(item.result.attemptId) ?? "unknown";
       let entry = acks.get(item.poolKey);
@@ -736,6 +897,10 @@ export class Broker {
       entry.acks.push({ attempt_id: item.result.attemptId, outcome });
       const pool = this.pools.get(item.poolKey);
       if (pool) pool.unacked = Math.max(0, pool.unacked - 1);
+      if (pool && outcome === "stored") {
+        if (pool.window < pool.capacity) grown.add(pool);
+        this.pools.noteStored(pool);
+      }
       this.logOutcome(item, outcome, pool?.poolId);
     }
     for (const [poolKey, { identity, acks: list }] of acks) {
@@ -749,6 +914,7 @@ export class Broker {
       `committed ${items.length} results`,
     );
     if (batch.readied.length > 0) this.kickDispatch();
+    for (const pool of grown) this.kickDispatch(pool);
     for (const r of batch.readied) this.kickAt(Date.parse(r.runAt));
     for (const t of batch.finishedTasks) void this.resolveFinishedTask(t.taskId, t.state);
   }
@@ -827,9 +993,24 @@ export class Broker {
   }
 
   private async extendProgress(pool: PoolRecord, body: BodyOf<"PROGRESS">): Promise<void> {
-    const ids = body.progress.map((p) => p.attempt_id);
-    const lost = await this.opts.state.extendLeases(ids);
+    const own: string[] = [];
+    const refused: { attemptId: string; owner: string; flight?: InFlight }[] = [];
     for (const p of body.progress) {
+      const holder = this.pools.holderOf(p.attempt_id);
+      const flight = holder?.inFlight.get(p.attempt_id);
+      if (holder && holder !== pool)
+        refused.push({ attemptId: p.attempt_id, owner: holder.poolId, ...(flight ? { flight } : {}) });
+      else own.push(p.attempt_id);
+    }
+    const notExtended = own.length > 0 ? await this.opts.state.extendLeases(own, pool.poolId) : [];
+    // Not extended: its lease is gone, or the database records it as another pool's.
+    const foreign =
+      notExtended.length > 0 ? await this.opts.state.foreignAttempts(notExtended, pool.poolId) : new Map();
+    for (const [attemptId, owner] of foreign) refused.push({ attemptId, owner });
+    this.refuseForeign(pool, "PROGRESS", refused);
+    const refusedIds = new Set(refused.map((r) => r.attemptId));
+    for (const p of body.progress) {
+      if (refusedIds.has(p.attempt_id)) continue;
       const flight = pool.inFlight.get(p.attempt_id);
       this.log.debug(
         {
@@ -842,8 +1023,9 @@ export class Broker {
         `progress on ${flight?.stepName ?? p.attempt_id}${p.message ? `: ${p.message}` : ""}`,
       );
     }
+    const lost = notExtended.filter((id) => !foreign.has(id.toLowerCase()));
     if (lost.length > 0) {
-      for (const id of lost) this.pools.takeInFlight(id);
+      for (const id of lost) if (this.pools.holds(pool, id)) this.pools.takeInFlight(id);
       this.sendCancel(pool, lost, CancelReasons.LEASE_LOST);
     }
   }
@@ -851,7 +1033,18 @@ export class Broker {
   private poolLeaving(pool: PoolRecord, body: BodyOf<"DISCONNECT">): void {
     pool.draining = true;
     const handedBack: string[] = [];
-    for (const id of body.handed_back ?? []) if (this.pools.takeInFlight(id)) handedBack.push(id);
+    const refused: { attemptId: string; owner: string; flight?: InFlight }[] = [];
+    for (const id of body.handed_back ?? []) {
+      const holder = this.pools.holderOf(id);
+      if (holder === pool) {
+        this.pools.takeInFlight(id);
+        handedBack.push(id);
+      } else if (holder) {
+        const flight = holder.inFlight.get(id);
+        refused.push({ attemptId: id, owner: holder.poolId, ...(flight ? { flight } : {}) });
+      }
+    }
+    this.refuseForeign(pool, "DISCONNECT", refused);
     if (handedBack.length > 0) void this.release(handedBack, false, "pool handed it back");
     this.log.info(
       {
@@ -1174,7 +1367,17 @@ export class Broker {
       this.dispatchWanted = false;
       const ready = this.pools.withCredit();
       if (ready.length === 0) return;
-      const claimed = await Promise.all(ready.map((pool) => this.dispatchToPool(pool)));
+      // Pools that have had results stored claim first; pools that have proved nothing yet (maybe
+      // silent ones) get only the work they left, so a swarm of those cannot starve a working pool.
+      const proven = ready.filter((p) => p.stored > 0);
+      const claimed = await Promise.all(proven.map((pool) => this.dispatchToPool(pool)));
+      // Handlers a proven pool still has credit for: work for them that is ready now or soon goes
+      // to that pool on the next round, never to a pool on probation.
+      const spare = new Set<string>();
+      for (const p of proven) if (p.readyDrained) for (const h of p.handlers) spare.add(h);
+      const unproven = ready.filter((p) => p.stored === 0 && [...p.handlers].some((h) => !spare.has(h)));
+      if (unproven.length > 0)
+        claimed.push(...(await Promise.all(unproven.map((pool) => this.dispatchToPool(pool)))));
       // A full round means more work may be waiting.
       if (claimed.some((full) => full)) this.dispatchWanted = true;
     }
@@ -1186,7 +1389,7 @@ export class Broker {
     if (credit === 0) return false;
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
-    pool.reserved += credit;
+    this.pools.reserve(pool, credit);
     try {
       steps = await this.opts.state.claimSteps({
         brokerId: this.id,
@@ -1201,7 +1404,7 @@ export class Broker {
       );
       return false;
     } finally {
-      pool.reserved -= credit;
+      this.pools.unreserve(pool, credit);
     }
     pool.readyDrained = steps.length < credit;
     if (steps.length === 0) return false;

@@ -17,6 +17,23 @@ export interface InFlight extends AdoptedAttempt {
   sentAt: number;
 }
 
+/**
+ * Slow start (PROTOCOL.md, Credit). A pool that has not yet had a result
+ * stored is unproven: while no pool is proven (a cold start) it may hold
+ * INITIAL_WINDOW attempts, and all unproven pools together
+ * UNPROVEN_CREDIT_BUDGET; once some pool is proven, an unproven one gets one
+ * attempt (its probe) and all of them together PROBE_BUDGET, so pools that
+ * never answer (a black hole, or a swarm of them) can park only that much of
+ * the queue, and only until they are purged. A proven pool's window starts at
+ * INITIAL_WINDOW and grows by INITIAL_WINDOW per stored result, up to its
+ * capacity: 16, then 272 after a first round of 16 results, then 4,368.
+ */
+export const INITIAL_WINDOW = 16;
+export const UNPROVEN_CREDIT_BUDGET = 1024;
+export const PROBE_BUDGET = 16;
+/** Earned windows kept for pools that left, for a reconnect with the same session. */
+const REMEMBERED_WINDOWS = 10_000;
+
 export interface PoolRecord {
   /** The ROUTER routing id, as received. */
   readonly identity: Buffer;
@@ -29,6 +46,14 @@ export interface PoolRecord {
   readonly sdk: Sdk;
   readonly connectedAt: Date;
   readonly inFlight: Map<string, InFlight>;
+  /** sha256 hex of the HELLO's session secret; undefined for a pool that sent none. */
+  readonly sessionHash: string | undefined;
+  /** The most attempts it may hold now (slow start): grows by INITIAL_WINDOW per stored result, up to capacity. */
+  window: number;
+  /** Results of this pool (this session) stored; 0 marks a pool that has proved nothing yet. */
+  stored: number;
+  /** Attempts put in flight at this registration. */
+  sent: number;
   /** Results received from this pool and not yet acknowledged. */
   unacked: number;
   /** Credit set aside for a claim under way (a dispatch claim, or children claimed with a commit). */
@@ -49,6 +74,12 @@ export class PoolRegistry {
   private readonly pools = new Map<string, PoolRecord>();
   /** attempt id -> pool key, to find the holder of an attempt in O(1). */
   private readonly attempts = new Map<string, string>();
+  /** In flight plus reserved, over the pools that have had nothing stored yet (bounded by UNPROVEN_CREDIT_BUDGET). */
+  private unprovenHeld = 0;
+  /** Registered pools that have had results stored. */
+  private proven = 0;
+  /** pool id -> what its last session earned, so that a reconnect with that session keeps it. */
+  private readonly earned = new Map<string, { sessionHash: string; window: number; stored: number }>();
 
   get size(): number {
     return this.pools.size;
@@ -62,8 +93,17 @@ export class PoolRegistry {
     return this.pools.values();
   }
 
-  register(identity: Buffer, hello: HelloBody, encoding: Encoding, now: number): PoolRecord {
+  register(
+    identity: Buffer,
+    hello: HelloBody,
+    encoding: Encoding,
+    now: number,
+    sessionHash?: string,
+  ): PoolRecord {
     const key = identityKey(identity);
+    const kept = sessionHash === undefined ? undefined : this.earned.get(hello.pool_id);
+    const earned = kept?.sessionHash === sessionHash ? kept : undefined;
+    this.earned.delete(hello.pool_id);
     const record: PoolRecord = {
       identity,
       key,
@@ -74,6 +114,10 @@ export class PoolRegistry {
       sdk: hello.sdk,
       connectedAt: new Date(now),
       inFlight: new Map(),
+      sessionHash,
+      window: Math.min(hello.capacity, Math.max(INITIAL_WINDOW, earned?.window ?? 0)),
+      stored: earned?.stored ?? 0,
+      sent: 0,
       unacked: 0,
       reserved: 0,
       readyDrained: false,
@@ -82,6 +126,7 @@ export class PoolRegistry {
       draining: false,
     };
     this.pools.set(key, record);
+    if (record.stored > 0) this.proven++;
     return record;
   }
 
@@ -90,14 +135,65 @@ export class PoolRegistry {
     const pool = this.pools.get(key);
     if (!pool) return [];
     this.pools.delete(key);
+    if (pool.stored === 0) this.unprovenHeld -= pool.inFlight.size + pool.reserved;
+    else this.proven--;
+    if (pool.sessionHash !== undefined && pool.stored > 0) {
+      this.earned.delete(pool.poolId);
+      this.earned.set(pool.poolId, {
+        sessionHash: pool.sessionHash,
+        window: pool.window,
+        stored: pool.stored,
+      });
+      if (this.earned.size > REMEMBERED_WINDOWS) this.earned.delete(this.earned.keys().next().value!);
+    }
     const held = [...pool.inFlight.values()];
     for (const f of held) this.attempts.delete(f.attemptId);
     return held;
   }
 
   addInFlight(pool: PoolRecord, f: InFlight): void {
+    if (!pool.inFlight.has(f.attemptId)) {
+      pool.sent++;
+      if (this.counts(pool)) this.unprovenHeld++;
+    }
     pool.inFlight.set(f.attemptId, f);
     this.attempts.set(f.attemptId, pool.key);
+  }
+
+  /** Sets credit aside for a claim under way (given back with unreserve). */
+  reserve(pool: PoolRecord, n: number): void {
+    pool.reserved += n;
+    if (this.counts(pool)) this.unprovenHeld += n;
+  }
+
+  unreserve(pool: PoolRecord, n: number): void {
+    pool.reserved -= n;
+    if (this.counts(pool)) this.unprovenHeld -= n;
+  }
+
+  /**
+   * A result of this pool was stored: its window grows by INITIAL_WINDOW, so a
+   * pool that answers reaches its capacity within two or three rounds of
+   * results (TCP's +1 per ACK would take log2(capacity / 16) rounds, each a
+   * claim and a commit: measurable on a short run).
+   */
+  noteStored(pool: PoolRecord): void {
+    if (this.counts(pool)) {
+      this.unprovenHeld -= pool.inFlight.size + pool.reserved;
+      this.proven++;
+    }
+    pool.stored++;
+    pool.window = Math.min(pool.capacity, pool.window + INITIAL_WINDOW);
+  }
+
+  /** The attempt is in flight at this very pool (what a pool may report, extend or hand back). */
+  holds(pool: PoolRecord, attemptId: string): boolean {
+    return this.attempts.get(attemptId) === pool.key && this.pools.get(pool.key) === pool;
+  }
+
+  /** A registered pool that has had nothing stored: what it holds counts against the budget. */
+  private counts(pool: PoolRecord): boolean {
+    return pool.stored === 0 && this.pools.get(pool.key) === pool;
   }
 
   /** Ends an attempt's time in flight (result, cancel, release); returns it and its pool. */
@@ -108,6 +204,7 @@ export class PoolRegistry {
     const pool = this.pools.get(key);
     const flight = pool?.inFlight.get(attemptId);
     if (!pool || !flight) return undefined;
+    if (this.counts(pool)) this.unprovenHeld--;
     pool.inFlight.delete(attemptId);
     return { pool, flight };
   }
@@ -118,15 +215,32 @@ export class PoolRegistry {
   }
 
   credit(pool: PoolRecord): number {
-    return pool.draining ? 0 : Math.max(0, pool.capacity - pool.inFlight.size - pool.reserved);
+    if (pool.draining) return 0;
+    const held = pool.inFlight.size + pool.reserved;
+    const free = Math.max(0, pool.window - held);
+    if (pool.stored > 0) return free;
+    // Beside a proven pool, work parked at a pool that may never answer waits for its purge
+    // (or lease) while the proven pool could run it: an unproven pool gets one attempt to prove itself.
+    const [window, budget] = this.proven > 0 ? [1, PROBE_BUDGET] : [pool.window, UNPROVEN_CREDIT_BUDGET];
+    return Math.max(0, Math.min(window - held, budget - this.unprovenHeld));
   }
 
-  /** Pools that can take work now, least loaded first. */
+  /**
+   * Pools that can take work now: those that have had results stored first,
+   * least loaded first; then the unproven ones, those sent the fewest attempts
+   * first (a newcomer is tried before pools that took work and never
+   * answered), the most recently connected first among equals (one connected
+   * long without completing anything is the likelier black hole, and a silent
+   * one is nearest its purge, which would count the probe as a lost attempt).
+   */
   withCredit(): PoolRecord[] {
     return [...this.pools.values()]
       .filter((p) => this.credit(p) > 0)
       .sort(
-        (a, b) => (a.inFlight.size + a.reserved) / a.capacity - (b.inFlight.size + b.reserved) / b.capacity,
+        (a, b) =>
+          Number(b.stored > 0) - Number(a.stored > 0) ||
+          (a.stored === 0 ? a.sent - b.sent || b.connectedAt.getTime() - a.connectedAt.getTime() : 0) ||
+          (a.inFlight.size + a.reserved) / a.capacity - (b.inFlight.size + b.reserved) / b.capacity,
       );
   }
 

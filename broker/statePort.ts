@@ -13,6 +13,8 @@ export type StatePort = Pick<
   | "expireLeases"
   | "releaseAttempts"
   | "adoptAttempts"
+  | "foreignAttempts"
+  | "takePoolSession"
   | "recoverOrphans"
   | "cancelTask"
   | "createTask"

@@ -561,6 +561,8 @@ export class BrokerLink {
         }
         return;
       case "hello_rejected":
+      case "identity_mismatch":
+      case "session_mismatch":
         this.log.error(`broker at ${this.endpoint} rejected HELLO: ${e.message}`);
         this.opts.owner.onHelloRejected(this, e);
         return; // HELLO is tried again after heartbeat × liveness, on a fresh socket

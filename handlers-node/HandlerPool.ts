@@ -107,6 +107,12 @@ export class HandlerPool {
   private welcomed: { promise: Promise<void>; resolve: () => void; reject: (e: Error) => void } | undefined;
   private closing: Promise<void> | undefined;
   private changeWaiters: (() => void)[] = [];
+  /**
+   * Proves to the broker that a HELLO comes from this process: only a HELLO with
+   * it may take over this pool_id's registration or adopt its attempts. One per
+   * process, the same in every HELLO (reconnects included); never logged.
+   */
+  private readonly session = randomBytes(24).toString("base64url");
 
   constructor(opts: HandlerPoolOptions) {
     this.opts = opts;
@@ -393,6 +399,7 @@ export class HandlerPool {
       encoding: this.opts.encoding ?? "json",
       sdk: SDK,
       running: running.slice(0, 10_000),
+      session: this.session,
     };
     if (this.opts.labels) hello.labels = this.opts.labels;
     return hello;

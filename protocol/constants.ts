@@ -216,6 +216,12 @@ export const ErrorCodes = {
   hello_required:
     "The pool sent a command before its HELLO was accepted. Send HELLO first and wait for WELCOME.",
   hello_rejected: "The HELLO was refused. Read the message for the reason and fix the pool's configuration.",
+  identity_mismatch:
+    "The HELLO's pool_id differs from the socket's routing id. Set the DEALER's routing id to the pool_id (UTF-8) and connect again.",
+  session_mismatch:
+    "This pool_id is held by another pool session (its registration is connected, or its attempts are still leased). Use a pool_id of your own, or send the session secret of the process that holds it.",
+  not_your_attempt:
+    "The attempt was sent to another pool; a pool may report, extend, hand back or adopt only its own attempts. Nothing was changed; the pool should forget this attempt.",
   unknown_attempt: "No attempt with this id exists. The result was dropped; the pool may forget it.",
   stale_attempt:
     "The attempt no longer holds the step's lease (it timed out, was cancelled or was re-dispatched). The result was refused; the pool may forget it.",

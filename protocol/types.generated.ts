@@ -220,6 +220,10 @@ export interface HelloBody {
    * @maxItems 10000
    */
   running?: Id[];
+  /**
+   * A secret the pool process generates once (crypto-random, at least 128 bits, e.g. 22+ base64url characters) and sends in every HELLO of its life, reconnects included. The broker lets only a HELLO with the same secret take over a registered pool_id or adopt its attempts (PROTOCOL.md, Ownership). Never logged.
+   */
+  session?: string;
   labels?: Metadata;
 }
 /**

@@ -16,6 +16,7 @@ export const QUERY_NAMES = [
   "extend_leases",
   "finalize_tasks",
   "find_tasks_by_idempotency_key",
+  "foreign_attempts",
   "get_attempts",
   "get_steps",
   "get_task",
@@ -29,6 +30,7 @@ export const QUERY_NAMES = [
   "requeue_attempts",
   "resolve_step",
   "retry_steps",
+  "take_pool_session",
 ] as const;
 export type QueryName = (typeof QUERY_NAMES)[number];
 

@@ -16,6 +16,7 @@ import type {
   ClaimRequest,
   ClaimedStep,
   CompletionResult,
+  PoolSessionOutcome,
 } from "./types";
 
 export class Attempts {
@@ -115,15 +116,17 @@ export class Attempts {
 
   /**
    * Extends, by its step's timeout from now, the lease of each attempt that
-   * still holds one. Returns the attempt ids that hold no lease any more, so
-   * the broker can cancel them.
+   * still holds one (and, with `poolId`, was sent to that pool). Returns the
+   * attempt ids that hold no lease any more, so the broker can cancel them.
    */
-  async extendLeases(attemptIds: string[]): Promise<string[]> {
+  async extendLeases(attemptIds: string[], poolId?: string): Promise<string[]> {
     const valid = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
     const extended = new Set(
       valid.length === 0
         ? []
-        : (await this.sql.run<{ attempt_id: string }>("extend_leases", [valid])).map((r) => r.attempt_id),
+        : (await this.sql.run<{ attempt_id: string }>("extend_leases", [valid, poolId ?? null])).map(
+            (r) => r.attempt_id,
+          ),
     );
     return attemptIds.filter((id) => !extended.has(id.toLowerCase()));
   }
@@ -133,9 +136,9 @@ export class Attempts {
    * attempts it still holds: those that still hold their step's lease are
    * renewed under this broker's id and returned, so the broker counts them in
    * flight at that pool and will store their results. The others are refused
-   * later as stale.
+   * later as stale. With `poolId`, only attempts sent to that pool are adopted.
    */
-  async adoptAttempts(attemptIds: string[], brokerId: string): Promise<AdoptedAttempt[]> {
+  async adoptAttempts(attemptIds: string[], brokerId: string, poolId?: string): Promise<AdoptedAttempt[]> {
     const ids = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
     if (ids.length === 0) return [];
     const rows = await this.sql.run<{
@@ -146,7 +149,7 @@ export class Attempts {
       handler: string;
       attempt: number;
       max_attempts: number;
-    }>("adopt_attempts", [ids, brokerId]);
+    }>("adopt_attempts", [ids, brokerId, poolId ?? null]);
     return rows.map((r) => ({
       attemptId: r.attempt_id,
       stepId: r.step_id,
@@ -156,5 +159,35 @@ export class Attempts {
       attempt: r.attempt,
       maxAttempts: r.max_attempts,
     }));
+  }
+
+  /**
+   * The attempts among `attemptIds` that were sent to another pool than
+   * `poolId`, each with the pool it was sent to: what one pool may not
+   * report, extend, hand back or adopt.
+   */
+  async foreignAttempts(attemptIds: string[], poolId: string): Promise<Map<string, string>> {
+    const ids = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
+    if (ids.length === 0) return new Map();
+    const rows = await this.sql.run<{ attempt_id: string; pool_id: string }>("foreign_attempts", [
+      ids,
+      poolId,
+    ]);
+    return new Map(rows.map((r) => [r.attempt_id, r.pool_id]));
+  }
+
+  /**
+   * Judges a HELLO's session (the sha256 hex of its secret, null when it sent
+   * none) against the one on record for the pool_id, and records it when it
+   * may take the pool_id (see take_pool_session() in sql/functions).
+   */
+  async takePoolSession(poolId: string, sessionHash: string | null): Promise<PoolSessionOutcome> {
+    const rows = await this.sql.run<{ outcome: PoolSessionOutcome }>("take_pool_session", [
+      poolId,
+      sessionHash,
+    ]);
+    const outcome = rows[0]?.outcome;
+    if (outcome === undefined) throw new Error("take_pool_session returned no row");
+    return outcome;
   }
 }

@@ -28,6 +28,7 @@ import { TemplateStore } from "./TemplateStore";
 import { WorkNotifier } from "./WorkNotifier";
 import type {
   AdoptedAttempt,
+  PoolSessionOutcome,
   AttemptRecord,
   AttemptResult,
   ChildClaim,
@@ -160,14 +161,24 @@ export class StateManager {
     return this.attempts.completeAttempts(results, claim);
   }
 
-  /** Extends the leases of attempts that still hold one; returns those that do not. */
-  extendLeases(attemptIds: string[]): Promise<string[]> {
-    return this.attempts.extendLeases(attemptIds);
+  /** Extends the leases of attempts that still hold one (and, with `poolId`, were sent to it); returns those that do not. */
+  extendLeases(attemptIds: string[], poolId?: string): Promise<string[]> {
+    return this.attempts.extendLeases(attemptIds, poolId);
   }
 
   /** Renews, under this broker, the attempts a reconnecting pool still holds (see Attempts.adoptAttempts). */
-  adoptAttempts(attemptIds: string[], brokerId: string): Promise<AdoptedAttempt[]> {
-    return this.attempts.adoptAttempts(attemptIds, brokerId);
+  adoptAttempts(attemptIds: string[], brokerId: string, poolId?: string): Promise<AdoptedAttempt[]> {
+    return this.attempts.adoptAttempts(attemptIds, brokerId, poolId);
+  }
+
+  /** The attempts among these that were sent to another pool than `poolId` (see Attempts.foreignAttempts). */
+  foreignAttempts(attemptIds: string[], poolId: string): Promise<Map<string, string>> {
+    return this.attempts.foreignAttempts(attemptIds, poolId);
+  }
+
+  /** Judges and records a HELLO's pool session (see Attempts.takePoolSession). */
+  takePoolSession(poolId: string, sessionHash: string | null): Promise<PoolSessionOutcome> {
+    return this.attempts.takePoolSession(poolId, sessionHash);
   }
 
   // ---------------------------------------------------------------- requeues (Requeues)

@@ -212,6 +212,13 @@ export interface AdoptedAttempt {
   maxAttempts: number;
 }
 
+/**
+ * How a HELLO's session fared against the one on record for its pool_id
+ * (take_pool_session() in sql/functions): `held` refuses it, every other
+ * outcome lets the pool register.
+ */
+export type PoolSessionOutcome = "none" | "new" | "same" | "held" | "released" | "replaced";
+
 export interface RequeueResult {
   attempts: RequeuedAttempt[];
   finishedTasks: FinishedTask[];

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import threading
@@ -163,6 +164,10 @@ class HandlerPool:
         if not 1 <= len(self.pool_id.encode("utf-8")) <= 128 or self.pool_id.startswith("\0"):
             raise ValueError("pool_id must be 1..128 bytes and not start with a zero byte")
         self.labels = dict(labels) if labels else None
+        # Proves to the broker that a HELLO comes from this process: only a HELLO carrying it may
+        # take over this pool_id's registration or adopt its attempts. One per process, sent in
+        # every HELLO (reconnects included), never logged.
+        self._session = secrets.token_urlsafe(24)
         self.drain_timeout = drain_timeout
         self.log = logger or log
         self.codec = Codec.create(schema_dir, validate)
@@ -511,6 +516,7 @@ class HandlerPool:
             "capacity": self.capacity,
             "encoding": self.encoding,
             "sdk": {"language": "python", "name": "stepbroker-handlers", "version": __version__},
+            "session": self._session,
         }
         if running:
             body["running"] = running[:_MAX_IDS]

@@ -5,6 +5,7 @@ Every wait has a deadline; nothing asserts on timing.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Dict, Iterator, List
 
@@ -123,6 +124,8 @@ def test_hello_then_welcome(broker: FakeBroker, pool: HandlerPool) -> None:
     assert b["encoding"] == "msgpack"
     assert b["sdk"]["language"] == "python"
     assert "running" not in b
+    # A per-process session secret, the same in every HELLO (PROTOCOL.md, Ownership).
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22,128}", b["session"])
     assert not pool.welcomed
     broker.welcome(ident, encoding="json")
     assert pool.wait_welcome(WAIT)

@@ -105,6 +105,8 @@ class PoolTest < Minitest::Test
     second = @broker.expect("HELLO") # after heartbeat_ms x liveness without WELCOME
     assert_equal first.body["pool_id"], second.body["pool_id"]
     assert_equal first.identity, second.identity
+    assert_match(/\A[A-Za-z0-9_-]{22,128}\z/, first.body["session"], "a per-process session secret")
+    assert_equal first.body["session"], second.body["session"], "the same session in every HELLO"
   end
 
   # ----------------------------------------------------------------- steps

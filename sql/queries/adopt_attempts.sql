@@ -1,10 +1,11 @@
--- Adopts the attempts a reconnecting pool still holds: each that still holds its step's lease has the lease renewed (the step's timeout from now) under this broker's id.
--- $1 uuid[] attempt ids, $2 text broker id. Returns the adopted attempts with what the broker tracks of them in flight.
+-- Adopts the attempts a reconnecting pool still holds: each that still holds its step's lease and was sent to this pool has the lease renewed (the step's timeout from now) under this broker's id.
+-- $1 uuid[] attempt ids, $2 text broker id, $3 text the pool's id (null: any pool's). Returns the adopted attempts with what the broker tracks of them in flight.
 with held as (
   select s.id
   from step_attempts a
   join steps s on s.id = a.step_id
   where a.attempt_id = any($1::uuid[]) and s.lease_attempt_id = a.attempt_id and s.state = 'in_progress'
+    and ($3::text is null or a.pool_id is null or a.pool_id = $3::text)
   order by s.id
   for update of s
 )

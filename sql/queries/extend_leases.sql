@@ -1,10 +1,11 @@
--- Extends, by each step's timeout from now, the lease of every given attempt that still holds one; rows are locked in id order so concurrent extensions cannot deadlock.
--- $1 uuid[] attempt ids. Returns the attempt ids whose lease was extended.
+-- Extends, by each step's timeout from now, the lease of every given attempt that still holds one and was sent to the given pool; rows are locked in id order so concurrent extensions cannot deadlock.
+-- $1 uuid[] attempt ids, $2 text the pool's id (null: any pool's). Returns the attempt ids whose lease was extended.
 with held as (
   select s.id
   from step_attempts a
   join steps s on s.id = a.step_id
   where a.attempt_id = any($1::uuid[]) and s.lease_attempt_id = a.attempt_id and s.state = 'in_progress'
+    and ($2::text is null or a.pool_id is null or a.pool_id = $2::text)
   order by s.id
   for update of s
 )

@@ -76,11 +76,18 @@ for (const proto of TRANSPORTS) {
           version: hello.body.sdk && (hello.body.sdk as { version: string }).version,
         },
         running: [],
+        session: hello.body.session,
         labels: { zone: "a" },
       });
+      assert.match(
+        String(hello.body.session),
+        /^[A-Za-z0-9_-]{22,128}$/,
+        "a session secret of 22+ characters",
+      );
       // No WELCOME: the pool must say HELLO again (on a fresh socket), and nothing else meanwhile.
       const again = await broker.next("HELLO");
       assert.equal(again.identity, "payments-1");
+      assert.equal(again.body.session, hello.body.session, "the same session secret in every HELLO");
       assert.deepEqual(
         broker.log.map((r) => r.command),
         ["HELLO", "HELLO"],

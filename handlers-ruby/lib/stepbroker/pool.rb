@@ -74,6 +74,14 @@ module Stepbroker
       @pool_id = (o[:pool_id] || "ruby-#{Socket.gethostname}-#{SecureRandom.hex(3)}").to_s
       raise ConfigurationError, "pool_id must be 1..128 characters" unless (1..128).cover?(@pool_id.length)
       raise ConfigurationError, "pool_id must not start with a zero byte" if @pool_id.start_with?("\0")
+      # The pool_id is also the routing id (the broker refuses a HELLO whose pool_id differs), and
+      # ZeroMQ routing ids are at most 255 bytes.
+      raise ConfigurationError, "pool_id must be at most 255 bytes in UTF-8" if @pool_id.bytesize > 255
+
+      # Proves to the broker that a HELLO comes from this process: only a HELLO carrying it may
+      # take over this pool_id's registration or adopt its attempts. One per process, sent in
+      # every HELLO (reconnects included), never logged.
+      @session = SecureRandom.urlsafe_base64(24)
 
       @requested_encoding = o[:encoding].to_s
       raise ConfigurationError, "encoding must be :json or :msgpack" unless ENCODINGS.include?(@requested_encoding)
@@ -315,7 +323,8 @@ module Stepbroker
         "handlers" => @handlers.keys,
         "capacity" => @capacity,
         "sdk" => { "language" => "ruby", "name" => "stepbroker-ruby", "version" => Stepbroker::VERSION },
-        "encoding" => @requested_encoding
+        "encoding" => @requested_encoding,
+        "session" => @session
       }
       body["running"] = @hello_running unless @hello_running.empty?
       body["labels"] = @labels if @labels

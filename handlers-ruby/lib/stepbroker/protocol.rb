@@ -36,6 +36,7 @@ module Stepbroker
 
     ERROR_CODES = %w[malformed_frame unsupported_version unknown_command undecodable_body
                      schema_violation message_too_large unstorable_value too_deep hello_required hello_rejected
+                     identity_mismatch session_mismatch not_your_attempt
                      unknown_attempt stale_attempt unknown_task unknown_template invalid_request
                      forbidden too_many_errors over_budget reply_too_large shutting_down internal_error].freeze
 
