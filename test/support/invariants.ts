@@ -58,8 +58,9 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
   // pending_parents counts exactly the parents not yet complete or resolved
   const parentDrift = await t.sql<{ id: string }>(`
     select s.id from steps s
-    where s.pending_parents <> (select count(*) from step_edges e join steps p on p.id = e.parent_id
-                                 where e.child_id = s.id and p.state not in ('complete', 'resolved_manually'))
-      and s.state in ('pending', 'ready')`);
+    left join (select e.child_id, count(*) filter (where p.state not in ('complete', 'resolved_manually')) as n
+               from step_edges e join steps p on p.id = e.parent_id group by e.child_id) unfinished
+      on unfinished.child_id = s.id
+    where s.state in ('pending', 'ready') and s.pending_parents <> coalesce(unfinished.n, 0)`);
   assert.deepEqual(parentDrift, [], "pending_parents drifted from the parents' states");
 }

@@ -19,6 +19,7 @@ import { openDatabase } from "../../broker/db/openDatabase";
 import { StateManager } from "../../broker/state/StateManager";
 import type { TaskView } from "../../protocol";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./db";
+import { assertInvariants } from "./invariants";
 
 export const silent = pino({ level: process.env.TEST_LOG_LEVEL ?? "silent" });
 
@@ -101,11 +102,16 @@ export function useBrokerStack(
     await stack.startBroker();
   });
   after(async function () {
-    this.timeout(30_000);
+    this.timeout(60_000);
     for (const b of brokers) await b.stop({ drainMs: 0 }).catch(() => undefined);
-    await stack.sm?.close();
-    await dropSchema(schema);
-    rmSync(stack.tmp, { recursive: true, force: true });
+    try {
+      // Whatever a suite did to its broker, the history it left is whole (DESIGN.md, "History is insert-only").
+      if (stack.sm) await assertInvariants(stack);
+    } finally {
+      await stack.sm?.close();
+      await dropSchema(schema);
+      rmSync(stack.tmp, { recursive: true, force: true });
+    }
   });
   return stack;
 }
