@@ -29,6 +29,7 @@ import {
   StepErrorTypes,
   coerceError,
   pointer,
+  storableText,
   valueProblem,
   type AckItem,
   type CancelItem,
@@ -678,7 +679,11 @@ function completed(attemptId: string, output: unknown): ResultItem {
   const invalid = (message: string): ResultItem => ({
     attempt_id: attemptId,
     status: "error",
-    error: { type: StepErrorTypes.INVALID_OUTPUT, message: message.slice(0, 8192), retryable: false },
+    error: {
+      type: StepErrorTypes.INVALID_OUTPUT,
+      message: storableText(message.slice(0, 8192)),
+      retryable: false,
+    },
   });
   let value: unknown;
   try {

@@ -9,7 +9,13 @@
  * plain properties (`code`, `retryable`, `retryAfterMs`, `details`) and works
  * for any error object that carries them, not only for these classes.
  */
-import { coerceError, type StepError as WireStepError } from "../protocol";
+import {
+  coerceError,
+  MAX_VALUE_DEPTH,
+  storableText,
+  valueProblem,
+  type StepError as WireStepError,
+} from "../protocol";
 
 export interface HandlerErrorOptions {
   /** Sent as the error's `type`; defaults to the class name. */
@@ -109,7 +115,8 @@ export function toWireError(thrown: unknown): WireStepError {
   if (!type) type = "Error";
   const out: WireStepError = {
     type: type.slice(0, TYPE_PATTERN_MAX),
-    message: String(err.message ?? "").slice(0, MESSAGE_MAX),
+    // A message is only reported, so an unstorable character in it must not cost the whole result.
+    message: storableText(String(err.message ?? "").slice(0, MESSAGE_MAX)),
     retryable: props.retryable !== false,
   };
   const after = props.retryAfterMs;
@@ -118,7 +125,9 @@ export function toWireError(thrown: unknown): WireStepError {
   }
   if (isPlainObject(props.details)) {
     try {
-      out.details = JSON.parse(JSON.stringify(props.details)) as Record<string, unknown>;
+      const details = JSON.parse(JSON.stringify(props.details)) as Record<string, unknown>;
+      // Details the broker would refuse are dropped like details JSON cannot carry: the error itself still arrives.
+      if (!valueProblem(details, MAX_VALUE_DEPTH)) out.details = details;
     } catch {
       // details that do not serialize are dropped rather than failing the result
     }

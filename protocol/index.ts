@@ -2,7 +2,7 @@ export * from "./constants";
 export * from "./errors";
 export * from "./codec";
 export * from "./validate";
-export { depthOf, pointer, valueProblem, type ValueProblem } from "./storableValues";
+export { depthOf, pointer, storableText, valueProblem, type ValueProblem } from "./storableValues";
 export type * from "./bodies";
 // Encoding, ErrorCode and the state unions come from ./constants; a test checks they match the schemas.
 export type {

@@ -49,6 +49,16 @@ export function pointer(path: readonly string[]): string {
   return path.map((p) => `/${pointerSegment(p)}`).join("");
 }
 
+/**
+ * Text that jsonb can store: U+0000 and lone surrogates become U+FFFD. For
+ * free text a peer only reports (an exception's message), where losing those
+ * characters beats losing the whole result; apply it after truncating, since a
+ * cut can split a surrogate pair.
+ */
+export function storableText(s: string): string {
+  return SUSPECT.test(s) ? s.replace(UNSTORABLE, "\ufffd") : s;
+}
+
 function typeName(value: unknown): string {
   if (value instanceof Uint8Array) return "binary";
   if (value instanceof Date) return "timestamp extension";

@@ -38,6 +38,7 @@ from .protocol import (
     JSON,
     MAX_BATCH,
     MAX_MESSAGE_BYTES,
+    MAX_VALUE_DEPTH,
     NAME_RE,
     OUTPUT_TOO_LARGE,
     UNKNOWN_HANDLER,
@@ -47,6 +48,8 @@ from .protocol import (
     as_int,
     encode_body,
     frame,
+    storable_text,
+    value_problem,
 )
 from .step import Step
 
@@ -79,6 +82,39 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, allow_nan=False))
 
 
+def invalid_output_item(attempt_id: str, message: str) -> Dict[str, Any]:
+    """A permanent ``invalid_output`` error: retrying would produce the same output again."""
+    return {
+        "attempt_id": attempt_id,
+        "status": "error",
+        "error": {"type": INVALID_OUTPUT, "message": storable_text(message[:8192]), "retryable": False},
+    }
+
+
+def completed_item(attempt_id: str, out: Any) -> Dict[str, Any]:
+    """The RESULT entry for a handler that returned ``out``, or an ``invalid_output`` error.
+
+    What the broker would refuse (and this pool then resend forever) becomes the step's error
+    instead, in the same words as the Node SDK.
+    """
+    try:
+        output = _jsonable(out)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return invalid_output_item(attempt_id, f"the handler's return value is not JSON: {exc}")
+    problem = value_problem(output, MAX_VALUE_DEPTH)
+    if problem:
+        code, what, where = problem
+        hint = (
+            " (PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)"
+            if code == "unstorable_value"
+            else ""
+        )
+        return invalid_output_item(
+            attempt_id, f"the handler's output cannot be stored: at {where or '(the output)'}, {what}{hint}"
+        )
+    return {"attempt_id": attempt_id, "status": "complete", "output": output}
+
+
 def error_item(attempt_id: str, exc: BaseException) -> Dict[str, Any]:
     """The RESULT entry for a handler that raised ``exc``."""
     code = getattr(exc, "code", None)
@@ -88,7 +124,8 @@ def error_item(attempt_id: str, exc: BaseException) -> Dict[str, Any]:
         message = str(exc) or type(exc).__name__
     err: Dict[str, Any] = {
         "type": etype,
-        "message": message[:8192],
+        # Only reported, so an unstorable character in it must not cost the whole result.
+        "message": storable_text(message[:8192]),
         "retryable": bool(getattr(exc, "retryable", True)),
     }
     ra = getattr(exc, "retry_after_ms", None)
@@ -97,8 +134,11 @@ def error_item(attempt_id: str, exc: BaseException) -> Dict[str, Any]:
     details = getattr(exc, "details", None)
     if isinstance(details, dict):
         try:
-            err["details"] = _jsonable(details)
-        except (TypeError, ValueError):
+            d = _jsonable(details)
+            # Details the broker would refuse are dropped like details JSON cannot carry.
+            if value_problem(d, MAX_VALUE_DEPTH) is None:
+                err["details"] = d
+        except (TypeError, ValueError, RecursionError):
             pass
     return {"attempt_id": attempt_id, "status": "error", "error": err}
 
@@ -378,19 +418,10 @@ class HandlerPool:
                 out = att.fn(step)
                 if inspect.iscoroutine(out):
                     out = asyncio.run(out)
-                try:
-                    item: Dict[str, Any] = {
-                        "attempt_id": step.attempt_id,
-                        "status": "complete",
-                        "output": _jsonable(out),
-                    }
-                except (TypeError, ValueError) as exc:
-                    item = error_item(step.attempt_id, exc)
-                    item["error"].update(
-                        type=INVALID_OUTPUT,
-                        message=f"the handler's return value is not JSON: {exc}"[:8192],
-                        retryable=False,
-                    )
+                item: Dict[str, Any] = completed_item(step.attempt_id, out)
+                if item["status"] == "error":
+                    step.log.error("handler %s returned an output it cannot send: %s",
+                                   step.handler, item["error"]["message"])
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
                 item = error_item(step.attempt_id, exc)
                 if not isinstance(exc, (Exception, Cancelled)):

@@ -31,6 +31,8 @@ MAX_BATCH = 64
 MAX_CONSECUTIVE_ERRORS = 10
 #: A body nests at most this many levels (its own object is level 1), in both encodings.
 MAX_DEPTH = 64
+#: An output, usage, context or error details of its own nests at most this many levels (protocol/constants.ts).
+MAX_VALUE_DEPTH = 56
 
 JSON = "json"
 MSGPACK = "msgpack"
@@ -218,6 +220,54 @@ def _unstorable(s: str) -> Optional[str]:
     if m is None:
         return None
     return "U+0000" if m.group() == "\x00" else "an unpaired surrogate"
+
+
+def storable_text(s: str) -> str:
+    """Text jsonb can store: U+0000 and lone surrogates become U+FFFD.
+
+    For text a pool only reports (an exception's message), where losing those
+    characters beats losing the whole result; the same as the Node SDK's storableText.
+    """
+    return _UNSTORABLE.sub("\ufffd", s)
+
+
+def value_problem(value: Any, max_depth: int = MAX_VALUE_DEPTH) -> Optional[Tuple[str, str, str]]:
+    """``(code, what, pointer)`` for the first value in a parsed JSON value that the broker refuses, or None.
+
+    The same walk, order and wording as the Node SDK's valueProblem, so every pool says the same thing.
+    """
+    path: List[str] = []
+
+    def walk(v: Any, depth: int) -> Optional[Tuple[str, str]]:
+        if isinstance(v, str):
+            bad = _unstorable(v)
+            return ("unstorable_value", f"a string holds {bad}") if bad else None
+        if not isinstance(v, (dict, list)):
+            return None
+        if depth > max_depth:
+            return ("too_deep", f"nesting deeper than {max_depth} levels")
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                p = walk(x, depth + 1)
+                if p:
+                    path.append(str(i))
+                    return p
+            return None
+        for k, x in v.items():
+            bad = _unstorable(k)
+            if bad:
+                path.append(k)
+                return ("unstorable_value", f"an object key holds {bad}")
+            p = walk(x, depth + 1)
+            if p:
+                path.append(k)
+                return p
+        return None
+
+    found = walk(value, 1)
+    if found is None:
+        return None
+    return found[0], found[1], _storable_pointer(tuple(reversed(path)))
 
 
 def _check_value(value: Any, path: Tuple[str, ...], depth: int) -> None:

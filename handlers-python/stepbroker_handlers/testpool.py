@@ -19,6 +19,9 @@ another name):
 - ``progress``: reports progress ``config.reports`` times (default 3) over
   ``config.ms`` (default 300) ms
 - ``noop``: returns None (a null output)
+- ``unstorable``: what the broker cannot store, by ``config.kind``: ``nul``
+  returns a string holding U+0000, ``deep`` a list 60 levels deep, ``raise``
+  raises with U+0000 in the message
 """
 
 from __future__ import annotations
@@ -89,6 +92,18 @@ def noop(step: Step) -> None:
     return None
 
 
+def unstorable(step: Step) -> Any:
+    kind = step.config.get("kind", "nul")
+    if kind == "raise":
+        raise PermanentError("bad \u0000 byte")
+    if kind == "deep":
+        v: Any = 1
+        for _ in range(60):
+            v = [v]
+        return v
+    return {"text": "x\u0000y", "lang": "python"}
+
+
 def make_fail_then_succeed(state_dir: Path) -> Callable[[Step], Dict[str, Any]]:
     lock = threading.Lock()
 
@@ -121,7 +136,7 @@ def make_fail_then_succeed(state_dir: Path) -> Callable[[Step], Dict[str, Any]]:
     return fail_then_succeed
 
 
-BUILTINS = ("echo", "sleep", "fail_then_succeed", "permanent", "hang", "progress", "noop")
+BUILTINS = ("echo", "sleep", "fail_then_succeed", "permanent", "hang", "progress", "noop", "unstorable")
 
 
 def build_handlers(spec: str, state_dir: Path) -> Dict[str, Callable[[Step], Any]]:
@@ -133,6 +148,7 @@ def build_handlers(spec: str, state_dir: Path) -> Dict[str, Callable[[Step], Any
         "hang": hang,
         "progress": progress,
         "noop": noop,
+        "unstorable": unstorable,
     }
     out: Dict[str, Callable[[Step], Any]] = {}
     for part in (p.strip() for p in spec.split(",")):

@@ -32,6 +32,14 @@ class PaymentDeclined(Exception):
     code = "payment_declined"
 
 
+def nested(levels: int) -> Any:
+    """A list ``levels`` deep holding 1."""
+    v: Any = 1
+    for _ in range(levels):
+        v = [v]
+    return v
+
+
 def make_pool(endpoint: str, gate: Gate, **kw: Any) -> HandlerPool:
     pool = HandlerPool(endpoint, capacity=kw.pop("capacity", 4), encoding=kw.pop("encoding", "msgpack"),
                        pool_id=kw.pop("pool_id", f"py-test-{new_id()[:8]}"), schema_dir=SCHEMAS,
@@ -69,6 +77,26 @@ def make_pool(endpoint: str, gate: Gate, **kw: Any) -> HandlerPool:
     @pool.handler("bad_output")
     def bad_output(step: Step) -> Any:
         return {"when": object()}
+
+    @pool.handler("nul_output")
+    def nul_output(step: Step) -> Any:
+        return {"a": "x\u0000y"}
+
+    @pool.handler("deep_output")
+    def deep_output(step: Step) -> Any:
+        return nested(60)
+
+    @pool.handler("nul_raise")
+    def nul_raise(step: Step) -> None:
+        raise RetryableError("bad \u0000 byte \udc00", details={"raw": "a\u0000b"})
+
+    @pool.handler("long_raise")
+    def long_raise(step: Step) -> None:
+        raise ValueError("a" * 8191 + "\u0000 past the cut")
+
+    @pool.handler("fine_output")
+    def fine_output(step: Step) -> Any:
+        return {"emoji": "\U0001F600", "deep": nested(55)}
 
     @pool.handler("hold")
     def hold(step: Step) -> Dict[str, Any]:
@@ -174,6 +202,33 @@ def test_multi_step_dispatch_and_outcomes(broker: FakeBroker, pool: HandlerPool)
     for item in got.values():
         if item["attempt_id"] != unknown["attempt_id"]:
             assert item["duration_ms"] >= 0
+    broker.ack(ident, *ids)
+
+
+def test_output_the_broker_would_refuse_is_invalid_output_and_error_text_is_storable(
+    broker: FakeBroker, pool: HandlerPool
+) -> None:
+    ident = welcomed(broker, pool)
+    ids = broker.step(ident, *(step_item(h) for h in
+                               ("nul_output", "deep_output", "nul_raise", "long_raise", "fine_output")))
+    got = broker.results(ids)
+    nul, deep, raised, long, fine = (got[i] for i in ids)
+    for item in (nul, deep):
+        assert item["status"] == "error" and "output" not in item
+        assert item["error"]["type"] == "invalid_output" and item["error"]["retryable"] is False
+    # The same words as the Node pool: where the first offending value is, and what to do.
+    assert nul["error"]["message"] == (
+        "the handler's output cannot be stored: at /a, a string holds U+0000 "
+        "(PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)"
+    )
+    assert deep["error"]["message"] == (
+        "the handler's output cannot be stored: at " + "/0" * 56 + ", nesting deeper than 56 levels"
+    )
+    # A message is only reported: U+FFFD stands in for what PostgreSQL cannot store; unstorable details go.
+    assert raised["status"] == "error"
+    assert raised["error"] == {"type": "RetryableError", "message": "bad \ufffd byte \ufffd", "retryable": True}
+    assert long["error"]["message"] == "a" * 8191 + "\ufffd"
+    assert fine["status"] == "complete" and fine["output"] == {"emoji": "\U0001F600", "deep": nested(55)}
     broker.ack(ident, *ids)
 
 

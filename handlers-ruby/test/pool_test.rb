@@ -156,6 +156,44 @@ class PoolTest < Minitest::Test
     assert_equal false, bad["error"]["retryable"]
   end
 
+  def test_output_the_broker_would_refuse_is_invalid_output_and_error_text_is_storable
+    deep = ->(levels) { (1..levels).reduce(1) { |v, _| [v] } }
+    _pool, _t, id = welcomed_pool do |p|
+      p.handle("nul_output") { |_s| { "a" => "x\u0000y" } }
+      p.handle("deep_output") { |_s| deep.call(60) }
+      p.handle("nul_raise") do |_s|
+        raise Stepbroker::RetryableError.new("bad \u0000 byte #{"\xED\xB0\x80".dup.force_encoding('UTF-8')}",
+                                             details: { "raw" => "a\u0000b" })
+      end
+      p.handle("long_raise") { |_s| raise ArgumentError, "#{'a' * 8191}\u0000 past the cut" }
+      p.handle("fine_output") { |_s| { "emoji" => "\u{1F600}", "deep" => deep.call(55) } }
+    end
+    steps = %w[nul_output deep_output nul_raise long_raise fine_output].map { |h| FakeBroker.step(h) }
+    @broker.send(id, "STEP", { "steps" => steps })
+    r = @broker.expect_results(steps.map { |s| s["attempt_id"] })
+    nul, deep_r, raised, long, fine = steps.map { |s| r[s["attempt_id"]] }
+    [nul, deep_r].each do |item|
+      assert_equal "error", item["status"]
+      refute item.key?("output")
+      assert_equal "invalid_output", item["error"]["type"]
+      assert_equal false, item["error"]["retryable"]
+    end
+    # The same words as the Node pool: where the first offending value is, and what to do.
+    assert_equal "the handler's output cannot be stored: at /a, a string holds U+0000 " \
+                 "(PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)", nul["error"]["message"]
+    assert_equal "the handler's output cannot be stored: at #{'/0' * 56}, nesting deeper than 56 levels",
+                 deep_r["error"]["message"]
+    # A message is only reported: U+FFFD stands in for what PostgreSQL cannot store; unstorable details go.
+    assert_equal "error", raised["status"]
+    assert_equal "Stepbroker::RetryableError", raised["error"]["type"]
+    assert_equal "bad \u{FFFD} byte \u{FFFD}", raised["error"]["message"]
+    assert_equal true, raised["error"]["retryable"]
+    refute (raised["error"]["details"] || {}).key?("raw"), "details holding U+0000 are dropped"
+    assert_equal "#{'a' * 8191}\u{FFFD}", long["error"]["message"]
+    assert_equal "complete", fine["status"]
+    assert_equal({ "emoji" => "\u{1F600}", "deep" => deep.call(55) }, fine["output"])
+  end
+
   def test_unknown_handler_is_a_retryable_error_result
     _pool, _t, id = welcomed_pool
     step = FakeBroker.step("not_served")

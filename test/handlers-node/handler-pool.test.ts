@@ -9,6 +9,7 @@ import { strict as assert } from "node:assert";
 import { pino } from "pino";
 import { curveKeyPair } from "zeromq";
 import {
+  HandlerError,
   HandlerPool,
   PermanentError,
   RetryableError,
@@ -17,7 +18,7 @@ import {
   retryAfter,
   type HandlerPoolOptions,
 } from "../../handlers-node";
-import type { ResultItem } from "../../protocol";
+import { MAX_VALUE_DEPTH, valueProblem, type ResultItem } from "../../protocol";
 import { FakeBroker, TRANSPORTS, sleep, stepFor, type Received } from "./support/fakeBroker";
 
 const silent = pino({ level: "silent" });
@@ -496,6 +497,34 @@ for (const proto of TRANSPORTS) {
         assert.equal(item!.error!.retryable, false, name);
         assert.match(item!.error!.message, want, name);
       }
+    });
+
+    it("sends a thrown error whose message holds U+0000 or a lone surrogate, with U+FFFD in their place", async function () {
+      const p = makePool();
+      p.handle("nul", () => {
+        throw new HandlerError("bad \u0000 byte \udc00", { code: "nul_error", details: { raw: "a\u0000b" } });
+      });
+      // 8191 "a" then an emoji: the cut at 8192 splits the pair and leaves a lone high surrogate.
+      p.handle("cut", () => {
+        throw new Error(`${"a".repeat(8191)}\ud83d\ude00 end`);
+      });
+      const started = p.start();
+      const hello = await broker.handshake();
+      await started;
+      const nul = stepFor("nul");
+      await broker.send(hello.identity, "STEP", { steps: [nul] });
+      const [n] = results(await broker.next("RESULT"));
+      assert.equal(n!.status, "error");
+      assert.equal(n!.error!.type, "nul_error");
+      assert.equal(n!.error!.message, "bad \ufffd byte \ufffd");
+      assert.equal(n!.error!.retryable, true);
+      // Details the broker would refuse are dropped rather than the whole error.
+      assert.equal(n!.error!.details, undefined);
+      const cut = stepFor("cut");
+      await broker.send(hello.identity, "STEP", { steps: [cut] });
+      const [c] = results(await broker.next("RESULT"));
+      assert.equal(c!.error!.message, `${"a".repeat(8191)}\ufffd`);
+      assert.equal(valueProblem(c!.error, MAX_VALUE_DEPTH), undefined);
     });
 
     it("answers bad messages from the broker with ERROR, never an ERROR to an ERROR, and keeps working", async function () {

@@ -829,15 +829,26 @@ module Stepbroker
       handler = @handlers[step.handler]
       handler = handler.new if handler.is_a?(Class)
       value = handler.call(step)
+      invalid = nil
       begin
         output = Stepbroker.jsonify(value)
+        # What the broker would refuse (and this pool then resend forever) becomes the step's error instead.
+        problem = Stepbroker.value_problem(output, Protocol::MAX_VALUE_DEPTH)
+        if problem
+          code, what, where = problem
+          hint = code == "unstorable_value" ? " (PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)" : ""
+          invalid = "the handler's output cannot be stored: at #{where.empty? ? '(the output)' : where}, #{what}#{hint}"
+        end
       rescue StandardError => e
-        ms = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0) * 1000).round(3)
-        return { "attempt_id" => step.attempt_id, "status" => "error", "duration_ms" => ms,
-                 "error" => { "type" => Protocol::INVALID_OUTPUT, "retryable" => false,
-                              "message" => "the handler's return value is not JSON: #{Stepbroker.utf8(e.message)}"[0, 8192] } }
+        invalid = "the handler's return value is not JSON: #{e.message}"
       end
       ms = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0) * 1000).round(3)
+      if invalid
+        message = Stepbroker.storable_text(invalid)[0, 8192]
+        step.logger.error("returned an output it cannot send: #{message}")
+        return { "attempt_id" => step.attempt_id, "status" => "error", "duration_ms" => ms,
+                 "error" => { "type" => Protocol::INVALID_OUTPUT, "retryable" => false, "message" => message } }
+      end
       step.logger.debug("complete in #{ms} ms")
       { "attempt_id" => step.attempt_id, "status" => "complete", "output" => output, "duration_ms" => ms }
     rescue Exception => e # rubocop:disable Lint/RescueException -- every outcome must reach the broker
@@ -849,7 +860,8 @@ module Stepbroker
       retryable = exc.respond_to?(:retryable?) ? (exc.retryable? ? true : false) : true
       err = {
         "type" => (exc.class.name || "Error")[0, 128],
-        "message" => Stepbroker.utf8(exc.message)[0, 8192],
+        # Only reported, so an unstorable character in it must not cost the whole result.
+        "message" => Stepbroker.storable_text(exc.message)[0, 8192],
         "retryable" => retryable
       }
       after = exc.respond_to?(:retry_after_ms) ? exc.retry_after_ms : nil
@@ -857,12 +869,14 @@ module Stepbroker
       details = {}
       if exc.respond_to?(:details) && exc.details.is_a?(Hash)
         details = begin
-          Stepbroker.jsonify(exc.details)
+          d = Stepbroker.jsonify(exc.details)
+          # Details the broker would refuse are dropped like details JSON cannot carry.
+          Stepbroker.value_problem(d, Protocol::MAX_VALUE_DEPTH) ? {} : d
         rescue StandardError
           {}
         end
       end
-      details["backtrace"] = exc.backtrace.first(20).map { |l| Stepbroker.utf8(l)[0, 2048] } if @include_backtrace && exc.backtrace
+      details["backtrace"] = exc.backtrace.first(20).map { |l| Stepbroker.storable_text(l)[0, 2048] } if @include_backtrace && exc.backtrace
       err["details"] = details unless details.empty?
       step.logger.send(retryable ? :warn : :error,
                        "failed (#{err['type']}, retryable=#{retryable}) attempt #{step.attempt}/#{step.max_attempts}: #{err['message']}")
@@ -896,6 +910,60 @@ module Stepbroker
     else
       JSON.parse(JSON.generate(value))
     end
+  end
+
+  # UTF-8 bytes of U+D800..U+DFFF: invalid UTF-8, the form a lone surrogate takes in a Ruby string.
+  SURROGATE_BYTES = /\xED[\xA0-\xBF][\x80-\xBF]/n.freeze
+
+  # Text PostgreSQL can store: U+0000 and lone surrogates become U+FFFD (one each, as in the
+  # Node and Python SDKs), other invalid bytes too. For text a pool only reports.
+  def self.storable_text(text)
+    s = text.to_s
+    if [Encoding::UTF_8, Encoding::BINARY].include?(s.encoding) && s.b.match?(SURROGATE_BYTES)
+      s = s.b.gsub(SURROGATE_BYTES, "\u{FFFD}".b).force_encoding(Encoding::UTF_8)
+    end
+    s = utf8(s)
+    s.include?("\0") ? s.tr("\0", "\u{FFFD}") : s
+  end
+
+  # [code, what, pointer] for the first value in a jsonified value that the broker refuses, or nil:
+  # the same walk, order and wording as the Node SDK's valueProblem.
+  def self.value_problem(value, max_depth)
+    found = value_problem_at(value, max_depth, 1)
+    found && [found[0], found[1], Protocol.storable_pointer(found[2].reverse)]
+  end
+
+  # [code, what, path innermost first]: the path is built only on the way out of a failure.
+  def self.value_problem_at(value, max_depth, depth)
+    case value
+    when String
+      what = unstorable_string(value)
+      what && ["unstorable_value", "a string holds #{what}", []]
+    when Hash, Array
+      return ["too_deep", "nesting deeper than #{max_depth} levels", []] if depth > max_depth
+
+      if value.is_a?(Array)
+        value.each_with_index do |v, i|
+          p = value_problem_at(v, max_depth, depth + 1)
+          return p.tap { p[2] << i } if p
+        end
+      else
+        value.each do |k, v|
+          what = unstorable_string(k.to_s)
+          return ["unstorable_value", "an object key holds #{what}", [k]] if what
+
+          p = value_problem_at(v, max_depth, depth + 1)
+          return p.tap { p[2] << k } if p
+        end
+      end
+      nil
+    end
+  end
+
+  def self.unstorable_string(s)
+    return "U+0000" if s.include?("\0")
+
+    "an unpaired surrogate" if s.b.match?(SURROGATE_BYTES)
   end
 
   def self.utf8(text)

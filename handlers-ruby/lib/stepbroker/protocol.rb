@@ -26,6 +26,8 @@ module Stepbroker
     MAX_BATCH = 64
     # A body nests at most this many levels (its own object is level 1), in both encodings.
     MAX_DEPTH = 64
+    # An output, usage, context or error details of its own nests at most this many levels (protocol/constants.ts).
+    MAX_VALUE_DEPTH = 56
 
     COMMANDS = %w[HELLO WELCOME STEP RESULT ACK PROGRESS CANCEL HEARTBEAT DISCONNECT ERROR
                   SUBMIT STATUS WAIT CANCEL_TASK POOLS REPLY].freeze
