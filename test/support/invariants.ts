@@ -29,18 +29,17 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
     having count(tr.*) filter (where tr.most_recent) <> 1 or max(tr.to_state) filter (where tr.most_recent) <> t.state`);
   assert.deepEqual(taskDrift, [], "task state and most_recent transition disagree");
   // sort keys run 1..n without gaps, and each transition starts where the previous one ended
-  const gaps = await t.sql<{ step_id: string }>(`
-    select step_id from (
-      select step_id, sort_key, from_state, lag(to_state) over w as previous, row_number() over w as n
-      from step_transitions window w as (partition by step_id order by sort_key)) x
-    where sort_key <> n or from_state is distinct from previous`);
-  assert.deepEqual(gaps, [], "step transitions are not a contiguous chain");
-  const taskGaps = await t.sql<{ task_id: string }>(`
-    select task_id from (
-      select task_id, sort_key, from_state, lag(to_state) over w as previous, row_number() over w as n
-      from task_transitions window w as (partition by task_id order by sort_key)) x
-    where sort_key <> n or from_state is distinct from previous`);
-  assert.deepEqual(taskGaps, [], "task transitions are not a contiguous chain");
+  for (const [table, key] of [
+    ["step_transitions", "step_id"],
+    ["task_transitions", "task_id"],
+  ] as const) {
+    const gaps = await t.sql<Record<typeof key, string>>(`
+      select ${key} from (
+        select ${key}, sort_key, from_state, lag(to_state) over w as previous, row_number() over w as n
+        from ${table} window w as (partition by ${key} order by sort_key)) x
+      where sort_key <> n or from_state is distinct from previous`);
+    assert.deepEqual(gaps, [], `${table} are not a contiguous chain`);
+  }
   // exactly-once completion: one complete attempt per complete step, none elsewhere
   const completions = await t.sql<{ id: string; state: string; complete_attempts: number }>(`
     select s.id, s.state, count(a.*)::int as complete_attempts
