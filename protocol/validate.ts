@@ -82,8 +82,13 @@ export function validateBody<C extends CommandName>(command: C, body: unknown): 
   }
   const err = pickError(fn.errors ?? []);
   const where = err?.instancePath || "(body)";
+  // "must NOT have additional properties" alone points at the parent object: name the field to fix.
+  const extra =
+    err?.keyword === "additionalProperties"
+      ? (err.params as { additionalProperty?: unknown }).additionalProperty
+      : undefined;
   const detail = err
-    ? `${command} body: ${where} ${err.message ?? "is invalid"}`
+    ? `${command} body: ${where} ${err.message ?? "is invalid"}${typeof extra === "string" ? `: ${JSON.stringify(extra)} is not a field here` : ""}`
     : `${command} body is invalid`;
   return {
     ok: false,

@@ -19,6 +19,7 @@ import {
 } from "../../protocol/constants";
 import { decodeMessage, encodeBody, encodeMessage, sniffEncoding, type Decoded } from "../../protocol/codec";
 import { firstInvalidUtf8String } from "../../protocol/msgpackStrings";
+import { validateBody } from "../../protocol/validate";
 
 const VECTOR_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "protocol", "vectors");
 const SIG = Buffer.from(SIGNATURE);
@@ -566,5 +567,25 @@ describe("protocol codec", () => {
         assert.equal(decoded.ok ? "ok" : decoded.fault.code, "undecodable_body");
       }
     });
+  });
+});
+
+describe("schema_violation messages", () => {
+  it("name the field an additionalProperties error is about, not only its parent", () => {
+    const hello = JSON.parse(
+      readFileSync(
+        join(dirname(fileURLToPath(import.meta.url)), "../../protocol/vectors/hello.json"),
+        "utf8",
+      ),
+    ) as {
+      valid: { body: Record<string, unknown> }[];
+    };
+    const body = { ...hello.valid[0]!.body, lables: { team: "x" } };
+    const out = validateBody("HELLO", body);
+    assert.equal(out.ok, false);
+    if (out.ok) return;
+    assert.equal(out.fault.code, "schema_violation");
+    assert.equal(out.fault.instancePath, "");
+    assert.match(out.fault.message, /must NOT have additional properties: "lables" is not a field here/);
   });
 });
