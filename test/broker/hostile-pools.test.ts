@@ -84,6 +84,22 @@ describe("pools that take each other's work, or swallow it", function () {
   }
 
   /** A welcomed, heartbeating victim pool with its session secret, holding one attempt of a new task. */
+  /** A second broker on the same database that has seen none of this file's pools; stopped after the test. */
+  async function secondBroker(): Promise<Broker> {
+    const other = new Broker({
+      endpoints: ["tcp://127.0.0.1:*"],
+      state: stack.sm,
+      brokerId: `other-${counter}`,
+      logger,
+      heartbeatMs: HEARTBEAT_MS,
+      heartbeatLiveness: HEARTBEAT_LIVENESS,
+      recoveryGraceMs: 60_000,
+    });
+    await other.start();
+    cleanups.push(() => other.stop({ drainMs: 0 }));
+    return other;
+  }
+
   async function victimWithAttempt(): Promise<{
     victim: RawPeer;
     secret: string;
@@ -240,17 +256,7 @@ describe("pools that take each other's work, or swallow it", function () {
 
   it("refuses, at a broker that never saw the owner, a HELLO that would adopt its attempts without its secret", async () => {
     const { victim, handler, step } = await victimWithAttempt();
-    const other = new Broker({
-      endpoints: ["tcp://127.0.0.1:*"],
-      state: stack.sm,
-      brokerId: `other-${counter}`,
-      logger,
-      heartbeatMs: HEARTBEAT_MS,
-      heartbeatLiveness: HEARTBEAT_LIVENESS,
-      recoveryGraceMs: 60_000,
-    });
-    await other.start();
-    cleanups.push(() => other.stop({ drainMs: 0 }));
+    const other = await secondBroker();
     const impostor = peer(victim.id, other.endpoints[0]!);
     await hello(impostor, handler, { running: [step.attempt_id] });
     assertError(await impostor.next(), "session_mismatch", { command: "HELLO" });
@@ -304,17 +310,7 @@ describe("pools that take each other's work, or swallow it", function () {
     await assertRefusalLogged("RESULT", thief.id, victim.id, step.attempt_id);
 
     // At another broker the attempt is in nobody's memory: the database names its owner.
-    const other = new Broker({
-      endpoints: ["tcp://127.0.0.1:*"],
-      state: stack.sm,
-      brokerId: `other-${counter}`,
-      logger,
-      heartbeatMs: HEARTBEAT_MS,
-      heartbeatLiveness: HEARTBEAT_LIVENESS,
-      recoveryGraceMs: 60_000,
-    });
-    await other.start();
-    cleanups.push(() => other.stop({ drainMs: 0 }));
+    const other = await secondBroker();
     const remote = await intruder(handler, other.endpoints[0]!);
     await remote.send("RESULT", {
       results: [{ attempt_id: step.attempt_id, status: "complete", output: { from: "remote thief" } }],
