@@ -6,7 +6,7 @@ import type { Logger } from "pino";
 import { HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_BATCH, MAX_MESSAGE_BYTES } from "../protocol";
 import { Roles, type Role } from "./roles";
 import type { StatePort } from "./statePort";
-import { PEER_BYTES_PER_SECOND, PEER_MESSAGES_PER_SECOND } from "./workBudget";
+import { PEER_BYTES_PER_SECOND, PEER_MESSAGES_PER_SECOND } from "./transport/WorkBudget";
 
 export interface CurveOptions {
   /** The broker's Z85 key pair (from `stepbroker keygen` or zeromq's curveKeyPair()). */
@@ -66,6 +66,12 @@ export interface BrokerOptions {
   /** Most results in one group commit. */
   commitBatch?: number;
   /**
+   * Results waiting for the group commit beyond which each new result's
+   * credit is held until it is stored, so pools get no new work while the
+   * database lags (default four batches).
+   */
+  maxPendingResults?: number;
+  /**
    * The work budget of one peer: bytes of frames and messages per second the
    * broker decodes from it (defaults 64 MiB and 20,000); beyond, its messages
    * are dropped undecoded, and after 3 s in a row of that the peer is dropped.
@@ -103,6 +109,7 @@ export function resolveOptions(o: BrokerOptions, logger: Logger): ResolvedOption
     leaseCheckMs: o.leaseCheckMs ?? 500,
     recoveryGraceMs: o.recoveryGraceMs ?? heartbeatMs * heartbeatLiveness * 2,
     commitBatch: o.commitBatch ?? 2048,
+    maxPendingResults: o.maxPendingResults ?? (o.commitBatch ?? 2048) * 4,
     peerBytesPerSecond: o.peerBytesPerSecond ?? PEER_BYTES_PER_SECOND,
     peerMessagesPerSecond: o.peerMessagesPerSecond ?? PEER_MESSAGES_PER_SECOND,
     allowInsecure: o.allowInsecure ?? false,

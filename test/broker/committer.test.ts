@@ -17,7 +17,7 @@ import {
   type CommitReport,
   type PendingResult,
   type RefusedResult,
-} from "../../broker/committer";
+} from "../../broker/completion/Committer";
 import type { CompletionResult } from "../../broker/state/types";
 import type { JsonValue } from "../../broker/state/types";
 import { useStateManager } from "../support/db";

@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import { pino } from "pino";
 import { Context, Dealer } from "zeromq";
 import { Broker } from "../../broker/Broker";
-import { PROBE_BUDGET } from "../../broker/poolRegistry";
+import { PROBE_BUDGET } from "../../broker/pools/PoolRegistry";
 import { HandlerPool } from "../../handlers-node";
 import { encodeMessage, type ErrorCode } from "../../protocol";
 import { RawPeer, type Incoming } from "../support/rawPeer";

@@ -17,7 +17,7 @@ import { Dealer, curveKeyPair } from "zeromq";
 import { reloadAllowLists } from "../../broker/allowList";
 import { Broker } from "../../broker/Broker";
 import type { BrokerOptions } from "../../broker/config";
-import { RefusalLog } from "../../broker/refusalLog";
+import { RefusalLog } from "../../broker/transport/RefusalLog";
 import { HandlerPool } from "../../handlers-node";
 import { StepbrokerClient } from "../../handlers-node/client";
 import { MAX_CONSECUTIVE_ERRORS } from "../../protocol";

@@ -14,11 +14,15 @@
  *    its own, down to the single result at fault; everything else is stored
  *    and acknowledged, and the bad result is stored as an error outcome of its
  *    attempt instead (or, if even that is refused, dropped), and the pool told.
+ *
+ * The queue has a bound (`full`): past it, the broker keeps the credit of each
+ * new result's pool until that result is stored (ResultIntake), so pools stop
+ * getting new work and results stop piling up while the database lags.
  */
 import type { Logger } from "pino";
-import { coerceError, StepErrorTypes } from "../protocol";
-import type { InFlight } from "./poolRegistry";
-import type { AttemptResult } from "./statePort";
+import { coerceError, StepErrorTypes } from "../../protocol";
+import type { InFlight, Reservation } from "../pools/PoolRegistry";
+import type { AttemptResult } from "../statePort";
 
 export interface PendingResult {
   result: AttemptResult;
@@ -28,6 +32,8 @@ export interface PendingResult {
   receivedAt: number;
   /** What the broker knew of the attempt when it was in flight, for the log line. */
   flight?: InFlight;
+  /** The pool's credit for this result, held while the committer was full; settled once it is stored or refused. */
+  parked?: Reservation;
 }
 
 export interface CommitReport<Batch> {
@@ -97,10 +103,17 @@ export class Committer<Batch> {
     private readonly onCommitted: (report: CommitReport<Batch>) => void,
     private readonly log: Logger,
     private readonly onRefused: (refused: RefusedResult) => void = () => undefined,
+    /** Results queued at most before `full` says so (by default, four batches). */
+    readonly bound: number = maxBatch * 4,
   ) {}
 
   get pending(): number {
     return this.queue.length;
+  }
+
+  /** As many results wait as the bound allows: the broker holds credit for new ones until they are stored. */
+  get full(): boolean {
+    return this.queue.length >= this.bound;
   }
 
   add(item: PendingResult): void {

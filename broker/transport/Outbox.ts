@@ -15,7 +15,7 @@
  * Nothing is dropped silently.
  */
 import type { Router } from "zeromq";
-import type { PeerIdentities } from "./routingId";
+import type { PeerIdentities } from "./PeerIdentities";
 
 export interface OutboxHooks {
   /** A message could not be delivered because its peer is gone or stuck. */

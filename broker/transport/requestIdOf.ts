@@ -9,7 +9,7 @@
  *    `request_id` first in the body so that it is found.
  * Undefined when there is none a valid ERROR may echo (1 to 128 code points).
  */
-import { ClientCommands, decodeBody, sniffEncoding, type ProtocolFault } from "../protocol";
+import { ClientCommands, decodeBody, sniffEncoding, type ProtocolFault } from "../../protocol";
 
 const CLIENT_COMMANDS = new Set<string>(Object.values(ClientCommands));
 /** How much of each end of an oversized body is scanned. */

@@ -2,9 +2,14 @@
  * The pools connected to this broker: soft state, rebuilt from HELLOs. The
  * only durable truth is PostgreSQL; a broker restart loses nothing here that
  * it needs (pools re-HELLO and list the attempts they still hold).
+ *
+ * The registry is the only writer of a pool record. Everyone else holds the
+ * read-only `PoolRecord` and changes a pool through a named method here, so
+ * every change to credit (in flight, reserved, window) is in this one file,
+ * and credit set aside is a `Reservation` given back by exactly one `settle()`.
  */
-import type { Encoding, HelloBody, PoolView, Sdk } from "../protocol";
-import type { AdoptedAttempt } from "./state/types";
+import type { Encoding, HelloBody, PoolView, Sdk } from "../../protocol";
+import type { AdoptedAttempt } from "../state/types";
 
 /**
  * What the broker remembers of one attempt it sent to a pool: the attempt as
@@ -34,7 +39,8 @@ export const PROBE_BUDGET = 16;
 /** Earned windows kept for pools that left, for a reconnect with the same session. */
 const REMEMBERED_WINDOWS = 10_000;
 
-export interface PoolRecord {
+/** A pool as the registry keeps it; outside this file it is seen only as a read-only `PoolRecord`. */
+interface MutablePool {
   /** The ROUTER routing id, as received. */
   readonly identity: Buffer;
   /** identity as a map key. */
@@ -58,7 +64,7 @@ export interface PoolRecord {
   unacked: number;
   /** Credit set aside for a claim under way (a dispatch claim, or children claimed with a commit). */
   reserved: number;
-  /** Its last claim found less ready work than its credit (see Broker.kickDispatch). */
+  /** Its last claim found less ready work than its credit (see Dispatcher.kick). */
   readyDrained: boolean;
   lastSeen: number;
   lastSent: number;
@@ -66,12 +72,31 @@ export interface PoolRecord {
   draining: boolean;
 }
 
+/** A pool as the broker's services see it: changed only through the registry's methods. */
+export type PoolRecord = Readonly<Omit<MutablePool, "inFlight">> & {
+  readonly inFlight: ReadonlyMap<string, InFlight>;
+};
+
+/**
+ * Credit set aside for a claim under way (a dispatch claim, children claimed
+ * with a commit, or results parked while the committer is full). `settle()`
+ * gives it back; only its first call does anything, so a path that may settle
+ * twice (a failure after a success, a retry) cannot return credit twice.
+ */
+export interface Reservation {
+  readonly pool: PoolRecord;
+  readonly credit: number;
+  /** Gives the credit back; true the first time, false after. */
+  settle(): boolean;
+  readonly settled: boolean;
+}
+
 export function identityKey(identity: Buffer): string {
   return identity.toString("latin1");
 }
 
 export class PoolRegistry {
-  private readonly pools = new Map<string, PoolRecord>();
+  private readonly pools = new Map<string, MutablePool>();
   /** attempt id -> pool key, to find the holder of an attempt in O(1). */
   private readonly attempts = new Map<string, string>();
   /** In flight plus reserved, over the pools that have had nothing stored yet (bounded by UNPROVEN_CREDIT_BUDGET). */
@@ -93,6 +118,11 @@ export class PoolRegistry {
     return this.pools.values();
   }
 
+  /** The pool is registered under its key and is this very record (not one it replaced). */
+  isCurrent(pool: PoolRecord): boolean {
+    return this.pools.get(pool.key) === pool;
+  }
+
   register(
     identity: Buffer,
     hello: HelloBody,
@@ -104,7 +134,7 @@ export class PoolRegistry {
     const kept = sessionHash === undefined ? undefined : this.earned.get(hello.pool_id);
     const earned = kept?.sessionHash === sessionHash ? kept : undefined;
     this.earned.delete(hello.pool_id);
-    const record: PoolRecord = {
+    const record: MutablePool = {
       identity,
       key,
       poolId: hello.pool_id,
@@ -151,7 +181,8 @@ export class PoolRegistry {
     return held;
   }
 
-  addInFlight(pool: PoolRecord, f: InFlight): void {
+  addInFlight(record: PoolRecord, f: InFlight): void {
+    const pool = writable(record);
     if (!pool.inFlight.has(f.attemptId)) {
       pool.sent++;
       if (this.counts(pool)) this.unprovenHeld++;
@@ -160,15 +191,62 @@ export class PoolRegistry {
     this.attempts.set(f.attemptId, pool.key);
   }
 
-  /** Sets credit aside for a claim under way (given back with unreserve). */
-  reserve(pool: PoolRecord, n: number): void {
+  /** Sets `n` of the pool's credit aside until the reservation is settled. */
+  reserve(record: PoolRecord, n: number): Reservation {
+    const pool = writable(record);
     pool.reserved += n;
     if (this.counts(pool)) this.unprovenHeld += n;
+    let settled = false;
+    return {
+      pool,
+      credit: n,
+      get settled() {
+        return settled;
+      },
+      settle: () => {
+        if (settled) return false;
+        settled = true;
+        pool.reserved -= n;
+        if (this.counts(pool)) this.unprovenHeld -= n;
+        return true;
+      },
+    };
   }
 
-  unreserve(pool: PoolRecord, n: number): void {
-    pool.reserved -= n;
-    if (this.counts(pool)) this.unprovenHeld -= n;
+  /** A message arrived from the pool: it is alive. */
+  touch(pool: PoolRecord, now: number): void {
+    writable(pool).lastSeen = now;
+  }
+
+  /** A message went to the pool: no heartbeat is due until heartbeatMs after this. */
+  noteSent(pool: PoolRecord, now: number): void {
+    writable(pool).lastSent = now;
+  }
+
+  /** A result of the pool's went to the committer; it waits for its ACK. */
+  noteResultReceived(pool: PoolRecord): void {
+    writable(pool).unacked++;
+  }
+
+  /** A result of the pool's was acknowledged (stored, or refused for good). */
+  noteResultAcked(pool: PoolRecord): void {
+    const p = writable(pool);
+    p.unacked = Math.max(0, p.unacked - 1);
+  }
+
+  /** What the pool's last claim found: less ready work than its credit, or not. */
+  noteClaimed(pool: PoolRecord, drained: boolean): void {
+    writable(pool).readyDrained = drained;
+  }
+
+  /** New work may be ready for anyone: every pool's next claim is worth making. */
+  forgetDrained(): void {
+    for (const p of this.pools.values()) p.readyDrained = false;
+  }
+
+  /** The pool sent DISCONNECT: no new work from now on. */
+  drain(pool: PoolRecord): void {
+    writable(pool).draining = true;
   }
 
   /**
@@ -177,7 +255,8 @@ export class PoolRegistry {
    * results (TCP's +1 per ACK would take log2(capacity / 16) rounds, each a
    * claim and a commit: measurable on a short run).
    */
-  noteStored(pool: PoolRecord): void {
+  noteStored(record: PoolRecord): void {
+    const pool = writable(record);
     if (this.counts(pool)) {
       this.unprovenHeld -= pool.inFlight.size + pool.reserved;
       this.proven++;
@@ -264,4 +343,12 @@ export class PoolRegistry {
       last_seen_ms_ago: Math.max(0, now - p.lastSeen),
     }));
   }
+}
+
+/**
+ * The one place a read-only record becomes writable again: every record was
+ * made by `register` as a MutablePool, and only this file calls this.
+ */
+function writable(pool: PoolRecord): MutablePool {
+  return pool as MutablePool;
 }

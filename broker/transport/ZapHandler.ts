@@ -13,7 +13,7 @@
  */
 import type { Logger } from "pino";
 import { Router } from "zeromq";
-import type { RefusalLog } from "./refusalLog";
+import type { RefusalLog } from "./RefusalLog";
 
 export interface ZapHandler {
   /** Replaces a domain's allow-list; returns the keys added and removed. */

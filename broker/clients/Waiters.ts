@@ -1,0 +1,88 @@
+/**
+ * Clients waiting for tasks to end (WAIT, and `Broker.wait` in process). A
+ * waiter is answered when a commit here finishes its task, when the poll
+ * finds it finished (another process finished it), when its timeout passes
+ * (with the task as it is then), or when the broker stops.
+ */
+import { TaskStates, type TaskView } from "../../protocol";
+import type { BrokerContext } from "../BrokerContext";
+
+const TERMINAL_TASK_STATES = new Set<string>([TaskStates.COMPLETE, TaskStates.ERROR, TaskStates.CANCELLED]);
+
+export function isTerminal(state: string): boolean {
+  return TERMINAL_TASK_STATES.has(state);
+}
+
+interface Waiter {
+  done(task: TaskView, finished: boolean): void;
+  timer: NodeJS.Timeout;
+}
+
+export class Waiters {
+  private readonly waiting = new Map<string, Set<Waiter>>();
+
+  constructor(private readonly ctx: BrokerContext) {}
+
+  /** Resolves with the task when it ends, or as it is when `timeoutMs` passes (finished: false). */
+  async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean } | null> {
+    const { state } = this.ctx;
+    const task = await state.getTask(taskId, { includeSteps: true });
+    if (!task) return null;
+    if (isTerminal(task.state)) return { task, finished: true };
+    return new Promise((resolve) => {
+      const waiter: Waiter = {
+        done: (t, finished) => resolve({ task: t, finished }),
+        timer: setTimeout(() => {
+          this.waiting.get(taskId)?.delete(waiter);
+          void state.getTask(taskId, { includeSteps: true }).then(
+            (t) => resolve({ task: t ?? task, finished: t ? isTerminal(t.state) : false }),
+            () => resolve({ task, finished: false }),
+          );
+        }, timeoutMs),
+      };
+      let set = this.waiting.get(taskId);
+      if (!set) this.waiting.set(taskId, (set = new Set()));
+      set.add(waiter);
+    });
+  }
+
+  /** A commit here ended the task: its line in the log, and its waiters answered. */
+  async taskFinished(taskId: string, state: string): Promise<void> {
+    this.ctx.log.info({ task_id: taskId, state }, `task ${taskId} finished: ${state}`);
+    if (!this.waiting.has(taskId)) return;
+    const task = await this.ctx.state.getTask(taskId, { includeSteps: true });
+    if (task) this.finish(taskId, task);
+  }
+
+  /** Answers the task's waiters if the task has ended. */
+  finish(taskId: string, task: TaskView): void {
+    if (!isTerminal(task.state)) return;
+    const set = this.waiting.get(taskId);
+    if (!set) return;
+    this.waiting.delete(taskId);
+    for (const w of set) {
+      clearTimeout(w.timer);
+      w.done(task, true);
+    }
+  }
+
+  /** The poll's safety net: tasks finished by another process answer their waiters here too. */
+  async refresh(): Promise<void> {
+    for (const taskId of [...this.waiting.keys()]) {
+      const task = await this.ctx.state.getTask(taskId, { includeSteps: true }).catch(() => null);
+      if (task) this.finish(taskId, task);
+    }
+  }
+
+  /** At stop: every waiter gets the task as it is now (finished: false). */
+  async closeAll(): Promise<void> {
+    for (const [taskId, set] of this.waiting) {
+      const task = await this.ctx.state.getTask(taskId, { includeSteps: true }).catch(() => null);
+      for (const w of set) {
+        clearTimeout(w.timer);
+        if (task) w.done(task, false);
+      }
+    }
+    this.waiting.clear();
+  }
+}

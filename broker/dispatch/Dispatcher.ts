@@ -1,0 +1,194 @@
+/**
+ * Dispatch: claims ready steps for the pools that have credit and sends them.
+ * Rounds never overlap; anything that may mean work (a task created, a result
+ * that returned credit, children readied, a retry's backoff ending, the poll)
+ * asks for one with `kick`. A message that cannot be delivered means the pool
+ * is gone: its attempts go back.
+ */
+import { BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
+import type { BrokerContext } from "../BrokerContext";
+import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
+import type { ClaimedStep } from "../statePort";
+
+export class Dispatcher {
+  private wanted = false;
+  private round: Promise<void> | undefined;
+  private kickTimer: NodeJS.Timeout | undefined;
+  private nextKickAt: number | undefined;
+
+  /** `purge` forgets a pool that cannot be reached and hands its attempts back. */
+  constructor(
+    private readonly ctx: BrokerContext,
+    private readonly purge: (pool: PoolRecord, why: string) => Promise<void>,
+  ) {}
+
+  /**
+   * Asks for a dispatch round; rounds never overlap, and a request during one
+   * starts another. `creditOf` names a pool whose credit just came back (a
+   * result arrived): if its last claim found less ready work than it could
+   * take, that credit means no new work, and no round is started for it, so the
+   * claim for the children a commit readies is not kept waiting behind an
+   * empty one. Every other reason (new tasks, readied children, retries,
+   * requeued attempts, the poll) may mean work for anyone.
+   */
+  kick(creditOf?: PoolRecord): void {
+    if (!this.ctx.isRunning()) return;
+    if (creditOf?.readyDrained) return;
+    if (creditOf === undefined) this.ctx.pools.forgetDrained();
+    this.wanted = true;
+    if (!this.round) {
+      this.round = this.loop().finally(() => {
+        this.round = undefined;
+      });
+    }
+  }
+
+  /** Dispatches again when a retry's backoff ends, rather than waiting for the next poll. */
+  kickAt(when: number): void {
+    const delay = when - Date.now();
+    if (!(delay > 0) || !this.ctx.isRunning()) return;
+    if (this.nextKickAt !== undefined && this.nextKickAt <= when && this.nextKickAt > Date.now()) return;
+    clearTimeout(this.kickTimer);
+    this.nextKickAt = when;
+    this.kickTimer = setTimeout(() => {
+      this.nextKickAt = undefined;
+      this.kick();
+    }, delay + 1);
+  }
+
+  /** Resolves when no round is running (none starts once the broker stops running). */
+  async idle(): Promise<void> {
+    clearTimeout(this.kickTimer);
+    await this.round;
+  }
+
+  /** A pool still registered, to a broker still running. */
+  canSendTo(pool: PoolRecord): boolean {
+    return this.ctx.pools.isCurrent(pool) && this.ctx.isRunning();
+  }
+
+  /** Sends claimed steps to the pool they were claimed for; false (nothing sent) when it left. */
+  sendSteps(pool: PoolRecord, steps: ClaimedStep[]): boolean {
+    if (!this.canSendTo(pool)) return false;
+    const { ctx } = this;
+    const now = Date.now();
+    const dispatches: StepDispatch[] = steps.map(({ lease_expires_at: _lease, children, ...step }) => {
+      ctx.pools.addInFlight(pool, {
+        attemptId: step.attempt_id,
+        stepId: step.step_id,
+        taskId: step.task_id,
+        stepName: step.step_name,
+        handler: step.handler,
+        attempt: step.attempt,
+        maxAttempts: step.max_attempts,
+        children,
+        sentAt: now,
+      });
+      return step;
+    });
+    for (let i = 0; i < dispatches.length; i += ctx.opts.maxBatch) {
+      ctx.send(
+        pool.identity,
+        BrokerCommands.STEP,
+        { steps: dispatches.slice(i, i + ctx.opts.maxBatch) },
+        pool.encoding,
+      );
+    }
+    if (ctx.log.isLevelEnabled("debug")) {
+      for (const s of steps) {
+        ctx.log.debug(
+          { task_id: s.task_id, step_id: s.step_id, attempt_id: s.attempt_id, pool_id: pool.poolId },
+          `dispatched step ${s.step_name} to ${pool.poolId} (attempt ${s.attempt} of ${s.max_attempts})`,
+        );
+      }
+    }
+    return true;
+  }
+
+  /** A message could not be delivered: the pool is gone. Its attempts go back. */
+  onUndeliverable(identity: Buffer, frames: Buffer[]): void {
+    const { ctx } = this;
+    const key = identityKey(identity);
+    const pool = ctx.pools.get(key);
+    const command = frames[1]?.toString("latin1");
+    const fields = { peer: key, pool_id: pool?.poolId, command };
+    // While stopping, pools that already left are expected. While running, a peer that sends
+    // requests by the thousand and leaves would otherwise get a line for every lost answer.
+    if (!ctx.isRunning()) ctx.log.debug(fields, `could not deliver ${command}: the peer is gone`);
+    else
+      ctx.limiter.write(
+        `gone:${key}`,
+        `about undeliverable messages to ${pool?.poolId ?? JSON.stringify(key)}`,
+        "warn",
+        fields,
+        `could not deliver ${command}: the peer is gone`,
+      );
+    if (pool && command === BrokerCommands.WELCOME) {
+      // The pool dropped the socket it said HELLO on (no WELCOME in time) and
+      // says HELLO again on a fresh one. Forget the registration but keep its
+      // attempts leased, so that HELLO adopts them and their kept results are
+      // stored; if it never comes back, their leases expire.
+      ctx.pools.remove(pool.key);
+    } else if (pool) void this.purge(pool, "unreachable");
+  }
+
+  private async loop(): Promise<void> {
+    const { pools } = this.ctx;
+    while (this.wanted && this.ctx.isRunning()) {
+      this.wanted = false;
+      const ready = pools.withCredit();
+      if (ready.length === 0) return;
+      // Pools that have had results stored claim first; pools that have proved nothing yet (maybe
+      // silent ones) get only the work they left, so a swarm of those cannot starve a working pool.
+      const proven = ready.filter((p) => p.stored > 0);
+      const claimed = await Promise.all(proven.map((pool) => this.dispatchTo(pool)));
+      // Handlers a proven pool still has credit for: work for them that is ready now or soon goes
+      // to that pool on the next round, never to a pool on probation.
+      const spare = new Set<string>();
+      for (const p of proven) if (p.readyDrained) for (const h of p.handlers) spare.add(h);
+      const unproven = ready.filter((p) => p.stored === 0 && [...p.handlers].some((h) => !spare.has(h)));
+      if (unproven.length > 0)
+        claimed.push(...(await Promise.all(unproven.map((pool) => this.dispatchTo(pool)))));
+      // A full round means more work may be waiting.
+      if (claimed.some((full) => full)) this.wanted = true;
+    }
+  }
+
+  /** Claims up to the pool's credit of steps it serves and sends them; true when it filled the credit. */
+  private async dispatchTo(pool: PoolRecord): Promise<boolean> {
+    const { ctx } = this;
+    const credit = ctx.pools.credit(pool);
+    if (credit === 0) return false;
+    let steps: ClaimedStep[];
+    // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
+    const reservation = ctx.pools.reserve(pool, credit);
+    try {
+      steps = await ctx.state.claimSteps({
+        brokerId: ctx.id,
+        poolId: pool.poolId,
+        handlers: [...pool.handlers],
+        limit: credit,
+      });
+    } catch (e) {
+      ctx.log.error(
+        { err: coerceError(e), pool_id: pool.poolId },
+        "claiming steps failed; retrying on the next poll",
+      );
+      return false;
+    } finally {
+      reservation.settle();
+    }
+    ctx.pools.noteClaimed(pool, steps.length < credit);
+    if (steps.length === 0) return false;
+    if (!this.sendSteps(pool, steps)) {
+      // The pool left while we claimed: give the steps back untouched.
+      await ctx.release(
+        steps.map((s) => s.attempt_id),
+        false,
+        "pool left before dispatch",
+      );
+      return false;
+    }
+    return steps.length === credit;
+  }
+}

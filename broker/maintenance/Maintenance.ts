@@ -1,0 +1,110 @@
+/**
+ * The broker's timers: heartbeats (and the purge of silent pools), lease
+ * expiry, the safety-net poll for work no notification announced, and, once
+ * after a start, the recovery of attempts this broker's previous life left in
+ * flight that no reconnecting pool reclaimed.
+ */
+import { CancelReasons, coerceError } from "../../protocol";
+import type { BrokerContext } from "../BrokerContext";
+import type { PoolRecord } from "../pools/PoolRegistry";
+
+export interface MaintenanceHooks {
+  /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick), and sweeps per-peer memory. */
+  heartbeat(now: number): void;
+  /** The poll's other duty: answer waiters of tasks another process finished. */
+  poll(): Promise<void>;
+  /** Attempts reconnecting pools reclaimed since the start: not orphans. */
+  adopted(): Iterable<string>;
+}
+
+export class Maintenance {
+  private readonly timers: NodeJS.Timeout[] = [];
+  private recovered = false;
+  private startedAt = new Date();
+
+  constructor(
+    private readonly ctx: BrokerContext,
+    private readonly hooks: MaintenanceHooks,
+  ) {}
+
+  start(startedAt: Date): void {
+    const { opts } = this.ctx;
+    this.startedAt = startedAt;
+    this.every(Math.max(10, Math.floor(opts.heartbeatMs / 2)), () => this.hooks.heartbeat(Date.now()));
+    this.every(opts.leaseCheckMs, () => this.expireLeases());
+    this.every(opts.pollMs, () => this.poll());
+    this.timers.push(setTimeout(() => void this.recoverOrphans(), opts.recoveryGraceMs));
+  }
+
+  stop(): void {
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.length = 0;
+  }
+
+  private async expireLeases(): Promise<void> {
+    const { ctx } = this;
+    try {
+      const expired = await ctx.state.expireLeases({ brokerId: ctx.id });
+      if (expired.length === 0) return;
+      const byPool = new Map<PoolRecord, string[]>();
+      for (const x of expired) {
+        const held = ctx.pools.takeInFlight(x.attemptId);
+        ctx.log.warn(
+          {
+            attempt_id: x.attemptId,
+            task_id: x.taskId,
+            step_id: x.stepId,
+            pool_id: held?.pool.poolId ?? x.poolId,
+            next: x.state,
+          },
+          `step ${held?.flight.stepName ?? x.stepId} timed out (attempt ${held?.flight.attempt ?? "?"}); it is now ${x.state}`,
+        );
+        if (!held) continue;
+        const list = byPool.get(held.pool) ?? [];
+        list.push(x.attemptId);
+        byPool.set(held.pool, list);
+      }
+      for (const [pool, ids] of byPool) ctx.sendCancel(pool, ids, CancelReasons.TIMEOUT);
+      ctx.kick();
+    } catch (e) {
+      ctx.log.error({ err: coerceError(e) }, "expiring leases failed; retrying on the next tick");
+    }
+  }
+
+  private async poll(): Promise<void> {
+    this.ctx.kick();
+    await this.hooks.poll();
+  }
+
+  /**
+   * After a start, attempts leased by this broker's previous life that no pool
+   * reclaimed within the grace period go back to ready.
+   */
+  private async recoverOrphans(): Promise<void> {
+    const { ctx } = this;
+    if (this.recovered || !ctx.isRunning()) return;
+    this.recovered = true;
+    try {
+      const { attempts } = await ctx.state.recoverOrphans({
+        brokerId: ctx.id,
+        olderThan: this.startedAt,
+        keep: [...this.hooks.adopted()],
+      });
+      if (attempts.length > 0) {
+        ctx.log.info(
+          { attempts: attempts.length },
+          `recovered ${attempts.length} attempts left in flight by a previous run`,
+        );
+        ctx.kick();
+      }
+    } catch (e) {
+      this.recovered = false;
+      ctx.log.error({ err: coerceError(e) }, "recovering orphaned attempts failed; retrying shortly");
+      this.timers.push(setTimeout(() => void this.recoverOrphans(), ctx.opts.pollMs));
+    }
+  }
+
+  private every(ms: number, fn: () => unknown): void {
+    this.timers.push(setInterval(() => void fn(), ms));
+  }
+}
