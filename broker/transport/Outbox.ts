@@ -2,7 +2,7 @@
  * One outbox for the broker's sockets. zeromq.js allows a single pending
  * send() per socket (a second throws EBUSY), so every message the broker
  * sends goes through this queue, drained by one loop. An identity names the
- * socket its peer is on (see routingId.ts): the outbox sends on that socket,
+ * socket its peer is on (see PeerIdentities.ts): the outbox sends on that socket,
  * to the peer's own routing id.
  *
  * The ROUTER runs with `mandatory` and `sendTimeout: 0`, so a send either
