@@ -94,7 +94,7 @@ export class Broker {
     const purge = (pool: PoolRecord, why: string): Promise<void> => this.sessions.purge(pool, why);
     this.guard = new PeerGuard(ctx, this.listeners, purge);
     this.sessions = new PoolSessions(ctx, this.listeners.identities, this.guard);
-    this.dispatcher = new Dispatcher(ctx, purge);
+    this.dispatcher = new Dispatcher(ctx, (pool, why) => this.sessions.connectionLost(pool, why));
     this.waiters = new Waiters(ctx);
     this.clients = new ClientVerbs(ctx, this.waiters, (identity) => this.listeners.rolesOf(identity));
     const batch = new BatchCommit(
@@ -123,6 +123,7 @@ export class Broker {
         this.guard.sweep(now);
         this.limiter.sweep();
       },
+      stalled: (now) => this.sessions.restartLivenessClocks(now),
       poll: () => this.waiters.refresh(),
       adopted: () => this.sessions.adopted,
     });

@@ -16,10 +16,10 @@ export class Dispatcher {
   private kickTimer: NodeJS.Timeout | undefined;
   private nextKickAt: number | undefined;
 
-  /** `purge` forgets a pool that cannot be reached and hands its attempts back. */
+  /** `unreachable` forgets a pool whose connection is gone (PoolSessions.connectionLost). */
   constructor(
     private readonly ctx: BrokerContext,
-    private readonly purge: (pool: PoolRecord, why: string) => Promise<void>,
+    private readonly unreachable: (pool: PoolRecord, why: string) => void,
   ) {}
 
   /**
@@ -105,7 +105,7 @@ export class Dispatcher {
     return true;
   }
 
-  /** A message could not be delivered: the pool is gone. Its attempts go back. */
+  /** A message could not be delivered: the pool's connection is gone. */
   onUndeliverable(identity: Buffer, frames: Buffer[]): void {
     const { ctx } = this;
     const key = identityKey(identity);
@@ -129,7 +129,7 @@ export class Dispatcher {
       // attempts leased, so that HELLO adopts them and their kept results are
       // stored; if it never comes back, their leases expire.
       ctx.pools.remove(pool.key);
-    } else if (pool) void this.purge(pool, "unreachable");
+    } else if (pool) this.unreachable(pool, "unreachable");
   }
 
   private async loop(): Promise<void> {

@@ -11,6 +11,12 @@ import type { PoolRecord } from "../pools/PoolRegistry";
 export interface MaintenanceHooks {
   /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick), and sweeps per-peer memory. */
   heartbeat(now: number): void;
+  /**
+   * The broker itself did not run for `lagMs` (a blocked event loop, a
+   * stopped or starved process): pools it did not hear from meanwhile are
+   * not dead for that, so their liveness clocks start again from `now`.
+   */
+  stalled(now: number, lagMs: number): void;
   /** The poll's other duty: answer waiters of tasks another process finished. */
   poll(): Promise<void>;
   /** Attempts reconnecting pools reclaimed since the start: not orphans. */
@@ -21,6 +27,9 @@ export class Maintenance {
   private readonly timers: NodeJS.Timeout[] = [];
   private recovered = false;
   private startedAt = new Date();
+  private lastBeat = 0;
+  /** How late the last heartbeat tick ran, in ms: the broker's own timer lag. */
+  timerLagMs = 0;
 
   constructor(
     private readonly ctx: BrokerContext,
@@ -30,7 +39,9 @@ export class Maintenance {
   start(startedAt: Date): void {
     const { opts } = this.ctx;
     this.startedAt = startedAt;
-    this.every(Math.max(10, Math.floor(opts.heartbeatMs / 2)), () => this.hooks.heartbeat(Date.now()));
+    const beatMs = Math.max(10, Math.floor(opts.heartbeatMs / 2));
+    this.lastBeat = Date.now();
+    this.every(beatMs, () => this.beat(beatMs));
     this.every(opts.leaseCheckMs, () => this.expireLeases());
     this.every(opts.pollMs, () => this.poll());
     this.timers.push(setTimeout(() => void this.recoverOrphans(), opts.recoveryGraceMs));
@@ -39,6 +50,27 @@ export class Maintenance {
   stop(): void {
     for (const t of this.timers) clearTimeout(t);
     this.timers.length = 0;
+  }
+
+  /**
+   * A tick later than one heartbeat interval means the broker was not
+   * running: the pools' silence meanwhile is the broker's, and purging them
+   * would re-run work that is fine. Checked before the heartbeat purge, which
+   * on resume runs before the messages that waited in the sockets are read.
+   */
+  private beat(beatMs: number): void {
+    const now = Date.now();
+    this.timerLagMs = Math.max(0, now - this.lastBeat - beatMs);
+    this.lastBeat = now;
+    if (this.timerLagMs > this.ctx.opts.heartbeatMs) {
+      this.ctx.log.warn(
+        { lag_ms: this.timerLagMs },
+        `the broker did not run for ${this.timerLagMs} ms (a blocked event loop, or the process was stopped or starved): ` +
+          "pools' liveness clocks start again instead of declaring them dead; if this repeats, give the broker more CPU",
+      );
+      this.hooks.stalled(now, this.timerLagMs);
+    }
+    this.hooks.heartbeat(now);
   }
 
   private async expireLeases(): Promise<void> {

@@ -21,6 +21,8 @@ export interface StrikeCounter {
 export class PoolSessions {
   /** Attempts pools reclaimed in HELLO.running since this life started (orphan recovery keeps them). */
   readonly adopted = new Set<string>();
+  /** Attempts of pools whose connection was lost, kept leased for a reconnect to reclaim: timer -> attempt ids. */
+  private readonly awaitingReconnect = new Map<NodeJS.Timeout, string[]>();
 
   constructor(
     private readonly ctx: BrokerContext,
@@ -239,6 +241,42 @@ export class PoolSessions {
     }
   }
 
+  /** The broker was stalled: no pool is to blame for the silence, so every liveness clock restarts now. */
+  restartLivenessClocks(now: number): void {
+    for (const pool of this.ctx.pools.all()) this.ctx.pools.touch(pool, now);
+  }
+
+  /**
+   * A send to the pool failed: its connection is gone. A pool that lost the
+   * broker for a while (a network blip, a broker that stalled) reconnects with
+   * a new connection and lists what it still runs in HELLO, so its attempts
+   * stay leased for one liveness period for that HELLO to reclaim; those no
+   * pool reclaimed by then go back to ready, each counting as an attempt.
+   */
+  connectionLost(pool: PoolRecord, why: string): void {
+    const { ctx } = this;
+    if (!ctx.pools.isCurrent(pool)) return;
+    const held = ctx.pools.remove(pool.key).map((f) => f.attemptId);
+    const graceMs = ctx.opts.heartbeatMs * ctx.opts.heartbeatLiveness;
+    ctx.log.warn(
+      { pool_id: pool.poolId, in_flight: held.length, reason: why, grace_ms: graceMs },
+      `pool ${pool.poolId} lost (${why}); its ${held.length} in-flight attempts wait ${graceMs} ms for it to reconnect and reclaim them`,
+    );
+    ctx.kick();
+    if (held.length === 0) return;
+    const timer = setTimeout(() => {
+      this.awaitingReconnect.delete(timer);
+      const unclaimed = held.filter((id) => ctx.pools.holderOf(id) === undefined);
+      if (unclaimed.length === 0) return;
+      ctx.log.warn(
+        { pool_id: pool.poolId, attempts: unclaimed.length },
+        `pool ${pool.poolId} did not reconnect to reclaim ${unclaimed.length} attempts; they go back to ready`,
+      );
+      void ctx.release(unclaimed, true, `pool lost: ${why}`);
+    }, graceMs);
+    this.awaitingReconnect.set(timer, held);
+  }
+
   /** Forgets a pool; its in-flight attempts go back to ready at once (each counts as an attempt). */
   async purge(pool: PoolRecord, why: string): Promise<void> {
     const { ctx } = this;
@@ -271,10 +309,15 @@ export class PoolSessions {
    */
   async handBackAll(): Promise<void> {
     const { ctx } = this;
-    const leftover: InFlight[] = [];
+    const leftover: string[] = [];
+    for (const [timer, ids] of this.awaitingReconnect) {
+      clearTimeout(timer);
+      leftover.push(...ids.filter((id) => ctx.pools.holderOf(id) === undefined));
+    }
+    this.awaitingReconnect.clear();
     for (const pool of [...ctx.pools.all()]) {
       const held = ctx.pools.remove(pool.key);
-      leftover.push(...held);
+      leftover.push(...held.map((f) => f.attemptId));
       if (held.length > 0)
         ctx.sendCancel(
           pool,
@@ -289,11 +332,7 @@ export class PoolSessions {
       );
     }
     if (leftover.length === 0) return;
-    await ctx.release(
-      leftover.map((f) => f.attemptId),
-      false,
-      "broker shutdown",
-    );
+    await ctx.release(leftover, false, "broker shutdown");
     ctx.log.info(
       { attempts: leftover.length },
       `handed back ${leftover.length} unfinished attempts at shutdown`,

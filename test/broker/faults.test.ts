@@ -583,6 +583,58 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     assert.equal(runs, 1, "the handler ran exactly once");
   });
 
+  it("does not take its pools for dead after the broker itself was stopped for 3 s (SIGSTOP), and re-runs nothing", async () => {
+    await state.sm.registerTemplate(
+      template("stall", [{ name: "work", handler: "st_work", timeout_ms: 60_000 }]),
+    );
+    const endpoint = await freeTcpEndpoint();
+    // Pools are declared dead after 3 heartbeats of 300 ms: the 3 s stop is three times that.
+    const b = await spawnBrokerProcess({
+      endpoint,
+      schema: state.schema,
+      brokerId: `stall-${uid()}`,
+      heartbeatMs: 300,
+      env: { STEPBROKER_LOG_LEVEL: "info" },
+    });
+    brokers.push(b);
+    logs.push(["broker", () => b.stderr()]);
+    const started = gate();
+    const release = gate();
+    let runs = 0;
+    const pool = new HandlerPool({
+      endpoint,
+      poolId: `st-${uid()}`,
+      capacity: 1,
+      logger: capturedLogger("pool"),
+      reconnect: { initialMs: 50, maxMs: 300 },
+    });
+    pool.handle("st_work", async (step: Step) => {
+      runs++;
+      started.open();
+      await release.promise;
+      return { attempt_id: step.attemptId };
+    });
+    cleanups.push(() => release.open());
+    cleanups.push(() => pool.close({ drainMs: 200, ackTimeoutMs: 500 }));
+    await pool.start();
+
+    const { task } = await state.sm.createTask({ namespace: NS, name: "stall", context: {} });
+    await started.promise;
+    b.child.kill("SIGSTOP");
+    await new Promise((r) => setTimeout(r, 3000));
+    b.child.kill("SIGCONT");
+    await eventually("the broker to say it was stalled", async () =>
+      b.stderr().includes("the broker did not run for") ? true : undefined,
+    );
+    release.open();
+
+    const done = await taskIn(state.sm, task.task_id, ["complete", "error", "cancelled"]);
+    assert.equal(done.state, "complete");
+    assert.deepEqual(outcomes(await state.sm.getAttempts(task.task_id)), ["complete"], "one attempt");
+    assert.equal(runs, 1, "the handler ran once: the pool was not purged and its step not re-run");
+    assert.ok(!/lost \(missed heartbeats\)/.test(b.stderr()), "no pool was declared dead");
+  });
+
   it("makes an attempt no pool reclaims ready again after the recovery grace, and completes it", async () => {
     await state.sm.registerTemplate(
       template("restart_orphan", [{ name: "work", handler: "ro_work", timeout_ms: 60_000 }]),
