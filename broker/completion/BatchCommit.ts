@@ -174,25 +174,34 @@ export class BatchCommit {
   }
 
   /**
-   * The pool to claim a batch's children for: the one with the most credit
-   * among the pools that sent results with children (they likely serve the
-   * next steps too), and how many children it may take. None when no result
-   * has children, so one-step work never has credit held back.
+   * The pool to claim a batch's children for, and how many children it may
+   * take: of the pools that could run them, the one with the most free
+   * credit. A pool that sent a parent's result likely serves the next steps,
+   * and so does any pool serving every handler it serves; among those, a slow
+   * pool (its credit taken by work in flight) leaves its children to a fast
+   * one (credit free). Only pools that have had results stored are chosen. None
+   * when no result has children, so one-step work never has credit held back.
    */
   private childClaimPool(items: PendingResult[]): { pool: PoolRecord; limit: number } | undefined {
     const { pools } = this.ctx;
     let children = 0;
-    let best: PoolRecord | undefined;
+    const senders = new Set<PoolRecord>();
     for (const item of items) {
       const n = item.result.status === "complete" ? (item.flight?.children ?? 0) : 0;
       if (n === 0) continue;
       children += n;
       const pool = pools.get(item.poolKey);
-      if (pool && (!best || pools.credit(pool) > pools.credit(best))) best = pool;
+      if (pool) senders.add(pool);
     }
-    if (!best || !this.ctx.isRunning()) return undefined;
-    const limit = Math.min(children, pools.credit(best));
-    return limit > 0 ? { pool: best, limit } : undefined;
+    if (senders.size === 0 || !this.ctx.isRunning()) return undefined;
+    let best: PoolRecord | undefined;
+    for (const sender of senders) if (!best || pools.credit(sender) > pools.credit(best)) best = sender;
+    for (const pool of pools.all()) {
+      if (pool.stored === 0 || pools.credit(pool) <= pools.credit(best!)) continue;
+      if ([...senders].some((s) => servesAll(pool, s))) best = pool;
+    }
+    const limit = Math.min(children, pools.credit(best!));
+    return limit > 0 ? { pool: best!, limit } : undefined;
   }
 
   /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */
@@ -223,4 +232,11 @@ export class BatchCommit {
       );
     }
   }
+}
+
+/** `pool` serves every handler `other` serves. */
+function servesAll(pool: PoolRecord, other: PoolRecord): boolean {
+  if (pool === other) return true;
+  for (const h of other.handlers) if (!pool.handlers.has(h)) return false;
+  return true;
 }

@@ -105,3 +105,76 @@ describe("children claimed with their parent's result (broker, inproc://)", func
     for (const s of done.steps!) assert.equal(s.attempts, 1, `${s.name} ran once`);
   });
 });
+
+describe("children claimed with their parent's result go to the pool with the most free credit (broker, inproc://)", function () {
+  this.timeout(30_000);
+  const stack = useBrokerStack("child_locality", "inproc", { pollMs: 60_000 });
+  const pools: HandlerPool[] = [];
+  const FAN = {
+    namespace: "cl",
+    name: "fan",
+    version: "1",
+    steps: [
+      { name: "root", handler: "root" },
+      { name: "left", handler: "leaf", depends_on: ["root"] },
+      { name: "right", handler: "leaf", depends_on: ["root"] },
+    ],
+  };
+  const ONE = { namespace: "cl", name: "one", version: "1", steps: [{ name: "only", handler: "leaf" }] };
+
+  before(async () => {
+    await stack.registerTemplate(FAN);
+    await stack.registerTemplate(ONE);
+  });
+  after(async () => {
+    for (const p of pools) await p.close({ drainMs: 1000 });
+  });
+
+  it("claims a slow pool's children for a fast pool that has credit free", async () => {
+    /** Roots held by the slow pool until the test lets each go, by task id. */
+    const holds = new Map<string, () => void>();
+    const held = (taskId: string): Promise<void> => new Promise((r) => holds.set(taskId, r));
+    const ran = new Map<string, string>();
+    const handlers = (pool: HandlerPool, name: string, slowRoots: boolean): void => {
+      pool.handle("root", async (step) => {
+        if (slowRoots) await held(step.taskId);
+        return { by: name };
+      });
+      pool.handle("leaf", async (step) => {
+        ran.set(`${step.taskId}/${step.stepName}`, name);
+        return { by: name };
+      });
+    };
+    const slow = new HandlerPool({ endpoint: stack.endpoint, poolId: "slow", capacity: 2, logger: silent });
+    handlers(slow, "slow", true);
+    pools.push(slow);
+    await slow.start();
+    // The slow pool proves itself with one quick task, then takes two roots and holds them.
+    const warm1 = await stack.broker.submit({ namespace: "cl", name: "one", context: {} });
+    await stack.waitForTask(warm1.task.task_id);
+    const t1 = await stack.broker.submit({ namespace: "cl", name: "fan", context: {} });
+    const t2 = await stack.broker.submit({ namespace: "cl", name: "fan", context: {} });
+    const deadline = Date.now() + 10_000;
+    while (!(holds.has(t1.task.task_id) && holds.has(t2.task.task_id))) {
+      if (Date.now() > deadline) throw new Error("the slow pool did not take both roots");
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    // The fast pool proves itself on work the slow one has no credit for.
+    const fast = new HandlerPool({ endpoint: stack.endpoint, poolId: "fast", capacity: 16, logger: silent });
+    handlers(fast, "fast", false);
+    pools.push(fast);
+    await fast.start();
+    const warm2 = await stack.broker.submit({ namespace: "cl", name: "one", context: {} });
+    assert.equal(stepOf(await stack.waitForTask(warm2.task.task_id), "only").state, "complete");
+    assert.equal(ran.get(`${warm2.task.task_id}/only`), "fast");
+
+    // t1's root ends at the slow pool, which still holds t2's root (1 of 2 free); the fast pool has 16.
+    holds.get(t1.task.task_id)!();
+    const done = await stack.waitForTask(t1.task.task_id);
+    assert.equal(done.state, "complete");
+    assert.equal(ran.get(`${t1.task.task_id}/left`), "fast");
+    assert.equal(ran.get(`${t1.task.task_id}/right`), "fast");
+    holds.get(t2.task.task_id)!();
+    assert.equal((await stack.waitForTask(t2.task.task_id)).state, "complete");
+  });
+});
