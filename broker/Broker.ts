@@ -118,6 +118,7 @@ export class Broker {
       (pool, e) => this.guard.failed("RESULT", pool.identity, e),
     );
     this.maintenance = new Maintenance(ctx, {
+      timedOut: (pool, flight) => this.sessions.timedOut(pool, flight),
       heartbeat: (now) => {
         this.sessions.heartbeatTick(now);
         this.guard.sweep(now);
@@ -215,7 +216,8 @@ export class Broker {
     this.setState("stopping");
     this.maintenance.stop();
     const deadline = Date.now() + drainMs;
-    while (Date.now() < deadline && this.inFlightCount() > 0) await sleep(20);
+    while (Date.now() < deadline && this.committer.pending + this.ctx.pools.inFlightTotal() > 0)
+      await sleep(20);
     await this.dispatcher.idle();
     await this.committer.idle();
     await this.sessions.handBackAll();
@@ -263,7 +265,9 @@ export class Broker {
                 .catch((e) => this.guard.failed("PROGRESS", identity, e))
             : this.sessions.requireHello(identity, "PROGRESS");
         case "HEARTBEAT":
-          return pool ? undefined : this.sessions.requireHello(identity, "HEARTBEAT");
+          return pool
+            ? this.sessions.heartbeat(pool, msg.body)
+            : this.sessions.requireHello(identity, "HEARTBEAT");
         case "DISCONNECT":
           return pool ? this.sessions.leaving(pool, msg.body) : undefined;
         case "ERROR":
@@ -285,12 +289,6 @@ export class Broker {
       const requestId = (msg.body as { request_id?: unknown }).request_id;
       this.guard.failed(msg.command, identity, e, typeof requestId === "string" ? requestId : undefined);
     }
-  }
-
-  private inFlightCount(): number {
-    let n = this.committer.pending;
-    for (const p of this.ctx.pools.all()) n += p.inFlight.size;
-    return n;
   }
 }
 

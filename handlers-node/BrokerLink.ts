@@ -100,6 +100,8 @@ export interface SessionTerms {
 export interface LinkOwner {
   helloFor(link: BrokerLink): HelloBody;
   inFlight(link: BrokerLink): number;
+  /** Attempts released while their handlers run (cancelled, handed back): HEARTBEAT `cancelling`. */
+  cancelling(link: BrokerLink): string[];
   onWelcome(link: BrokerLink, welcome: WelcomeBody): void;
   onSteps(link: BrokerLink, steps: StepDispatch[]): void;
   onAcks(link: BrokerLink, acks: AckItem[]): void;
@@ -360,9 +362,18 @@ export class BrokerLink {
       now - this.lastSentAt >= heartbeatMs &&
       (this.session?.outbox.size ?? 0) === 0
     ) {
-      this.send("HEARTBEAT", { in_flight: this.opts.owner.inFlight(this) });
+      this.heartbeatNow();
     }
     this.scheduleTick();
+  }
+
+  /** Sends a HEARTBEAT now (when welcomed): also how the broker learns that a cancelled handler returned. */
+  heartbeatNow(): void {
+    if (this._state !== LinkStates.WELCOMED) return;
+    this.send("HEARTBEAT", {
+      in_flight: this.opts.owner.inFlight(this),
+      cancelling: this.opts.owner.cancelling(this),
+    });
   }
 
   // ------------------------------------------------------------- sending

@@ -73,6 +73,8 @@ interface Attempt {
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
 /** setTimeout's largest delay; longer leases are clamped to it. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** HEARTBEAT `cancelling` carries at most this many ids (heartbeat.json maxItems). */
+const MAX_CANCELLING = 10_000;
 /** A graceful close keeps a welcomed socket this long so the last DISCONNECT leaves. */
 const GOODBYE_LINGER_MS = 100;
 const GOODBYE_SEND_WAIT_MS = 250;
@@ -102,6 +104,8 @@ export class HandlerPool {
   private readonly links: BrokerLink[];
   private readonly attempts = new Map<string, Attempt>();
   private readonly queue: Attempt[] = [];
+  /** Released attempts whose handlers still run (HEARTBEAT `cancelling`): each still holds a slot. */
+  private readonly lingering = new Set<Attempt>();
   /** Handlers executing now, released ones included: what `capacity` bounds. */
   private busy = 0;
   private readonly opts: HandlerPoolOptions;
@@ -338,7 +342,10 @@ export class HandlerPool {
   private forget(a: Attempt, why: string): void {
     if (this.attempts.get(a.id) === a) this.attempts.delete(a.id);
     this.clearLease(a);
-    if (a.phase === AttemptPhases.RUNNING) a.released = true;
+    if (a.phase === AttemptPhases.RUNNING) {
+      a.released = true;
+      this.lingering.add(a);
+    }
     a.log.debug(`forgot attempt: ${why}`);
     this.changed();
   }
@@ -381,6 +388,11 @@ export class HandlerPool {
       helloFor: (link) => this.helloFor(link),
       inFlight: (link) =>
         this.held(AttemptPhases.RUNNING, link).length + this.held(AttemptPhases.QUEUED, link).length,
+      cancelling: (link) =>
+        [...this.lingering]
+          .filter((a) => a.link === link)
+          .map((a) => a.id)
+          .slice(0, MAX_CANCELLING),
       onWelcome: (link, w) => this.onWelcome(link, w),
       onSteps: (link, steps) => this.onSteps(link, steps),
       onAcks: (link, acks) => this.onAcks(link, acks),
@@ -590,6 +602,10 @@ export class HandlerPool {
     const ms = performance.now() - a.startedAt;
     item.duration_ms = Math.round(ms * 1000) / 1000;
     this.busy--;
+    if (a.released && this.lingering.delete(a)) {
+      // The broker counts this slot as taken until a HEARTBEAT stops listing it: say so now.
+      a.link.heartbeatNow();
+    }
     if (a.released) {
       a.log.info(
         `step ${d.step_name} ended ${Math.round(ms)} ms after it started; its outcome is dropped (cancelled or handed back)`,

@@ -192,6 +192,12 @@ export interface HeartbeatBody {
    * Attempts the sender is running (pool) or has dispatched to this pool (broker).
    */
   in_flight?: number;
+  /**
+   * (pool) Attempts the broker cancelled (or the pool handed back) whose handlers have not returned yet: each still takes one of the pool's slots, and the broker counts it against the pool's credit until a HEARTBEAT no longer lists it. A pool that sends this field sends it in every HEARTBEAT, and sends a HEARTBEAT at once when such a handler returns.
+   *
+   * @maxItems 10000
+   */
+  cancelling?: Id[];
 }
 /**
  * The first message of a pool. No STEP is sent to a pool before the broker answers WELCOME.
@@ -360,6 +366,14 @@ export interface PoolView {
   encoding: Encoding;
   connected_at: Timestamp;
   last_seen_ms_ago: number;
+  /**
+   * Slots held by cancelled attempts whose handlers have not returned (HEARTBEAT cancelling, and timeouts not yet confirmed).
+   */
+  cancelling?: number;
+  /**
+   * The pool gets no new work: its last attempts timed out in a row and none completed since (PROTOCOL.md, Zombie pools).
+   */
+  quarantined?: boolean;
 }
 /**
  * Outcomes of one or more attempts. The pool keeps each until ACK names its attempt_id.

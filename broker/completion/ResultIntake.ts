@@ -55,6 +55,8 @@ export class ResultIntake {
         continue;
       }
       if (!holder) {
+        // A cancelled handler returned after all: the slot it held is free.
+        if (pool.lingering.has(r.attempt_id)) ctx.pools.noteLateResult(pool, r.attempt_id);
         unheld.push(r);
         continue;
       }

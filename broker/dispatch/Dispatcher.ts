@@ -154,6 +154,24 @@ export class Dispatcher {
     }
   }
 
+  /**
+   * Steps whose last attempt timed out at this pool, for handlers another
+   * pool has credit for now: this pool's claim skips them, so their retries
+   * go to that pool rather than back to one that may never return them.
+   */
+  private retriesForOthers(pool: PoolRecord): string[] {
+    if (pool.timedOutSteps.size === 0) return [];
+    const { pools } = this.ctx;
+    const elsewhere = new Set<string>();
+    for (const other of pools.all()) {
+      if (other === pool || pools.credit(other) === 0) continue;
+      for (const h of other.handlers) elsewhere.add(h);
+    }
+    const avoid: string[] = [];
+    for (const [stepId, handler] of pool.timedOutSteps) if (elsewhere.has(handler)) avoid.push(stepId);
+    return avoid;
+  }
+
   /** Claims up to the pool's credit of steps it serves and sends them; true when it filled the credit. */
   private async dispatchTo(pool: PoolRecord): Promise<boolean> {
     const { ctx } = this;
@@ -163,11 +181,13 @@ export class Dispatcher {
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);
     try {
+      const avoid = this.retriesForOthers(pool);
       steps = await ctx.state.claimSteps({
         brokerId: ctx.id,
         poolId: pool.poolId,
         handlers: [...pool.handlers],
         limit: credit,
+        ...(avoid.length > 0 ? { avoidStepIds: avoid } : {}),
       });
     } catch (e) {
       ctx.log.error(

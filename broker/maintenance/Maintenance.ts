@@ -6,7 +6,7 @@
  */
 import { CancelReasons, coerceError } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
-import type { PoolRecord } from "../pools/PoolRegistry";
+import type { InFlight, PoolRecord } from "../pools/PoolRegistry";
 
 export interface MaintenanceHooks {
   /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick), and sweeps per-peer memory. */
@@ -17,6 +17,8 @@ export interface MaintenanceHooks {
    * not dead for that, so their liveness clocks start again from `now`.
    */
   stalled(now: number, lagMs: number): void;
+  /** An attempt in flight at this pool timed out (PoolSessions.timedOut: slot held, quarantine). */
+  timedOut(pool: PoolRecord, flight: InFlight): void;
   /** The poll's other duty: answer waiters of tasks another process finished. */
   poll(): Promise<void>;
   /** Attempts reconnecting pools reclaimed since the start: not orphans. */
@@ -92,6 +94,7 @@ export class Maintenance {
           `step ${held?.flight.stepName ?? x.stepId} timed out (attempt ${held?.flight.attempt ?? "?"}); it is now ${x.state}`,
         );
         if (!held) continue;
+        this.hooks.timedOut(held.pool, held.flight);
         const list = byPool.get(held.pool) ?? [];
         list.push(x.attemptId);
         byPool.set(held.pool, list);

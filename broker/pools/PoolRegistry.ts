@@ -36,6 +36,14 @@ export interface InFlight extends AdoptedAttempt {
 export const INITIAL_WINDOW = 16;
 export const UNPROVEN_CREDIT_BUDGET = 1024;
 export const PROBE_BUDGET = 16;
+/**
+ * Zombie pools (PROTOCOL.md): a pool whose last QUARANTINE_AFTER attempts
+ * timed out in a row, with no result stored since, gets no new work until it
+ * has a result stored or reconnects.
+ */
+export const QUARANTINE_AFTER = 3;
+/** Steps remembered per pool as timed out there, so their retries go elsewhere when they can. */
+const REMEMBERED_TIMEOUTS = 1024;
 /** Earned windows kept for pools that left, for a reconnect with the same session. */
 const REMEMBERED_WINDOWS = 10_000;
 
@@ -70,11 +78,27 @@ interface MutablePool {
   lastSent: number;
   /** The pool sent DISCONNECT: no new work; it leaves once its in-flight attempts are done. */
   draining: boolean;
+  /**
+   * Cancelled attempts whose handlers still hold a slot of the pool: as the
+   * pool's last HEARTBEAT `cancelling` listed them, plus attempts timed out
+   * since (until a HEARTBEAT or their late RESULT says otherwise). Counted
+   * against credit. Only for pools that report `cancelling`.
+   */
+  lingering: Set<string>;
+  /** The pool has sent HEARTBEAT `cancelling`: it says when a cancelled handler returns. */
+  reportsCancelling: boolean;
+  /** Attempts in a row that timed out here, with no result stored since. */
+  timeoutsInARow: number;
+  quarantined: boolean;
+  /** Steps whose attempt timed out here (step id -> handler), most recent last: their retries go elsewhere. */
+  timedOutSteps: Map<string, string>;
 }
 
 /** A pool as the broker's services see it: changed only through the registry's methods. */
-export type PoolRecord = Readonly<Omit<MutablePool, "inFlight">> & {
+export type PoolRecord = Readonly<Omit<MutablePool, "inFlight" | "lingering" | "timedOutSteps">> & {
   readonly inFlight: ReadonlyMap<string, InFlight>;
+  readonly lingering: ReadonlySet<string>;
+  readonly timedOutSteps: ReadonlyMap<string, string>;
 };
 
 /**
@@ -154,6 +178,11 @@ export class PoolRegistry {
       lastSeen: now,
       lastSent: now,
       draining: false,
+      lingering: new Set(),
+      reportsCancelling: false,
+      timeoutsInARow: 0,
+      quarantined: false,
+      timedOutSteps: new Map(),
     };
     this.pools.set(key, record);
     if (record.stored > 0) this.proven++;
@@ -263,6 +292,42 @@ export class PoolRegistry {
     }
     pool.stored++;
     pool.window = Math.min(pool.capacity, pool.window + INITIAL_WINDOW);
+    pool.timeoutsInARow = 0;
+    pool.quarantined = false;
+  }
+
+  /**
+   * An attempt of the pool timed out and was cancelled. A pool that reports
+   * `cancelling` keeps the slot counted until it says the handler returned;
+   * the step's retry avoids this pool while another can take it. Returns true
+   * when this timeout quarantined the pool.
+   */
+  noteTimedOut(record: PoolRecord, flight: InFlight): boolean {
+    const pool = writable(record);
+    if (pool.reportsCancelling && pool.lingering.size < pool.capacity) pool.lingering.add(flight.attemptId);
+    pool.timedOutSteps.delete(flight.stepId);
+    pool.timedOutSteps.set(flight.stepId, flight.handler);
+    if (pool.timedOutSteps.size > REMEMBERED_TIMEOUTS)
+      pool.timedOutSteps.delete(pool.timedOutSteps.keys().next().value!);
+    pool.timeoutsInARow++;
+    if (pool.quarantined || pool.timeoutsInARow < QUARANTINE_AFTER) return false;
+    pool.quarantined = true;
+    return true;
+  }
+
+  /**
+   * The pool's HEARTBEAT listed the cancelled attempts whose handlers still
+   * run: exactly those (at most its capacity) hold slots now.
+   */
+  noteCancelling(record: PoolRecord, attemptIds: readonly string[]): void {
+    const pool = writable(record);
+    pool.reportsCancelling = true;
+    pool.lingering = new Set(attemptIds.slice(0, pool.capacity));
+  }
+
+  /** A result came for a cancelled attempt: its handler returned, and its slot is free. */
+  noteLateResult(record: PoolRecord, attemptId: string): void {
+    writable(record).lingering.delete(attemptId);
   }
 
   /** The attempt is in flight at this very pool (what a pool may report, extend or hand back). */
@@ -294,8 +359,8 @@ export class PoolRegistry {
   }
 
   credit(pool: PoolRecord): number {
-    if (pool.draining) return 0;
-    const held = pool.inFlight.size + pool.reserved;
+    if (pool.draining || pool.quarantined) return 0;
+    const held = pool.inFlight.size + pool.reserved + pool.lingering.size;
     const free = Math.max(0, pool.window - held);
     if (pool.stored > 0) return free;
     // Beside a proven pool, work parked at a pool that may never answer waits for its purge
@@ -323,6 +388,11 @@ export class PoolRegistry {
       );
   }
 
+  /** Attempts in flight at all pools. */
+  inFlightTotal(): number {
+    return this.attempts.size;
+  }
+
   servedHandlers(): Set<string> {
     const out = new Set<string>();
     for (const p of this.pools.values()) if (!p.draining) for (const h of p.handlers) out.add(h);
@@ -341,6 +411,8 @@ export class PoolRegistry {
       encoding: p.encoding,
       connected_at: p.connectedAt.toISOString(),
       last_seen_ms_ago: Math.max(0, now - p.lastSeen),
+      cancelling: p.lingering.size,
+      quarantined: p.quarantined,
     }));
   }
 }

@@ -158,6 +158,28 @@ export class PoolSessions {
     }
   }
 
+  /** A pool's HEARTBEAT: with `cancelling`, the slots its cancelled handlers still hold. */
+  heartbeat(pool: PoolRecord, body: BodyOf<"HEARTBEAT">): void {
+    if (body.cancelling === undefined) return;
+    const before = this.ctx.pools.credit(pool);
+    this.ctx.pools.noteCancelling(pool, body.cancelling);
+    if (this.ctx.pools.credit(pool) > before) this.ctx.kick(pool);
+  }
+
+  /**
+   * An attempt of the pool timed out (Maintenance). Logs, once, a pool that
+   * this timeout quarantined.
+   */
+  timedOut(pool: PoolRecord, flight: InFlight): void {
+    const { ctx } = this;
+    if (!ctx.pools.noteTimedOut(pool, flight)) return;
+    ctx.log.warn(
+      { pool_id: pool.poolId, timeouts: pool.timeoutsInARow, cancelling: pool.lingering.size },
+      `pool ${pool.poolId} quarantined: its last ${pool.timeoutsInARow} attempts timed out and none completed since; ` +
+        "it gets no new work until it completes one or reconnects. Look for a handler that never returns or ignores its abort signal",
+    );
+  }
+
   leaving(pool: PoolRecord, body: BodyOf<"DISCONNECT">): void {
     const { ctx } = this;
     ctx.pools.drain(pool);

@@ -38,6 +38,7 @@ export class Attempts {
       limit,
       stepIds,
       request.poolId ?? null,
+      request.avoidStepIds?.filter(isUuid) ?? null,
     ]);
     return rows.map(claimedStep);
   }

@@ -103,6 +103,8 @@ export interface ClaimRequest {
   stepIds?: string[];
   /** The pool the claimed attempts will be sent to, recorded on each attempt row so a lost attempt names its pool. */
   poolId?: string;
+  /** Steps not to claim (their last attempt timed out at this pool, and another pool can take them). */
+  avoidStepIds?: string[];
 }
 
 /** One attempt to run: the fields of a STEP message item, plus the lease expiry. */

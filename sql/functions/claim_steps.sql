@@ -1,6 +1,6 @@
--- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given) for one pool, one attempt each under a lease.
+-- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
@@ -10,7 +10,8 @@
 -- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
 -- No two CTEs are joined to each other (a nested loop over CTE scans would be quadratic).
 create or replace function claim_steps(
-  p_broker_id text, p_handlers text[], p_most integer, p_step_ids uuid[], p_pool_id text
+  p_broker_id text, p_handlers text[], p_most integer, p_step_ids uuid[], p_pool_id text,
+  p_avoid uuid[] default null
 ) returns setof claimed_step
 language plpgsql volatile
 as $$
@@ -22,7 +23,7 @@ declare
 begin
   with picked as (
     -- any ready step: walk the ready index in priority order (see pick_ready_steps.sql)
-    select p.id from pick_ready_steps(p_handlers, p_most) as p(id)
+    select p.id from pick_ready_steps(p_handlers, p_most, p_avoid) as p(id)
     where p_step_ids is null
     union all
     -- only the given steps (children just readied): a few primary-key probes

@@ -1,6 +1,6 @@
--- pick_ready_steps: Locks and returns up to `most` ready step ids whose handler is in `handlers`, highest priority then longest ready, skipping locked rows.
--- (handlers text[], most int) -> setof uuid. Called by claim_steps() and complete_results(); its own settings force the ordered walk of steps_ready.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0004.
+-- pick_ready_steps: Locks and returns up to `most` ready step ids whose handler is in `handlers`, highest priority then longest ready, skipping locked rows and the steps in `avoid`.
+-- (handlers text[], most int, avoid uuid[] default null) -> setof uuid. Called by claim_steps() and complete_results(); its own settings force the ordered walk of steps_ready.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0004; its signature changed in 0010.
 --
 -- 0004_ordered_ready_walk: dispatch walks the ready index in order, whatever the planner's statistics say.
 -- Runs once, in a transaction under an advisory lock, with search_path set to the target schema. Never edit it once released.
@@ -14,7 +14,8 @@
 --
 -- The walk lives in a function whose own settings rule out the sort, so its plan is the index walk
 -- on any statistics. (Settings on a function stop it from being inlined; that is the point here.)
-create or replace function pick_ready_steps(handlers text[], most integer) returns setof uuid
+create or replace function pick_ready_steps(handlers text[], most integer, avoid uuid[] default null)
+returns setof uuid
 language sql volatile
 set enable_sort = off
 as $$
@@ -23,6 +24,7 @@ as $$
   where s.state = 'ready'
     and s.run_at <= now()
     and s.handler = any(handlers)
+    and (avoid is null or s.id <> all(avoid))
   order by s.priority desc, s.run_at
   limit most
   for update skip locked
