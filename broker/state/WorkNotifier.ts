@@ -36,9 +36,9 @@ export class WorkNotifier {
   async listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
     const stopListening = await listenReconnecting({
       newClient: () => this.sql.db.newClient(),
-      channel: this.workChannel,
+      channels: [this.workChannel],
       logger: this.sql.logger,
-      onPayload: (payload) => {
+      onNotification: (_channel, payload) => {
         let notification: WorkNotification = { reason: "created" };
         try {
           const parsed: unknown = JSON.parse(payload ?? "{}");
