@@ -20,7 +20,7 @@ import type { CancelReason, TaskState } from "../../protocol/constants";
 import { CancelReasons, TaskStates } from "../../protocol/constants";
 import { coerceError } from "../db/errors";
 import type { StateSql } from "./StateSql";
-import { listenReconnecting } from "./workListener";
+import { type ChannelSubscription, listenToAll } from "./workListener";
 import { isJsonObject } from "./rows";
 import type { BrokerEvent, EventAttempt, FinishedTask } from "./types";
 
@@ -167,12 +167,18 @@ export class EventNotifier {
    * then `reconnected` says some may have been missed). The returned function
    * stops listening and closes that connection.
    */
-  async listenForEvents(callback: (event: BrokerEvent) => void): Promise<() => Promise<void>> {
-    const stopListening = await listenReconnecting({
+  listenForEvents(callback: (event: BrokerEvent) => void): Promise<() => Promise<void>> {
+    return listenToAll([this.subscription(callback)], {
       newClient: () => this.sql.db.newClient(),
-      channels: [this.eventsChannel],
       logger: this.sql.logger,
-      onNotification: (_channel, payload, processId) => {
+    });
+  }
+
+  /** listenForEvents's part, for a connection shared with other channels (see listenToAll). */
+  subscription(callback: (event: BrokerEvent) => void): ChannelSubscription {
+    return {
+      channel: this.eventsChannel,
+      onNotification: (payload, processId) => {
         // Our own change: the listeners were called when it committed.
         if (this.bus.ownBackends.has(processId)) return;
         const events = parseEventPayload(payload);
@@ -185,11 +191,8 @@ export class EventNotifier {
         for (const event of events) this.callListener(callback, event);
       },
       onReconnect: () => this.callListener(callback, { kind: "reconnected" }),
-    });
-    this.bus.listeners.add(callback);
-    return async () => {
-      this.bus.listeners.delete(callback);
-      await stopListening();
+      attach: () => this.bus.listeners.add(callback),
+      detach: () => this.bus.listeners.delete(callback),
     };
   }
 

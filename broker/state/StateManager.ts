@@ -28,6 +28,7 @@ import { TaskCreation } from "./TaskCreation";
 import { TaskReads } from "./TaskReads";
 import { TemplateStore } from "./TemplateStore";
 import { WorkNotifier } from "./WorkNotifier";
+import { listenToAll } from "./workListener";
 import type {
   AdoptedAttempt,
   PoolSessionOutcome,
@@ -303,5 +304,22 @@ export class StateManager {
   /** Calls `callback` with every cancel and finished-task event of any broker on the database (see EventNotifier.listenForEvents). */
   listenForEvents(callback: (event: BrokerEvent) => void): Promise<() => Promise<void>> {
     return this.events.listenForEvents(callback);
+  }
+
+  /**
+   * listenForWork and listenForEvents on ONE LISTEN connection: what a broker
+   * uses, so each broker holds one connection for notifications, not two.
+   */
+  listen(handlers: {
+    onWork?: (notification: WorkNotification) => void;
+    onEvent?: (event: BrokerEvent) => void;
+  }): Promise<() => Promise<void>> {
+    return listenToAll(
+      [
+        ...(handlers.onWork ? [this.notifier.subscription(handlers.onWork)] : []),
+        ...(handlers.onEvent ? [this.events.subscription(handlers.onEvent)] : []),
+      ],
+      { newClient: () => this.db.newClient(), logger: this.sql.logger },
+    );
   }
 }

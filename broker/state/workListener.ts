@@ -114,3 +114,46 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
     await client.end().catch(() => undefined);
   };
 }
+
+/**
+ * One kind of notification on one channel: how its NOTIFYs are handled, and
+ * how its same-process listener is registered for the changes this process
+ * makes (those are delivered directly, not by NOTIFY).
+ */
+export interface ChannelSubscription {
+  channel: string;
+  onNotification(payload: string | undefined, processId: number): void;
+  onReconnect(): void;
+  /** Listening has started: register for this process's own changes. */
+  attach(): void;
+  /** Listening stops: unregister. */
+  detach(): void;
+}
+
+/**
+ * Listens to several subscriptions on ONE connection (a broker needs work and
+ * events: one connection, not two), until the returned function is called.
+ */
+export async function listenToAll(
+  subscriptions: ChannelSubscription[],
+  options: { newClient(): pg.Client; logger: Logger },
+): Promise<() => Promise<void>> {
+  const byChannel = new Map<string, ChannelSubscription[]>();
+  for (const sub of subscriptions) byChannel.set(sub.channel, [...(byChannel.get(sub.channel) ?? []), sub]);
+  const stop = await listenReconnecting({
+    newClient: options.newClient,
+    channels: [...byChannel.keys()],
+    logger: options.logger,
+    onNotification: (channel, payload, processId) => {
+      for (const sub of byChannel.get(channel) ?? []) sub.onNotification(payload, processId);
+    },
+    onReconnect: () => {
+      for (const sub of subscriptions) sub.onReconnect();
+    },
+  });
+  for (const sub of subscriptions) sub.attach();
+  return async () => {
+    for (const sub of subscriptions) sub.detach();
+    await stop();
+  };
+}

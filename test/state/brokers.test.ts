@@ -15,7 +15,7 @@ import {
   parseEventPayload,
 } from "../../broker/state/EventNotifier";
 import { StateManager } from "../../broker/state/StateManager";
-import type { BrokerEvent, ClaimedStep, TaskView } from "../../broker/state/types";
+import type { BrokerEvent, ClaimedStep, TaskView, WorkNotification } from "../../broker/state/types";
 import { databaseUrl, useStateManager } from "../support/db";
 import { assertInvariants } from "../support/invariants";
 import { claim, createScenario, elapseLease, fail, handlersOf, succeed } from "../support/scenario";
@@ -446,6 +446,31 @@ describe("several brokers on one database", function () {
     for (const p of payloads) assert.ok(Buffer.byteLength(p) < MAX_EVENT_PAYLOAD_BYTES, `${p.length} bytes`);
     const back = payloads.flatMap(parseEventPayload).flatMap((e) => (e.kind === "cancel" ? e.attempts : []));
     assert.deepEqual(back, attempts);
+  });
+
+  it("hears work and events on one LISTEN connection", async () => {
+    const work: WorkNotification[] = [];
+    const events: BrokerEvent[] = [];
+    const stop = await t.sm.listen({ onWork: (n) => work.push(n), onEvent: (e) => events.push(e) });
+    try {
+      const connections = await t.sql<{ query: string }>(
+        `select query from pg_stat_activity where query like 'listen %' and query like $1`,
+        [`%${t.schema}%`],
+      );
+      assert.deepEqual(
+        connections.map((c) => c.query),
+        [`listen "${t.sm.eventsChannel}"`],
+        "one connection, its last statement the second LISTEN",
+      );
+      const task = await createScenario(other, [{ name: "a" }]);
+      await eventually("the work notification", () => work.some((n) => n.reason === "created"));
+      await other.cancelTask(task.task_id);
+      await eventually("the finished event", () =>
+        events.some((e) => e.kind === "finished" && e.taskId === task.task_id),
+      );
+    } finally {
+      await stop();
+    }
   });
 
   it("listens for events again after its connection is cut, and says some may have been missed", async () => {
