@@ -20,7 +20,13 @@
  *    take a given attempt at most once), and log each from-broker's count;
  *  - expireLeases({ self }) without brokerId, every lease check: every
  *    broker's expired leases, not only its own;
- *  - markBrokerStopped after its drain, at a clean stop.
+ *  - markBrokerStopped after its drain, at a clean stop, once its heartbeat
+ *    timer is stopped (a heartbeat after it returns false, and registering
+ *    again would mark the stopping broker alive).
+ * Pass `self` (its own id) to reclaimDeadBrokers and expireLeases, and use
+ * StateManager.listen({ onWork, onEvent }) for one LISTEN connection: on a
+ * cancel event, CANCEL the attempts whose brokerId is its own and that it
+ * still holds; on a finished event, answer the WAITs held for that task.
  */
 import { hostname } from "node:os";
 import { AttemptEndings, TransitionEvents } from "./transitions";

@@ -473,6 +473,32 @@ describe("several brokers on one database", function () {
     }
   });
 
+  it("wakes every broker's dispatch for an operator's retry or resolve on another", async () => {
+    const work: WorkNotification[] = [];
+    const stop = await t.sm.listen({ onWork: (n) => work.push(n) });
+    try {
+      const task = await createScenario(t.sm, [
+        { name: "a", retry: { max_attempts: 1 } },
+        { name: "b", depends_on: ["a"] },
+      ]);
+      const [a] = await claim(t.sm, task, ["a"]);
+      assert.ok(a);
+      await fail(t.sm, a, { retryable: false });
+      await other.retry({ stepId: a.step_id });
+      await eventually("the retry", () => work.some((n) => n.reason === "retried"));
+      const [again] = await claim(t.sm, task, ["a"]);
+      assert.ok(again);
+      await fail(t.sm, again, { retryable: false });
+      await other.resolveStep(a.step_id, null);
+      await eventually("the resolution", () => work.some((n) => n.reason === "resolved"));
+      const [b] = await claim(t.sm, task, ["b"]);
+      assert.ok(b);
+      await succeed(t.sm, b);
+    } finally {
+      await stop();
+    }
+  });
+
   it("listens for events again after its connection is cut, and says some may have been missed", async () => {
     const seen: BrokerEvent[] = [];
     const stop = await t.sm.listenForEvents((e) => seen.push(e));
