@@ -384,7 +384,11 @@ describe("several brokers on one database", function () {
       await eventually("the cancel at the other broker", () => finishedOf(remote, task.task_id).length > 0);
       assert.deepEqual(cancelOf(remote), expected);
       assert.deepEqual(finishedOf(remote, task.task_id), [TaskStates.CANCELLED]);
-      // Ours arrived directly, once committed; the NOTIFY echo is skipped.
+      // Ours arrived directly, once committed; the NOTIFY echo is skipped. Notifications arrive in
+      // commit order, so once a later change of the other broker is here, an echo would be too.
+      const fence = await createScenario(other, [{ name: "fence" }]);
+      await other.cancelTask(fence.task_id);
+      await eventually("the fence", () => finishedOf(local, fence.task_id).length > 0);
       assert.deepEqual(cancelOf(local), expected);
       assert.deepEqual(finishedOf(local, task.task_id), [TaskStates.CANCELLED]);
 
