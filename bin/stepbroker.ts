@@ -11,6 +11,7 @@ import { readAllowList, reloadAllowLists, type AllowListFiles } from "../broker/
 import { Broker } from "../broker/Broker";
 import { checkBrokerOptions, type BrokerOptions, type CurveOptions } from "../broker/config";
 import { StateManager } from "../broker/state/StateManager";
+import type { BrokerRecord } from "../broker/state/types";
 import { formatExplain } from "../broker/state/explain";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
@@ -34,6 +35,7 @@ Commands:
   templates validate <file> check a template file
   templates register <file|dir>  register template files
   pools                     the pools connected to a running broker (pool ids for admin clients only)
+  brokers                   the brokers sharing this database: alive, dead or stopped, heartbeat age, in-flight steps
   keygen [--out PREFIX]     write a CURVE key pair: PREFIX.key (secret, 0600) and PREFIX.pub
 
 Options:
@@ -446,9 +448,33 @@ async function main(): Promise<number> {
         c.close();
       }
     }
+    case "brokers":
+      return await withState(async (sm) => {
+        const brokers = await sm.listBrokers();
+        print(brokers, brokers.length ? formatBrokers(brokers) : "no broker has registered in this database");
+        return 0;
+      });
     default:
       throw new UsageError(`unknown command ${JSON.stringify(command)}; see stepbroker --help`);
   }
+}
+
+/** One line per broker, columns aligned; a dead broker's age says how long its work has waited. */
+function formatBrokers(brokers: BrokerRecord[]): string {
+  const idWidth = Math.max(...brokers.map((b) => b.brokerId.length), 9);
+  return brokers
+    .map((b) =>
+      [
+        b.brokerId.padEnd(idWidth),
+        b.status.padEnd(7),
+        `heartbeat ${(b.heartbeatAgeMs / 1000).toFixed(1)} s ago`.padEnd(24),
+        `in flight ${b.inFlight}`.padEnd(14),
+        `started ${b.startedAt}`,
+        `v${b.version}`,
+        b.endpoints.join(","),
+      ].join("  "),
+    )
+    .join("\n");
 }
 
 /** What to do about the failures people meet first. */

@@ -10,6 +10,7 @@ import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
 import { spawnNodePool, type ChildPool } from "./support/stack";
 
@@ -78,6 +79,7 @@ describe("the stepbroker CLI", function () {
     assert.equal(r.code, 0);
     assert.match(r.stdout, /Commands:/);
     assert.match(r.stdout, /explain <task>/);
+    assert.match(r.stdout, /brokers {2,}the brokers sharing this database/);
   });
 
   it("says in one line that a template file does not parse, and exits non-zero", async () => {
@@ -111,6 +113,47 @@ describe("the stepbroker CLI", function () {
     const r = await cli(["status", "00000000-0000-4000-8000-000000000000", "--schema", schema], env);
     assert.notEqual(r.code, 0);
     assert.match(oneLine(r), /no task 00000000-0000-4000-8000-000000000000/);
+  });
+
+  it("lists the brokers sharing the database: alive, dead or stopped, with heartbeat age and in-flight steps", async () => {
+    const none = await cli(["brokers", "--schema", schema], env);
+    assert.equal(none.code, 0, none.stderr);
+    assert.match(none.stdout, /no broker has registered in this database/);
+    const sm = await StateManager.open({ databaseUrl: databaseUrl(), schema });
+    try {
+      const base = { version: "9.9.9", pid: 1, host: "h" };
+      await sm.registerBroker({ ...base, brokerId: "cli-alive", endpoints: ["tcp://127.0.0.1:5555"] });
+      await sm.registerBroker({ ...base, brokerId: "cli-dead", endpoints: ["ipc:///tmp/d"] });
+      await sm.registerBroker({ ...base, brokerId: "cli-stopped", endpoints: [] });
+      await sm.markBrokerStopped("cli-stopped");
+      await sm.db.pool.query(
+        `update brokers set last_heartbeat_at = now() - interval '42 seconds' where broker_id = 'cli-dead'`,
+      );
+    } finally {
+      await sm.close();
+    }
+    const text = await cli(["brokers", "--schema", schema], env);
+    assert.equal(text.code, 0, text.stderr);
+    const lines = text.stdout.trim().split("\n");
+    assert.equal(lines.length, 3);
+    assert.match(
+      lines.find((l) => l.startsWith("cli-alive")) ?? "",
+      /alive .*in flight 0 .*v9\.9\.9 .*tcp:\/\/127\.0\.0\.1:5555/,
+    );
+    assert.match(lines.find((l) => l.startsWith("cli-dead")) ?? "", /dead .*heartbeat 4\d\.\d s ago/);
+    assert.match(lines.find((l) => l.startsWith("cli-stopped")) ?? "", /stopped/);
+    const json = await cli(["brokers", "--schema", schema, "--json"], env);
+    const rows = JSON.parse(json.stdout) as {
+      brokerId: string;
+      status: string;
+      alive: boolean;
+      inFlight: number;
+    }[];
+    assert.deepEqual(rows.map((r) => [r.brokerId, r.status, r.alive, r.inFlight]).sort(), [
+      ["cli-alive", "alive", true, 0],
+      ["cli-dead", "dead", false, 0],
+      ["cli-stopped", "stopped", false, 0],
+    ]);
   });
 
   it("says what to do when the database cannot be reached", async () => {

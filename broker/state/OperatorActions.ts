@@ -3,18 +3,20 @@
  * resolve a step by hand (with an output its children receive).
  */
 import type pg from "pg";
-import { StepStates, type TaskState, TaskStates } from "../../protocol/constants";
+import { CancelReasons, StepStates, type TaskState, TaskStates } from "../../protocol/constants";
 import { StateError } from "./errors";
 import { failedAncestors } from "./explain";
+import type { EventNotifier } from "./EventNotifier";
 import type { StateSql } from "./StateSql";
 import type { WorkNotifier } from "./WorkNotifier";
 import { type StepChangeRow, type StepRow, isUuid, readied } from "./rows";
-import type { FinishedTask, JsonValue, ReadiedStep } from "./types";
+import type { BrokerEvent, EventAttempt, FinishedTask, JsonValue, ReadiedStep } from "./types";
 
 export class OperatorActions {
   constructor(
     private readonly sql: StateSql,
     private readonly notifier: WorkNotifier,
+    private readonly events: EventNotifier,
   ) {}
 
   private async lockTask(
@@ -35,18 +37,49 @@ export class OperatorActions {
    * Cancels a task: every unfinished step becomes cancelled, and so does the
    * task. Returns the attempts that were in flight, so the broker can tell
    * their pools. A task already finished is left as it is.
+   *
+   * In the same transaction it announces, to every broker on the database, a
+   * cancel event (reason task_cancelled) naming each in-flight attempt and the
+   * broker that leased it, and the task's finished event; this process's event
+   * listeners get both once it has committed (so a broker may see its own
+   * attempts both here and in the event: CANCEL those it still holds, once).
    */
   async cancelTask(taskId: string): Promise<{ cancelledAttempts: string[]; state: TaskState }> {
-    return await this.sql.transaction("cancelTask", async (client) => {
+    const result = await this.sql.transaction("cancelTask", async (client) => {
       const task = await this.lockTask(client, { taskId });
       if (task === undefined) throw new StateError("unknown_task", `no task ${taskId}`);
       if (task.state !== TaskStates.PENDING && task.state !== TaskStates.IN_PROGRESS) {
-        return { cancelledAttempts: [], state: task.state };
+        return { cancelledAttempts: [], state: task.state, events: [] };
       }
-      const rows = await this.sql.runIn<{ attempt_id: string }>(client, "cancel_task", [task.id]);
-      this.sql.logger.info({ taskId, inFlight: rows.length }, "cancelled task");
-      return { cancelledAttempts: rows.map((r) => r.attempt_id), state: TaskStates.CANCELLED };
+      const rows = await this.sql.runIn<{ attempt_id: string; broker_id: string | null }>(
+        client,
+        "cancel_task",
+        [task.id],
+      );
+      const attempts: EventAttempt[] = rows.map((r) => ({
+        attemptId: r.attempt_id,
+        taskId: task.id,
+        brokerId: r.broker_id ?? "",
+      }));
+      const finished = [{ taskId: task.id, state: TaskStates.CANCELLED }];
+      await this.events.send(client, [
+        ...this.events.cancelPayloads(CancelReasons.TASK_CANCELLED, attempts),
+        ...this.events.finishedPayloads(finished),
+      ]);
+      this.sql.logger.info(
+        { task_id: task.id, inFlight: rows.length, brokers: [...new Set(attempts.map((a) => a.brokerId))] },
+        "cancelled task",
+      );
+      const events: BrokerEvent[] = [
+        ...(attempts.length > 0
+          ? [{ kind: "cancel" as const, reason: CancelReasons.TASK_CANCELLED, attempts }]
+          : []),
+        { kind: "finished", taskId: task.id, state: TaskStates.CANCELLED },
+      ];
+      return { cancelledAttempts: rows.map((r) => r.attempt_id), state: TaskStates.CANCELLED, events };
     });
+    this.events.wakeLocal(result.events);
+    return { cancelledAttempts: result.cancelledAttempts, state: result.state };
   }
 
   /**
@@ -79,15 +112,17 @@ export class OperatorActions {
           "stepId" in target ? `${what} is not in error` : `${what} has no error or cancelled steps`,
         );
       }
-      await this.sql.finalize(client, [task.id]);
+      const finishedTasks = await this.sql.finalize(client, [task.id]);
       return {
         retried: rows.map((r) => r.step_id),
         readied: rows.filter((r) => r.state === StepStates.READY).map(readied),
+        finishedTasks,
       };
     });
+    this.events.wakeFinished(result.finishedTasks);
     this.sql.logger.info({ target, retried: result.retried.length }, "retry");
     if (result.readied.length > 0) this.notifier.wakeLocal({ reason: "retried" });
-    return result;
+    return { retried: result.retried, readied: result.readied };
   }
 
   /**
@@ -136,6 +171,7 @@ export class OperatorActions {
       this.sql.logger.info({ stepId, name: step.name, taskId: task.id }, "step resolved manually");
       return { readied: rows.filter((r) => r.kind === "readied").map(readied), finishedTasks };
     });
+    this.events.wakeFinished(result.finishedTasks);
     if (result.readied.length > 0) this.notifier.wakeLocal({ reason: "resolved" });
     return result;
   }

@@ -4,16 +4,18 @@
  * ends the attempt with its outcome and puts the step back by its retry policy.
  */
 import type pg from "pg";
+import { type CancelReason, CancelReasons } from "../../protocol/constants";
 import { AttemptEndings, TransitionEvents } from "./transitions";
+import type { EventNotifier } from "./EventNotifier";
 import type { StateSql } from "./StateSql";
 import { type RequeueRow, isUuid, iso } from "./rows";
-import type { ExpiredAttempt, FinishedTask, RequeueResult, RequeuedAttempt } from "./types";
+import type { EventAttempt, ExpiredAttempt, FinishedTask, RequeueResult, RequeuedAttempt } from "./types";
 
 /** Most attempts one expireLeases / recoverOrphans call takes back; the rest wait for the next call. */
 const REQUEUE_BATCH = 10_000;
 
-/** How one requeue (expiry, release, recovery) treats the attempts it takes back. */
-interface RequeueMode {
+/** How one requeue (expiry, release, recovery, reclaim) treats the attempts it takes back. */
+export interface RequeueMode {
   ending: typeof AttemptEndings.TIMEOUT | typeof AttemptEndings.LOST | typeof AttemptEndings.UNDELIVERED;
   countAttempt: boolean;
   backoff: boolean;
@@ -23,9 +25,16 @@ interface RequeueMode {
 }
 
 export class Requeues {
-  constructor(private readonly sql: StateSql) {}
+  constructor(
+    private readonly sql: StateSql,
+    private readonly events: EventNotifier,
+  ) {}
 
-  private async requeue(
+  /**
+   * Takes the attempts back by `mode` and finalizes their tasks, in the
+   * caller's transaction, with their tasks already locked (in id order).
+   */
+  async requeueLocked(
     client: pg.PoolClient,
     attemptIds: string[],
     mode: RequeueMode,
@@ -59,17 +68,25 @@ export class Requeues {
 
   /**
    * The lease reaper: every in-flight attempt whose lease expired (of this
-   * broker only, when brokerId is given) ends as a timeout, and its step follows
-   * its retry policy (ready after the backoff, or error). Returns those attempts
-   * so the broker can send CANCEL.
+   * broker only, when brokerId is given; of any broker without it) ends as a
+   * timeout, and its step follows its retry policy (ready after the backoff, or
+   * error). Returns those attempts so the broker can send CANCEL for its own;
+   * those of brokers other than `self` (default: brokerId) are announced to
+   * them as cancel events (reason timeout), in the same transaction. Brokers
+   * calling this at the same moment take each lease exactly once: the second
+   * waits for the first's task locks, and requeue_attempts then finds the
+   * lease gone.
    */
-  async expireLeases(options: { brokerId?: string; limit?: number } = {}): Promise<ExpiredAttempt[]> {
+  async expireLeases(
+    options: { brokerId?: string; limit?: number; self?: string } = {},
+  ): Promise<ExpiredAttempt[]> {
+    const self = options.self ?? options.brokerId;
     const result = await this.sql.transaction("expireLeases", async (client) => {
       const locked = await this.sql.runIn<{ attempt_id: string }>(client, "lock_expired", [
         options.brokerId ?? null,
         options.limit ?? REQUEUE_BATCH,
       ]);
-      return await this.requeue(
+      const taken = await this.requeueLocked(
         client,
         locked.map((r) => r.attempt_id),
         {
@@ -81,9 +98,37 @@ export class Requeues {
           event: TransitionEvents.TIMED_OUT,
         },
       );
+      return { ...taken, announced: await this.announce(client, taken, CancelReasons.TIMEOUT, self) };
     });
+    this.afterCommit(result, CancelReasons.TIMEOUT);
     this.logFinished(result.finishedTasks, "lease expiry");
     return result.attempts;
+  }
+
+  /**
+   * In the caller's transaction: tells the brokers (other than `self`) whose
+   * attempts these were that they lost their lease, so they CANCEL them at
+   * their pools. Returns what it announced, for the local listeners.
+   */
+  private async announce(
+    client: pg.PoolClient,
+    taken: RequeueResult,
+    reason: CancelReason,
+    self: string | undefined,
+  ): Promise<EventAttempt[]> {
+    const announced = taken.attempts
+      .filter((a) => a.brokerId !== self)
+      .map((a) => ({ attemptId: a.attemptId, taskId: a.taskId, brokerId: a.brokerId }));
+    await this.events.send(client, this.events.cancelPayloads(reason, announced));
+    return announced;
+  }
+
+  /** Once committed: this process's event listeners hear what the requeue announced and finished. */
+  private afterCommit(result: RequeueResult & { announced?: EventAttempt[] }, reason: CancelReason): void {
+    if (result.announced !== undefined && result.announced.length > 0) {
+      this.events.wakeLocal([{ kind: "cancel", reason, attempts: result.announced }]);
+    }
+    this.events.wakeFinished(result.finishedTasks);
   }
 
   /**
@@ -99,9 +144,9 @@ export class Requeues {
   ): Promise<RequeueResult> {
     const ids = attemptIds.filter(isUuid).map((id) => id.toLowerCase());
     if (ids.length === 0) return { attempts: [], finishedTasks: [] };
-    return await this.sql.transaction("releaseAttempts", async (client) => {
+    const result = await this.sql.transaction("releaseAttempts", async (client) => {
       await this.sql.runIn(client, "lock_tasks_of_attempts", [ids]);
-      return await this.requeue(client, ids, {
+      return await this.requeueLocked(client, ids, {
         ending: options.countAttempt ? AttemptEndings.LOST : AttemptEndings.UNDELIVERED,
         countAttempt: options.countAttempt,
         backoff: false,
@@ -110,6 +155,8 @@ export class Requeues {
         event: TransitionEvents.RELEASED,
       });
     });
+    this.events.wakeFinished(result.finishedTasks);
+    return result;
   }
 
   /**
@@ -130,7 +177,7 @@ export class Requeues {
         REQUEUE_BATCH,
         (options.keep ?? []).filter(isUuid),
       ]);
-      return await this.requeue(
+      const taken = await this.requeueLocked(
         client,
         locked.map((r) => r.attempt_id),
         {
@@ -142,14 +189,19 @@ export class Requeues {
           event: TransitionEvents.RECOVERED,
         },
       );
+      return {
+        ...taken,
+        announced: await this.announce(client, taken, CancelReasons.LEASE_LOST, options.brokerId),
+      };
     });
+    this.afterCommit(result, CancelReasons.LEASE_LOST);
     if (result.attempts.length > 0) {
       this.sql.logger.info(
         { brokerId: options.brokerId, recovered: result.attempts.length },
         "recovered orphaned attempts",
       );
     }
-    return result;
+    return { attempts: result.attempts, finishedTasks: result.finishedTasks };
   }
 
   private logFinished(tasks: FinishedTask[], why: string): void {

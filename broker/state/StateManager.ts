@@ -19,6 +19,8 @@ import type { Logger } from "../db/logger";
 import { migrateSchema } from "../db/migrate";
 import { type Database, type OpenDatabaseOptions, openDatabase } from "../db/openDatabase";
 import { Attempts } from "./Attempts";
+import { BrokerRegistry } from "./BrokerRegistry";
+import { EventNotifier } from "./EventNotifier";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";
@@ -26,11 +28,15 @@ import { TaskCreation } from "./TaskCreation";
 import { TaskReads } from "./TaskReads";
 import { TemplateStore } from "./TemplateStore";
 import { WorkNotifier } from "./WorkNotifier";
+import { listenToAll } from "./workListener";
 import type {
   AdoptedAttempt,
   PoolSessionOutcome,
   AttemptRecord,
   AttemptResult,
+  BrokerEvent,
+  BrokerRecord,
+  BrokerRegistration,
   ChildClaim,
   ClaimRequest,
   ClaimedStep,
@@ -41,6 +47,7 @@ import type {
   FinishedTask,
   JsonValue,
   ReadiedStep,
+  ReclaimedAttempt,
   RequeueResult,
   TaskView,
   TemplateDefinition,
@@ -60,8 +67,12 @@ export class StateManager {
   readonly db: Database;
   /** NOTIFY channel for work created by any process (per schema; at most 63 characters). */
   readonly workChannel: string;
+  /** NOTIFY channel for broker events (cancels, finished tasks) of any process (per schema; at most 63 characters). */
+  readonly eventsChannel: string;
   private readonly sql: StateSql;
   private readonly notifier: WorkNotifier;
+  private readonly events: EventNotifier;
+  private readonly brokers: BrokerRegistry;
   private readonly templates: TemplateStore;
   private readonly reads: TaskReads;
   private readonly creation: TaskCreation;
@@ -74,12 +85,15 @@ export class StateManager {
     this.sql = new StateSql(db, options.logger ?? db.logger);
     this.notifier = new WorkNotifier(this.sql);
     this.workChannel = this.notifier.workChannel;
+    this.events = new EventNotifier(this.sql);
+    this.eventsChannel = this.events.eventsChannel;
     this.templates = new TemplateStore(this.sql);
     this.reads = new TaskReads(this.sql);
     this.creation = new TaskCreation(this.sql, this.templates, this.notifier, this.reads);
     this.attempts = new Attempts(this.sql);
-    this.requeues = new Requeues(this.sql);
-    this.operator = new OperatorActions(this.sql, this.notifier);
+    this.requeues = new Requeues(this.sql, this.events);
+    this.operator = new OperatorActions(this.sql, this.notifier, this.events);
+    this.brokers = new BrokerRegistry(this.sql, this.requeues, this.events);
   }
 
   /** Opens the database (embedded unless a URL is given), applies pending migrations, and returns a state manager that owns the database. */
@@ -157,8 +171,11 @@ export class StateManager {
   }
 
   /** Stores a batch of results in one transaction (see Attempts.completeAttempts). */
-  completeAttempts(results: AttemptResult[], claim?: ChildClaim): Promise<CompletionResult> {
-    return this.attempts.completeAttempts(results, claim);
+  async completeAttempts(results: AttemptResult[], claim?: ChildClaim): Promise<CompletionResult> {
+    const result = await this.attempts.completeAttempts(results, claim);
+    // finalize_tasks() NOTIFYed other processes in the same statement; ours hear it now.
+    this.events.wakeFinished(result.finishedTasks);
+    return result;
   }
 
   /** Extends the leases of attempts that still hold one (and, with `poolId`, were sent to it); returns those that do not. */
@@ -183,8 +200,14 @@ export class StateManager {
 
   // ---------------------------------------------------------------- requeues (Requeues)
 
-  /** The lease reaper (see Requeues.expireLeases). */
-  expireLeases(options: { brokerId?: string; limit?: number } = {}): Promise<ExpiredAttempt[]> {
+  /**
+   * The lease reaper (see Requeues.expireLeases). A broker sharing the
+   * database calls it with `self` and no brokerId: every broker's expired
+   * leases, the others' announced to them as cancel events.
+   */
+  expireLeases(
+    options: { brokerId?: string; limit?: number; self?: string } = {},
+  ): Promise<ExpiredAttempt[]> {
     return this.requeues.expireLeases(options);
   }
 
@@ -199,6 +222,37 @@ export class StateManager {
   /** After a broker start: attempts its previous life left in flight (see Requeues.recoverOrphans). */
   recoverOrphans(options: { brokerId: string; olderThan?: Date; keep?: string[] }): Promise<RequeueResult> {
     return this.requeues.recoverOrphans(options);
+  }
+
+  // ---------------------------------------------------------------- brokers (BrokerRegistry)
+
+  /** At start: upserts this broker's row (see BrokerRegistry.registerBroker). */
+  registerBroker(registration: BrokerRegistration): Promise<{ startedAt: string }> {
+    return this.brokers.registerBroker(registration);
+  }
+
+  /** Every BROKER_HEARTBEAT_INTERVAL_MS; false: register again (see BrokerRegistry.heartbeatBroker). */
+  heartbeatBroker(brokerId: string): Promise<boolean> {
+    return this.brokers.heartbeatBroker(brokerId);
+  }
+
+  /** At a clean stop, after the drain (see BrokerRegistry.markBrokerStopped). */
+  markBrokerStopped(brokerId: string): Promise<boolean> {
+    return this.brokers.markBrokerStopped(brokerId);
+  }
+
+  /** Every broker row with its liveness and in-flight count (see BrokerRegistry.listBrokers). */
+  listBrokers(options: { deadAfterMs?: number } = {}): Promise<BrokerRecord[]> {
+    return this.brokers.listBrokers(options);
+  }
+
+  /** Every BROKER_RECLAIM_INTERVAL_MS: dead brokers' in-flight attempts back to ready, once (see BrokerRegistry.reclaimDeadBrokers). */
+  reclaimDeadBrokers(options: {
+    self: string;
+    deadAfterMs?: number;
+    limit?: number;
+  }): Promise<ReclaimedAttempt[]> {
+    return this.brokers.reclaimDeadBrokers(options);
   }
 
   // ---------------------------------------------------------------- operators (OperatorActions)
@@ -245,5 +299,27 @@ export class StateManager {
   /** Calls `callback` whenever any process makes work (see WorkNotifier.listenForWork). */
   listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
     return this.notifier.listenForWork(callback);
+  }
+
+  /** Calls `callback` with every cancel and finished-task event of any broker on the database (see EventNotifier.listenForEvents). */
+  listenForEvents(callback: (event: BrokerEvent) => void): Promise<() => Promise<void>> {
+    return this.events.listenForEvents(callback);
+  }
+
+  /**
+   * listenForWork and listenForEvents on ONE LISTEN connection: what a broker
+   * uses, so each broker holds one connection for notifications, not two.
+   */
+  listen(handlers: {
+    onWork?: (notification: WorkNotification) => void;
+    onEvent?: (event: BrokerEvent) => void;
+  }): Promise<() => Promise<void>> {
+    return listenToAll(
+      [
+        ...(handlers.onWork ? [this.notifier.subscription(handlers.onWork)] : []),
+        ...(handlers.onEvent ? [this.events.subscription(handlers.onEvent)] : []),
+      ],
+      { newClient: () => this.db.newClient(), logger: this.sql.logger },
+    );
   }
 }

@@ -5,7 +5,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { coerceError } from "../db/errors";
-import { listenReconnecting } from "./workListener";
+import { type ChannelSubscription, listenToAll } from "./workListener";
 import type { StateSql } from "./StateSql";
 import { isJsonObject } from "./rows";
 import type { WorkNotification } from "./types";
@@ -33,12 +33,18 @@ export class WorkNotifier {
    * some may have been missed). The returned function stops listening and
    * closes it.
    */
-  async listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
-    const stopListening = await listenReconnecting({
+  listenForWork(callback: (notification: WorkNotification) => void): Promise<() => Promise<void>> {
+    return listenToAll([this.subscription(callback)], {
       newClient: () => this.sql.db.newClient(),
-      channel: this.workChannel,
       logger: this.sql.logger,
-      onPayload: (payload) => {
+    });
+  }
+
+  /** listenForWork's part, for a connection shared with other channels (see listenToAll). */
+  subscription(callback: (notification: WorkNotification) => void): ChannelSubscription {
+    return {
+      channel: this.workChannel,
+      onNotification: (payload) => {
         let notification: WorkNotification = { reason: "created" };
         try {
           const parsed: unknown = JSON.parse(payload ?? "{}");
@@ -56,11 +62,8 @@ export class WorkNotifier {
         this.callListener(callback, notification);
       },
       onReconnect: () => this.callListener(callback, { reason: "reconnected" }),
-    });
-    this.localListeners.add(callback);
-    return async () => {
-      this.localListeners.delete(callback);
-      await stopListening();
+      attach: () => this.localListeners.add(callback),
+      detach: () => this.localListeners.delete(callback),
     };
   }
 

@@ -3,7 +3,7 @@
  * (TaskView, StepView, ClaimedStep) use the protocol's snake_case keys and
  * ISO timestamps, so the broker can send them as they are; the rest is camelCase.
  */
-import type { AckOutcome, ResultStatus, StepState, TaskState } from "../../protocol/constants";
+import type { AckOutcome, CancelReason, ResultStatus, StepState, TaskState } from "../../protocol/constants";
 
 export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
 export type JsonObject = { [key: string]: JsonValue };
@@ -268,3 +268,68 @@ export interface WorkNotification {
   /** reconnected: the listening connection was lost and is back; work may have been created meanwhile. */
   reason: "created" | "retried" | "resolved" | "reconnected";
 }
+
+/** What a broker says about itself when it registers (BrokerRegistry.registerBroker). */
+export interface BrokerRegistration {
+  brokerId: string;
+  /** Where its pools and clients connect, as bound. */
+  endpoints: string[];
+  /** The stepbroker version it runs. */
+  version: string;
+  pid: number;
+  host: string;
+}
+
+/** A brokers row as `stepbroker brokers` shows it (BrokerRegistry.listBrokers). */
+export interface BrokerRecord extends BrokerRegistration {
+  startedAt: string;
+  lastHeartbeatAt: string;
+  /** Set by a clean stop (markBrokerStopped); null while it runs or after it died. */
+  stoppedAt: string | null;
+  /** Milliseconds since its last heartbeat, by the database's clock. */
+  heartbeatAgeMs: number;
+  /** Not stopped, and heartbeat within the bound (deadAfterMs) of the listing. */
+  alive: boolean;
+  /** Its status in one word: alive, dead (silent for the bound) or stopped. */
+  status: "alive" | "dead" | "stopped";
+  /** In-flight steps it leases now. */
+  inFlight: number;
+}
+
+/** An attempt taken back from a dead, stopped or unregistered broker (BrokerRegistry.reclaimDeadBrokers). */
+export interface ReclaimedAttempt {
+  attemptId: string;
+  taskId: string;
+  stepId: string;
+  /** The broker that leased it. */
+  fromBrokerId: string;
+  /** Milliseconds since that broker's last heartbeat, by the database's clock (null: it has no brokers row). */
+  fromHeartbeatAgeMs: number | null;
+  /** The step's new state: ready (runs again) or error (no attempt left). */
+  state: StepState;
+}
+
+/** An attempt named in a cancel event, with the broker whose pool runs it. */
+export interface EventAttempt {
+  attemptId: string;
+  taskId: string;
+  /** The broker that leased it: the one that must tell its pool. */
+  brokerId: string;
+}
+
+/**
+ * What brokers sharing a database tell each other (StateManager.listenForEvents).
+ *  - cancel: these attempts no longer hold their lease (the task was cancelled,
+ *    the lease expired under another broker, or it was reclaimed from a broker
+ *    thought dead); the broker named by each attempt sends CANCEL with
+ *    `reason` to the pool running it, others ignore it. Big cancels arrive as
+ *    several events.
+ *  - finished: a task reached a terminal state (complete, error, cancelled),
+ *    whichever broker finished it: answer the WAITs held for it.
+ *  - reconnected: the listening connection was lost and is back; events sent
+ *    meanwhile are gone, so re-check the waits and attempts held.
+ */
+export type BrokerEvent =
+  | { kind: "cancel"; reason: CancelReason; attempts: EventAttempt[] }
+  | { kind: "finished"; taskId: string; state: TaskState }
+  | { kind: "reconnected" };

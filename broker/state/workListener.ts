@@ -5,6 +5,9 @@
  * new one, with a growing delay while the database is away, and then reports
  * the reconnect, since notifications sent meanwhile are gone for good. Until
  * then that work waits for the broker's poll: late, never lost.
+ *
+ * One connection may listen on several channels (work and broker events), so
+ * a broker holds one LISTEN connection, not one per kind of notification.
  */
 import type pg from "pg";
 import { coerceError } from "../db/errors";
@@ -14,10 +17,11 @@ import type { Logger } from "../db/logger";
 export interface WorkListenerOptions {
   /** A new, unconnected client on the right schema. */
   newClient(): pg.Client;
-  /** The channel: a plain SQL identifier (it is checked before it meets SQL). */
-  channel: string;
+  /** The channels: plain SQL identifiers (each is checked before it meets SQL). */
+  channels: readonly string[];
   logger: Logger;
-  onPayload(payload: string | undefined): void;
+  /** A notification on one of the channels; processId is the backend that sent it (pg_backend_pid()). */
+  onNotification(channel: string, payload: string | undefined, processId: number): void;
   /** Called once each time listening resumes after a loss. */
   onReconnect(): void;
   /** First delay before a reconnect; it doubles on each failure up to maxRetryMs. */
@@ -33,19 +37,22 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
   let current: pg.Client | undefined;
   let retryTimer: NodeJS.Timeout | undefined;
   let delayMs = minRetryMs;
-  const channelSql = quoteIdentifier(opts.channel, "work channel");
+  const channels = new Set(opts.channels);
+  const channelSql = [...channels].map((c) => quoteIdentifier(c, "notification channel"));
+  if (channelSql.length === 0) throw new Error("listenReconnecting needs at least one channel");
 
   const connect = async (): Promise<pg.Client> => {
     const client = opts.newClient();
     client.on("notification", (message) => {
-      if (message.channel === opts.channel) opts.onPayload(message.payload);
+      if (channels.has(message.channel))
+        opts.onNotification(message.channel, message.payload, message.processId);
     });
     // pg emits "error" for a connection lost while idle, then "end"; either one means this client is done.
     client.on("error", (err) => lost(client, err));
     client.on("end", () => lost(client));
     try {
       await client.connect();
-      await client.query(`listen ${channelSql}`);
+      for (const c of channelSql) await client.query(`listen ${c}`);
     } catch (err) {
       client.removeAllListeners("end");
       client.on("error", () => undefined);
@@ -60,7 +67,7 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
     current = undefined;
     opts.logger.warn(
       { err: err === undefined ? undefined : coerceError(err), retryInMs: delayMs },
-      "work listener connection lost; reconnecting (other processes' new work waits for the poll meanwhile)",
+      "notification listener connection lost; reconnecting (other processes' work, cancels and finished tasks wait for the poll meanwhile)",
     );
     client.end().catch(() => undefined);
     scheduleReconnect();
@@ -78,14 +85,14 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
           }
           current = client;
           delayMs = minRetryMs;
-          opts.logger.info({ channel: opts.channel }, "work listener reconnected");
+          opts.logger.info({ channels: [...channels] }, "notification listener reconnected");
           opts.onReconnect();
         },
         (err: unknown) => {
           delayMs = Math.min(delayMs * 2, maxRetryMs);
           opts.logger.warn(
             { err: coerceError(err), retryInMs: delayMs },
-            "work listener could not reconnect; check that PostgreSQL is reachable. Retrying",
+            "notification listener could not reconnect; check that PostgreSQL is reachable. Retrying",
           );
           scheduleReconnect();
         },
@@ -103,7 +110,50 @@ export async function listenReconnecting(opts: WorkListenerOptions): Promise<() 
     const client = current;
     current = undefined;
     if (client === undefined) return;
-    await client.query(`unlisten ${channelSql}`).catch(() => undefined);
+    await client.query("unlisten *").catch(() => undefined);
     await client.end().catch(() => undefined);
+  };
+}
+
+/**
+ * One kind of notification on one channel: how its NOTIFYs are handled, and
+ * how its same-process listener is registered for the changes this process
+ * makes (those are delivered directly, not by NOTIFY).
+ */
+export interface ChannelSubscription {
+  channel: string;
+  onNotification(payload: string | undefined, processId: number): void;
+  onReconnect(): void;
+  /** Listening has started: register for this process's own changes. */
+  attach(): void;
+  /** Listening stops: unregister. */
+  detach(): void;
+}
+
+/**
+ * Listens to several subscriptions on ONE connection (a broker needs work and
+ * events: one connection, not two), until the returned function is called.
+ */
+export async function listenToAll(
+  subscriptions: ChannelSubscription[],
+  options: { newClient(): pg.Client; logger: Logger },
+): Promise<() => Promise<void>> {
+  const byChannel = new Map<string, ChannelSubscription[]>();
+  for (const sub of subscriptions) byChannel.set(sub.channel, [...(byChannel.get(sub.channel) ?? []), sub]);
+  const stop = await listenReconnecting({
+    newClient: options.newClient,
+    channels: [...byChannel.keys()],
+    logger: options.logger,
+    onNotification: (channel, payload, processId) => {
+      for (const sub of byChannel.get(channel) ?? []) sub.onNotification(payload, processId);
+    },
+    onReconnect: () => {
+      for (const sub of subscriptions) sub.onReconnect();
+    },
+  });
+  for (const sub of subscriptions) sub.attach();
+  return async () => {
+    for (const sub of subscriptions) sub.detach();
+    await stop();
   };
 }

@@ -1,5 +1,5 @@
 -- finalize_tasks: Ends each given task none of whose steps can still run: complete, or error naming the failed steps. Call with the tasks locked.
--- (p_task_ids uuid[]) -> table (task_id uuid, state text, error jsonb), one row per task it ended.
+-- (p_task_ids uuid[]) -> table (task_id uuid, state text, error jsonb), one row per task it ended; NOTIFYs events_<schema> with kind finished.
 -- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005.
 --
 -- Ends each given task none of whose steps can still run: complete when every step is complete or
@@ -46,10 +46,26 @@ as $$
     from ended e
     where t.task_id = e.id and t.most_recent
     returning t.task_id, t.sort_key, e.from_state, e.state, e.error
+  ),
+  history as (
+    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, most_recent)
+    select f.task_id, f.from_state, f.state, case f.state when 'complete' then 'completed' else 'failed' end,
+           f.error, f.sort_key + 1, true
+    from flipped f
+    returning task_id, to_state, metadata
+  ),
+  -- Tells every broker on this database (EventNotifier, broker/state/), in this transaction, so one
+  -- that holds a WAIT for the task answers at once. 100 tasks a payload (about 60 bytes each) stays
+  -- under PostgreSQL's 8000-byte limit; the channel is EventNotifier's: events_<schema>, 63 at most.
+  notified as (
+    select pg_notify(left('events_' || current_schema(), 63),
+                     json_build_object('kind', 'finished',
+                                       'tasks', json_agg(json_build_object('task_id', c.task_id, 'state', c.to_state)))::text)
+    from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk from history h) c
+    group by c.chunk
   )
-  insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, most_recent)
-  select f.task_id, f.from_state, f.state, case f.state when 'complete' then 'completed' else 'failed' end,
-         f.error, f.sort_key + 1, true
-  from flipped f
-  returning task_id, to_state as state, metadata as error
+  -- The count makes the notified CTE run (a plain select CTE runs only when referenced).
+  select h.task_id, h.to_state as state, h.metadata as error
+  from history h
+  where (select count(*) from notified) >= 0
 $$;

@@ -1,7 +1,7 @@
 -- Cancels a task: every unfinished step (pending, ready, in_progress) becomes cancelled, their in-flight attempts end, the task becomes cancelled. Call with the task locked.
--- $1 uuid task id. Returns the attempt ids that were in flight (so the broker can tell their pools).
+-- $1 uuid task id. Returns the attempts that were in flight and the broker that leased each (so their pools can be told, by whichever broker holds them).
 with unfinished as (
-  select s.id, s.state, s.lease_attempt_id
+  select s.id, s.state, s.lease_attempt_id, s.lease_broker_id
   from steps s
   where s.task_id = $1::uuid and s.state in ('pending', 'ready', 'in_progress')
   for update
@@ -12,7 +12,7 @@ cancelled as (
       lease_attempt_id = null, lease_broker_id = null, lease_expires_at = null
   from unfinished u
   where s.id = u.id
-  returning s.id, s.task_id, u.state as from_state, u.lease_attempt_id
+  returning s.id, s.task_id, u.state as from_state, u.lease_attempt_id, u.lease_broker_id
 ),
 attempts_ended as (
   update step_attempts a
@@ -48,4 +48,4 @@ task_history as (
   select te.id, te.from_state, 'cancelled', 'cancelled', f.sort_key + 1, true
   from task_ended te join task_flipped f on f.task_id = te.id
 )
-select c.lease_attempt_id as attempt_id from cancelled c where c.lease_attempt_id is not null
+select c.lease_attempt_id as attempt_id, c.lease_broker_id as broker_id from cancelled c where c.lease_attempt_id is not null
