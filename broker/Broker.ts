@@ -33,7 +33,7 @@ import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOption
 import { Dispatcher } from "./dispatch/Dispatcher";
 import { LogLimiter } from "./logLimiter";
 import { Maintenance } from "./maintenance/Maintenance";
-import { PoolRegistry, type PoolRecord } from "./pools/PoolRegistry";
+import { PoolRegistry } from "./pools/PoolRegistry";
 import { PoolSessions } from "./pools/PoolSessions";
 import type { Role } from "./roles";
 import type { CreateTaskRequest } from "./statePort";
@@ -91,8 +91,7 @@ export class Broker {
       kick: (creditOf) => this.dispatcher.kick(creditOf),
       kickAt: (when) => this.dispatcher.kickAt(when),
     }));
-    const purge = (pool: PoolRecord, why: string): Promise<void> => this.sessions.purge(pool, why);
-    this.guard = new PeerGuard(ctx, this.listeners, purge);
+    this.guard = new PeerGuard(ctx, this.listeners, (pool, why) => this.sessions.purge(pool, why));
     this.sessions = new PoolSessions(ctx, this.listeners.identities, this.guard);
     this.dispatcher = new Dispatcher(ctx, (pool, why) => this.sessions.connectionLost(pool, why));
     this.waiters = new Waiters(ctx);
@@ -122,10 +121,10 @@ export class Broker {
       heartbeat: (now) => {
         this.sessions.heartbeatTick(now);
         this.guard.sweep(now);
-        this.limiter.sweep();
       },
       stalled: (now) => this.sessions.restartLivenessClocks(now),
       poll: () => this.waiters.refresh(),
+      finished: (taskId) => void this.waiters.check(taskId),
       adopted: () => this.sessions.adopted,
     });
   }
@@ -145,8 +144,11 @@ export class Broker {
     const startedAt = new Date();
     await this.listeners.bind();
     this.setState("running");
-    this.unlisten = await this.opts.state.listenForWork(() => this.dispatcher.kick());
-    this.maintenance.start(startedAt);
+    this.unlisten = await this.opts.state.listen({
+      onWork: () => this.dispatcher.kick(),
+      onEvent: (event) => this.maintenance.onEvent(event),
+    });
+    await this.maintenance.start(startedAt, this.endpoints);
     this.listeners.sockets.forEach((socket, i) => void this.receiveLoop(socket, i));
     this.log.info(
       {
@@ -221,6 +223,7 @@ export class Broker {
     await this.dispatcher.idle();
     await this.committer.idle();
     await this.sessions.handBackAll();
+    await this.maintenance.markStopped();
     await this.waiters.closeAll();
     this.committer.stop();
     await Promise.race([this.ctx.outbox.flushed(), sleep(500)]);

@@ -19,7 +19,11 @@ export type StatePort = Pick<
   | "cancelTask"
   | "createTask"
   | "getTask"
-  | "listenForWork"
+  | "listen"
+  | "registerBroker"
+  | "heartbeatBroker"
+  | "markBrokerStopped"
+  | "reclaimDeadBrokers"
 >;
 
 export type {

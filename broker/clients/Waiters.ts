@@ -66,6 +66,13 @@ export class Waiters {
     }
   }
 
+  /** The task may have finished (another broker said so): its waiters, if any, get it as it is now. */
+  async check(taskId: string): Promise<void> {
+    if (!this.waiting.has(taskId)) return;
+    const task = await this.ctx.state.getTask(taskId, { includeSteps: true }).catch(() => null);
+    if (task) this.finish(taskId, task);
+  }
+
   /** The poll's safety net: tasks finished by another process answer their waiters here too. */
   async refresh(): Promise<void> {
     for (const taskId of [...this.waiting.keys()]) {

@@ -1,14 +1,17 @@
 /**
  * The broker's timers: heartbeats (and the purge of silent pools), lease
- * expiry, the safety-net poll for work no notification announced, and, once
- * after a start, the recovery of attempts this broker's previous life left in
- * flight that no reconnecting pool reclaimed.
+ * expiry (of every broker's leases), the safety-net poll for work no
+ * notification announced, once after a start the recovery of attempts this
+ * broker's previous life left in flight that no reconnecting pool reclaimed,
+ * and, through BrokerPeers, the life among other brokers on the database.
  */
 import { CancelReasons, coerceError } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
 import type { InFlight, PoolRecord } from "../pools/PoolRegistry";
+import type { BrokerEvent } from "../state/types";
+import { BrokerPeers, type PeerHooks } from "./BrokerPeers";
 
-export interface MaintenanceHooks {
+export interface MaintenanceHooks extends Pick<PeerHooks, "finished"> {
   /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick), and sweeps per-peer memory. */
   heartbeat(now: number): void;
   /**
@@ -27,6 +30,7 @@ export interface MaintenanceHooks {
 
 export class Maintenance {
   private readonly timers: NodeJS.Timeout[] = [];
+  private readonly peers: BrokerPeers;
   private recovered = false;
   private startedAt = new Date();
   private lastBeat = 0;
@@ -36,10 +40,14 @@ export class Maintenance {
   constructor(
     private readonly ctx: BrokerContext,
     private readonly hooks: MaintenanceHooks,
-  ) {}
+  ) {
+    this.peers = new BrokerPeers(ctx, { finished: hooks.finished, missed: () => void hooks.poll() });
+  }
 
-  start(startedAt: Date): void {
+  /** Registers this broker among the others on its database (before it claims anything), then starts the timers. */
+  async start(startedAt: Date, endpoints: string[]): Promise<void> {
     const { opts } = this.ctx;
+    await this.peers.start(endpoints);
     this.startedAt = startedAt;
     const beatMs = Math.max(10, Math.floor(opts.heartbeatMs / 2));
     this.lastBeat = Date.now();
@@ -50,8 +58,19 @@ export class Maintenance {
   }
 
   stop(): void {
+    this.peers.stop();
     for (const t of this.timers) clearTimeout(t);
     this.timers.length = 0;
+  }
+
+  /** After a clean stop's drain (see BrokerPeers.markStopped). */
+  markStopped(): Promise<void> {
+    return this.peers.markStopped();
+  }
+
+  /** An event another broker (or this one) announced on the database. */
+  onEvent(event: BrokerEvent): void {
+    this.peers.onEvent(event);
   }
 
   /**
@@ -78,7 +97,8 @@ export class Maintenance {
   private async expireLeases(): Promise<void> {
     const { ctx } = this;
     try {
-      const expired = await ctx.state.expireLeases({ brokerId: ctx.id });
+      // Every broker's expired leases (the others' are announced to them as cancel events).
+      const expired = await ctx.state.expireLeases({ self: ctx.id });
       if (expired.length === 0) return;
       const byPool = new Map<PoolRecord, string[]>();
       for (const x of expired) {

@@ -157,8 +157,9 @@ export class PeerGuard implements StrikeCounter {
     if (strikes >= MAX_CONSECUTIVE_ERRORS) this.drop(identity, pool, "too_many_errors");
   }
 
-  /** Forgets peers whose ignore period is over and budgets of peers gone quiet. */
+  /** Forgets peers whose ignore period is over, budgets of peers gone quiet, and old log-limit keys. */
   sweep(now: number): void {
+    this.ctx.limiter.sweep();
     for (const [key, until] of this.ignoredUntil) if (until < now) this.ignoredUntil.delete(key);
     this.budget.sweep(now);
   }
