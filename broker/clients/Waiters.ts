@@ -15,7 +15,8 @@ export function isTerminal(state: string): boolean {
 
 interface Waiter {
   done(task: TaskView, finished: boolean): void;
-  timer: NodeJS.Timeout;
+  /** Set once the task was read and found running. */
+  timer: NodeJS.Timeout | undefined;
 }
 
 export class Waiters {
@@ -23,27 +24,55 @@ export class Waiters {
 
   constructor(private readonly ctx: BrokerContext) {}
 
-  /** Resolves with the task when it ends, or as it is when `timeoutMs` passes (finished: false). */
+  /**
+   * Resolves with the task when it ends, or as it is when `timeoutMs` passes
+   * (finished: false). The waiter is registered before the task is read, so
+   * an end announced while the read runs finds it (and reads again) instead
+   * of being missed.
+   */
   async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean } | null> {
     const { state } = this.ctx;
-    const task = await state.getTask(taskId, { includeSteps: true });
-    if (!task) return null;
-    if (isTerminal(task.state)) return { task, finished: true };
-    return new Promise((resolve) => {
-      const waiter: Waiter = {
-        done: (t, finished) => resolve({ task: t, finished }),
-        timer: setTimeout(() => {
-          this.waiting.get(taskId)?.delete(waiter);
-          void state.getTask(taskId, { includeSteps: true }).then(
-            (t) => resolve({ task: t ?? task, finished: t ? isTerminal(t.state) : false }),
-            () => resolve({ task, finished: false }),
-          );
-        }, timeoutMs),
-      };
-      let set = this.waiting.get(taskId);
-      if (!set) this.waiting.set(taskId, (set = new Set()));
-      set.add(waiter);
-    });
+    let done!: (task: TaskView, finished: boolean) => void;
+    const answered = new Promise<{ task: TaskView; finished: boolean }>(
+      (resolve) => (done = (task, finished) => resolve({ task, finished })),
+    );
+    let settled = false;
+    const waiter: Waiter = {
+      done: (task, finished) => {
+        settled = true;
+        done(task, finished);
+      },
+      timer: undefined,
+    };
+    let set = this.waiting.get(taskId);
+    if (!set) this.waiting.set(taskId, (set = new Set()));
+    set.add(waiter);
+    const forget = (): void => {
+      const current = this.waiting.get(taskId);
+      current?.delete(waiter);
+      if (current?.size === 0) this.waiting.delete(taskId);
+    };
+    let task: TaskView | null;
+    try {
+      task = await state.getTask(taskId, { includeSteps: true });
+    } catch (e) {
+      forget();
+      throw e;
+    }
+    if (settled) return answered;
+    if (!task || isTerminal(task.state)) {
+      forget();
+      return task ? { task, finished: true } : null;
+    }
+    const seen = task;
+    waiter.timer = setTimeout(() => {
+      forget();
+      void state.getTask(taskId, { includeSteps: true }).then(
+        (t) => done(t ?? seen, t ? isTerminal(t.state) : false),
+        () => done(seen, false),
+      );
+    }, timeoutMs);
+    return answered;
   }
 
   /** A commit here ended the task: its line in the log, and its waiters answered. */

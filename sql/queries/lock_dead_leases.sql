@@ -12,10 +12,11 @@ with lost as (
       -- No row: an older broker, or a previous life under another id. Only a lease that has been
       -- expired for the whole bound is taken (a live old broker reaps its own expired leases).
       when b.broker_id is null then s.lease_expires_at < now() - $2::int * interval '1 millisecond'
-      -- A row: stopped, or silent for the bound; an attempt started after its last heartbeat proves
-      -- the broker was alive after it, so it is left to its lease.
+      -- A row: stopped, or silent for the bound. An attempt started after the last heartbeat proves
+      -- the broker was alive then, so it is taken only once it too is older than the bound: a broker
+      -- that claimed and died between two heartbeats does not leave its work to the lease.
       else (b.stopped_at is not null or b.last_heartbeat_at < now() - $2::int * interval '1 millisecond')
-           and a.started_at < b.last_heartbeat_at
+           and a.started_at < greatest(b.last_heartbeat_at, now() - $2::int * interval '1 millisecond')
     end
   order by s.task_id, s.id
   limit $3::int
