@@ -249,6 +249,10 @@ class HandlerPool:
         self._sent_at: Dict[str, float] = {}  # attempt_id -> when its RESULT was last sent
         self._progress: Dict[str, Dict[str, Any]] = {}
         self._handed_back: List[str] = []
+        # Attempts the broker cancelled (or that we handed back) whose handler thread still runs:
+        # each still takes a worker, so HEARTBEAT `cancelling` lists them and the broker keeps
+        # their slots counted against our credit until one returns.
+        self._lingering: Dict[str, _Attempt] = {}
         self._welcomed = False
         self._broker_id: Optional[str] = None
         self._send_encoding = JSON
@@ -729,10 +733,13 @@ class HandlerPool:
             never_started = att.state == _QUEUED
             if never_started:
                 att.state = _DROPPED
+            running = att.state == _RUNNING
         if never_started:
             # Not started: drop it; the broker has released its credit.
             self._attempts.pop(step.attempt_id, None)
             self._progress.pop(step.attempt_id, None)
+        elif running:
+            self._lingering[step.attempt_id] = att
         step.log.info(
             "attempt %s (task %s, step %s) %s (%s)%s", step.attempt_id, step.task_id, step.step_id, why, reason,
             "; dropped before it started" if never_started else "",
@@ -781,14 +788,24 @@ class HandlerPool:
     # --- events from workers ------------------------------------------------------------
 
     def _drain_events(self) -> None:
+        returned = False
         while True:
             try:
                 ev = self._events.get_nowait()
             except queue.Empty:
-                return
+                break
             kind = ev[0]
             if kind == "done":
                 _, aid, item = ev
+                gone = self._lingering.pop(aid, None)
+                if gone is not None:
+                    returned = True
+                    st = gone.step
+                    st.log.info(
+                        "attempt %s (task %s, step %s) returned after it was %s; its worker is free again",
+                        aid, st.task_id, st.step_id,
+                        "handed back" if st.cancel_reason == "shutdown" else f"cancelled ({st.cancel_reason})",
+                    )
                 att = self._attempts.pop(aid, None)
                 self._progress.pop(aid, None)
                 if att is None or att.state == _DROPPED:
@@ -816,6 +833,9 @@ class HandlerPool:
                 self._progress[aid] = p
             elif kind == "close":
                 self._begin_close(float(ev[1]))
+        if returned:
+            # The broker counts those slots as taken until a HEARTBEAT stops listing them: say so now.
+            self._heartbeat()
 
     def _add_result(self, item: Dict[str, Any]) -> None:
         self._unacked[item["attempt_id"]] = item
@@ -839,10 +859,19 @@ class HandlerPool:
             self._flush_results(now, window)
             self._flush_progress()
             if now - self._last_send >= self._hb_s and not self._outbox:
-                self._send("HEARTBEAT", {"in_flight": len(self._attempts)})
+                self._heartbeat()
         elif now - self._hello_sent_at >= window:
             self.log.info("pool %s: no WELCOME within %.2f s; sending HELLO again", self.pool_id, window)
             self._send_hello()
+
+    def _heartbeat(self) -> None:
+        """A HEARTBEAT now; always with ``cancelling``, so the broker knows which cancelled handlers still run."""
+        if not self._welcomed:
+            return
+        self._send(
+            "HEARTBEAT",
+            {"in_flight": len(self._attempts), "cancelling": list(self._lingering)[:_MAX_IDS]},
+        )
 
     def _flush_results(self, now: float, window: float) -> None:
         if not self._unacked or self._outbox:
@@ -914,13 +943,16 @@ class HandlerPool:
         handed: List[str] = []
         for aid, att in list(self._attempts.items()):
             with self._lock:
-                hand_back = att.state == _QUEUED or (drain_timeout <= 0 and att.state == _RUNNING)
+                running = att.state == _RUNNING
+                hand_back = att.state == _QUEUED or (drain_timeout <= 0 and running)
                 if hand_back:
                     att.state = _DROPPED
             if hand_back:
                 att.step.cancel_reason = "shutdown"
                 att.step.cancelled.set()
                 del self._attempts[aid]
+                if running:
+                    self._lingering[aid] = att
                 self._progress.pop(aid, None)
                 handed.append(aid)
         self._handed_back.extend(handed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -308,6 +309,99 @@ def test_cancel_sets_the_event(broker: FakeBroker, gate: Gate, pool: HandlerPool
     got = broker.results([aid])
     assert got[aid]["status"] == "error" and "task_cancelled" in got[aid]["error"]["message"]
     broker.ack(ident, aid, outcome="stale")
+
+
+def _heartbeat_where(broker: FakeBroker, want: List[str]) -> Dict[str, Any]:
+    """The first HEARTBEAT whose ``cancelling`` is ``want`` (other HEARTBEATs and RESULTs are skipped)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        _, hb = broker.recv("HEARTBEAT", max(0.01, deadline - time.monotonic()), skip=("RESULT",))
+        assert "cancelling" in hb.body, "every HEARTBEAT carries cancelling"
+        if hb.body["cancelling"] == want:
+            return hb.body
+
+
+def test_cancelled_handler_that_keeps_running_is_listed_in_every_heartbeat(
+    broker: FakeBroker, gate: Gate, pool: HandlerPool
+) -> None:
+    ident = welcomed(broker, pool)  # the fake's 200 ms heartbeat
+    _heartbeat_where(broker, [])
+    [aid] = broker.step(ident, step_item("hold", config={"honour_cancel": False}))
+    assert gate.started.wait(WAIT)
+    broker.send(ident, "CANCEL", {"cancels": [{"attempt_id": aid, "reason": "timeout"}]})
+    assert gate.steps[0].cancelled.wait(WAIT)
+    _heartbeat_where(broker, [aid])
+    _heartbeat_where(broker, [aid])  # not only once: in every HEARTBEAT while it runs
+    gate.release.set()
+    _heartbeat_where(broker, [])
+    got = broker.results([aid], since=0)  # the result is still sent; a broker answers "stale"
+    assert got[aid]["status"] == "complete"
+    broker.ack(ident, aid, outcome="stale")
+
+
+def test_heartbeat_goes_out_at_once_when_a_cancelled_handler_returns(broker: FakeBroker, codec) -> None:
+    release = {"a": threading.Event(), "b": threading.Event()}
+    started = {"a": threading.Event(), "b": threading.Event()}
+    steps: Dict[str, Step] = {}
+    p = make_pool(broker.endpoint, Gate())
+
+    def stubborn(step: Step) -> str:
+        key = step.config["key"]
+        steps[key] = step
+        started[key].set()
+        release[key].wait(WAIT)  # ignores its cancellation event
+        return key
+
+    p.add_handler("stubborn", stubborn)
+    p.start()
+    try:
+        # A one-minute heartbeat: no periodic HEARTBEAT falls inside this test, so each one
+        # received is the one sent because a cancelled handler returned.
+        ident = welcomed(broker, p, heartbeat_ms=60_000)
+        [a, b] = broker.step(ident, step_item("stubborn", config={"key": "a"}),
+                             step_item("stubborn", config={"key": "b"}))
+        assert started["a"].wait(WAIT) and started["b"].wait(WAIT)
+        broker.send(ident, "CANCEL", {"cancels": [{"attempt_id": a, "reason": "task_cancelled"},
+                                                  {"attempt_id": b, "reason": "timeout"}]})
+        assert steps["a"].cancelled.wait(WAIT) and steps["b"].cancelled.wait(WAIT)
+        mark = len(broker.log)
+        release["b"].set()
+        _, hb = broker.recv("HEARTBEAT", skip=("RESULT",))
+        assert hb.body["cancelling"] == [a], "b returned; a still runs"
+        release["a"].set()
+        _, hb = broker.recv("HEARTBEAT", skip=("RESULT",))
+        assert hb.body["cancelling"] == []
+        got = broker.results([a, b], since=mark)
+        assert got[a]["output"] == "a" and got[b]["output"] == "b"
+        beats = [m for _, m in broker.log[mark:] if m.command == "HEARTBEAT"]
+        assert len(beats) == 2, "one HEARTBEAT per returning handler, no periodic one"
+        broker.ack(ident, a, b, outcome="stale")
+    finally:
+        for e in release.values():
+            e.set()
+        p.close(drain_timeout=0)
+        assert p.wait_closed(WAIT)
+
+
+def test_attempt_cancelled_before_it_started_is_never_listed(broker: FakeBroker, gate: Gate, codec) -> None:
+    p = make_pool(broker.endpoint, gate, capacity=1)
+    p.start()
+    try:
+        ident = welcomed(broker, p)
+        [held, queued] = broker.step(ident, step_item("hold", config={"honour_cancel": False}), step_item("hold"))
+        assert gate.started.wait(WAIT)
+        broker.send(ident, "CANCEL", {"cancels": [{"attempt_id": queued, "reason": "timeout"}]})
+        broker.send(ident, "CANCEL", {"cancels": [{"attempt_id": held, "reason": "timeout"}]})
+        _heartbeat_where(broker, [held])  # the dropped one holds no worker, so it is not listed
+        gate.release.set()
+        _heartbeat_where(broker, [])
+        got = broker.results([held], since=0)
+        assert queued not in got and len(gate.steps) == 1
+        broker.ack(ident, held, outcome="stale")
+    finally:
+        gate.release.set()
+        p.close(drain_timeout=0)
+        assert p.wait_closed(WAIT)
 
 
 def test_progress(broker: FakeBroker, gate: Gate, pool: HandlerPool) -> None:

@@ -326,6 +326,112 @@ class PoolTest < Minitest::Test
     assert_equal 0, started.size, "the cancelled attempt never started"
   end
 
+  # The first HEARTBEAT whose cancelling is +want+ (other HEARTBEATs and RESULTs are skipped).
+  def heartbeat_where(want)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + WAIT
+    loop do
+      left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      beat = @broker.expect("HEARTBEAT", timeout: [left, 0.01].max, skip: %w[RESULT])
+      assert beat.body.key?("cancelling"), "every HEARTBEAT carries cancelling"
+      return beat if beat.body["cancelling"] == want
+    end
+  end
+
+  # RESULT items for +ids+: those received since @broker.received[mark], then waits for the rest.
+  def results_since(mark, ids)
+    got = @broker.received[mark..].select { |m| m.command == "RESULT" }
+                 .flat_map { |m| m.body["results"] }.to_h { |r| [r["attempt_id"], r] }
+    missing = ids - got.keys
+    missing.empty? ? got : got.merge(@broker.expect_results(missing))
+  end
+
+  # Handlers "stubborn" that ignore cancel until the test releases them by config key.
+  def stubborn_pool(capacity:, started:, releases:)
+    pool, = start_pool(capacity: capacity) do |p|
+      p.handle("stubborn") do |s|
+        started << s
+        releases.fetch(s.config["key"]).pop
+        s.config["key"]
+      end
+    end
+    pool
+  end
+
+  def test_cancelled_handler_that_keeps_running_is_listed_in_every_heartbeat
+    started = Queue.new
+    release = Queue.new
+    stubborn_pool(capacity: 2, started: started, releases: { "a" => release })
+    hello = @broker.expect("HELLO")
+    id = hello.identity
+    @broker.welcome(id, heartbeat_ms: 100, liveness: 100)
+    heartbeat_where([])
+    step = FakeBroker.step("stubborn", config: { "key" => "a" })
+    a = step["attempt_id"]
+    @broker.send(id, "STEP", { "steps" => [step] })
+    s = pop(started)
+    @broker.send(id, "CANCEL", { "cancels" => [{ "attempt_id" => a, "reason" => "timeout" }] })
+    heartbeat_where([a])
+    heartbeat_where([a]) # not only once: in every HEARTBEAT while it runs
+    assert s.cancelled?
+    release << :go
+    heartbeat_where([])
+    assert_equal "a", results_since(0, [a])[a]["output"], "its result is still sent"
+    @broker.ack(id, [a], outcome: "stale")
+  end
+
+  def test_heartbeat_goes_out_at_once_when_a_cancelled_handler_returns
+    started = Queue.new
+    releases = { "a" => Queue.new, "b" => Queue.new }
+    stubborn_pool(capacity: 2, started: started, releases: releases)
+    hello = @broker.expect("HELLO")
+    id = hello.identity
+    # A one-minute heartbeat: no periodic HEARTBEAT falls inside this test, so each one
+    # received is the one sent because a cancelled handler returned.
+    @broker.welcome(id, heartbeat_ms: 60_000, liveness: 3)
+    sa = FakeBroker.step("stubborn", config: { "key" => "a" })
+    sb = FakeBroker.step("stubborn", config: { "key" => "b" })
+    a = sa["attempt_id"]
+    b = sb["attempt_id"]
+    @broker.send(id, "STEP", { "steps" => [sa, sb] })
+    steps = [pop(started), pop(started)]
+    @broker.send(id, "CANCEL", { "cancels" => [{ "attempt_id" => a, "reason" => "task_cancelled" },
+                                               { "attempt_id" => b, "reason" => "timeout" }] })
+    Timeout.timeout(WAIT) { sleep 0.01 until steps.all?(&:cancelled?) }
+    # cancel! runs after the pool recorded the attempt as lingering, on the loop thread, so a
+    # handler released now is seen returning after its CANCEL.
+    mark = @broker.received.size
+    releases["b"] << :go
+    beat = @broker.expect("HEARTBEAT", skip: %w[RESULT])
+    assert_equal [a], beat.body["cancelling"], "b returned; a still runs"
+    releases["a"] << :go
+    beat = @broker.expect("HEARTBEAT", skip: %w[RESULT])
+    assert_equal [], beat.body["cancelling"]
+    got = results_since(mark, [a, b])
+    assert_equal %w[a b], [got[a]["output"], got[b]["output"]]
+    beats = @broker.received[mark..].count { |m| m.command == "HEARTBEAT" }
+    assert_equal 2, beats, "one HEARTBEAT per returning handler, no periodic one"
+    @broker.ack(id, [a, b], outcome: "stale")
+  end
+
+  def test_attempt_cancelled_before_it_started_is_never_listed
+    started = Queue.new
+    release = Queue.new
+    stubborn_pool(capacity: 1, started: started, releases: { "a" => release, "q" => Queue.new })
+    hello = @broker.expect("HELLO")
+    id = hello.identity
+    @broker.welcome(id, heartbeat_ms: 100, liveness: 100)
+    held = FakeBroker.step("stubborn", config: { "key" => "a" })
+    queued = FakeBroker.step("stubborn", config: { "key" => "q" })
+    @broker.send(id, "STEP", { "steps" => [held, queued] })
+    pop(started)
+    @broker.send(id, "CANCEL", { "cancels" => [{ "attempt_id" => queued["attempt_id"], "reason" => "timeout" }] })
+    @broker.send(id, "CANCEL", { "cancels" => [{ "attempt_id" => held["attempt_id"], "reason" => "timeout" }] })
+    heartbeat_where([held["attempt_id"]]) # the dropped one holds no worker, so it is not listed
+    release << :go
+    heartbeat_where([])
+    assert_equal 0, started.size, "the cancelled queued attempt never started"
+  end
+
   # -------------------------------------------------------------- encodings
 
   def test_msgpack_session

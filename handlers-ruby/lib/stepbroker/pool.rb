@@ -228,6 +228,10 @@ module Stepbroker
       @progress = {}       # attempt_id => latest PROGRESS item
       @outbox = []         # [command, body bytes] waiting for the socket (EAGAIN)
       @hand_back = []      # attempt ids to list in the next DISCONNECT
+      # attempt_id => true: cancelled (or handed back) while its handler runs. Each still takes a
+      # worker, so HEARTBEAT cancelling lists them and the broker keeps their slots counted
+      # against our credit until one returns.
+      @lingering = {}
       @hello_running = []
       @socket = nil
       @poller = nil
@@ -600,16 +604,17 @@ module Stepbroker
     end
 
     # A queued job is dropped (it never runs, nothing is sent); a running one
-    # gets its cancelled flag and its result, if any, is still sent.
+    # gets its cancelled flag, is listed in HEARTBEAT cancelling until its
+    # handler returns, and its result, if any, is still sent.
     def cancel_job(job, reason)
-      dropped = @jobs_lock.synchronize do
+      was = @jobs_lock.synchronize do
         job.cancelled = true
-        next false unless job.state == :queued
-
-        job.state = :done
-        true
+        state = job.state
+        job.state = :done if state == :queued
+        state
       end
-      @jobs.delete(job.step.attempt_id) if dropped
+      @jobs.delete(job.step.attempt_id) if was == :queued
+      @lingering[job.step.attempt_id] = true if was == :running
       job.step.cancel!(reason)
     end
 
@@ -653,6 +658,7 @@ module Stepbroker
     end
 
     def process_events
+      returned = false
       until @events.empty?
         kind, a, b = @events.pop(true)
         case kind
@@ -664,6 +670,10 @@ module Stepbroker
           id = job.step.attempt_id
           @jobs.delete(id)
           @progress.delete(id)
+          if @lingering.delete(id)
+            returned = true
+            job.step.logger.info("returned after it was cancelled (#{job.step.cancel_reason}); its worker is free again")
+          end
           next if job.state == :abandoned
 
           add_result(b)
@@ -671,6 +681,9 @@ module Stepbroker
       end
     rescue ThreadError
       nil # queue emptied meanwhile
+    ensure
+      # The broker counts those slots as taken until a HEARTBEAT stops listing them: say so now.
+      heartbeat if returned
     end
 
     # Complete results are valid by construction (ids from a validated STEP,
@@ -704,8 +717,15 @@ module Stepbroker
           return
         end
         resend_stale_results(t)
-        send_message("HEARTBEAT", { "in_flight" => @jobs.size }) if t - @last_send >= hb_ms && @outbox.empty?
+        heartbeat if t - @last_send >= hb_ms && @outbox.empty?
       end
+    end
+
+    # Always with cancelling, so the broker knows which cancelled handlers still run.
+    def heartbeat
+      return unless @state == :ready
+
+      send_message("HEARTBEAT", { "in_flight" => @jobs.size, "cancelling" => @lingering.keys.first(10_000) })
     end
 
     # A RESULT without ACK for heartbeat_ms x liveness is sent again (the
@@ -742,7 +762,12 @@ module Stepbroker
       @drain_deadline = t if @force_close
       if t >= @drain_deadline && !@jobs.empty?
         @logger.warn("stepbroker: drain timeout: handing back #{@jobs.size} attempt(s) still running")
-        @jobs_lock.synchronize { @jobs.each_value { |j| j.state = :abandoned } }
+        running = @jobs_lock.synchronize do
+          busy = @jobs.values.select { |j| j.state == :running }
+          @jobs.each_value { |j| j.state = :abandoned }
+          busy
+        end
+        running.each { |j| @lingering[j.step.attempt_id] = true }
         @jobs.each_value do |j|
           @hand_back << j.step.attempt_id unless j.cancelled
           j.step.cancel!("pool_closing")
