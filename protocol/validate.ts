@@ -99,3 +99,46 @@ export function validateBody<C extends CommandName>(command: C, body: unknown): 
     }),
   };
 }
+
+/** What a RESULT that failed validation as a whole still carries: its valid items, and why each other one failed. */
+export interface SalvagedResults {
+  results: BodyOf<"RESULT">["results"];
+  /** One fault per invalid item, with the item's `attempt_id` when it has a readable one. */
+  refused: ProtocolFault[];
+}
+
+const ATTEMPT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * A RESULT whose body failed validation because of some of its items is
+ * judged item by item, so one bad item does not hold back the others: each
+ * item is validated as a RESULT of its own (paths renamed to its index).
+ * Undefined when the envelope itself is wrong (not an object of `results`
+ * only, or not 1..10,000 items): then the whole message is refused.
+ */
+export function salvageResults(body: unknown): SalvagedResults | undefined {
+  if (typeof body !== "object" || body === null || Array.isArray(body)) return undefined;
+  const keys = Object.keys(body);
+  const items = (body as { results?: unknown }).results;
+  if (keys.length !== 1 || !Array.isArray(items) || items.length < 1 || items.length > 10_000)
+    return undefined;
+  const results: BodyOf<"RESULT">["results"] = [];
+  const refused: ProtocolFault[] = [];
+  items.forEach((item: unknown, i) => {
+    const one = validateBody("RESULT", { results: [item] });
+    if (one.ok) {
+      results.push(one.body.results[0]!);
+      return;
+    }
+    const attemptId = (item as { attempt_id?: unknown } | null)?.attempt_id;
+    const rename = (p: string | undefined): string | undefined =>
+      p?.replace(/^\/results\/0(?=\/|$)/, `/results/${i}`);
+    refused.push({
+      ...one.fault,
+      message: one.fault.message.replace(/\/results\/0(?=\/| )/, `/results/${i}`),
+      ...(one.fault.instancePath !== undefined ? { instancePath: rename(one.fault.instancePath) ?? "" } : {}),
+      ...(typeof attemptId === "string" && ATTEMPT_ID.test(attemptId) ? { attemptId } : {}),
+    });
+  });
+  return { results, refused };
+}

@@ -9,12 +9,15 @@ import {
   BrokerCommands,
   ClientCommands,
   coerceError,
+  decodeBody,
   decodeMessage,
   fault,
   faultToErrorBody,
   MAX_CONSECUTIVE_ERRORS,
   PoolCommands,
+  salvageResults,
   type CommandName,
+  type Decoded,
   type ErrorCode,
   type Encoding,
   type Message,
@@ -23,6 +26,7 @@ import {
 import type { BrokerContext } from "../BrokerContext";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { StrikeCounter } from "../pools/PoolSessions";
+import { MAX_NAMED_REFUSALS } from "../pools/refuseForeign";
 import { roleAllows, rolesFor } from "../roles";
 import type { Listeners } from "./Listeners";
 import { requestIdOf } from "./requestIdOf";
@@ -88,10 +92,17 @@ export class PeerGuard implements StrikeCounter {
       return undefined;
     }
     if (pool) ctx.pools.touch(pool, now);
-    const decoded = decodeMessage(frames.slice(1), { maxBytes: ctx.opts.maxMessageBytes, accept: ACCEPTED });
-    if (!decoded.ok) {
-      this.reject(identity, pool, decoded.fault, frames);
-      return undefined;
+    const first = decodeMessage(frames.slice(1), { maxBytes: ctx.opts.maxMessageBytes, accept: ACCEPTED });
+    let decoded: Decoded & { ok: true };
+    if (first.ok) decoded = first;
+    else {
+      const salvaged = this.salvage(identity, pool, first.fault, frames);
+      if (!salvaged) {
+        this.reject(identity, pool, first.fault, frames);
+        return undefined;
+      }
+      if (salvaged.results.length === 0) return undefined;
+      decoded = salvaged.decoded;
     }
     const command = decoded.message.command;
     const roles = this.listeners.rolesOf(identity);
@@ -138,6 +149,54 @@ export class PeerGuard implements StrikeCounter {
       ),
       ctx.pools.get(peer)?.encoding,
     );
+  }
+
+  /**
+   * A RESULT refused for some of its items: the valid ones go on, and each
+   * invalid one is refused by its attempt_id (PROTOCOL.md, Errors), the whole
+   * message counting as one strike. Undefined when the body cannot be judged
+   * item by item.
+   */
+  private salvage(
+    identity: Buffer,
+    pool: PoolRecord | undefined,
+    f: ProtocolFault,
+    frames: Buffer[],
+  ): { results: unknown[]; decoded: Decoded & { ok: true } } | undefined {
+    if (f.command !== PoolCommands.RESULT || !f.instancePath?.startsWith("/results/")) return undefined;
+    if (f.code !== "schema_violation" && f.code !== "too_deep") return undefined;
+    const body = decodeBody(frames[3]!, PoolCommands.RESULT);
+    const salvaged = body.ok ? salvageResults(body.value) : undefined;
+    if (!body.ok || !salvaged) return undefined;
+    const key = identityKey(identity);
+    const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    for (const r of salvaged.refused.slice(0, MAX_NAMED_REFUSALS)) {
+      this.ctx.send(identity, BrokerCommands.ERROR, faultToErrorBody(r), pool?.encoding);
+    }
+    this.ctx.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
+      {
+        peer: key,
+        pool_id: pool?.poolId,
+        code: f.code,
+        command: f.command,
+        refused: salvaged.refused.length,
+        accepted: salvaged.results.length,
+        attempt_ids: salvaged.refused.slice(0, MAX_NAMED_REFUSALS).map((r) => r.attemptId),
+      },
+      `refused ${salvaged.refused.length} of the ${salvaged.refused.length + salvaged.results.length} results in a RESULT from ${who} (first: ${f.code} at ${f.instancePath}); the others go on`,
+    );
+    this.strike(identity, pool);
+    return {
+      results: salvaged.results,
+      decoded: {
+        ok: true,
+        message: { command: "RESULT", body: { results: salvaged.results } },
+        encoding: body.encoding,
+      },
+    };
   }
 
   forgive(key: string): void {

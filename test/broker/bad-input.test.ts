@@ -303,6 +303,33 @@ for (const transport of ["tcp", "inproc"] as Transport[]) {
       await good.runTask();
     });
 
+    it("stores the valid results of a RESULT with an invalid item, and refuses that item by its attempt_id", async () => {
+      const good = await goodPool();
+      const { pool, submit } = await rawPool();
+      const taskId = await submit();
+      const step = firstStep(await pool.next("STEP"));
+      const badId = randomUUID();
+      await pool.sendJson("RESULT", {
+        results: [
+          { attempt_id: badId, status: "finished" },
+          { attempt_id: step.attempt_id, status: "complete", output: { ok: true } },
+        ],
+      });
+      const error = assertError(await pool.next("ERROR"), "schema_violation", {
+        command: "RESULT",
+        attempt_id: badId,
+        instance_path: "/results/0/status",
+      });
+      assert.match(String(error.message), /\/results\/0\/status/);
+      assert.deepEqual((await pool.next("ACK")).body.acks, [
+        { attempt_id: step.attempt_id, outcome: "stored" },
+      ]);
+      const done = await stack.waitForTask(taskId);
+      assert.equal(done.state, "complete");
+      assert.deepEqual(stepOf(done, "only").output, { ok: true });
+      await good.runTask();
+    });
+
     it(`survives a body over ${HARD_LIMIT_FACTOR} times max_message_bytes and serves its sender again`, async () => {
       const good = await goodPool();
       const raw = peer();
