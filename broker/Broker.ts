@@ -190,7 +190,7 @@ export class Broker {
     return this.clients.status(taskId);
   }
 
-  /** Resolves with the task when it ends, or as it is when `timeoutMs` passes (finished: false). */
+  /** The task when it ends, or as it is when `timeoutMs` passes (finished: false); rejects if the broker stops first. */
   wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean } | null> {
     return this.waiters.wait(taskId, timeoutMs);
   }
@@ -224,7 +224,7 @@ export class Broker {
     await this.committer.idle();
     await this.sessions.handBackAll();
     await this.maintenance.markStopped();
-    await this.waiters.closeAll();
+    this.waiters.closeAll();
     this.committer.stop();
     await Promise.race([this.ctx.outbox.flushed(), sleep(500)]);
     await this.unlisten?.().catch(() => undefined);

@@ -41,6 +41,18 @@ export class BrokerError extends Error {
   }
 }
 
+/** No answer came within the request's time: the broker is not there, or died with the request. */
+export class NoReplyError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "NoReplyError";
+  }
+}
+
+/** Backoff between WAITs again after a broker stopped or did not answer. */
+const WAIT_RETRY_MIN_MS = 100;
+const WAIT_RETRY_MAX_MS = 5000;
+
 interface Pending {
   resolve(body: ReplyBody): void;
   reject(err: Error): void;
@@ -94,9 +106,28 @@ export class StepbrokerClient {
     return (await this.request("STATUS", { task_id: taskId })).task!;
   }
 
+  /**
+   * Waits up to `timeoutMs` for the task to end. A broker that stops under
+   * the WAIT (ERROR shutting_down) or never answers it (it died) does not end
+   * the wait: the client WAITs again, with backoff, for the time that is left
+   * (PROTOCOL.md, Clients), so a restarted broker, or another one behind the
+   * same endpoint, answers it.
+   */
   async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean }> {
-    const r = await this.request("WAIT", { task_id: taskId, timeout_ms: timeoutMs }, timeoutMs);
-    return { task: r.task!, finished: r.finished ?? false };
+    const deadline = Date.now() + timeoutMs;
+    let delayMs = WAIT_RETRY_MIN_MS;
+    for (;;) {
+      const left = Math.max(1, deadline - Date.now());
+      try {
+        const r = await this.request("WAIT", { task_id: taskId, timeout_ms: left }, left);
+        return { task: r.task!, finished: r.finished ?? false };
+      } catch (e) {
+        const again = e instanceof NoReplyError || (e instanceof BrokerError && e.code === "shutting_down");
+        if (!again || this.closed || Date.now() + delayMs >= deadline) throw e;
+        await new Promise((r) => setTimeout(r, delayMs));
+        delayMs = Math.min(delayMs * 2, WAIT_RETRY_MAX_MS);
+      }
+    }
   }
 
   async cancel(taskId: string): Promise<TaskView> {
@@ -129,7 +160,7 @@ export class StepbrokerClient {
       const timer = setTimeout(() => {
         this.pending.delete(requestId);
         reject(
-          new Error(
+          new NoReplyError(
             `no reply to ${command} within ${this.timeoutMs + extraMs} ms: is a broker running at this endpoint?${
               this.curve
                 ? " Over CURVE a refused key gets no answer: check that this client's public key is on the allow-list of that socket (a client or admin endpoint) and that the server key is the broker's"

@@ -142,7 +142,12 @@ export class ClientVerbs {
     } catch (e) {
       const err = coerceError(e);
       const code = (err as { code?: string }).code;
-      if (code === "unknown_template" || code === "invalid_request" || code === "unknown_task") {
+      if (
+        code === "unknown_template" ||
+        code === "invalid_request" ||
+        code === "unknown_task" ||
+        code === "shutting_down"
+      ) {
         return refuse(code, err.message);
       }
       // A failure that repeats for every request (the database is down) is logged a few times with a count.

@@ -2,7 +2,8 @@
  * Clients waiting for tasks to end (WAIT, and `Broker.wait` in process). A
  * waiter is answered when a commit here finishes its task, when the poll
  * finds it finished (another process finished it), when its timeout passes
- * (with the task as it is then), or when the broker stops.
+ * (with the task as it is then), or, with WaitInterrupted, when the broker
+ * stops.
  */
 import { TaskStates, type TaskView } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
@@ -13,8 +14,20 @@ export function isTerminal(state: string): boolean {
   return TERMINAL_TASK_STATES.has(state);
 }
 
+/** How a WAIT ends when the broker stops under it: the client should WAIT again, elsewhere or later. */
+export class WaitInterrupted extends Error {
+  readonly code = "shutting_down";
+  constructor(taskId: string) {
+    super(
+      `The broker is stopping; task ${taskId} has not finished. WAIT again, with backoff, on another broker or on this one once it is back`,
+    );
+    this.name = "WaitInterrupted";
+  }
+}
+
 interface Waiter {
   done(task: TaskView, finished: boolean): void;
+  fail(e: Error): void;
   /** Set once the task was read and found running. */
   timer: NodeJS.Timeout | undefined;
 }
@@ -33,14 +46,20 @@ export class Waiters {
   async wait(taskId: string, timeoutMs: number): Promise<{ task: TaskView; finished: boolean } | null> {
     const { state } = this.ctx;
     let done!: (task: TaskView, finished: boolean) => void;
-    const answered = new Promise<{ task: TaskView; finished: boolean }>(
-      (resolve) => (done = (task, finished) => resolve({ task, finished })),
-    );
+    let fail!: (e: Error) => void;
+    const answered = new Promise<{ task: TaskView; finished: boolean }>((resolve, reject) => {
+      done = (task, finished) => resolve({ task, finished });
+      fail = reject;
+    });
     let settled = false;
     const waiter: Waiter = {
       done: (task, finished) => {
         settled = true;
         done(task, finished);
+      },
+      fail: (e) => {
+        settled = true;
+        fail(e);
       },
       timer: undefined,
     };
@@ -110,13 +129,12 @@ export class Waiters {
     }
   }
 
-  /** At stop: every waiter gets the task as it is now (finished: false). */
-  async closeAll(): Promise<void> {
+  /** At stop: every WAIT still open ends with WaitInterrupted (ERROR shutting_down on the wire). */
+  closeAll(): void {
     for (const [taskId, set] of this.waiting) {
-      const task = await this.ctx.state.getTask(taskId, { includeSteps: true }).catch(() => null);
       for (const w of set) {
         clearTimeout(w.timer);
-        if (task) w.done(task, false);
+        w.fail(new WaitInterrupted(taskId));
       }
     }
     this.waiting.clear();
