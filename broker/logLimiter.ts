@@ -69,6 +69,7 @@ export class LogLimiter {
     level: LimitedLevel,
     fields: Record<string, unknown>,
     msg: string,
+    opts: { lines?: number } = {},
   ): boolean {
     const now = this.now();
     let w = this.windows.get(key);
@@ -82,9 +83,9 @@ export class LogLimiter {
       w = { start: now, written: 0, suppressed: 0, level, subject, fields };
       this.windows.set(key, w);
     }
-    if (w.written < this.lines) {
+    if (w.written < (opts.lines ?? this.lines)) {
       w.written++;
-      this.log[level](fields, msg);
+      this.emit(level, fields, msg);
       return true;
     }
     w.suppressed++;
@@ -107,6 +108,26 @@ export class LogLimiter {
     this.windows.clear();
   }
 
+  /**
+   * An error's stack is for whoever debugs, not for the operator reading a
+   * repeated failure: the line carries the error's type, message and code,
+   * and the stack goes to a debug line beside it.
+   */
+  private emit(level: LimitedLevel, fields: Record<string, unknown>, msg: string): void {
+    const err = fields.err;
+    if (!(err instanceof Error)) {
+      this.log[level](fields, msg);
+      return;
+    }
+    const { err: _err, ...rest } = fields;
+    const code = (err as { code?: unknown }).code;
+    this.log[level](
+      { ...rest, error: { type: err.name, message: err.message, ...(code !== undefined ? { code } : {}) } },
+      msg,
+    );
+    if (this.log.isLevelEnabled("debug")) this.log.debug({ ...rest, err }, `${msg} (stack)`);
+  }
+
   private evictOldest(): void {
     // A Map iterates in insertion order: the first key is the oldest window.
     for (const [key, w] of this.windows) {
@@ -119,7 +140,8 @@ export class LogLimiter {
   private summarize(w: Window): void {
     if (w.suppressed === 0) return;
     const seconds = Math.round(Math.max(this.now() - w.start, 1) / 100) / 10;
-    this.log[w.level](
+    this.emit(
+      w.level,
       { ...w.fields, suppressed: w.suppressed },
       `suppressed ${w.suppressed} similar lines ${w.subject} in the last ${Math.min(seconds, this.intervalMs / 1000)} s`,
     );

@@ -157,6 +157,7 @@ export class ClientVerbs {
         "error",
         { err, command: msg.command, request_id: requestId },
         `failed to serve ${msg.command}: ${err.message}`,
+        { lines: 1 },
       );
       refuse("internal_error", err.message);
     }

@@ -122,6 +122,7 @@ export class BrokerPeers {
         "warn",
         { err },
         `could not heartbeat this broker's row: ${err.message}; after ${BROKER_DEAD_AFTER_MS / 1000} s without one, other brokers take its work`,
+        { lines: 1 },
       );
     }
   }
@@ -150,6 +151,7 @@ export class BrokerPeers {
         "error",
         { err },
         `could not look for dead brokers' work: ${err.message}; retrying in ${BROKER_RECLAIM_INTERVAL_MS} ms`,
+        { lines: 1 },
       );
     }
   }

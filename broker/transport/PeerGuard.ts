@@ -139,6 +139,7 @@ export class PeerGuard implements StrikeCounter {
       "error",
       { err, peer, command },
       `failed to handle ${command}: ${err.message}`,
+      { lines: 1 },
     );
     ctx.send(
       identity,
