@@ -21,16 +21,20 @@ export const QUERY_NAMES = [
   "get_steps",
   "get_task",
   "get_template",
+  "get_transitions",
   "insert_template",
+  "list_tasks",
   "list_templates",
   "lock_expired",
   "lock_orphans",
   "lock_task",
   "lock_tasks_of_attempts",
+  "queue_depth",
   "requeue_attempts",
   "resolve_step",
   "retry_steps",
   "take_pool_session",
+  "throughput",
 ] as const;
 export type QueryName = (typeof QUERY_NAMES)[number];
 

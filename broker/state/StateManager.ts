@@ -19,6 +19,14 @@ import type { Logger } from "../db/logger";
 import { migrateSchema } from "../db/migrate";
 import { type Database, type OpenDatabaseOptions, openDatabase } from "../db/openDatabase";
 import { Attempts } from "./Attempts";
+import {
+  DashboardReads,
+  type QueueDepthRow,
+  type TaskListFilter,
+  type TaskListPage,
+  type ThroughputRow,
+  type TransitionRecord,
+} from "./DashboardReads";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";
@@ -68,6 +76,7 @@ export class StateManager {
   private readonly attempts: Attempts;
   private readonly requeues: Requeues;
   private readonly operator: OperatorActions;
+  private readonly dashboard: DashboardReads;
 
   constructor(db: Database, options: StateManagerOptions = {}) {
     this.db = db;
@@ -80,6 +89,7 @@ export class StateManager {
     this.attempts = new Attempts(this.sql);
     this.requeues = new Requeues(this.sql);
     this.operator = new OperatorActions(this.sql, this.notifier);
+    this.dashboard = new DashboardReads(this.sql);
   }
 
   /** Opens the database (embedded unless a URL is given), applies pending migrations, and returns a state manager that owns the database. */
@@ -238,6 +248,33 @@ export class StateManager {
   /** Per step, every readiness condition and the first that blocks it (see TaskReads.explain). */
   explain(taskId: string, options: { servedHandlers?: ReadonlySet<string> } = {}): Promise<ExplainRow[]> {
     return this.reads.explain(taskId, options);
+  }
+
+  // ---------------------------------------------------------------- operators' reads (DashboardReads)
+
+  /** Tasks newest first, filtered and paged (see DashboardReads.listTasks). */
+  listTasks(filter: TaskListFilter = {}): Promise<TaskListPage> {
+    return this.dashboard.listTasks(filter);
+  }
+
+  /** Every transition of a task and of its steps, oldest first. */
+  getTransitions(taskId: string): Promise<TransitionRecord[]> {
+    return this.dashboard.transitions(taskId);
+  }
+
+  /** Ready steps per handler, with the oldest one's age. */
+  queueDepth(): Promise<QueueDepthRow[]> {
+    return this.dashboard.queueDepth();
+  }
+
+  /** Attempts finished per minute over the last minutes, by outcome (see DashboardReads.throughput). */
+  throughput(minutes: number): Promise<ThroughputRow[]> {
+    return this.dashboard.throughput(minutes);
+  }
+
+  /** Resolves when the database answers within `timeoutMs` (for readiness probes). */
+  ping(timeoutMs: number): Promise<void> {
+    return this.dashboard.ping(timeoutMs);
   }
 
   // ---------------------------------------------------------------- notifications (WorkNotifier)
