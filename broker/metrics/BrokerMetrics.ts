@@ -206,47 +206,32 @@ export class BrokerMetrics {
   private poolGauges(pools: MetricsSources["pools"]): void {
     if (!pools) return;
     const registers = [this.registry];
-    const inFlight = new Gauge({
-      name: "stepbroker_pool_in_flight",
-      help: "Attempts sent to the pool and not yet answered.",
-      labelNames: ["pool"] as const,
-      registers,
-    });
-    const credit = new Gauge({
-      name: "stepbroker_pool_credit",
-      help: "Attempts the pool may still be sent now (0 while draining).",
-      labelNames: ["pool"] as const,
-      registers,
-    });
-    const heartbeat = new Gauge({
-      name: "stepbroker_pool_heartbeat_age_seconds",
-      help: "Time since the broker last heard from the pool.",
-      labelNames: ["pool"] as const,
-      registers,
-    });
-    // One collect fills all four from a single read of the registry.
+    // Registered first: prom-client reads metrics in registration order, so this
+    // collect fills the per-pool gauges below before they are read in the same scrape.
+    const perPool: Gauge<"pool">[] = [];
     new Gauge({
       name: "stepbroker_pools",
       help: "Pools connected now.",
       registers,
       collect() {
         const now = pools();
+        const [inFlight, credit, heartbeat] = perPool as [Gauge<"pool">, Gauge<"pool">, Gauge<"pool">];
         inFlight.reset();
         credit.reset();
         heartbeat.reset();
-        const poolLabels = new Map<string, { inFlight: number; credit: number; age: number }>();
+        const byLabel = new Map<string, { inFlight: number; credit: number; age: number }>();
         for (const p of now) {
           const label = p.pool_id.length > 0 ? p.pool_id : "unknown";
-          const key = poolLabels.has(label) || poolLabels.size < POOL_GAUGE_CAP ? label : OTHER_LABEL;
-          const prev = poolLabels.get(key) ?? { inFlight: 0, credit: 0, age: 0 };
+          const key = byLabel.has(label) || byLabel.size < POOL_GAUGE_CAP ? label : OTHER_LABEL;
+          const prev = byLabel.get(key) ?? { inFlight: 0, credit: 0, age: 0 };
           const free = p.credit ?? (p.draining ? 0 : Math.max(0, p.capacity - p.in_flight));
-          poolLabels.set(key, {
+          byLabel.set(key, {
             inFlight: prev.inFlight + p.in_flight,
             credit: prev.credit + free,
             age: Math.max(prev.age, p.last_seen_ms_ago / 1000),
           });
         }
-        for (const [pool, v] of poolLabels) {
+        for (const [pool, v] of byLabel) {
           inFlight.set({ pool }, v.inFlight);
           credit.set({ pool }, v.credit);
           heartbeat.set({ pool }, v.age);
@@ -254,49 +239,70 @@ export class BrokerMetrics {
         this.set(now.length);
       },
     });
+    for (const [name, help] of [
+      ["stepbroker_pool_in_flight", "Attempts sent to the pool and not yet answered."],
+      ["stepbroker_pool_credit", "Attempts the pool may still be sent now (0 while draining)."],
+      ["stepbroker_pool_heartbeat_age_seconds", "Time since the broker last heard from the pool."],
+    ] as const)
+      perPool.push(new Gauge({ name, help, labelNames: ["pool"] as const, registers }));
   }
 
   private queueGauges(queueDepth: MetricsSources["queueDepth"], timeoutMs: number): void {
     if (!queueDepth) return;
     const registers = [this.registry];
-    const oldest = new Gauge({
-      name: "stepbroker_queue_oldest_ready_age_seconds",
-      help: "How long the oldest ready step of the handler has been runnable.",
-      labelNames: ["handler"] as const,
-      registers,
-    });
     const countDbError = () => this.dbError();
     const handlers = this.handlers;
+    /** This scrape's read: the ready gauge (registered first, so collected first) starts it, the age gauge awaits it. */
+    let latest: Promise<Map<string, { ready: number; age: number }> | undefined> = Promise.resolve(undefined);
+    const read = async () => {
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        const rows = await Promise.race([
+          queueDepth(),
+          new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Error("queue depth query timed out")), timeoutMs);
+          }),
+        ]);
+        // handlers folded into "other" add up (ready) and keep the oldest (age)
+        const byHandler = new Map<string, { ready: number; age: number }>();
+        for (const r of rows) {
+          const handler = handlers.of(r.handler);
+          const prev = byHandler.get(handler) ?? { ready: 0, age: 0 };
+          byHandler.set(handler, {
+            ready: prev.ready + r.ready,
+            age: Math.max(prev.age, r.oldestAgeSeconds),
+          });
+        }
+        return byHandler;
+      } catch {
+        // a scrape must still answer while the database does not: the gauges are left out, the error counted
+        countDbError();
+        return undefined;
+      } finally {
+        clearTimeout(timer);
+      }
+    };
     new Gauge({
       name: "stepbroker_queue_ready_steps",
       help: "Steps ready to run and not yet sent, by handler.",
       labelNames: ["handler"] as const,
       registers,
       async collect() {
+        latest = read();
+        const rows = await latest;
         this.reset();
-        oldest.reset();
-        let timer: NodeJS.Timeout | undefined;
-        try {
-          const rows = await Promise.race([
-            queueDepth(),
-            new Promise<never>((_, reject) => {
-              timer = setTimeout(() => reject(new Error("queue depth query timed out")), timeoutMs);
-            }),
-          ]);
-          // handlers folded into "other" add up (ready) or keep the oldest (age)
-          const ages = new Map<string, number>();
-          for (const r of rows) {
-            const handler = handlers.of(r.handler);
-            this.inc({ handler }, r.ready);
-            ages.set(handler, Math.max(ages.get(handler) ?? 0, r.oldestAgeSeconds));
-          }
-          for (const [handler, age] of ages) oldest.set({ handler }, age);
-        } catch {
-          // a scrape must still answer while the database does not: the gauges are left out, the error counted
-          countDbError();
-        } finally {
-          clearTimeout(timer);
-        }
+        for (const [handler, v] of rows ?? []) this.set({ handler }, v.ready);
+      },
+    });
+    new Gauge({
+      name: "stepbroker_queue_oldest_ready_age_seconds",
+      help: "How long the oldest ready step of the handler has been runnable.",
+      labelNames: ["handler"] as const,
+      registers,
+      async collect() {
+        const rows = await latest;
+        this.reset();
+        for (const [handler, v] of rows ?? []) this.set({ handler }, v.age);
       },
     });
   }

@@ -27,6 +27,7 @@ import {
   type ThroughputRow,
   type TransitionRecord,
 } from "./DashboardReads";
+import type { TaskHistory } from "./history";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";
@@ -260,6 +261,17 @@ export class StateManager {
   /** Every transition of a task and of its steps, oldest first. */
   getTransitions(taskId: string): Promise<TransitionRecord[]> {
     return this.dashboard.transitions(taskId);
+  }
+
+  /** A task with every transition and attempt (for `stepbroker history`), or null. */
+  async getHistory(taskId: string): Promise<TaskHistory | null> {
+    const task = await this.reads.getTask(taskId, { includeSteps: true });
+    if (task === null) return null;
+    const [transitions, attempts] = await Promise.all([
+      this.dashboard.transitions(taskId),
+      this.reads.getAttempts(taskId),
+    ]);
+    return { task, transitions, attempts };
   }
 
   /** Ready steps per handler, with the oldest one's age. */
