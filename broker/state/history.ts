@@ -14,7 +14,7 @@ export interface TaskHistory {
 
 interface Line {
   at: string;
-  /** Orders lines of the same millisecond: a transition before the attempt it starts. */
+  /** Orders lines of the same millisecond: a result before the moves it causes, a claim before the attempt it starts. */
   rank: number;
   who: string;
   what: string;
@@ -49,12 +49,13 @@ export function formatHistory(h: TaskHistory): string {
       const err = a.error ? `: ${shortJson(a.error, 100)}` : "";
       lines.push({
         at: a.finishedAt,
-        rank: 2,
+        rank: -1,
         who: a.stepName,
         what: `attempt ${a.attempt} ${a.outcome}${took}${err}`,
       });
     }
   }
+  // stable: transitions of one millisecond keep the database's order
   lines.sort((x, y) => (x.at < y.at ? -1 : x.at > y.at ? 1 : x.rank - y.rank));
   const width = Math.min(24, Math.max(6, ...lines.map((l) => l.who.length)));
   const head = [
