@@ -107,10 +107,7 @@ describe("the HTTP server beside a broker (inproc, real PostgreSQL)", function (
     await pool?.close({ drainMs: 1000 });
   });
 
-  async function submit(
-    template: { namespace: string; name: string },
-    context: JsonObject = {},
-  ) {
+  async function submit(template: { namespace: string; name: string }, context: JsonObject = {}) {
     const out = await stack.broker.submit({ namespace: template.namespace, name: template.name, context });
     return out.task.task_id;
   }
