@@ -8,6 +8,24 @@
  * each label keeps at most `maxLabelValues` distinct values (later ones fold
  * into "other"): a pool fleet that restarts with fresh ids all day must not
  * grow the scrape without bound.
+ *
+ * Where the broker services call the event methods (not wired yet: the broker
+ * is being split into services; until then only the scrape-time gauges move):
+ *  - claim(ms): around state.claimSteps in the dispatch loop and in the
+ *    committer's child claim (completeAttempts with a claim);
+ *  - stepsDispatched(handler, pool, n): in sendSteps, once the STEP frames are
+ *    handed to the socket, per handler of the batch;
+ *  - commitBatch(size, ms): after each committer flush (completeAttempts);
+ *    resultsAwaitingCommit(n): whenever the committer's queue changes;
+ *  - attemptFinished(handler, pool, outcome, ms): per stored result (complete /
+ *    error, with the attempt's duration), per expired lease (timeout), per
+ *    released or recovered attempt (lost / undelivered), per cancelled one;
+ *  - stepsRetried(handler, pool, n): when expireLeases / releaseAttempts /
+ *    completion put a step back to ready for another attempt;
+ *  - protocolFault(code): in sendError, and where a peer's message is dropped
+ *    with a code but no reply;
+ *  - dbError(): where a statement fails with a connection error (ECONNREFUSED,
+ *    57P01 admin shutdown, 08xxx) in the dispatch, commit and reaper loops.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { PoolView } from "../../protocol";
