@@ -398,13 +398,19 @@ export class HttpServer {
     }
     const chunks: Buffer[] = [];
     let size = 0;
-    for await (const chunk of req as AsyncIterable<Buffer>) {
-      size += chunk.length;
-      if (size > max) {
-        req.resume();
-        throw tooLarge();
+    try {
+      for await (const chunk of req as AsyncIterable<Buffer>) {
+        size += chunk.length;
+        if (size > max) {
+          req.resume();
+          throw tooLarge();
+        }
+        chunks.push(chunk);
       }
-      chunks.push(chunk);
+    } catch (e) {
+      if (e instanceof HttpError) throw e;
+      // the client went away mid-body: nobody is left to answer, and it is no server error
+      throw new HttpError(400, "aborted", "the request body was cut off; send it again");
     }
     const text = Buffer.concat(chunks).toString("utf8");
     if (text.trim() === "") return {};

@@ -9,9 +9,12 @@ import { randomUUID } from "node:crypto";
 import { request } from "node:http";
 import { HttpAuth } from "../../broker/http/HttpAuth";
 import { checkHttpOptions } from "../../broker/http/HttpServer";
-import type { HttpSide } from "../../broker/http/serveHttp";
+import { openDatabase } from "../../broker/db/openDatabase";
+import { type HttpSide, serveHttp } from "../../broker/http/serveHttp";
+import { StateManager } from "../../broker/state/StateManager";
 import type { JsonObject } from "../../broker/state/types";
 import { HandlerPool, PermanentError } from "../../handlers-node";
+import { databaseUrl } from "../support/db";
 import { eventually, silent, useBrokerStack } from "../support/stack";
 import { TOKEN, get, parseMetrics, post, raw, startHttp } from "./support";
 
@@ -141,6 +144,45 @@ describe("the HTTP server beside a broker (inproc, real PostgreSQL)", function (
         await stopped.stop();
       }
     });
+  });
+
+  it("readyz says the database does not answer when it does not", async () => {
+    const db = await openDatabase({ databaseUrl: databaseUrl(), schema: stack.schema, poolSize: 1 });
+    const closed = new StateManager(db);
+    await closed.close();
+    const side = await serveHttp({
+      broker: stack.broker,
+      state: closed,
+      logger: silent,
+      listen: "127.0.0.1:0",
+    });
+    try {
+      const r = await get(side!.server.url, "/readyz");
+      assert.equal(r.status, 503);
+      const body = r.json<{ status: string; problems: string[] }>();
+      assert.equal(body.status, "not_ready");
+      assert.match(body.problems[0]!, /^database: /);
+      assert.equal((await get(side!.server.url, "/healthz")).status, 200, "the process is still up");
+    } finally {
+      await side?.stop();
+    }
+  });
+
+  it("turns itself off when only the default address is busy, and fails when it was asked for", async () => {
+    const port = Number(new URL(base).port);
+    const quiet = await serveHttp({
+      broker: stack.broker,
+      state: stack.sm,
+      logger: silent,
+      listen: `127.0.0.1:${port}`,
+      explicit: false,
+    });
+    assert.equal(quiet, undefined);
+    await assert.rejects(
+      serveHttp({ broker: stack.broker, state: stack.sm, logger: silent, listen: `127.0.0.1:${port}` }),
+      /cannot serve HTTP on 127\.0\.0\.1:\d+: another process uses this address; stop it, choose another with --http, or pass --no-http/,
+    );
+    assert.equal((await get(base, "/healthz")).status, 200);
   });
 
   describe("GET /metrics", () => {
