@@ -149,6 +149,12 @@ describe("the stepbroker CLI", function () {
       oneLine(r),
       /--http: refusing to serve HTTP on 0\.0\.0\.0:0 \(not loopback\) without a token: set --http-token-file FILE or STEPBROKER_HTTP_TOKEN, or pass --insecure/,
     );
+    const both = await cli(["start", "--http", "127.0.0.1:0", "--no-http", "--schema", schema], env);
+    assert.equal(both.code, 2);
+    assert.match(oneLine(both), /--http and --no-http contradict each other/);
+    const short = await cli(["start", "--schema", schema], { ...env, STEPBROKER_HTTP_TOKEN: "short" });
+    assert.equal(short.code, 2);
+    assert.match(oneLine(short), /STEPBROKER_HTTP_TOKEN: the HTTP token must be at least 16 characters/);
     const empty = join(tmp, "empty-token");
     writeFileSync(empty, "\n");
     const e = await cli(["start", "--http-token-file", empty, "--schema", schema], env);
