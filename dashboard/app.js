@@ -110,13 +110,9 @@ function keepInputs(swap) {
 
 // ------------------------------------------------------------------ overview
 
-const queueHistory = [];
-
 async function overviewPage() {
   const [tp, pools] = await Promise.all([api("/api/throughput?minutes=15"), api("/api/pools")]);
   const ready = tp.queue.reduce((n, q) => n + q.ready, 0);
-  queueHistory.push({ at: Date.now(), ready });
-  while (queueHistory.length > 300) queueHistory.shift();
   return h(
     "section",
     { id: "overview" },
@@ -137,7 +133,7 @@ async function overviewPage() {
         h("h2", {}, "Attempts finished per minute (last 15 min)"),
         throughputChart(tp.throughput, tp.minutes),
       ),
-      h("div", {}, h("h2", {}, "Ready steps over time (while this page is open)"), queueChart(queueHistory)),
+      h("div", {}, h("h2", {}, "Ready steps over time (last 15 min)"), queueChart(tp.queue_history)),
     ),
     h("h2", {}, "Queue depth by handler"),
     table(
@@ -205,12 +201,15 @@ function queueChart(points) {
     return svg;
   }
   const max = Math.max(1, ...points.map((p) => p.ready));
-  const t0 = points[0].at;
-  const span = Math.max(1, points[points.length - 1].at - t0);
+  const t0 = Date.parse(points[0].at);
+  const span = Math.max(1, Date.parse(points[points.length - 1].at) - t0);
   const xy = points.map(
-    (p) => `${25 + ((W - 30) * (p.at - t0)) / span},${H - 15 - ((H - 30) * p.ready) / max}`,
+    (p) => `${25 + ((W - 30) * (Date.parse(p.at) - t0)) / span},${H - 15 - ((H - 30) * p.ready) / max}`,
   );
-  svg.append(s("polyline", { points: xy.join(" ") }), s("text", { x: 2, y: 12 }, String(max)));
+  svg.append(
+    s("polyline", { points: xy.join(" "), "data-testid": "queue-history" }),
+    s("text", { x: 2, y: 12 }, String(max)),
+  );
   return svg;
 }
 

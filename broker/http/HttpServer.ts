@@ -49,6 +49,8 @@ export interface HttpServerOptions {
   maxBodyBytes?: number;
   /** How often live clients get an update (default 1000 ms). */
   liveIntervalMs?: number;
+  /** How often the queue depth is sampled for the overview's history (default 10 s; kept 15 minutes). */
+  queueSampleMs?: number;
   /** The dashboard's files (default the repository's dashboard/). */
   staticDir?: string;
   /** How long /readyz waits for `select 1` (default 1000 ms). */
@@ -102,6 +104,9 @@ export class HttpServer {
   private readonly live = new Set<ServerResponse>();
   private liveTimer: NodeJS.Timeout | undefined;
   private port = 0;
+  /** Ready steps over the last 15 minutes, oldest first (for the overview). */
+  private readonly queueHistory: { at: string; ready: number }[] = [];
+  private sampler: NodeJS.Timeout | undefined;
 
   constructor(options: HttpServerOptions) {
     this.opts = options;
@@ -140,6 +145,20 @@ export class HttpServer {
       });
     });
     this.port = (this.server.address() as AddressInfo).port;
+    const every = this.opts.queueSampleMs ?? 10_000;
+    const keep = Math.ceil((15 * 60_000) / every);
+    const sample = async () => {
+      try {
+        const ready = (await this.opts.state.queueDepth()).reduce((n, r) => n + r.ready, 0);
+        this.queueHistory.push({ at: new Date().toISOString(), ready });
+        if (this.queueHistory.length > keep) this.queueHistory.splice(0, this.queueHistory.length - keep);
+      } catch {
+        this.opts.metrics?.dbError();
+      }
+    };
+    void sample();
+    this.sampler = setInterval(() => void sample(), every);
+    this.sampler.unref();
     this.log.info(
       { url: this.url, auth: this.auth.enabled },
       `dashboard and metrics on ${this.url}${this.auth.enabled ? " (token required)" : ""}`,
@@ -147,6 +166,7 @@ export class HttpServer {
   }
 
   async stop(): Promise<void> {
+    clearInterval(this.sampler);
     clearInterval(this.liveTimer);
     this.liveTimer = undefined;
     for (const res of this.live) res.end();
@@ -304,7 +324,7 @@ export class HttpServer {
     if (path === "/api/throughput") {
       const minutes = intParam(q, "minutes", 15, 1, 120);
       const [rows, queue] = await Promise.all([state.throughput(minutes), state.queueDepth()]);
-      return this.json(res, 200, { minutes, throughput: rows, queue });
+      return this.json(res, 200, { minutes, throughput: rows, queue, queue_history: this.queueHistory });
     }
     if (path === "/api/events") return this.openLive(req, res);
     throw new HttpError(

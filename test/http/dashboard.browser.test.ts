@@ -173,10 +173,21 @@ describe("the dashboard in headless Chromium", function () {
       stack.broker.listPools()[0]?.in_flight === 1 ? true : undefined,
     );
     await page.goto(`${http.server.url}#/tasks?template=web/held`, { waitUntil: "load" });
-    const link = await page.waitForSelector(`tr[data-task="${task.task_id}"] a`, { timeout: 10_000 });
-    await link!.click();
+    // The page rebuilds its view on every live tick, so a handle taken in one
+    // round trip may be gone by the next: find and click in one turn of the page's loop.
+    const clickNow = (selector: string) =>
+      page.waitForFunction(
+        (sel: string) => {
+          const el = document.querySelector<HTMLElement>(sel);
+          el?.click();
+          return el !== null;
+        },
+        { timeout: 10_000, polling: 100 },
+        selector,
+      );
+    await clickNow(`tr[data-task="${task.task_id}"] a`);
     await page.waitForSelector('#task button[data-action="cancel-task"]', { timeout: 10_000 });
-    await page.click('#task button[data-action="cancel-task"]');
+    await clickNow('#task button[data-action="cancel-task"]');
     await page.waitForFunction(
       () => document.querySelector("#task h1 .badge")?.getAttribute("data-state") === "cancelled",
       { timeout: 15_000, polling: 100 },
@@ -196,6 +207,7 @@ describe("the dashboard in headless Chromium", function () {
     assert.match(text, /slow/);
     await page.goto(`${http.server.url}#/`, { waitUntil: "load" });
     await page.waitForSelector('svg[data-testid="throughput"] rect.bar-complete', { timeout: 10_000 });
+    await page.waitForSelector('polyline[data-testid="queue-history"]', { timeout: 10_000 });
     await page.screenshot({ path: join(ARTIFACTS, "overview.png") });
     assert.deepEqual(pageErrors, []);
   });

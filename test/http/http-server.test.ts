@@ -351,6 +351,13 @@ describe("the HTTP server beside a broker (inproc, real PostgreSQL)", function (
       const complete = tp.throughput.filter((r) => r.outcome === "complete").reduce((n, r) => n + r.count, 0);
       assert.ok(complete >= 20, `at least the 5 diamonds' 20 attempts, got ${complete}`);
       assert.equal((await get(base, "/api/throughput?minutes=500")).status, 400);
+      // sampled by the server (every 100 ms here), so a fresh page has the recent past at once
+      const history = (await get(base, "/api/throughput")).json<{
+        queue_history: { at: string; ready: number }[];
+      }>().queue_history;
+      assert.ok(history.length >= 2, `samples: ${history.length}`);
+      for (const h of history)
+        assert.ok(Number.isInteger(h.ready) && h.ready >= 0 && !Number.isNaN(Date.parse(h.at)));
       const nope = await get(base, "/api/nothing");
       assert.equal(nope.status, 404);
       assert.equal(nope.json<{ error: { code: string } }>().error.code, "not_found");

@@ -21,7 +21,7 @@ export async function startHttp(
     listen: "127.0.0.1:0",
     auth: new HttpAuth(opts.token),
     ...(opts.running ? { running: opts.running } : {}),
-    server: { liveIntervalMs: 200, ...opts.server },
+    server: { liveIntervalMs: 200, queueSampleMs: 100, ...opts.server },
   });
   if (!side) throw new Error("the HTTP server did not start");
   return side;
