@@ -55,6 +55,25 @@ export default tseslint.config(
     },
   })),
   {
+    // The dashboard runs in the browser as plain ES modules (no build step).
+    files: ["dashboard/**/*.js"],
+    languageOptions: {
+      globals: {
+        document: "readonly",
+        window: "readonly",
+        location: "readonly",
+        history: "readonly",
+        sessionStorage: "readonly",
+        fetch: "readonly",
+        Node: "readonly",
+        URLSearchParams: "readonly",
+        FormData: "readonly",
+        TextDecoderStream: "readonly",
+        CSS: "readonly",
+      },
+    },
+  },
+  {
     // The mocha reporter is CommonJS: mocha loads reporters with require().
     files: ["**/*.cjs"],
     languageOptions: { sourceType: "commonjs", globals: { require: "readonly", module: "writable" } },

@@ -9,10 +9,14 @@ import { pino } from "pino";
 import { parse as parseYaml } from "yaml";
 import { readAllowList, reloadAllowLists, type AllowListFiles } from "../broker/allowList";
 import { Broker } from "../broker/Broker";
+import { HttpAuth } from "../broker/http/HttpAuth";
+import { checkHttpOptions } from "../broker/http/HttpServer";
+import { serveHttp } from "../broker/http/serveHttp";
 import { checkBrokerOptions, type BrokerOptions, type CurveOptions } from "../broker/config";
 import { StateManager } from "../broker/state/StateManager";
 import type { BrokerRecord } from "../broker/state/types";
 import { formatExplain } from "../broker/state/explain";
+import { formatHistory, shortJson } from "../broker/state/history";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
 import { readKeyPairFile, readPublicKey, writeKeyPairFiles } from "../protocol/curveKeys";
@@ -26,7 +30,8 @@ Commands:
   start                     run a broker
   demo                      run the order-fulfilment demo on an embedded PostgreSQL
   submit <ns/name[@ver]>    create a task (--context JSON, --wait, --idempotency-key K)
-  status <task>             a task and its steps
+  status <task>             a task and its steps (with their outputs, shortened)
+  history <task>            every transition and attempt of a task, as a timeline
   explain <task>            why each step of a task is or is not ready
   cancel <task>             cancel a task (through the running broker)
   retry <task|step>         make failed steps ready again
@@ -48,7 +53,12 @@ Options:
   --templates DIR     start: register every .yaml/.yml/.json template in DIR
   --broker-id ID      start: lease owner name, stable across restarts (default host+endpoints)
   --heartbeat-ms N    start: heartbeat interval (default 1000)
-  --insecure          start: allow binding TCP beyond loopback without CURVE
+  --insecure          start: allow binding TCP beyond loopback without CURVE (and HTTP without a token)
+  --http HOST:PORT    start/demo: the dashboard, API and /metrics (default 127.0.0.1:8080, env STEPBROKER_HTTP;
+                      a busy default port turns it off with a warning)
+  --no-http           start/demo: no HTTP server (or STEPBROKER_HTTP=off)
+  --http-token-file FILE  start/demo: bearer token for the API, metrics and actions (or env STEPBROKER_HTTP_TOKEN);
+                      required to bind HTTP beyond loopback unless --insecure
   --client-endpoint URL  start: a socket for clients only (repeatable); then --endpoint serves pools only
   --admin-endpoint URL   start: a socket for admin clients (POOLS with pool ids); without it the client socket is admin
   --curve-secret-key-file FILE  start: the broker's key pair (from keygen): every socket uses CURVE
@@ -110,6 +120,9 @@ function parseCommandLineOrThrow() {
       "curve-server-key": { type: "string" },
       "curve-key-file": { type: "string" },
       out: { type: "string" },
+      http: { type: "string" },
+      "no-http": { type: "boolean" },
+      "http-token-file": { type: "string" },
     },
   });
 }
@@ -249,6 +262,34 @@ function keygen(): number {
   return 0;
 }
 
+/** The HTTP side's address and token from the command line and environment; undefined when it is off. */
+function httpConfig(): { listen: string; explicit: boolean; auth: HttpAuth } | undefined {
+  const fromEnv = process.env.STEPBROKER_HTTP?.trim();
+  if (opt["no-http"]) {
+    if (opt.http !== undefined) throw new OptionError("--http and --no-http contradict each other; keep one");
+    return undefined;
+  }
+  if (opt.http === undefined && (fromEnv === "off" || fromEnv === "0" || fromEnv === "false"))
+    return undefined;
+  const listen = opt.http ?? (fromEnv || "127.0.0.1:8080");
+  const file = opt["http-token-file"];
+  const envToken = process.env.STEPBROKER_HTTP_TOKEN;
+  let auth: HttpAuth;
+  try {
+    auth = file !== undefined ? HttpAuth.fromFile(file) : new HttpAuth(envToken || undefined);
+  } catch (e) {
+    throw new OptionError(
+      `${file !== undefined ? "--http-token-file" : "STEPBROKER_HTTP_TOKEN"}: ${(e as Error).message}`,
+    );
+  }
+  try {
+    checkHttpOptions(listen, auth, opt.insecure ?? false);
+  } catch (e) {
+    throw new OptionError(`--http: ${(e as Error).message}`);
+  }
+  return { listen, explicit: opt.http !== undefined || Boolean(fromEnv), auth };
+}
+
 async function start(): Promise<void> {
   const heartbeatMs = positiveInt("heartbeat-ms", opt["heartbeat-ms"]);
   const { curve, files } = curveOptions();
@@ -268,6 +309,7 @@ async function start(): Promise<void> {
   } catch (e) {
     throw new OptionError((e as Error).message);
   }
+  const http = httpConfig();
   const sm = await openState(logger);
   for (const f of opt.templates ? templateFiles(opt.templates) : []) {
     const t = await sm.registerTemplate(readTemplateFile(f));
@@ -281,10 +323,21 @@ async function start(): Promise<void> {
     throw e;
   }
   let stopping = false;
+  let httpSide;
+  try {
+    httpSide = http
+      ? await serveHttp({ broker, state: sm, logger, ...http, running: () => !stopping })
+      : undefined;
+  } catch (e) {
+    await broker.stop({ drainMs: 0 });
+    await sm.close();
+    throw e;
+  }
   const stop = async () => {
     if (stopping) return;
     stopping = true;
     logger.info("stopping: in-flight steps have 5 s to finish");
+    await httpSide?.stop();
     await broker.stop({ drainMs: 5000 });
     await sm.close();
     process.exit(0);
@@ -336,7 +389,10 @@ async function main(): Promise<number> {
       await start();
       return -1; // keeps running
     case "demo":
-      return await runDemo(opt["data-dir"] ? { dataDir: opt["data-dir"] } : {});
+      return await runDemo({
+        ...(opt["data-dir"] ? { dataDir: opt["data-dir"] } : {}),
+        http: httpConfig() ?? false,
+      });
     case "migrate":
       return await withState(async (sm) => {
         const applied = await sm.migrate();
@@ -372,7 +428,13 @@ async function main(): Promise<number> {
         const task = await sm.getTask(id, { includeSteps: true });
         if (!task) throw new UsageError(`no task ${id}; check the id (stepbroker status <task-uuid>)`);
         const rows = (task.steps ?? []).map(
-          (s) => `  ${s.name.padEnd(24)} ${s.state.padEnd(18)} attempts ${s.attempts}/${s.max_attempts}`,
+          (s) =>
+            `  ${s.name.padEnd(24)} ${s.state.padEnd(18)} attempts ${s.attempts}/${s.max_attempts}` +
+            ("output" in s
+              ? `  output ${shortJson(s.output, 60)}`
+              : s.error
+                ? `  error ${shortJson(s.error, 60)}`
+                : ""),
         );
         print(
           task,
@@ -381,6 +443,14 @@ async function main(): Promise<number> {
             ...rows,
           ].join("\n"),
         );
+        return 0;
+      });
+    case "history":
+      return await withState(async (sm) => {
+        const id = need("task");
+        const history = await sm.getHistory(id);
+        if (!history) throw new UsageError(`no task ${id}; check the id (stepbroker history <task-uuid>)`);
+        print(history, formatHistory(history));
         return 0;
       });
     case "explain":

@@ -185,13 +185,36 @@ describe("the stepbroker CLI", function () {
     }
   });
 
+  it("refuses to serve HTTP beyond loopback without a token, in one line", async () => {
+    const r = await cli(["start", "--http", "0.0.0.0:0", "--schema", schema, "--log-level", "error"], env);
+    assert.equal(r.code, 2);
+    assert.match(
+      oneLine(r),
+      /--http: refusing to serve HTTP on 0\.0\.0\.0:0 \(not loopback\) without a token: set --http-token-file FILE or STEPBROKER_HTTP_TOKEN, or pass --insecure/,
+    );
+    const both = await cli(["start", "--http", "127.0.0.1:0", "--no-http", "--schema", schema], env);
+    assert.equal(both.code, 2);
+    assert.match(oneLine(both), /--http and --no-http contradict each other/);
+    const short = await cli(["start", "--schema", schema], { ...env, STEPBROKER_HTTP_TOKEN: "short" });
+    assert.equal(short.code, 2);
+    assert.match(oneLine(short), /STEPBROKER_HTTP_TOKEN: the HTTP token must be at least 16 characters/);
+    const empty = join(tmp, "empty-token");
+    writeFileSync(empty, "\n");
+    const e = await cli(["start", "--http-token-file", empty, "--schema", schema], env);
+    assert.equal(e.code, 2);
+    assert.match(oneLine(e), /the HTTP token file .* is empty/);
+  });
+
   describe("against a running broker", () => {
     let broker: ChildProcess | undefined;
     let pool: ChildPool | undefined;
     let endpoint = "";
+    let httpBase = "";
 
     before(async () => {
       endpoint = `tcp://127.0.0.1:${await freePort()}`;
+      const httpPort = await freePort();
+      httpBase = `http://127.0.0.1:${httpPort}`;
       broker = spawn(
         process.execPath,
         [
@@ -205,6 +228,8 @@ describe("the stepbroker CLI", function () {
           TEMPLATES,
           "--heartbeat-ms",
           "200",
+          "--http",
+          `127.0.0.1:${httpPort}`,
           "--log-level",
           "info",
         ],
@@ -212,8 +237,9 @@ describe("the stepbroker CLI", function () {
       );
       await new Promise<void>((resolve, reject) => {
         const t = setTimeout(() => reject(new Error("broker did not start")), 20_000);
+        // the dashboard's line comes after the broker's: both are up then
         createInterface({ input: broker!.stdout! }).on("line", (l) => {
-          if (l.includes("broker listening")) {
+          if (l.includes("dashboard and metrics on")) {
             clearTimeout(t);
             resolve();
           }
@@ -270,6 +296,64 @@ describe("the stepbroker CLI", function () {
       const explained = await cli(["explain", task.task_id, "--schema", schema], env);
       assert.equal(explained.code, 0, explained.stderr);
       assert.match(explained.stdout, /ship_order/);
+    });
+
+    it("serves the probes and /metrics beside the broker it started", async () => {
+      const health = await fetch(`${httpBase}/healthz`, { signal: AbortSignal.timeout(5000) });
+      assert.equal(health.status, 200);
+      const ready = await fetch(`${httpBase}/readyz`, { signal: AbortSignal.timeout(5000) });
+      assert.equal(ready.status, 200, await ready.text());
+      const metrics = await (
+        await fetch(`${httpBase}/metrics`, { signal: AbortSignal.timeout(5000) })
+      ).text();
+      assert.match(metrics, /^stepbroker_pools \d+$/m);
+      assert.match(metrics, /^# TYPE stepbroker_queue_ready_steps gauge$/m);
+    });
+
+    it("prints a task's history as a timeline, and shows outputs in status", async () => {
+      const submitted = await cli(
+        [
+          "submit",
+          "shop/order_fulfilment",
+          "--context",
+          '{"order_id":"H-1","items":[]}',
+          "--wait",
+          "--json",
+          "--endpoint",
+          endpoint,
+        ],
+        env,
+      );
+      assert.equal(submitted.code, 0, submitted.stderr);
+      const id = (JSON.parse(submitted.stdout) as { task_id: string }).task_id;
+      const history = await cli(["history", id, "--schema", schema], env);
+      assert.equal(history.code, 0, history.stderr);
+      const lines = history.stdout.split("\n");
+      assert.match(lines[0]!, new RegExp(`^task ${id} shop/order_fulfilment@\\S+: complete$`));
+      const at = (re: RegExp) => lines.findIndex((l) => re.test(l));
+      const created = at(/\(task\)\s+∅ → pending/);
+      const sent = at(/ship_order\s+attempt 1 sent to cli-pool by /);
+      const done = at(/ship_order\s+attempt 1 complete after \d+ ms/);
+      const finished = at(/\(task\)\s+in_progress → complete/);
+      assert.ok(created > 0 && sent > created && done > sent && finished >= done, history.stdout);
+      assert.match(history.stdout, /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} /m);
+      const asJson = await cli(["history", id, "--schema", schema, "--json"], env);
+      const h = JSON.parse(asJson.stdout) as {
+        task: { task_id: string };
+        transitions: unknown[];
+        attempts: { poolId: string }[];
+      };
+      assert.equal(h.task.task_id, id);
+      assert.ok(h.transitions.length >= 10);
+      assert.ok(h.attempts.every((a) => a.poolId === "cli-pool"));
+      const status = await cli(["status", id, "--schema", schema], env);
+      assert.match(status.stdout, /validate_order\s+complete\s+attempts 1\/\d+\s+output \{/);
+      const none = await cli(["history", "00000000-0000-4000-8000-000000000000", "--schema", schema], env);
+      assert.equal(none.code, 64);
+      assert.match(
+        oneLine(none),
+        /no task 00000000-0000-4000-8000-000000000000; check the id \(stepbroker history <task-uuid>\)/,
+      );
     });
 
     it("refuses a malformed --context in one line", async () => {

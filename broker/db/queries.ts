@@ -21,9 +21,11 @@ export const QUERY_NAMES = [
   "get_steps",
   "get_task",
   "get_template",
+  "get_transitions",
   "heartbeat_broker",
   "insert_template",
   "list_brokers",
+  "list_tasks",
   "list_templates",
   "lock_dead_leases",
   "lock_expired",
@@ -32,12 +34,14 @@ export const QUERY_NAMES = [
   "lock_task",
   "lock_tasks_of_attempts",
   "notify_events",
+  "queue_depth",
   "register_broker",
   "requeue_attempts",
   "resolve_step",
   "retry_steps",
   "stop_broker",
   "take_pool_session",
+  "throughput",
 ] as const;
 export type QueryName = (typeof QUERY_NAMES)[number];
 

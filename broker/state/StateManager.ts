@@ -21,6 +21,15 @@ import { type Database, type OpenDatabaseOptions, openDatabase } from "../db/ope
 import { Attempts } from "./Attempts";
 import { BrokerRegistry } from "./BrokerRegistry";
 import { EventNotifier } from "./EventNotifier";
+import {
+  DashboardReads,
+  type QueueDepthRow,
+  type TaskListFilter,
+  type TaskListPage,
+  type ThroughputRow,
+  type TransitionRecord,
+} from "./DashboardReads";
+import type { TaskHistory } from "./history";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";
@@ -79,6 +88,7 @@ export class StateManager {
   private readonly attempts: Attempts;
   private readonly requeues: Requeues;
   private readonly operator: OperatorActions;
+  private readonly dashboard: DashboardReads;
 
   constructor(db: Database, options: StateManagerOptions = {}) {
     this.db = db;
@@ -94,6 +104,7 @@ export class StateManager {
     this.requeues = new Requeues(this.sql, this.events);
     this.operator = new OperatorActions(this.sql, this.notifier, this.events);
     this.brokers = new BrokerRegistry(this.sql, this.requeues, this.events);
+    this.dashboard = new DashboardReads(this.sql);
   }
 
   /** Opens the database (embedded unless a URL is given), applies pending migrations, and returns a state manager that owns the database. */
@@ -292,6 +303,44 @@ export class StateManager {
   /** Per step, every readiness condition and the first that blocks it (see TaskReads.explain). */
   explain(taskId: string, options: { servedHandlers?: ReadonlySet<string> } = {}): Promise<ExplainRow[]> {
     return this.reads.explain(taskId, options);
+  }
+
+  // ---------------------------------------------------------------- operators' reads (DashboardReads)
+
+  /** Tasks newest first, filtered and paged (see DashboardReads.listTasks). */
+  listTasks(filter: TaskListFilter = {}): Promise<TaskListPage> {
+    return this.dashboard.listTasks(filter);
+  }
+
+  /** Every transition of a task and of its steps, oldest first. */
+  getTransitions(taskId: string): Promise<TransitionRecord[]> {
+    return this.dashboard.transitions(taskId);
+  }
+
+  /** A task with every transition and attempt (for `stepbroker history`), or null. */
+  async getHistory(taskId: string): Promise<TaskHistory | null> {
+    const task = await this.reads.getTask(taskId, { includeSteps: true });
+    if (task === null) return null;
+    const [transitions, attempts] = await Promise.all([
+      this.dashboard.transitions(taskId),
+      this.reads.getAttempts(taskId),
+    ]);
+    return { task, transitions, attempts };
+  }
+
+  /** Ready steps per handler, with the oldest one's age. */
+  queueDepth(): Promise<QueueDepthRow[]> {
+    return this.dashboard.queueDepth();
+  }
+
+  /** Attempts finished per minute over the last minutes, by outcome (see DashboardReads.throughput). */
+  throughput(minutes: number): Promise<ThroughputRow[]> {
+    return this.dashboard.throughput(minutes);
+  }
+
+  /** Resolves when the database answers within `timeoutMs` (for readiness probes). */
+  ping(timeoutMs: number): Promise<void> {
+    return this.dashboard.ping(timeoutMs);
   }
 
   // ---------------------------------------------------------------- notifications (WorkNotifier)

