@@ -22,7 +22,7 @@
  */
 import pino, { type Logger } from "pino";
 import type { Router } from "zeromq";
-import { coerceError, fault, PROTOCOL_VERSION, type PoolView, type TaskView } from "../protocol";
+import { coerceError, fault, type PoolView, type TaskView } from "../protocol";
 import { createContext, type BrokerContext, type BrokerState } from "./BrokerContext";
 import { ClientVerbs, type SubmitResult } from "./clients/ClientVerbs";
 import { Waiters } from "./clients/Waiters";
@@ -33,6 +33,7 @@ import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOption
 import { Dispatcher } from "./dispatch/Dispatcher";
 import { LogLimiter } from "./logLimiter";
 import { Maintenance } from "./maintenance/Maintenance";
+import type { MetricsSink } from "./metrics/MetricsSink";
 import { PoolRegistry } from "./pools/PoolRegistry";
 import { PoolSessions } from "./pools/PoolSessions";
 import type { Role } from "./roles";
@@ -118,10 +119,8 @@ export class Broker {
     );
     this.maintenance = new Maintenance(ctx, {
       timedOut: (pool, flight) => this.sessions.timedOut(pool, flight),
-      heartbeat: (now) => {
-        this.sessions.heartbeatTick(now);
-        this.guard.sweep(now);
-      },
+      heartbeat: (now) => this.sessions.heartbeatTick(now),
+      sweep: (now) => this.guard.sweep(now),
       stalled: (now) => this.sessions.restartLivenessClocks(now),
       poll: () => this.waiters.refresh(),
       finished: (taskId) => void this.waiters.check(taskId),
@@ -150,19 +149,7 @@ export class Broker {
     });
     await this.maintenance.start(startedAt, this.endpoints);
     this.listeners.sockets.forEach((socket, i) => void this.receiveLoop(socket, i));
-    this.log.info(
-      {
-        endpoints: this.endpoints,
-        protocol: PROTOCOL_VERSION,
-        sockets: this.opts.listeners.map((l) => ({
-          name: l.name,
-          endpoints: l.endpoints,
-          roles: [...l.roles],
-        })),
-        curve: this.opts.curve !== undefined,
-      },
-      `broker listening on ${this.endpoints.join(", ")}`,
-    );
+    this.log.info(this.listeners.describe(), `broker listening on ${this.endpoints.join(", ")}`);
     this.dispatcher.kick();
   }
 
@@ -201,6 +188,11 @@ export class Broker {
 
   listPools(): (PoolView & { pool_id: string })[] {
     return this.clients.listPools();
+  }
+
+  /** Reports what the broker does to `sink` from now on (serveHttp passes its BrokerMetrics). */
+  observe(sink: MetricsSink): void {
+    this.ctx.metrics = sink;
   }
 
   /** Handler names some connected pool serves (for explain). */
@@ -289,8 +281,7 @@ export class Broker {
           );
       }
     } catch (e) {
-      const requestId = (msg.body as { request_id?: unknown }).request_id;
-      this.guard.failed(msg.command, identity, e, typeof requestId === "string" ? requestId : undefined);
+      this.guard.failed(msg.command, identity, e, (msg.body as { request_id?: unknown }).request_id);
     }
   }
 }

@@ -17,6 +17,7 @@ import {
   type ProtocolFault,
 } from "../protocol";
 import type { ResolvedOptions } from "./config";
+import { NO_METRICS, type MetricsSink } from "./metrics/MetricsSink";
 import type { LogLimiter } from "./logLimiter";
 import { identityKey, type PoolRecord, type PoolRegistry } from "./pools/PoolRegistry";
 import type { StatePort } from "./statePort";
@@ -33,6 +34,8 @@ export interface BrokerContext {
   /** Lines about one peer, or one repeated failure, are rate-limited: a flood must not become a log flood. */
   readonly limiter: LogLimiter;
   readonly outbox: Outbox;
+  /** Where the services report what they did (NO_METRICS until Broker.observe). */
+  metrics: MetricsSink;
   /** Serving: new claims and sends are allowed. */
   isRunning(): boolean;
   send<C extends CommandName>(identity: Buffer, command: C, body: BodyOf<C>, encoding?: Encoding): void;
@@ -72,7 +75,7 @@ export function createContext(parts: ContextParts): BrokerContext {
     if (pool) pools.noteSent(pool, Date.now());
     outbox.send(identity, encodeMessage(command, body, encoding));
   };
-  return {
+  const ctx: BrokerContext = {
     id: parts.id,
     opts,
     log,
@@ -80,10 +83,13 @@ export function createContext(parts: ContextParts): BrokerContext {
     pools,
     limiter: parts.limiter,
     outbox,
+    metrics: NO_METRICS,
     isRunning: () => parts.lifecycle() === "running",
     send,
-    sendError: (identity, f, encoding = "json") =>
-      send(identity, BrokerCommands.ERROR, faultToErrorBody(f), encoding),
+    sendError: (identity, f, encoding = "json") => {
+      ctx.metrics.protocolFault(f.code);
+      send(identity, BrokerCommands.ERROR, faultToErrorBody(f), encoding);
+    },
     sendCancel: (pool, attemptIds, reason) => {
       for (let i = 0; i < attemptIds.length; i += opts.maxBatch) {
         const cancels = attemptIds.slice(i, i + opts.maxBatch).map((attempt_id) => ({ attempt_id, reason }));
@@ -105,4 +111,5 @@ export function createContext(parts: ContextParts): BrokerContext {
     kick: (creditOf) => parts.kick(creditOf),
     kickAt: (when) => parts.kickAt(when),
   };
+  return ctx;
 }

@@ -371,6 +371,14 @@ export interface PoolView {
    */
   cancelling?: number;
   /**
+   * Attempts the broker may send this pool now (slow start, reservations, held slots and quarantine taken into account).
+   */
+  credit?: number;
+  /**
+   * The pool sent DISCONNECT: it gets no new work and leaves once its attempts are done.
+   */
+  draining?: boolean;
+  /**
    * The pool gets no new work: its last attempts timed out in a row and none completed since (PROTOCOL.md, Zombie pools).
    */
   quarantined?: boolean;

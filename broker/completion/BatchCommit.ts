@@ -15,7 +15,13 @@ import type { BrokerContext } from "../BrokerContext";
 import type { Dispatcher } from "../dispatch/Dispatcher";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
 import type { CompletionResult } from "../statePort";
-import { UNSTORABLE_RESULT, type CommitReport, type PendingResult, type RefusedResult } from "./Committer";
+import {
+  isDataError,
+  UNSTORABLE_RESULT,
+  type CommitReport,
+  type PendingResult,
+  type RefusedResult,
+} from "./Committer";
 
 /** What one group commit stored; with `claim`, the credit set aside for the children it claimed. */
 export interface CommittedBatch {
@@ -41,7 +47,13 @@ export class BatchCommit {
     const { ctx } = this;
     const results = items.map((i) => i.result);
     const claimFor = this.childClaimPool(items);
-    if (!claimFor) return { result: await ctx.state.completeAttempts(results) };
+    if (!claimFor)
+      return {
+        result: await ctx.state.completeAttempts(results).catch((e: unknown) => {
+          if (!isDataError(e)) ctx.metrics.dbError();
+          throw e;
+        }),
+      };
     const { pool, limit } = claimFor;
     // Held until `committed` has put the claimed children in flight, so no dispatch claims against it.
     const claim = ctx.pools.reserve(pool, limit);
@@ -55,6 +67,7 @@ export class BatchCommit {
       });
     } catch (e) {
       claim.settle();
+      if (!isDataError(e)) ctx.metrics.dbError();
       throw e;
     }
     if (result.claimed.length > 0 && !this.dispatcher.canSendTo(pool)) {
@@ -90,6 +103,8 @@ export class BatchCommit {
       if (batch.claimed.length < credit) ctx.kick(pool);
     }
     const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
+    const retried = new Set(batch.outcomes.filter((o) => o.state === "ready").map((o) => o.attemptId));
+    ctx.metrics.commitBatch(items.length, ms);
     const acks = new Map<string, { identity: Buffer; acks: { attempt_id: string; outcome: AckOutcome }[] }>();
     // Pools whose slow-start window grew: that credit is new, and no result will ask for it.
     const grown = new Set<PoolRecord>();
@@ -105,6 +120,7 @@ export class BatchCommit {
         if (pool.window < pool.capacity) grown.add(pool);
         ctx.pools.noteStored(pool);
       }
+      if (outcome === "stored") this.countOutcome(item, pool?.poolId, retried.has(item.result.attemptId));
       this.logOutcome(item, outcome, pool?.poolId);
     }
     for (const [poolKey, { identity, acks: list }] of acks) {
@@ -202,6 +218,19 @@ export class BatchCommit {
     }
     const limit = Math.min(children, pools.credit(best!));
     return limit > 0 ? { pool: best!, limit } : undefined;
+  }
+
+  private countOutcome(item: PendingResult, poolId: string | undefined, retried: boolean): void {
+    const { metrics } = this.ctx;
+    const handler = item.flight?.handler ?? "unknown";
+    const pool = poolId ?? item.result.poolId ?? "unknown";
+    metrics.attemptFinished(
+      handler,
+      pool,
+      item.result.status === "complete" ? "complete" : "error",
+      item.result.durationMs,
+    );
+    if (retried) metrics.stepsRetried(handler, pool);
   }
 
   /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */

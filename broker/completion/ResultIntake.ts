@@ -72,6 +72,7 @@ export class ResultIntake {
 
   /** The committer has room again: credit flows back as results arrive. */
   noteDrained(): void {
+    this.ctx.metrics.resultsAwaitingCommit(this.committer.pending);
     if (!this.parking || this.committer.full) return;
     this.parking = false;
     this.ctx.log.info(
@@ -121,6 +122,7 @@ export class ResultIntake {
           "each new result's credit is held until it is stored, so pools get no new work meanwhile; is the database slow?",
       );
     }
+    ctx.metrics.resultsAwaitingCommit(this.committer.pending + 1);
     this.committer.add({
       poolKey: pool.key,
       identity: pool.identity,

@@ -7,6 +7,7 @@
  */
 import { BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
+import { isDataError } from "../completion/Committer";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { ClaimedStep } from "../statePort";
 
@@ -86,6 +87,9 @@ export class Dispatcher {
       });
       return step;
     });
+    const byHandler = new Map<string, number>();
+    for (const s of steps) byHandler.set(s.handler, (byHandler.get(s.handler) ?? 0) + 1);
+    for (const [handler, n] of byHandler) ctx.metrics.stepsDispatched(handler, pool.poolId, n);
     for (let i = 0; i < dispatches.length; i += ctx.opts.maxBatch) {
       ctx.send(
         pool.identity,
@@ -180,6 +184,7 @@ export class Dispatcher {
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);
+    const started = performance.now();
     try {
       const avoid = this.retriesForOthers(pool);
       steps = await ctx.state.claimSteps({
@@ -189,7 +194,9 @@ export class Dispatcher {
         limit: credit,
         ...(avoid.length > 0 ? { avoidStepIds: avoid } : {}),
       });
+      ctx.metrics.claim(performance.now() - started);
     } catch (e) {
+      if (!isDataError(e)) ctx.metrics.dbError();
       ctx.log.error(
         { err: coerceError(e), pool_id: pool.poolId },
         "claiming steps failed; retrying on the next poll",

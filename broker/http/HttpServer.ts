@@ -11,6 +11,7 @@
  * (DNS rebinding) and a POST must be application/json from the same origin
  * (cross-site forms cannot send that without a preflight we never answer).
  */
+import type { MetricsSink } from "../metrics/MetricsSink";
 import { readdirSync, readFileSync } from "node:fs";
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -30,6 +31,8 @@ export interface BrokerView {
   listPools(): (PoolView & { pool_id: string })[];
   servedHandlers(): Set<string>;
   cancel(taskId: string): Promise<TaskView | null>;
+  /** Where the broker reports what it does (Broker.observe); absent, only the scrape-time gauges move. */
+  observe?(sink: MetricsSink): void;
 }
 
 export interface HttpServerOptions {

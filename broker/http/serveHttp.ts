@@ -58,5 +58,7 @@ export async function serveHttp(options: ServeHttpOptions): Promise<HttpSide | u
     }
     throw e;
   }
+  // The broker reports claims, sends, commits and faults to the metrics from now on.
+  options.broker.observe?.(metrics);
   return { server, metrics, stop: () => server.stop() };
 }

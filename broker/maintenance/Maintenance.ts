@@ -12,8 +12,10 @@ import type { BrokerEvent } from "../state/types";
 import { BrokerPeers, type PeerHooks } from "./BrokerPeers";
 
 export interface MaintenanceHooks extends Pick<PeerHooks, "finished"> {
-  /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick), and sweeps per-peer memory. */
+  /** Heartbeats pools and purges silent ones (PoolSessions.heartbeatTick). */
   heartbeat(now: number): void;
+  /** Forgets per-peer memory that is out of date (PeerGuard.sweep). */
+  sweep(now: number): void;
   /**
    * The broker itself did not run for `lagMs` (a blocked event loop, a
    * stopped or starved process): pools it did not hear from meanwhile are
@@ -92,6 +94,7 @@ export class Maintenance {
       this.hooks.stalled(now, this.timerLagMs);
     }
     this.hooks.heartbeat(now);
+    this.hooks.sweep(now);
   }
 
   private async expireLeases(): Promise<void> {
@@ -103,6 +106,9 @@ export class Maintenance {
       const byPool = new Map<PoolRecord, string[]>();
       for (const x of expired) {
         const held = ctx.pools.takeInFlight(x.attemptId);
+        const pool = held?.pool.poolId ?? x.poolId ?? "unknown";
+        ctx.metrics.attemptFinished(x.handler, pool, "timeout");
+        if (x.state === "ready") ctx.metrics.stepsRetried(x.handler, pool);
         ctx.log.warn(
           {
             attempt_id: x.attemptId,
@@ -122,6 +128,7 @@ export class Maintenance {
       for (const [pool, ids] of byPool) ctx.sendCancel(pool, ids, CancelReasons.TIMEOUT);
       ctx.kick();
     } catch (e) {
+      ctx.metrics.dbError();
       ctx.log.error({ err: coerceError(e) }, "expiring leases failed; retrying on the next tick");
     }
   }

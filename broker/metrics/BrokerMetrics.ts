@@ -9,27 +9,15 @@
  * into "other"): a pool fleet that restarts with fresh ids all day must not
  * grow the scrape without bound.
  *
- * Where the broker services call the event methods (not wired yet: the broker
- * is being split into services; until then only the scrape-time gauges move):
- *  - claim(ms): around state.claimSteps in the dispatch loop and in the
- *    committer's child claim (completeAttempts with a claim);
- *  - stepsDispatched(handler, pool, n): in sendSteps, once the STEP frames are
- *    handed to the socket, per handler of the batch;
- *  - commitBatch(size, ms): after each committer flush (completeAttempts);
- *    resultsAwaitingCommit(n): whenever the committer's queue changes;
- *  - attemptFinished(handler, pool, outcome, ms): per stored result (complete /
- *    error, with the attempt's duration), per expired lease (timeout), per
- *    released or recovered attempt (lost / undelivered), per cancelled one;
- *  - stepsRetried(handler, pool, n): when expireLeases / releaseAttempts /
- *    completion put a step back to ready for another attempt;
- *  - protocolFault(code): in sendError, and where a peer's message is dropped
- *    with a code but no reply;
- *  - dbError(): where a statement fails with a connection error (ECONNREFUSED,
- *    57P01 admin shutdown, 08xxx) in the dispatch, commit and reaper loops.
+ * The broker reports to it once observed (serveHttp calls Broker.observe):
+ * claims and sends in dispatch/Dispatcher, commits, outcomes and retries in
+ * completion/, timeouts in maintenance/, lost attempts in pools/, refused
+ * messages in transport/PeerGuard and BrokerContext.sendError.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { PoolView } from "../../protocol";
 import type { QueueDepthRow } from "../state/DashboardReads";
+import type { AttemptOutcome, MetricsSink } from "./MetricsSink";
 
 /** What the scrape-time gauges read. Both are optional so the metrics can be built before the broker. */
 export interface MetricsSources {
@@ -49,8 +37,7 @@ export interface BrokerMetricsOptions {
   queueDepthTimeoutMs?: number;
 }
 
-/** How an attempt ended, as step_attempts.outcome says. */
-export type AttemptOutcome = "complete" | "error" | "timeout" | "lost" | "undelivered" | "cancelled";
+export type { AttemptOutcome } from "./MetricsSink";
 
 export const OTHER_LABEL = "other";
 
@@ -71,7 +58,7 @@ const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
 const BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
 
-export class BrokerMetrics {
+export class BrokerMetrics implements MetricsSink {
   readonly registry = new Registry();
   private readonly handlers: LabelCap;
   private readonly poolNames: LabelCap;

@@ -412,6 +412,8 @@ export class PoolRegistry {
       connected_at: p.connectedAt.toISOString(),
       last_seen_ms_ago: Math.max(0, now - p.lastSeen),
       cancelling: p.lingering.size,
+      credit: this.credit(p),
+      draining: p.draining,
       quarantined: p.quarantined,
     }));
   }

@@ -278,7 +278,9 @@ export class PoolSessions {
   connectionLost(pool: PoolRecord, why: string): void {
     const { ctx } = this;
     if (!ctx.pools.isCurrent(pool)) return;
-    const held = ctx.pools.remove(pool.key).map((f) => f.attemptId);
+    const flights = ctx.pools.remove(pool.key);
+    const handlerOf = new Map(flights.map((f) => [f.attemptId, f.handler]));
+    const held = flights.map((f) => f.attemptId);
     const graceMs = ctx.opts.heartbeatMs * ctx.opts.heartbeatLiveness;
     ctx.log.warn(
       { pool_id: pool.poolId, in_flight: held.length, reason: why, grace_ms: graceMs },
@@ -294,6 +296,8 @@ export class PoolSessions {
         { pool_id: pool.poolId, attempts: unclaimed.length },
         `pool ${pool.poolId} did not reconnect to reclaim ${unclaimed.length} attempts; they go back to ready`,
       );
+      for (const id of unclaimed)
+        ctx.metrics.attemptFinished(handlerOf.get(id) ?? "unknown", pool.poolId, "lost");
       void ctx.release(unclaimed, true, `pool lost: ${why}`);
     }, graceMs);
     this.awaitingReconnect.set(timer, held);
@@ -304,6 +308,7 @@ export class PoolSessions {
     const { ctx } = this;
     if (!ctx.pools.isCurrent(pool)) return;
     const held = ctx.pools.remove(pool.key);
+    for (const f of held) ctx.metrics.attemptFinished(f.handler, pool.poolId, "lost");
     ctx.log.warn(
       { pool_id: pool.poolId, in_flight: held.length, reason: why },
       `pool ${pool.poolId} lost (${why}); ${held.length} in-flight attempts go back to ready`,

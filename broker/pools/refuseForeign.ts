@@ -25,6 +25,7 @@ export function refuseForeign(
   attempts: ForeignAttempt[],
 ): void {
   if (attempts.length === 0) return;
+  for (let i = 0; i < attempts.length; i++) ctx.metrics.protocolFault("not_your_attempt");
   for (const { attemptId, owner, flight } of attempts.slice(0, MAX_NAMED_REFUSALS)) {
     ctx.log.warn(
       {

@@ -6,7 +6,7 @@
  */
 import type { Logger } from "pino";
 import { Router } from "zeromq";
-import { coerceError, HARD_LIMIT_FACTOR } from "../../protocol";
+import { coerceError, HARD_LIMIT_FACTOR, PROTOCOL_VERSION } from "../../protocol";
 import type { ListenerPlan, ResolvedOptions } from "../config";
 import type { LogLimiter } from "../logLimiter";
 import type { Role } from "../roles";
@@ -108,6 +108,20 @@ export class Listeners {
         this.bound.push({ socket, endpoint: socket.lastEndpoint ?? ep });
       }
     }
+  }
+
+  /** The sockets as the start log line describes them. */
+  describe(): Record<string, unknown> {
+    return {
+      endpoints: this.endpoints,
+      protocol: PROTOCOL_VERSION,
+      sockets: this.opts.listeners.map((l) => ({
+        name: l.name,
+        endpoints: l.endpoints,
+        roles: [...l.roles],
+      })),
+      curve: this.opts.curve !== undefined,
+    };
   }
 
   /** Unbinds and closes every socket and the ZAP handler. */

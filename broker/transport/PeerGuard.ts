@@ -129,7 +129,7 @@ export class PeerGuard implements StrikeCounter {
    * internal_error, and a failure that repeats for every message is logged a
    * few times with a count.
    */
-  failed(command: CommandName, identity: Buffer, e: unknown, requestId?: string): void {
+  failed(command: CommandName, identity: Buffer, e: unknown, requestId?: unknown): void {
     const { ctx } = this;
     const err = coerceError(e);
     const peer = identityKey(identity);
@@ -146,7 +146,7 @@ export class PeerGuard implements StrikeCounter {
       BrokerCommands.ERROR,
       faultToErrorBody(
         fault("internal_error", err.message, { command }),
-        requestId !== undefined ? { request_id: requestId } : {},
+        typeof requestId === "string" ? { request_id: requestId } : {},
       ),
       ctx.pools.get(peer)?.encoding,
     );
@@ -171,6 +171,7 @@ export class PeerGuard implements StrikeCounter {
     if (!body.ok || !salvaged) return undefined;
     const key = identityKey(identity);
     const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    for (const r of salvaged.refused) this.ctx.metrics.protocolFault(r.code);
     for (const r of salvaged.refused.slice(0, MAX_NAMED_REFUSALS)) {
       this.ctx.send(identity, BrokerCommands.ERROR, faultToErrorBody(r), pool?.encoding);
     }
@@ -241,6 +242,7 @@ export class PeerGuard implements StrikeCounter {
       `${who} is over its work budget (${this.budget.messagesPerSecond} messages or ${this.budget.bytesPerSecond} bytes per second): ` +
         "its messages are dropped unread; send fewer, larger batches",
     );
+    this.ctx.metrics.protocolFault("over_budget");
     if (sustained) this.drop(identity, pool, "over_budget");
   }
 
@@ -266,6 +268,7 @@ export class PeerGuard implements StrikeCounter {
       },
       `rejected a message from ${who}: ${f.code}`,
     );
+    this.ctx.metrics.protocolFault(f.code);
     // Never answer an ERROR with an ERROR: two confused peers would loop.
     if (f.command !== PoolCommands.ERROR) {
       this.ctx.send(

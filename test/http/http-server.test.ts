@@ -233,6 +233,31 @@ describe("the HTTP server beside a broker (inproc, real PostgreSQL)", function (
     });
   });
 
+  describe("metrics the broker reports as it works", () => {
+    it("counts the dispatch, the completion, the commit and the claim of a task that ran", async () => {
+      // Tests above restart the broker: the one serving now reports to these metrics as serveHttp would have it.
+      stack.broker.observe(http.metrics);
+      openGate();
+      await stack.waitForTask(await submit(SLOW));
+      const text = (await get(base, "/metrics")).text;
+      const value = (re: RegExp): number => Number(re.exec(text)?.[1] ?? 0);
+      assert.ok(
+        value(/^stepbroker_steps_dispatched_total\{handler="gate",pool="web-pool"\} (\S+)$/m) >= 1,
+        "dispatched",
+      );
+      assert.ok(
+        value(/^stepbroker_steps_completed_total\{handler="gate",pool="web-pool"\} (\S+)$/m) >= 1,
+        "completed",
+      );
+      assert.ok(
+        value(/^stepbroker_step_duration_seconds_count\{handler="gate"\} (\S+)$/m) >= 1,
+        "duration observed",
+      );
+      assert.ok(value(/^stepbroker_commit_batch_size_count (\S+)$/m) >= 1, "a commit observed");
+      assert.ok(value(/^stepbroker_claim_latency_seconds_count (\S+)$/m) >= 1, "a claim observed");
+    });
+  });
+
   describe("the JSON API", () => {
     const made: string[] = [];
     before(async function () {
