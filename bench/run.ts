@@ -345,7 +345,7 @@ function submissionRows(sub: Outcome<SubmissionResult> | undefined): [string, st
     "stepbroker submit",
     `${p.tasks} SUBMITs`,
     String(p.tasksPerSecond),
-    `tasks created/s over the client protocol (tcp, no pool), ${how}${p.timedOut ? `; bound of ${seconds}s hit` : ""}`,
+    `tasks created/s over the client protocol (tcp, no pool), ${how}${p.timedOut ? `; stopped after ${p.seconds}s` : ""}`,
   ];
   return [
     row(sub.value.single, "one at a time"),

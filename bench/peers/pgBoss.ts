@@ -32,21 +32,30 @@ const SETTLE_MS = 10_000;
  * awaited), and sleeps for what is left of pollingIntervalSeconds (0.5 s is the
  * minimum the library accepts) unless the round took longer. That sleep caps
  * a drain at loops × batchSize / 0.5 s (10 loops × 100 gives ~2,100 jobs/s),
- * so a full batch triggers notifyWorker() to fetch again at once. Tuned on 2
- * cores, 20,000 jobs: 2 loops × 200 was best (about 8,500-14,000 jobs/s);
- * 2 × 100 and 4 × 200 were lower, batchSize 1 collapses to under 100 jobs/s
- * (every fetch sorts all pending rows), and many loops × big batches contend.
+ * so a full batch triggers notifyWorker() to fetch again at once.
+ *
+ * Each fetch orders every pending row of the queue (ORDER BY priority,
+ * created_on, id over the pending-state index) and takes the first
+ * batchSize, so its cost grows with the queue and big batches win more the
+ * more jobs wait. Tuned with bench/peers/tune-peers.ts at 100,000 jobs,
+ * settings interleaved within one run (shared machine, load average 7-13, so
+ * compare medians): loops 1/2/4 × batchSize 200/1000 gave 554-1,209 jobs/s at
+ * 200 and 2,616 / 3,595 / 4,465 at 1000; loops 4/8 × 1000/2500/5000 gave
+ * 4,300-5,571, 7,607-8,560 and 10,446-10,457; loops 4 × 5000/10000 gave 9,741
+ * and 13,693. 4 loops × 10,000 is the best found; larger batches were not
+ * tried (10,000 is already a third of the default run's jobs). At 20,000 jobs
+ * the earlier tuning found 2 × 200 best, when fetches sorted fewer rows.
  */
 export const PGBOSS_DEFAULTS = {
-  workers: 2,
-  batchSize: 200,
+  workers: 4,
+  batchSize: 10_000,
   pollingIntervalSeconds: 0.5,
   refetchWhenFull: true,
 } as const;
 
 /** Extra pg-boss knobs, for tuning runs; the defaults are the tuned best. */
 export interface PgBossOptions extends PeerOptions {
-  /** Jobs fetched per work() round (default 200). */
+  /** Jobs fetched per work() round (default 10,000). */
   batchSize?: number;
   /** pollingIntervalSeconds of each work() loop (0.5 is the least pg-boss 10 accepts). */
   pollingIntervalSeconds?: number;
