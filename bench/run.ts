@@ -202,7 +202,7 @@ async function main(): Promise<number> {
     for (let round = 1; round <= repeat; round++) {
       log(`round ${round}/${repeat}, load average ${loadAverage()}: stepbroker ${tasks} one-step tasks`);
       oneRuns.push(
-        await phase("stepbroker one-step", bound, () =>
+        await phase(`stepbroker one-step, round ${round}`, bound, () =>
           measureStepbroker({
             databaseUrl: url,
             shape: "one-step",
@@ -218,7 +218,7 @@ async function main(): Promise<number> {
         peerRuns
           .get(name)!
           .push(
-            await phase(name, bound, () =>
+            await phase(`${name}, round ${round}`, bound, () =>
               measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }),
             ),
           );
