@@ -6,6 +6,7 @@
  * process.
  */
 import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -98,6 +99,8 @@ export interface BenchPool {
 
 export interface BenchRun {
   broker: Broker;
+  /** CPU time (user + system, in µs) the pool process has used so far; undefined where /proc cannot say. */
+  poolCpuMicros(): number | undefined;
   /** Ends the pool (SIGTERM, then SIGKILL after 10 s) and then stops the broker. */
   stop(): Promise<void>;
 }
@@ -137,7 +140,27 @@ export async function startBrokerAndPool(state: StateManager, pool: BenchPool): 
     await stop();
     throw err;
   }
-  return { broker, stop };
+  return {
+    broker,
+    stop,
+    poolCpuMicros: () => (child.pid === undefined ? undefined : processCpuMicros(child.pid)),
+  };
+}
+
+/** Clock ticks per second of /proc's utime and stime: 100 on every Linux build Node runs on. */
+const CLOCK_TICKS = 100;
+
+/** A child's CPU time (user + system) in µs, from /proc/<pid>/stat; undefined without /proc. */
+export function processCpuMicros(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // after the ")" that closes the command name: state is field 3, utime 14 and stime 15
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const ticks = Number(fields[11]) + Number(fields[12]);
+    return Number.isFinite(ticks) ? (ticks * 1e6) / CLOCK_TICKS : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 export interface BenchDatabase {

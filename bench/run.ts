@@ -5,9 +5,14 @@
  * phase is bounded in time; a phase that fails becomes a row with its error
  * and the run goes on (the exit code is then 1). Prints a table; with --json,
  * one JSON object with every figure on the last line.
- *   npm run bench -- [--tasks 30000] [--seconds 30] [--capacity 2048] [--history 1000000] [--quick] [--json]
- *     [--no-peers] [--no-claims] [--no-floor]
- * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history).
+ *   npm run bench -- [--tasks 30000] [--seconds 30] [--capacity 2048] [--history 1000000] [--repeat 3]
+ *     [--quick] [--json] [--no-peers] [--no-claims] [--no-floor] [--no-submission] [--no-sustained]
+ * --tasks is the work of every throughput phase: stepbroker's one-step tasks
+ * and each peer's jobs alike (diamonds: a quarter as many tasks, as many steps).
+ * --repeat: rounds of stepbroker one-step and the peers, interleaved (one of
+ * each per round, so the load of a shared machine falls on all of them); the
+ * rows show each one's median and spread, and the load average of each round.
+ * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history, 1 round).
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
@@ -19,6 +24,8 @@ import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
 import type { PeerOptions, PeerResult } from "./peers/types";
 import { measureStepbroker, type StepbrokerResult } from "./stepbroker";
+import { measureSubmission, type SubmissionResult } from "./submission";
+import { measureSustained, type SustainedResult } from "./sustained";
 
 const { values } = parseArgs({
   options: {
@@ -26,11 +33,14 @@ const { values } = parseArgs({
     seconds: { type: "string" },
     capacity: { type: "string" },
     history: { type: "string" },
+    repeat: { type: "string" },
     quick: { type: "boolean" },
     json: { type: "boolean" },
     "no-peers": { type: "boolean" },
     "no-claims": { type: "boolean" },
     "no-floor": { type: "boolean" },
+    "no-submission": { type: "boolean" },
+    "no-sustained": { type: "boolean" },
   },
 });
 const quick = values.quick === true;
@@ -44,7 +54,14 @@ const seconds = positiveInt("seconds", values.seconds, quick ? 10 : 30);
 // The Node pool's capacity: the stepbroker counterpart of the peers' tuned batch and concurrency settings.
 const capacity = positiveInt("capacity", values.capacity, 2048);
 const history = positiveInt("history", values.history, quick ? 50_000 : 1_000_000);
-const peerJobs = Math.min(tasks, 20_000);
+const repeat = positiveInt("repeat", values.repeat, quick ? 1 : 3);
+// the peers get as many jobs as stepbroker gets tasks: a rate measured on less work is no comparison
+const peerJobs = tasks;
+/** The sustained runs' submit rates, as fractions of the one-step median. */
+const SUSTAINED_FRACTIONS = [0.5, 0.9];
+const sustainedSeconds = quick ? 5 : 10;
+/** SUBMITs a pipelining client keeps outstanding on its one socket. */
+const SUBMIT_IN_FLIGHT = 256;
 const claimsReady = quick ? 2000 : 20_000;
 const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
 
@@ -133,9 +150,39 @@ process.on("exit", () => {
 
 interface PeerRow {
   name: string;
-  result?: PeerResult;
+  /** The median round's result, with every round's figure beside it. */
+  result?: PeerResult & Repeated;
   error?: string;
 }
+
+/** The figures of every round, beside the median one's full result. */
+interface Repeated {
+  /** The rate of each round, in round order. */
+  runs: number[];
+  /** The smallest and largest of `runs`. */
+  spread: [number, number];
+}
+
+/**
+ * The median round of several (for an even count, the faster of the two in
+ * the middle), carrying every round's rate; a failed round fails the row, with
+ * its error: a median over the rounds that happened to succeed would flatter.
+ */
+function medianOf<T>(outcomes: Outcome<T>[], rate: (v: T) => number): Outcome<T & Repeated> {
+  const failed = outcomes.find((o) => !o.ok);
+  if (failed !== undefined && !failed.ok) return failed;
+  const values = outcomes.flatMap((o) => (o.ok ? [o.value] : []));
+  const runs = values.map(rate);
+  const sorted = [...values].sort((a, b) => rate(a) - rate(b));
+  const median = sorted[Math.floor(sorted.length / 2)]!;
+  return { ok: true, value: { ...median, runs, spread: [Math.min(...runs), Math.max(...runs)] } };
+}
+
+const loadAverage = (): string =>
+  os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(" ");
 
 async function main(): Promise<number> {
   const startedAt = Date.now();
@@ -143,10 +190,46 @@ async function main(): Promise<number> {
     database = await openBenchDatabase(log, (d) => (dir = d));
     const url = database.url;
     const bound = seconds * 3 + 120; // the phase's own bound, plus setup and teardown
-    log(`stepbroker: ${tasks} one-step tasks`);
-    const one = await phase("stepbroker one-step", bound, () =>
-      measureStepbroker({ databaseUrl: url, shape: "one-step", tasks, capacity, maxSeconds: seconds, log }),
-    );
+    const measures: [string, (o: PeerOptions) => Promise<PeerResult>][] = values["no-peers"]
+      ? []
+      : [
+          ["graphile-worker", measureGraphileWorker],
+          ["pg-boss", measurePgBoss],
+        ];
+    const oneRuns: Outcome<StepbrokerResult>[] = [];
+    const peerRuns = new Map<string, Outcome<PeerResult>[]>(measures.map(([name]) => [name, []]));
+    const roundLoads: string[] = [];
+    for (let round = 1; round <= repeat; round++) {
+      log(`round ${round}/${repeat}, load average ${loadAverage()}: stepbroker ${tasks} one-step tasks`);
+      oneRuns.push(
+        await phase(`stepbroker one-step, round ${round}`, bound, () =>
+          measureStepbroker({
+            databaseUrl: url,
+            shape: "one-step",
+            tasks,
+            capacity,
+            maxSeconds: seconds,
+            log,
+          }),
+        ),
+      );
+      for (const [name, measure] of measures) {
+        log(`round ${round}/${repeat}: ${name}: ${peerJobs} jobs`);
+        peerRuns
+          .get(name)!
+          .push(
+            await phase(`${name}, round ${round}`, bound, () =>
+              measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }),
+            ),
+          );
+      }
+      roundLoads.push(loadAverage());
+    }
+    const one = medianOf(oneRuns, (v) => v.stepsPerSecond);
+    const peers: PeerRow[] = measures.map(([name]) => {
+      const r = medianOf(peerRuns.get(name)!, (v) => Math.round(v.jobsPerSecond));
+      return r.ok ? { name, result: r.value } : { name, error: r.error };
+    });
     const diamondTasks = Math.max(1, Math.round(tasks / 4));
     log(`stepbroker: ${diamondTasks} diamond tasks`);
     const diamond = await phase("stepbroker diamond", bound, () =>
@@ -173,27 +256,50 @@ async function main(): Promise<number> {
       }),
     );
 
+    let submission: Outcome<SubmissionResult> | undefined;
+    if (!values["no-submission"]) {
+      log(
+        `submission over the client protocol: ${tasks} SUBMITs, ${SUBMIT_IN_FLIGHT} in flight, and one at a time`,
+      );
+      submission = await phase("stepbroker submission", bound * 2, () =>
+        measureSubmission({ databaseUrl: url, tasks, inFlight: SUBMIT_IN_FLIGHT, maxSeconds: seconds, log }),
+      );
+    }
+
+    const sustained: { fraction: number; maximumOf?: string; outcome: Outcome<SustainedResult> }[] = [];
+    if (!values["no-sustained"]) {
+      for (const fraction of SUSTAINED_FRACTIONS) {
+        if (!one.ok) {
+          sustained.push({
+            fraction,
+            outcome: { ok: false, error: "not run: no one-step maximum to take a fraction of" },
+          });
+          continue;
+        }
+        // the most the whole path can take: tasks must be submitted as fast as they are run
+        const submitMax = submission?.ok ? submission.value.pipelined.tasksPerSecond : Infinity;
+        const maximum = Math.min(one.value.stepsPerSecond, submitMax);
+        const rate = Math.max(1, Math.round(maximum * fraction));
+        const of = maximum === submitMax ? "pipelined SUBMIT rate" : "one-step median";
+        log(
+          `sustained: SUBMIT at ${rate}/s (${fraction * 100}% of the ${of}, ${maximum}/s) for ${sustainedSeconds}s`,
+        );
+        sustained.push({
+          fraction,
+          maximumOf: of,
+          outcome: await phase(`stepbroker sustained ${fraction * 100}%`, sustainedSeconds + 120, () =>
+            measureSustained({ databaseUrl: url, rate, seconds: sustainedSeconds, capacity, log }),
+          ),
+        });
+      }
+    }
+
     let floor: Outcome<FloorResult> | undefined;
     if (!values["no-floor"]) {
       log(`the database alone: ${tasks} one-step tasks, bare writes and then the state manager`);
       floor = await phase("database alone", bound * 2, () =>
         measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, log }),
       );
-    }
-
-    const peers: PeerRow[] = [];
-    if (!values["no-peers"]) {
-      const measures: [string, (o: PeerOptions) => Promise<PeerResult>][] = [
-        ["graphile-worker", measureGraphileWorker],
-        ["pg-boss", measurePgBoss],
-      ];
-      for (const [name, measure] of measures) {
-        log(`${name}: ${peerJobs} jobs`);
-        const r = await phase(name, bound, () =>
-          measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }),
-        );
-        peers.push(r.ok ? { name, result: r.value } : { name, error: r.error });
-      }
     }
 
     let claims: Outcome<ClaimsResult> | undefined;
@@ -212,16 +318,39 @@ async function main(): Promise<number> {
       );
     }
 
-    report({ one, diamond, lone, floor, peers, claims, startedAt });
+    report({ one, diamond, lone, submission, sustained, floor, peers, claims, startedAt, roundLoads });
     const failed =
-      [one, diamond, lone, ...(floor ? [floor] : []), ...(claims ? [claims] : [])].some((o) => !o.ok) ||
-      peers.some((p) => p.error !== undefined);
+      [
+        one,
+        diamond,
+        lone,
+        ...(submission ? [submission] : []),
+        ...sustained.map((x) => x.outcome),
+        ...(floor ? [floor] : []),
+        ...(claims ? [claims] : []),
+      ].some((o) => !o.ok) || peers.some((p) => p.error !== undefined);
     return failed ? 1 : 0;
   } finally {
     current = "shutdown";
     await database?.close();
     dir = undefined;
   }
+}
+
+/** Tasks created per second over the client protocol, one SUBMIT at a time and pipelined. */
+function submissionRows(sub: Outcome<SubmissionResult> | undefined): [string, string, string, string][] {
+  if (sub === undefined) return [];
+  if (!sub.ok) return [["stepbroker submit", "-", "FAILED", sub.error]];
+  const row = (p: SubmissionResult["single"], how: string): [string, string, string, string] => [
+    "stepbroker submit",
+    `${p.tasks} SUBMITs`,
+    String(p.tasksPerSecond),
+    `tasks created/s over the client protocol (tcp, no pool), ${how}${p.timedOut ? `; stopped after ${p.seconds}s` : ""}`,
+  ];
+  return [
+    row(sub.value.single, "one at a time"),
+    row(sub.value.pipelined, `${sub.value.pipelined.inFlight} in flight on one socket`),
+  ];
 }
 
 /** The two "database alone" rows: what the end-to-end one-step figure could reach at most on this machine. */
@@ -248,9 +377,12 @@ function floorRows(floor: Outcome<FloorResult> | undefined): [string, string, st
 }
 
 function report(r: {
-  one: Outcome<StepbrokerResult>;
+  one: Outcome<StepbrokerResult & Repeated>;
+  roundLoads: string[];
   diamond: Outcome<StepbrokerResult>;
   lone: Outcome<StepbrokerResult>;
+  submission: Outcome<SubmissionResult> | undefined;
+  sustained: { fraction: number; maximumOf?: string; outcome: Outcome<SustainedResult> }[];
   floor: Outcome<FloorResult> | undefined;
   peers: PeerRow[];
   claims: Outcome<ClaimsResult> | undefined;
@@ -258,25 +390,43 @@ function report(r: {
 }): void {
   type Row = [string, string, string, string];
   const failedRow = (system: string, error: string): Row => [system, "-", "FAILED", error];
-  const sbRow = (
-    o: Outcome<StepbrokerResult>,
-    work: (v: StepbrokerResult) => string,
-    notes: (v: StepbrokerResult) => string,
+  const sbRow = <T extends StepbrokerResult>(
+    o: Outcome<T>,
+    work: (v: T) => string,
+    notes: (v: T) => string,
   ): Row =>
     o.ok
       ? ["stepbroker", work(o.value), String(o.value.stepsPerSecond), notes(o.value)]
       : failedRow("stepbroker", o.error);
+  const spread = (v: Repeated): string =>
+    v.runs.length > 1
+      ? `; median of ${v.runs.length} interleaved rounds, spread ${v.spread[0]}-${v.spread[1]}`
+      : "";
+  const cpu = (v: StepbrokerResult): string =>
+    `CPU per step: broker ${v.brokerCpuMicrosPerStep ?? "?"} µs, pool ${v.poolCpuMicrosPerStep ?? "?"} µs`;
   const latency = (v: StepbrokerResult) =>
-    `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms`;
+    `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms; ${cpu(v)}`;
   const rows: Row[] = [
     ["system", "work", "per second", "notes"],
     sbRow(
       r.one,
       (v) => `${v.steps} one-step tasks`,
-      (v) => `1 Node pool over tcp, capacity ${v.capacity}`,
+      (v) => `1 Node pool over tcp, capacity ${v.capacity}; ${cpu(v)}${spread(v)}`,
     ),
     sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
+    ...submissionRows(r.submission),
+    ...r.sustained.map(({ fraction, maximumOf, outcome: o }): Row =>
+      o.ok
+        ? [
+            "stepbroker sustained",
+            `${o.value.completed}/${o.value.submitted} one-step tasks at ${fraction * 100}% of max`,
+            String(o.value.submittedPerSecond),
+            `SUBMIT over tcp at ${o.value.targetRate}/s (${fraction * 100}% of the ${maximumOf}) for ${o.value.seconds}s while 1 Node pool works: ` +
+              `submit -> complete p50 ${o.value.latencyP50Ms} ms, p99 ${o.value.latencyP99Ms} ms`,
+          ]
+        : failedRow(`stepbroker sustained ${fraction * 100}%`, o.error),
+    ),
     ...floorRows(r.floor),
     ...r.peers.map((p): Row =>
       p.result !== undefined
@@ -284,7 +434,7 @@ function report(r: {
             `${p.name} ${p.result.version}`,
             `${p.result.jobs} jobs`,
             String(Math.round(p.result.jobsPerSecond)),
-            p.result.settings,
+            p.result.settings + spread(p.result),
           ]
         : failedRow(p.name, p.error ?? "unknown error"),
     ),
@@ -335,7 +485,8 @@ function report(r: {
     .map((l) => l.toFixed(1))
     .join(" ");
   process.stdout.write(
-    `${os.cpus().length} cores, load average ${load}, ${Math.round((Date.now() - r.startedAt) / 1000)} s in all` +
+    `${os.cpus().length} cores, load average ${load} (after each round: ${r.roundLoads.join(" | ")}), ` +
+      `${Math.round((Date.now() - r.startedAt) / 1000)} s in all` +
       `; PostgreSQL ${database?.server ? "embedded, default (durable) settings" : "from DATABASE_URL"}\n`,
   );
   if (values.json) {
@@ -348,6 +499,7 @@ function report(r: {
           seconds,
           capacity,
           peerJobs,
+          repeat,
           history,
           claimsReady,
           quick,
@@ -357,6 +509,12 @@ function report(r: {
           one_step: value(r.one),
           diamond: value(r.diamond),
           diamond_one_at_a_time: value(r.lone),
+          submission: value(r.submission),
+          sustained: r.sustained.map(({ fraction, maximumOf, outcome }) => ({
+            fraction,
+            maximum_of: maximumOf ?? null,
+            ...(value(outcome) ?? {}),
+          })),
         },
         database_alone: value(r.floor),
         peers: r.peers.map((p) => p.result ?? { name: p.name, error: p.error }),
@@ -364,6 +522,7 @@ function report(r: {
         claims: value(r.claims),
         cores: os.cpus().length,
         loadavg: os.loadavg(),
+        round_loadavg: r.roundLoads,
         seconds: Math.round((Date.now() - r.startedAt) / 1000),
       }) + "\n",
     );

@@ -24,6 +24,13 @@ export interface StepbrokerResult {
   stepsPerSecond: number;
   latencyP50Ms?: number;
   latencyP99Ms?: number;
+  /**
+   * CPU time per stored step (µs, user + system) of the broker (this process,
+   * which runs nothing else meanwhile) and of the pool process, from the pool's
+   * READY to the last result: past about 2× the peers, these are the limit.
+   */
+  brokerCpuMicrosPerStep?: number;
+  poolCpuMicrosPerStep?: number;
 }
 
 const SCHEMA = "bench_stepbroker";
@@ -71,7 +78,7 @@ export async function measureStepbroker(opts: {
   await startFromCheckpoint(sm.db.pool, log);
   const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
-  const { broker, stop } = await startBrokerAndPool(counter.state, {
+  const { broker, stop, poolCpuMicros } = await startBrokerAndPool(counter.state, {
     label: "node",
     cmd: process.execPath,
     args: (endpoint) => [
@@ -82,6 +89,8 @@ export async function measureStepbroker(opts: {
       String(opts.capacity),
     ],
   });
+  const brokerCpuBefore = process.cpuUsage();
+  const poolCpuBefore = poolCpuMicros();
   const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
   if (opts.sequential) {
     const until = Date.now() + opts.maxSeconds * 1000;
@@ -93,6 +102,8 @@ export async function measureStepbroker(opts: {
   }
   await counter.done;
   clearTimeout(timer);
+  const brokerCpu = process.cpuUsage(brokerCpuBefore);
+  const poolCpuAfter = poolCpuMicros();
   const result: StepbrokerResult = {
     shape: opts.shape,
     capacity: opts.capacity,
@@ -101,6 +112,12 @@ export async function measureStepbroker(opts: {
     seconds: counter.seconds(),
     stepsPerSecond: counter.stepsPerSecond(),
   };
+  const steps = counter.stored();
+  if (steps > 0) {
+    result.brokerCpuMicrosPerStep = Math.round(((brokerCpu.user + brokerCpu.system) / steps) * 10) / 10;
+    if (poolCpuBefore !== undefined && poolCpuAfter !== undefined)
+      result.poolCpuMicrosPerStep = Math.round(((poolCpuAfter - poolCpuBefore) / steps) * 10) / 10;
+  }
   await stop();
 
   if (opts.shape === "diamond") {

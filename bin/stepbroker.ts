@@ -16,7 +16,7 @@ import { checkBrokerOptions, type BrokerOptions, type CurveOptions } from "../br
 import { StateManager } from "../broker/state/StateManager";
 import type { BrokerRecord } from "../broker/state/types";
 import { formatExplain } from "../broker/state/explain";
-import { formatHistory, shortJson } from "../broker/state/history";
+import { formatHistory, shortJson } from "../broker/state/TaskHistory";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
 import { readKeyPairFile, readPublicKey, writeKeyPairFiles } from "../protocol/curveKeys";

@@ -31,13 +31,13 @@ import { Committer } from "./completion/Committer";
 import { ResultIntake } from "./completion/ResultIntake";
 import { checkEndpoints, resolveOptions, type BrokerOptions, type ResolvedOptions } from "./config";
 import { Dispatcher } from "./dispatch/Dispatcher";
-import { LogLimiter } from "./logLimiter";
+import { LogLimiter } from "./LogLimiter";
 import { Maintenance } from "./maintenance/Maintenance";
 import type { MetricsSink } from "./metrics/MetricsSink";
 import { PoolRegistry } from "./pools/PoolRegistry";
 import { PoolSessions } from "./pools/PoolSessions";
 import type { Role } from "./roles";
-import type { CreateTaskRequest } from "./statePort";
+import type { CreateTaskRequest } from "./StatePort";
 import { Listeners } from "./transport/Listeners";
 import { PeerGuard, type Admitted } from "./transport/PeerGuard";
 

@@ -18,9 +18,9 @@ import {
 } from "../protocol";
 import type { ResolvedOptions } from "./config";
 import { NO_METRICS, type MetricsSink } from "./metrics/MetricsSink";
-import type { LogLimiter } from "./logLimiter";
+import type { LogLimiter } from "./LogLimiter";
 import { identityKey, type PoolRecord, type PoolRegistry } from "./pools/PoolRegistry";
-import type { StatePort } from "./statePort";
+import type { StatePort } from "./StatePort";
 import type { Outbox } from "./transport/Outbox";
 
 export type BrokerState = "created" | "running" | "stopping" | "stopped";

@@ -5,7 +5,7 @@ import { hostname } from "node:os";
 import type { Logger } from "pino";
 import { HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_BATCH, MAX_MESSAGE_BYTES } from "../protocol";
 import { Roles, type Role } from "./roles";
-import type { StatePort } from "./statePort";
+import type { StatePort } from "./StatePort";
 import { PEER_BYTES_PER_SECOND, PEER_MESSAGES_PER_SECOND } from "./transport/WorkBudget";
 
 export interface CurveOptions {

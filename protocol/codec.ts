@@ -20,7 +20,7 @@ import {
 import { fault, type ProtocolFault } from "./errors";
 import { scanMsgpack } from "./msgpackStrings";
 import { pointer, valueProblem } from "./storableValues";
-import { validateBody } from "./validate";
+import { validateBody } from "./validateBody";
 import type { BodyOf, Message } from "./bodies";
 
 // Plain maps with string keys and no msgpackr extensions (records, structured

@@ -1,7 +1,7 @@
 export * from "./constants";
 export * from "./errors";
 export * from "./codec";
-export * from "./validate";
+export * from "./validateBody";
 export { depthOf, pointer, storableText, valueProblem, type ValueProblem } from "./storableValues";
 export type * from "./bodies";
 // Encoding, ErrorCode and the state unions come from ./constants; a test checks they match the schemas.

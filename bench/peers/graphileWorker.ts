@@ -1,12 +1,12 @@
 /**
  * graphile-worker peer: enqueue N no-op jobs in bulk, then time a worker pool
- * draining them (start of run() until the jobs table is empty; graphile-worker
- * deletes a job when it completes).
+ * draining them (from the first job handled until the jobs table is empty;
+ * graphile-worker deletes a job when it completes).
  */
 import { Logger, makeWorkerUtils, run, type Runner } from "graphile-worker";
 import pg from "pg";
 import { startFromCheckpoint } from "../checkpoint";
-import { installedVersion, quoteIdent, waitForDrain } from "./common";
+import { JobCounter, installedVersion, quoteIdent, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
 export const GRAPHILE_WORKER_SCHEMA = "bench_graphile_worker";
@@ -14,16 +14,40 @@ const TASK = "bench_noop";
 const INSERT_CHUNK = 5000;
 
 /**
- * Tuned on 2 cores with Postgres on the same machine, 20,000 jobs, quiet
- * machine: concurrency 8 to 24 all land at roughly 3,000-4,300 jobs/s (run
- * to run spread is about ±15%), 4 and 32 lower; 16 is the middle of the
- * plateau. useNodeTime made no measurable difference.
+ * The tuned best for graphile-worker 0.17 on 2 cores with PostgreSQL on the
+ * same machine: a local queue, so one query fetches and locks a batch for all
+ * workers, and batched completion, so one statement completes the jobs that
+ * finished within the delay. Prepared statements on (the default).
+ *
+ * Found with bench/peers/tune-peers.ts, settings interleaved within one run
+ * (the machine was shared: load average 4-7, so single figures spread up to
+ * 3x; compare medians). 30,000 jobs, 2 rounds, concurrency 16/32/64 x
+ * localQueue.size 100/500/1000 x completeJobBatchDelay 0/1/5 ms: size 100
+ * medians 3,600-5,700 jobs/s, 500 9,000-18,000, 1000 12,000-17,900; no
+ * concurrency or delay stood out beyond the noise. Then 50,000 jobs, 3 rounds,
+ * concurrency 32/64 x size 1000/2000 x delay 0/1/5: 64/2000/5 ms had the best
+ * median (23,767; next 64/1000/5 at 19,030 and 64/2000/1 at 18,294).
  */
 export const GRAPHILE_WORKER_DEFAULTS = {
-  concurrency: 16,
+  concurrency: 64,
+  localQueueSize: 2000,
+  completeJobBatchDelayMs: 5,
+  failJobBatchDelayMs: 5,
   pollIntervalMs: 100,
+  preparedStatements: true,
   useNodeTime: true,
 } as const;
+
+/** graphile-worker knobs, for tuning runs; the defaults are the tuned best. */
+export interface GraphileWorkerOptions extends PeerOptions {
+  /** preset.worker.localQueue.size; -1 turns the local queue off. */
+  localQueueSize?: number;
+  /** preset.worker.completeJobBatchDelay in ms; -1 completes each job on its own. */
+  completeJobBatchDelayMs?: number;
+  /** preset.worker.failJobBatchDelay in ms; -1 fails each job on its own. */
+  failJobBatchDelayMs?: number;
+  preparedStatements?: boolean;
+}
 
 /** Drops info/debug lines (graphile-worker logs one info line per completed job). */
 function quietLogger(log: (line: string) => void): Logger {
@@ -34,10 +58,15 @@ function quietLogger(log: (line: string) => void): Logger {
   });
 }
 
-export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResult> {
+export async function measureGraphileWorker(opts: GraphileWorkerOptions): Promise<PeerResult> {
   const log = opts.log ?? (() => undefined);
-  const concurrency = opts.concurrency ?? GRAPHILE_WORKER_DEFAULTS.concurrency;
-  const { pollIntervalMs, useNodeTime } = GRAPHILE_WORKER_DEFAULTS;
+  const d = GRAPHILE_WORKER_DEFAULTS;
+  const concurrency = opts.concurrency ?? d.concurrency;
+  const localQueueSize = opts.localQueueSize ?? d.localQueueSize;
+  const completeJobBatchDelayMs = opts.completeJobBatchDelayMs ?? d.completeJobBatchDelayMs;
+  const failJobBatchDelayMs = opts.failJobBatchDelayMs ?? d.failJobBatchDelayMs;
+  const preparedStatements = opts.preparedStatements ?? d.preparedStatements;
+  const { pollIntervalMs, useNodeTime } = d;
   const schema = GRAPHILE_WORKER_SCHEMA;
   const s = quoteIdent(schema);
   // workers + the LISTEN connection + a spare for housekeeping
@@ -47,6 +76,10 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
 
   const pool = new pg.Pool({ connectionString: opts.databaseUrl, max: maxPoolSize });
   pool.on("error", (err) => log(`graphile-worker pool error: ${err.message}`));
+  // graphile-worker 0.17 checks that every pooled client has an error handler, and warns otherwise
+  pool.on("connect", (client) =>
+    client.on("error", (err) => log(`graphile-worker connection error: ${err.message}`)),
+  );
   // a separate connection for setup and completion polling, outside the worker's pool
   const probe = new pg.Client({ connectionString: opts.databaseUrl });
   probe.on("error", (err: Error) => log(`graphile-worker probe connection error: ${err.message}`));
@@ -86,7 +119,10 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       `graphile-worker: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`,
     );
 
+    // statistics for the planner, as a queue in steady state has (pg-boss gets the same)
+    await probe.query(`VACUUM ANALYZE ${s}._private_jobs`);
     await startFromCheckpoint(probe, log);
+    const counter = new JobCounter();
     const startedAt = performance.now();
     runner = await run({
       pgPool: pool,
@@ -94,12 +130,21 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       concurrency,
       pollInterval: pollIntervalMs,
       useNodeTime,
+      noPreparedStatements: !preparedStatements,
       noHandleSignals: true,
       logger,
       parsedCronItems: [],
+      preset: {
+        worker: {
+          localQueue: { size: localQueueSize },
+          completeJobBatchDelay: completeJobBatchDelayMs,
+          failJobBatchDelay: failJobBatchDelayMs,
+        },
+      },
       taskList: {
         [TASK]: async () => {
-          // trivial job: nothing to do
+          // trivial job: nothing to do but be counted
+          counter.add(1);
         },
       },
     });
@@ -107,8 +152,9 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
     const outcome = await waitForDrain({
       total: opts.jobs,
       maxSeconds: opts.maxSeconds,
-      startedAt,
-      pollMs: 20,
+      boundFrom: startedAt,
+      counter,
+      pollMs: 5,
       log,
       label: "graphile-worker",
       // remaining = rows still in the jobs table (completed jobs are deleted)
@@ -123,17 +169,30 @@ export async function measureGraphileWorker(opts: PeerOptions): Promise<PeerResu
       );
     }
 
+    const options = {
+      concurrency,
+      "localQueue.size": localQueueSize,
+      completeJobBatchDelay: completeJobBatchDelayMs,
+      failJobBatchDelay: failJobBatchDelayMs,
+      preparedStatements,
+      pollInterval: pollIntervalMs,
+      useNodeTime,
+      maxPoolSize,
+    };
     return {
       name: "graphile-worker",
       version,
       jobs: outcome.completed,
       seconds: outcome.seconds,
       jobsPerSecond: outcome.seconds > 0 ? outcome.completed / outcome.seconds : 0,
+      options,
       settings:
-        `run() in-process with a pg.Pool of ${maxPoolSize}; concurrency=${concurrency}, pollInterval=${pollIntervalMs}ms, ` +
-        `useNodeTime=${useNodeTime}, prepared statements on (the 0.16 default; 0.16 has no local queue or batched completion), ` +
-        `noHandleSignals, info/debug logging off; jobs enqueued beforehand via add_jobs() in chunks of ${INSERT_CHUNK}; ` +
-        `schema ${schema}; durable commits (server defaults)`,
+        `run() in-process with a pg.Pool of ${maxPoolSize}; concurrency=${concurrency}, ` +
+        `preset.worker.localQueue.size=${localQueueSize}, completeJobBatchDelay=${completeJobBatchDelayMs}ms, ` +
+        `failJobBatchDelay=${failJobBatchDelayMs}ms, prepared statements ${preparedStatements ? "on" : "off"}, ` +
+        `pollInterval=${pollIntervalMs}ms, useNodeTime=${useNodeTime}, noHandleSignals, info/debug logging off; ` +
+        `jobs enqueued beforehand via add_jobs() in chunks of ${INSERT_CHUNK}, then VACUUM ANALYZE; clock from the first job's handler ` +
+        `call to the jobs table seen empty; schema ${schema}; durable commits (server defaults)`,
     };
   } finally {
     if (runner !== undefined) {

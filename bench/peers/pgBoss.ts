@@ -1,7 +1,7 @@
 /**
  * pg-boss peer: enqueue N no-op jobs in bulk with insert(), then time work()
- * loops draining them (start of the first work() until no job of the queue is
- * left in created/retry/active state). Only jobs that end `completed` count.
+ * loops draining them (from the first batch handled until no job of the queue
+ * is left in created/retry/active state). Only jobs that end `completed` count.
  *
  * Stopping: pg-boss 10 completes each batch with a complete() it neither awaits
  * nor catches (manager.js, onFetch), so a completion still in flight when the
@@ -16,7 +16,7 @@
 import PgBoss from "pg-boss";
 import pg from "pg";
 import { startFromCheckpoint } from "../checkpoint";
-import { installedVersion, quoteIdent, sleep, waitForDrain } from "./common";
+import { JobCounter, installedVersion, quoteIdent, sleep, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
 export const PGBOSS_SCHEMA = "bench_pgboss";
@@ -32,22 +32,33 @@ const SETTLE_MS = 10_000;
  * awaited), and sleeps for what is left of pollingIntervalSeconds (0.5 s is the
  * minimum the library accepts) unless the round took longer. That sleep caps
  * a drain at loops × batchSize / 0.5 s (10 loops × 100 gives ~2,100 jobs/s),
- * so a full batch triggers notifyWorker() to fetch again at once. Tuned on 2
- * cores, 20,000 jobs: 2 loops × 200 was best (about 8,500-14,000 jobs/s);
- * 2 × 100 and 4 × 200 were lower, batchSize 1 collapses to under 100 jobs/s
- * (every fetch sorts all pending rows), and many loops × big batches contend.
+ * so a full batch triggers notifyWorker() to fetch again at once.
+ *
+ * Each fetch orders every pending row of the queue (ORDER BY priority,
+ * created_on, id over the pending-state index) and takes the first
+ * batchSize, so its cost grows with the queue and big batches win more the
+ * more jobs wait. Tuned with bench/peers/tune-peers.ts at 100,000 jobs,
+ * settings interleaved within one run (shared machine, load average 7-13, so
+ * compare medians): loops 1/2/4 × batchSize 200/1000 gave 554-1,209 jobs/s at
+ * 200 and 2,616 / 3,595 / 4,465 at 1000; loops 4/8 × 1000/2500/5000 gave
+ * 4,300-5,571, 7,607-8,560 and 10,446-10,457; loops 4 × 5000/10000 gave 9,741
+ * and 13,693. 4 loops × 10,000 is the best found; larger batches were not
+ * tried (10,000 is already a third of the default run's jobs). At 20,000 jobs
+ * the earlier tuning found 2 × 200 best, when fetches sorted fewer rows.
  */
 export const PGBOSS_DEFAULTS = {
-  workers: 2,
-  batchSize: 200,
+  workers: 4,
+  batchSize: 10_000,
   pollingIntervalSeconds: 0.5,
   refetchWhenFull: true,
 } as const;
 
 /** Extra pg-boss knobs, for tuning runs; the defaults are the tuned best. */
 export interface PgBossOptions extends PeerOptions {
-  /** Jobs fetched per work() round (default 200). */
+  /** Jobs fetched per work() round (default 10,000). */
   batchSize?: number;
+  /** pollingIntervalSeconds of each work() loop (0.5 is the least pg-boss 10 accepts). */
+  pollingIntervalSeconds?: number;
   /**
    * When a handler gets a full batch, call notifyWorker() so its loop fetches
    * again at once (default true). Without it each loop takes at most one batch
@@ -61,7 +72,7 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
   const workers = opts.concurrency ?? PGBOSS_DEFAULTS.workers;
   const batchSize = opts.batchSize ?? PGBOSS_DEFAULTS.batchSize;
   const refetchWhenFull = opts.refetchWhenFull ?? PGBOSS_DEFAULTS.refetchWhenFull;
-  const { pollingIntervalSeconds } = PGBOSS_DEFAULTS;
+  const pollingIntervalSeconds = opts.pollingIntervalSeconds ?? PGBOSS_DEFAULTS.pollingIntervalSeconds;
   const schema = PGBOSS_SCHEMA;
   const s = quoteIdent(schema);
   const max = workers + 4;
@@ -113,12 +124,17 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
       `pg-boss: enqueued ${opts.jobs} jobs in ${((performance.now() - enqueueStarted) / 1000).toFixed(2)}s`,
     );
 
+    // statistics for the planner, as a queue in steady state has: without them the first
+    // fetches over a freshly filled table can plan badly (seen at 100,000 jobs: under 500 jobs/s)
+    await probe.query(`VACUUM ANALYZE ${s}.job`);
     await startFromCheckpoint(probe, log);
+    const counter = new JobCounter();
     const startedAt = performance.now();
     working = true;
     for (let i = 0; i < workers; i++) {
       const loop: { id?: string } = {};
       loop.id = await boss.work(QUEUE, { batchSize, pollingIntervalSeconds }, async (batch) => {
+        counter.add(batch.length);
         // trivial jobs: nothing to do. A full batch means more are probably
         // waiting: notifyWorker() makes this loop fetch again at once instead
         // of sleeping out the rest of the polling interval.
@@ -130,8 +146,9 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
     const outcome = await waitForDrain({
       total: opts.jobs,
       maxSeconds: opts.maxSeconds,
-      startedAt,
-      pollMs: 20,
+      boundFrom: startedAt,
+      counter,
+      pollMs: 5,
       log,
       label: "pg-boss",
       // same as getQueueSize(QUEUE, { before: "completed" }), on our own connection
@@ -154,11 +171,20 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
       jobs: done,
       seconds: outcome.seconds,
       jobsPerSecond: outcome.seconds > 0 ? done / outcome.seconds : 0,
+      options: {
+        workLoops: workers,
+        batchSize,
+        refetchWhenFull,
+        pollingIntervalSeconds,
+        poolMax: max,
+        policy: "standard",
+      },
       settings:
         `${workers} work() loops (v10 has no teamSize/teamConcurrency), batchSize=${batchSize}, ` +
         `${refetchWhenFull ? "notifyWorker() after a full batch (fetch again at once, not after the interval)" : "no refetch on a full batch"}, ` +
-        `pollingIntervalSeconds=${pollingIntervalSeconds} (the minimum), pool max=${max}; standard-policy queue; ` +
-        `supervise/schedule off; jobs enqueued beforehand via insert() in chunks of ${INSERT_CHUNK}; ` +
+        `pollingIntervalSeconds=${pollingIntervalSeconds}, pool max=${max}; standard-policy queue; ` +
+        `supervise/schedule off; jobs enqueued beforehand via insert() in chunks of ${INSERT_CHUNK}, then VACUUM ANALYZE; ` +
+        `clock from the first batch handled to no job left before completed; ` +
         `schema ${schema}; durable commits (server defaults)`,
     };
   } finally {

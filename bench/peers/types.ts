@@ -16,6 +16,8 @@ export interface PeerResult {
   jobsPerSecond: number;
   /** The settings used, stated plainly. */
   settings: string;
+  /** The same settings as fields, for --json readers and the tuning runs. */
+  options: Record<string, string | number | boolean>;
 }
 
 /** Options every peer measurement accepts. */

@@ -22,7 +22,7 @@ import type { BrokerContext } from "../BrokerContext";
 import type { PoolRecord } from "../pools/PoolRegistry";
 import type { Role } from "../roles";
 import { Roles } from "../roles";
-import type { CreateTaskRequest } from "../statePort";
+import type { CreateTaskRequest } from "../StatePort";
 import type { JsonObject } from "../state/types";
 import type { Waiters } from "./Waiters";
 

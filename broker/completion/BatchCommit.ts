@@ -14,7 +14,7 @@ import { BrokerCommands, fault, faultToErrorBody, PoolCommands } from "../../pro
 import type { BrokerContext } from "../BrokerContext";
 import type { Dispatcher } from "../dispatch/Dispatcher";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
-import type { CompletionResult } from "../statePort";
+import type { CompletionResult } from "../StatePort";
 import {
   isDataError,
   UNSTORABLE_RESULT,

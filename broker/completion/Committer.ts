@@ -22,7 +22,7 @@
 import type { Logger } from "pino";
 import { coerceError, StepErrorTypes } from "../../protocol";
 import type { InFlight, Reservation } from "../pools/PoolRegistry";
-import type { AttemptResult } from "../statePort";
+import type { AttemptResult } from "../StatePort";
 
 export interface PendingResult {
   result: AttemptResult;

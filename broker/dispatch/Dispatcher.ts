@@ -9,7 +9,7 @@ import { BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
 import { isDataError } from "../completion/Committer";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
-import type { ClaimedStep } from "../statePort";
+import type { ClaimedStep } from "../StatePort";
 
 export class Dispatcher {
   private wanted = false;

@@ -12,17 +12,19 @@
  * (cross-site forms cannot send that without a preflight we never answer).
  */
 import type { MetricsSink } from "../metrics/MetricsSink";
-import { readdirSync, readFileSync } from "node:fs";
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from "node:http";
 import type { AddressInfo } from "node:net";
-import { extname, join } from "node:path";
 import type { PoolView, TaskView } from "../../protocol";
 import type { Logger } from "../db/logger";
 import type { BrokerMetrics } from "../metrics/BrokerMetrics";
 import type { StateManager } from "../state/StateManager";
 import { StateError } from "../state/errors";
 import { HttpAuth } from "./HttpAuth";
-import { type HttpAddress, formatHostPort, isLoopbackHost, parseHttpAddress } from "./httpAddress";
+import { HttpError } from "./HttpError";
+import { LiveUpdates } from "./LiveUpdates";
+import { readJsonBody } from "./readJsonBody";
+import { StaticFiles } from "./StaticFiles";
+import { type HttpAddress, formatHostPort, isLoopbackHost, parseHttpAddress } from "./HttpAddress";
 
 /** The part of Broker the HTTP side uses (its public API). */
 export interface BrokerView {
@@ -61,26 +63,8 @@ export interface HttpServerOptions {
 }
 
 const DEFAULT_STATIC = new URL("../../dashboard/", import.meta.url).pathname;
-const MAX_LIVE_CLIENTS = 64;
 const TASK_STATES = new Set(["pending", "in_progress", "complete", "error", "cancelled"]);
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-const TYPES: Record<string, string> = {
-  ".html": "text/html; charset=utf-8",
-  ".js": "text/javascript; charset=utf-8",
-  ".css": "text/css; charset=utf-8",
-  ".svg": "image/svg+xml",
-};
-
-/** A refusal with its HTTP status and a code the client can branch on. */
-class HttpError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
 
 /** Checks the HTTP options before anything binds (the CLI reports a refusal as a bad option). */
 export function checkHttpOptions(
@@ -103,9 +87,8 @@ export class HttpServer {
   private readonly auth: HttpAuth;
   private readonly log: Logger;
   private readonly server: Server;
-  private readonly files = new Map<string, { body: Buffer; type: string }>();
-  private readonly live = new Set<ServerResponse>();
-  private liveTimer: NodeJS.Timeout | undefined;
+  private readonly files: StaticFiles;
+  private readonly live: LiveUpdates;
   private port = 0;
   /** Ready steps over the last 15 minutes, oldest first (for the overview). */
   private readonly queueHistory: { at: string; ready: number }[] = [];
@@ -120,7 +103,13 @@ export class HttpServer {
     // a slow client must not hold a socket for ever (SSE streams are exempt: they are written to)
     this.server.requestTimeout = 30_000;
     this.server.headersTimeout = 10_000;
-    this.loadFiles(options.staticDir ?? DEFAULT_STATIC);
+    this.files = new StaticFiles(options.staticDir ?? DEFAULT_STATIC);
+    this.live = new LiveUpdates(
+      options.broker,
+      options.state,
+      options.liveIntervalMs ?? 1000,
+      options.metrics,
+    );
   }
 
   /** The base URL, e.g. http://127.0.0.1:8080/ (after start). */
@@ -170,10 +159,7 @@ export class HttpServer {
 
   async stop(): Promise<void> {
     clearInterval(this.sampler);
-    clearInterval(this.liveTimer);
-    this.liveTimer = undefined;
-    for (const res of this.live) res.end();
-    this.live.clear();
+    this.live.close();
     if (!this.server.listening) return;
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     this.server.closeAllConnections();
@@ -219,7 +205,7 @@ export class HttpServer {
     if (path === "/readyz" && method === "GET") return this.ready(res);
     this.checkHost(req);
     if (method === "GET" && !path.startsWith("/api/") && path !== "/metrics")
-      return this.serveFile(res, path);
+      return this.files.serve(res, path);
     if (!this.auth.allows(req.headers.authorization))
       throw new HttpError(
         401,
@@ -329,7 +315,7 @@ export class HttpServer {
       const [rows, queue] = await Promise.all([state.throughput(minutes), state.queueDepth()]);
       return this.json(res, 200, { minutes, throughput: rows, queue, queue_history: this.queueHistory });
     }
-    if (path === "/api/events") return this.openLive(req, res);
+    if (path === "/api/events") return this.live.open(req, res);
     throw new HttpError(
       404,
       "not_found",
@@ -369,7 +355,7 @@ export class HttpServer {
       if (originHost !== req.headers.host)
         throw new HttpError(403, "cross_origin", "actions are taken only from the dashboard's own origin");
     }
-    const body = await this.readBody(req);
+    const body = await readJsonBody(req, this.opts.maxBodyBytes ?? 1024 * 1024);
     const { state, broker } = this.opts;
     let m = /^\/api\/tasks\/([^/]+)\/cancel$/.exec(path);
     if (m) {
@@ -410,118 +396,7 @@ export class HttpServer {
   }
 
   /** The JSON body, at most maxBodyBytes; an empty body is {}. */
-  private async readBody(req: IncomingMessage): Promise<unknown> {
-    const max = this.opts.maxBodyBytes ?? 1024 * 1024;
-    const declared = Number(req.headers["content-length"] ?? "0");
-    const tooLarge = () =>
-      new HttpError(413, "body_too_large", `the body is larger than ${max} bytes; send a smaller output`);
-    if (declared > max) {
-      req.resume();
-      throw tooLarge();
-    }
-    const chunks: Buffer[] = [];
-    let size = 0;
-    try {
-      for await (const chunk of req as AsyncIterable<Buffer>) {
-        size += chunk.length;
-        if (size > max) {
-          req.resume();
-          throw tooLarge();
-        }
-        chunks.push(chunk);
-      }
-    } catch (e) {
-      if (e instanceof HttpError) throw e;
-      // the client went away mid-body: nobody is left to answer, and it is no server error
-      throw new HttpError(400, "aborted", "the request body was cut off; send it again");
-    }
-    const text = Buffer.concat(chunks).toString("utf8");
-    if (text.trim() === "") return {};
-    try {
-      return JSON.parse(text);
-    } catch (e) {
-      throw new HttpError(
-        400,
-        "bad_json",
-        `the body is not JSON (${(e as Error).message}); send a JSON object`,
-      );
-    }
-  }
-
-  // ------------------------------------------------------------ live updates
-
-  /** Server-sent events: a `tick` with a small summary every liveIntervalMs; pages refetch what they show. */
-  private openLive(req: IncomingMessage, res: ServerResponse): void {
-    if (this.live.size >= MAX_LIVE_CLIENTS)
-      throw new HttpError(
-        503,
-        "too_many_live_clients",
-        `at most ${MAX_LIVE_CLIENTS} live pages at once; close some, or reload later`,
-      );
-    req.socket.setTimeout(0);
-    res.writeHead(200, {
-      "Content-Type": "text/event-stream",
-      "Cache-Control": "no-store",
-      Connection: "keep-alive",
-    });
-    res.write("retry: 2000\n\n");
-    this.live.add(res);
-    res.on("close", () => {
-      this.live.delete(res);
-      if (this.live.size === 0) {
-        clearInterval(this.liveTimer);
-        this.liveTimer = undefined;
-      }
-    });
-    if (this.liveTimer === undefined) {
-      this.liveTimer = setInterval(() => void this.tick(), this.opts.liveIntervalMs ?? 1000);
-      this.liveTimer.unref();
-    }
-    void this.tick(res);
-  }
-
-  private async tick(only?: ServerResponse): Promise<void> {
-    let ready: number | null = null;
-    try {
-      ready = (await this.opts.state.queueDepth()).reduce((n, r) => n + r.ready, 0);
-    } catch {
-      this.opts.metrics?.dbError();
-    }
-    const pools = this.opts.broker.listPools();
-    const data = JSON.stringify({
-      at: new Date().toISOString(),
-      pools: pools.length,
-      in_flight: pools.reduce((n, p) => n + p.in_flight, 0),
-      ready,
-    });
-    for (const res of only ? [only] : this.live) res.write(`event: tick\ndata: ${data}\n\n`);
-  }
-
   // ------------------------------------------------------------ files and answers
-
-  private loadFiles(dir: string): void {
-    let names: string[];
-    try {
-      names = readdirSync(dir);
-    } catch {
-      return; // no dashboard files: the API still serves
-    }
-    for (const name of names) {
-      const type = TYPES[extname(name)];
-      if (type) this.files.set(`/${name}`, { body: readFileSync(join(dir, name)), type });
-    }
-  }
-
-  private serveFile(res: ServerResponse, path: string): void {
-    const file = this.files.get(path === "/" ? "/index.html" : path);
-    if (!file) throw new HttpError(404, "not_found", `no file ${path}; the dashboard is at /`);
-    res.writeHead(200, {
-      "Content-Type": file.type,
-      "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-      "X-Frame-Options": "DENY",
-    });
-    res.end(file.body);
-  }
 
   private json(res: ServerResponse, status: number, body: unknown): void {
     res.writeHead(status, { "Content-Type": "application/json; charset=utf-8" });

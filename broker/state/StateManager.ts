@@ -29,7 +29,7 @@ import {
   type ThroughputRow,
   type TransitionRecord,
 } from "./DashboardReads";
-import type { TaskHistory } from "./history";
+import type { TaskHistory } from "./TaskHistory";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";

@@ -3,7 +3,7 @@
  * one statement per batch; idempotency keys map a repeated request to the
  * task it created.
  */
-import { uuidv7 } from "../db/uuid7";
+import { uuidv7 } from "../db/uuidv7";
 import { StateError } from "./errors";
 import type { StateSql } from "./StateSql";
 import { MAX_TEMPLATE_EDGES, templateEdges } from "./templates";

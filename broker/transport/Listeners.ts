@@ -8,7 +8,7 @@ import type { Logger } from "pino";
 import { Router } from "zeromq";
 import { coerceError, HARD_LIMIT_FACTOR, PROTOCOL_VERSION } from "../../protocol";
 import type { ListenerPlan, ResolvedOptions } from "../config";
-import type { LogLimiter } from "../logLimiter";
+import type { LogLimiter } from "../LogLimiter";
 import type { Role } from "../roles";
 import { Outbox } from "./Outbox";
 import { PeerIdentities } from "./PeerIdentities";

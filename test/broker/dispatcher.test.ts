@@ -15,7 +15,7 @@ import { Committer } from "../../broker/completion/Committer";
 import { ResultIntake } from "../../broker/completion/ResultIntake";
 import { resolveOptions } from "../../broker/config";
 import { Dispatcher } from "../../broker/dispatch/Dispatcher";
-import { LogLimiter } from "../../broker/logLimiter";
+import { LogLimiter } from "../../broker/LogLimiter";
 import { PoolRegistry, type PoolRecord } from "../../broker/pools/PoolRegistry";
 import type {
   AttemptResult,
@@ -23,7 +23,7 @@ import type {
   ClaimedStep,
   CompletionResult,
   StatePort,
-} from "../../broker/statePort";
+} from "../../broker/StatePort";
 import type { ClaimRequest } from "../../broker/state/types";
 import type { Outbox } from "../../broker/transport/Outbox";
 

@@ -11,7 +11,7 @@ import { strict as assert } from "node:assert";
 import { randomUUID } from "node:crypto";
 import { Writable } from "node:stream";
 import { pino, type Logger } from "pino";
-import { LogLimiter } from "../../broker/logLimiter";
+import { LogLimiter } from "../../broker/LogLimiter";
 import { MAX_TEMPLATE_EDGES } from "../../broker/state/templates";
 import { HandlerPool } from "../../handlers-node";
 import { BrokerError, StepbrokerClient } from "../../handlers-node/client";

@@ -19,7 +19,7 @@ import {
 } from "../../protocol/constants";
 import { decodeMessage, encodeBody, encodeMessage, sniffEncoding, type Decoded } from "../../protocol/codec";
 import { firstInvalidUtf8String } from "../../protocol/msgpackStrings";
-import { validateBody } from "../../protocol/validate";
+import { validateBody } from "../../protocol/validateBody";
 
 const VECTOR_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "protocol", "vectors");
 const SIG = Buffer.from(SIGNATURE);

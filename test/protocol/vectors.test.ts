@@ -17,7 +17,7 @@ import {
   type Encoding,
 } from "../../protocol/constants";
 import { decodeMessage, encodeMessage, type Decoded } from "../../protocol/codec";
-import { validateBody } from "../../protocol/validate";
+import { validateBody } from "../../protocol/validateBody";
 import { loadSchemaFiles, SCHEMA_ID_PREFIX } from "../../protocol/schemaFiles";
 
 const VECTOR_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "protocol", "vectors");
