@@ -101,9 +101,14 @@ export function createContext(parts: ContextParts): BrokerContext {
         await state.releaseAttempts(attemptIds, { countAttempt, reason });
       } catch (e) {
         // The leases will expire and the steps follow their retry policy: slower, not lost.
-        log.error(
-          { err: coerceError(e), attempts: attemptIds.length, reason },
-          "could not release attempts; their leases will expire instead",
+        const err = coerceError(e);
+        parts.limiter.write(
+          `release:${err.message}`,
+          `for "could not release attempts"`,
+          "error",
+          { err, attempts: attemptIds.length, reason },
+          `could not release attempts (${err.message}); their leases will expire instead`,
+          { lines: 1 },
         );
       }
       parts.kick();

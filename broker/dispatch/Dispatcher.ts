@@ -197,9 +197,14 @@ export class Dispatcher {
       ctx.metrics.claim(performance.now() - started);
     } catch (e) {
       if (!isDataError(e)) ctx.metrics.dbError();
-      ctx.log.error(
-        { err: coerceError(e), pool_id: pool.poolId },
-        "claiming steps failed; retrying on the next poll",
+      const err = coerceError(e);
+      ctx.limiter.write(
+        `claim:${err.message}`,
+        `for "claiming steps failed"`,
+        "error",
+        { err, pool_id: pool.poolId },
+        `claiming steps failed: ${err.message}; retrying on the next poll`,
+        { lines: 1 },
       );
       return false;
     } finally {

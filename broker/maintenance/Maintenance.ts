@@ -129,7 +129,15 @@ export class Maintenance {
       ctx.kick();
     } catch (e) {
       ctx.metrics.dbError();
-      ctx.log.error({ err: coerceError(e) }, "expiring leases failed; retrying on the next tick");
+      const err = coerceError(e);
+      ctx.limiter.write(
+        `expire:${err.message}`,
+        `for "expiring leases failed"`,
+        "error",
+        { err },
+        `expiring leases failed: ${err.message}; retrying on the next tick`,
+        { lines: 1 },
+      );
     }
   }
 
@@ -161,7 +169,15 @@ export class Maintenance {
       }
     } catch (e) {
       this.recovered = false;
-      ctx.log.error({ err: coerceError(e) }, "recovering orphaned attempts failed; retrying shortly");
+      const err = coerceError(e);
+      ctx.limiter.write(
+        `orphans:${err.message}`,
+        `for "recovering orphaned attempts failed"`,
+        "error",
+        { err },
+        `recovering orphaned attempts failed: ${err.message}; retrying shortly`,
+        { lines: 1 },
+      );
       this.timers.push(setTimeout(() => void this.recoverOrphans(), ctx.opts.pollMs));
     }
   }

@@ -204,21 +204,31 @@ describe("a broker that dies for good (brokers in child processes, tcp://127.0.0
     await stack.registerTemplate(oneStep("dies", "die_work", 120_000));
     const live = capture();
     logs.push(["live broker", live.text]);
+    // The live broker logs to the test; the stack's own broker stops so that only it can take the work back.
     await stack.broker.stop({ drainMs: 0 });
-    await stack.startBroker({ logger: live.logger, brokerId: `live-${uid()}` });
+    const liveBroker = new Broker({
+      endpoints: ["tcp://127.0.0.1:*"],
+      state: stack.sm,
+      brokerId: `live-${uid()}`,
+      logger: live.logger,
+      ...FAST,
+    });
+    await liveBroker.start();
+    cleanups.push(() => liveBroker.stop({ drainMs: 0 }));
 
     const deadId = `dead-${uid()}`;
     const dead = await brokerProcess(await freeTcpEndpoint(), deadId);
     const taskId = await doomedPoolHolding(dead.endpoint, "die_work", "dies");
     await dead.kill9();
 
-    const healthy = new HandlerPool({ endpoint: stack.endpoint, capacity: 1, logger: silent });
+    const healthy = new HandlerPool({ endpoint: liveBroker.endpoints[0]!, capacity: 1, logger: silent });
     healthy.handle("die_work", async () => ({ by: "healthy" }));
     cleanups.push(() => healthy.close({ drainMs: 500 }));
     await healthy.start();
 
-    const done = await stack.waitForTask(taskId, BOUND_MS);
-    assert.equal(done.state, "complete");
+    const out = await liveBroker.wait(taskId, BOUND_MS);
+    assert.equal(out?.finished, true, "the task ended within the bound");
+    assert.equal(out.task.state, "complete");
     assert.deepEqual(
       (await stack.sm.getAttempts(taskId)).map((a) => a.outcome),
       ["lost", "complete"],

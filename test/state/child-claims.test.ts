@@ -176,12 +176,14 @@ describe("children claimed with their parent's result", () => {
     // parent's result commits, then the pick (with a snapshot of its own) sees the child ready.
     // Without a fresh snapshot for the history, the claim found no current transition to follow.
     // (plpgsql: each of its statements reads with a snapshot of its own.)
-    await t.sql(`create or replace function pick_ready_steps(handlers text[], most integer) returns setof uuid
+    await t.sql(`create or replace function pick_ready_steps(handlers text[], most integer, avoid uuid[] default null)
+                 returns setof uuid
                  language plpgsql volatile set enable_sort = off as $$
                  begin
                    perform pg_sleep(2);
                    return query select s.id from steps s
                      where s.state = 'ready' and s.run_at <= now() and s.handler = any(handlers)
+                       and (avoid is null or s.id <> all(avoid))
                      order by s.priority desc, s.run_at limit most for update skip locked;
                  end
                  $$`);

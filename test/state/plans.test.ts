@@ -92,7 +92,14 @@ describe("hot-path plans on tables never analyzed", function () {
       await client.query(
         "set local auto_explain.log_min_duration = 0; set local auto_explain.log_nested_statements = on; set local client_min_messages = log",
       );
-      const claimed = await client.query(loadQueries().claim_steps.text, ["b", ["h"], 64, null, "pool"]);
+      const claimed = await client.query(loadQueries().claim_steps.text, [
+        "b",
+        ["h"],
+        64,
+        null,
+        "pool",
+        null,
+      ]);
       assert.equal(claimed.rowCount, 64);
     } finally {
       await client.query("rollback");
