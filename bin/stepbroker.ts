@@ -510,7 +510,11 @@ async function main(): Promise<number> {
         const pools = await c.pools();
         const rows = pools.map(
           (p) =>
-            `${(p.pool_id ?? "(id shown to admins)").padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}`,
+            `${(p.pool_id ?? "(id shown to admins)").padEnd(28)} ${p.sdk.language.padEnd(7)} ${`${p.in_flight}/${p.capacity}`.padEnd(8)} ${p.encoding.padEnd(8)} seen ${p.last_seen_ms_ago} ms ago  ${p.handlers.join(",")}` +
+            (p.credit !== undefined ? `  credit ${p.credit}` : "") +
+            (p.cancelling ? `  ${p.cancelling} cancelled still running` : "") +
+            (p.draining ? "  DRAINING" : "") +
+            (p.quarantined ? "  QUARANTINED (its last attempts timed out)" : ""),
         );
         print(pools, rows.length ? rows.join("\n") : "no pools connected");
         return 0;
