@@ -169,21 +169,16 @@ export class PeerGuard implements StrikeCounter {
     const body = decodeBody(frames[3]!, PoolCommands.RESULT);
     const salvaged = body.ok ? salvageResults(body.value) : undefined;
     if (!body.ok || !salvaged) return undefined;
-    const key = identityKey(identity);
-    const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    const who = pool?.poolId ?? "peer " + JSON.stringify(identityKey(identity));
     for (const r of salvaged.refused) this.ctx.metrics.protocolFault(r.code);
     for (const r of salvaged.refused.slice(0, MAX_NAMED_REFUSALS)) {
       this.ctx.send(identity, BrokerCommands.ERROR, faultToErrorBody(r), pool?.encoding);
     }
-    this.ctx.limiter.write(
-      `peer:${key}`,
-      `from ${who}`,
-      "warn",
+    this.peerLine(
+      identity,
+      pool,
+      f,
       {
-        peer: key,
-        pool_id: pool?.poolId,
-        code: f.code,
-        command: f.command,
         refused: salvaged.refused.length,
         accepted: salvaged.results.length,
         attempt_ids: salvaged.refused.slice(0, MAX_NAMED_REFUSALS).map((r) => r.attemptId),
@@ -251,15 +246,11 @@ export class PeerGuard implements StrikeCounter {
     const who = pool?.poolId ?? "peer " + JSON.stringify(key);
     // A client matches answers by request_id: echo it whenever the envelope gives it away.
     const requestId = requestIdOf(f, frames[3]);
-    this.ctx.limiter.write(
-      `peer:${key}`,
-      `from ${who}`,
-      "warn",
+    this.peerLine(
+      identity,
+      pool,
+      f,
       {
-        peer: key,
-        pool_id: pool?.poolId,
-        code: f.code,
-        command: f.command,
         schema_path: f.schemaPath,
         instance_path: f.instancePath,
         frames: frames.length - 1,
@@ -279,6 +270,25 @@ export class PeerGuard implements StrikeCounter {
       );
     }
     this.strike(identity, pool);
+  }
+
+  /** A line about one peer's refused message, rate-limited per peer like every line about it. */
+  private peerLine(
+    identity: Buffer,
+    pool: PoolRecord | undefined,
+    f: ProtocolFault,
+    fields: Record<string, unknown>,
+    msg: string,
+  ): void {
+    const key = identityKey(identity);
+    const who = pool?.poolId ?? "peer " + JSON.stringify(key);
+    this.ctx.limiter.write(
+      `peer:${key}`,
+      `from ${who}`,
+      "warn",
+      { peer: key, pool_id: pool?.poolId, code: f.code, command: f.command, ...fields },
+      msg,
+    );
   }
 
   /** ZeroMQ cannot close one peer of a ROUTER: drop its registration and ignore it for a while. */

@@ -539,25 +539,23 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     return pino({ level: "info" }, { write: (line: string) => void (text = (text + line).slice(-8000)) });
   }
 
-  it("adopts the attempt a reconnecting pool still holds and stores its resent result once", async () => {
-    await state.sm.registerTemplate(
-      template("restart_adopt", [{ name: "work", handler: "rs_work", timeout_ms: 60_000 }]),
-    );
-    const endpoint = await freeTcpEndpoint();
-    const brokerId = `restart-${uid()}`;
-    const first = await broker(endpoint, brokerId, 3000);
-
+  /** A pool of capacity 1 whose handler holds each step until `release` opens; `runs()` counts its runs. */
+  async function heldPool(
+    endpoint: string,
+    handler: string,
+    prefix: string,
+  ): Promise<{ started: ReturnType<typeof gate>; release: ReturnType<typeof gate>; runs: () => number }> {
     const started = gate();
     const release = gate();
     let runs = 0;
     const pool = new HandlerPool({
       endpoint,
-      poolId: `rs-${uid()}`,
+      poolId: `${prefix}-${uid()}`,
       capacity: 1,
       logger: capturedLogger("pool"),
       reconnect: { initialMs: 50, maxMs: 300 },
     });
-    pool.handle("rs_work", async (step: Step) => {
+    pool.handle(handler, async (step: Step) => {
       runs++;
       started.open();
       await release.promise;
@@ -566,6 +564,18 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     cleanups.push(() => release.open());
     cleanups.push(() => pool.close({ drainMs: 200, ackTimeoutMs: 500 }));
     await pool.start();
+    return { started, release, runs: () => runs };
+  }
+
+  it("adopts the attempt a reconnecting pool still holds and stores its resent result once", async () => {
+    await state.sm.registerTemplate(
+      template("restart_adopt", [{ name: "work", handler: "rs_work", timeout_ms: 60_000 }]),
+    );
+    const endpoint = await freeTcpEndpoint();
+    const brokerId = `restart-${uid()}`;
+    const first = await broker(endpoint, brokerId, 3000);
+
+    const { started, release, runs } = await heldPool(endpoint, "rs_work", "rs");
 
     const { task } = await state.sm.createTask({ namespace: NS, name: "restart_adopt", context: {} });
     await started.promise;
@@ -580,7 +590,7 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     const attempts = await state.sm.getAttempts(task.task_id);
     assert.deepEqual(outcomes(attempts), ["complete"], "one attempt, stored once");
     assert.deepEqual(step.output, { attempt_id: attempts[0]!.attemptId });
-    assert.equal(runs, 1, "the handler ran exactly once");
+    assert.equal(runs(), 1, "the handler ran exactly once");
   });
 
   it("does not take its pools for dead after the broker itself was stopped for 3 s (SIGSTOP), and re-runs nothing", async () => {
@@ -598,25 +608,7 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     });
     brokers.push(b);
     logs.push(["broker", () => b.stderr()]);
-    const started = gate();
-    const release = gate();
-    let runs = 0;
-    const pool = new HandlerPool({
-      endpoint,
-      poolId: `st-${uid()}`,
-      capacity: 1,
-      logger: capturedLogger("pool"),
-      reconnect: { initialMs: 50, maxMs: 300 },
-    });
-    pool.handle("st_work", async (step: Step) => {
-      runs++;
-      started.open();
-      await release.promise;
-      return { attempt_id: step.attemptId };
-    });
-    cleanups.push(() => release.open());
-    cleanups.push(() => pool.close({ drainMs: 200, ackTimeoutMs: 500 }));
-    await pool.start();
+    const { started, release, runs } = await heldPool(endpoint, "st_work", "st");
 
     const { task } = await state.sm.createTask({ namespace: NS, name: "stall", context: {} });
     await started.promise;
@@ -631,7 +623,7 @@ describe("broker killed and restarted (broker in a child process, pools over tcp
     const done = await taskIn(state.sm, task.task_id, ["complete", "error", "cancelled"]);
     assert.equal(done.state, "complete");
     assert.deepEqual(outcomes(await state.sm.getAttempts(task.task_id)), ["complete"], "one attempt");
-    assert.equal(runs, 1, "the handler ran once: the pool was not purged and its step not re-run");
+    assert.equal(runs(), 1, "the handler ran once: the pool was not purged and its step not re-run");
     assert.ok(!/lost \(missed heartbeats\)/.test(b.stderr()), "no pool was declared dead");
   });
 
