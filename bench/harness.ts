@@ -110,7 +110,12 @@ export interface BenchRun {
  * process `cmd args(endpoint)`, and resolves once the pool prints READY. A pool
  * that exits first rejects, with the broker already stopped.
  */
-export async function startBrokerAndPool(state: StateManager, pool: BenchPool): Promise<BenchRun> {
+export async function startBrokerAndPool(
+  state: StateManager,
+  pool: BenchPool,
+  /** Runs once the broker is bound, before the pool connects (say, to observe it with metrics). */
+  beforePool?: (broker: Broker) => void,
+): Promise<BenchRun> {
   const broker = new Broker({
     endpoints: ["tcp://127.0.0.1:*"],
     state,
@@ -119,6 +124,7 @@ export async function startBrokerAndPool(state: StateManager, pool: BenchPool): 
     pollMs: 200,
   });
   await broker.start();
+  beforePool?.(broker);
   const child = spawn(pool.cmd, pool.args(broker.endpoints[0]!), {
     ...(pool.cwd !== undefined ? { cwd: pool.cwd } : {}),
     stdio: ["ignore", "pipe", "inherit"],

@@ -7,11 +7,16 @@
  * one JSON object with every figure on the last line.
  *   npm run bench -- [--tasks 30000] [--seconds 30] [--capacity 2048] [--history 1000000] [--repeat 3]
  *     [--quick] [--json] [--no-peers] [--no-claims] [--no-floor] [--no-submission] [--no-sustained]
+ *     [--no-metrics]
  * --tasks is the work of every throughput phase: stepbroker's one-step tasks
  * and each peer's jobs alike (diamonds: a quarter as many tasks, as many steps).
  * --repeat: rounds of stepbroker one-step and the peers, interleaved (one of
  * each per round, so the load of a shared machine falls on all of them); the
  * rows show each one's median and spread, and the load average of each round.
+ * "metrics on vs off": --repeat rounds of the one-step run with the broker
+ * observed by a BrokerMetrics and scraped once a second, and without, in
+ * alternating order, so the cost of the metrics is a ratio of two medians
+ * measured under the same load.
  * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history, 1 round).
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
@@ -41,6 +46,7 @@ const { values } = parseArgs({
     "no-floor": { type: "boolean" },
     "no-submission": { type: "boolean" },
     "no-sustained": { type: "boolean" },
+    "no-metrics": { type: "boolean" },
   },
 });
 const quick = values.quick === true;
@@ -256,6 +262,9 @@ async function main(): Promise<number> {
       }),
     );
 
+    let metricsCost: MetricsCost | undefined;
+    if (!values["no-metrics"]) metricsCost = await measureMetricsCost(url, bound);
+
     let submission: Outcome<SubmissionResult> | undefined;
     if (!values["no-submission"]) {
       log(
@@ -318,12 +327,25 @@ async function main(): Promise<number> {
       );
     }
 
-    report({ one, diamond, lone, submission, sustained, floor, peers, claims, startedAt, roundLoads });
+    report({
+      one,
+      diamond,
+      lone,
+      metricsCost,
+      submission,
+      sustained,
+      floor,
+      peers,
+      claims,
+      startedAt,
+      roundLoads,
+    });
     const failed =
       [
         one,
         diamond,
         lone,
+        ...(metricsCost ? [metricsCost.on, metricsCost.off] : []),
         ...(submission ? [submission] : []),
         ...sustained.map((x) => x.outcome),
         ...(floor ? [floor] : []),
@@ -335,6 +357,77 @@ async function main(): Promise<number> {
     await database?.close();
     dir = undefined;
   }
+}
+
+interface MetricsCost {
+  on: Outcome<StepbrokerResult & Repeated>;
+  off: Outcome<StepbrokerResult & Repeated>;
+  /** Median on / median off: 0.97 means the metrics cost 3% of the throughput. */
+  ratio?: number;
+}
+
+/**
+ * The one-step run with the metrics on and off, `repeat` rounds of each,
+ * alternating which goes first so neither always runs on a warmer (or more
+ * loaded) machine.
+ */
+async function measureMetricsCost(url: string, bound: number): Promise<MetricsCost> {
+  const runs: Record<"on" | "off", Outcome<StepbrokerResult>[]> = { on: [], off: [] };
+  for (let round = 1; round <= repeat; round++) {
+    const order: ("on" | "off")[] = round % 2 === 1 ? ["off", "on"] : ["on", "off"];
+    for (const which of order) {
+      log(`metrics ${which}, round ${round}/${repeat}: stepbroker ${tasks} one-step tasks`);
+      runs[which].push(
+        await phase(`stepbroker one-step metrics ${which}, round ${round}`, bound, () =>
+          measureStepbroker({
+            databaseUrl: url,
+            shape: "one-step",
+            tasks,
+            capacity,
+            maxSeconds: seconds,
+            metrics: which === "on",
+            log,
+          }),
+        ),
+      );
+    }
+  }
+  const on = medianOf(runs.on, (v) => v.stepsPerSecond);
+  const off = medianOf(runs.off, (v) => v.stepsPerSecond);
+  const cost: MetricsCost = { on, off };
+  if (on.ok && off.ok && off.value.stepsPerSecond > 0)
+    cost.ratio = Math.round((on.value.stepsPerSecond / off.value.stepsPerSecond) * 1000) / 1000;
+  return cost;
+}
+
+function metricsRows(
+  m: MetricsCost | undefined,
+  spread: (v: Repeated) => string,
+): [string, string, string, string][] {
+  if (m === undefined) return [];
+  const row = (
+    label: string,
+    o: Outcome<StepbrokerResult & Repeated>,
+    note: string,
+  ): [string, string, string, string] =>
+    o.ok
+      ? [
+          `stepbroker metrics ${label}`,
+          `${o.value.steps} one-step tasks`,
+          String(o.value.stepsPerSecond),
+          note + spread(o.value),
+        ]
+      : [`stepbroker metrics ${label}`, "-", "FAILED", o.error];
+  const ratio =
+    m.ratio === undefined ? "" : `; on/off ${m.ratio.toFixed(3)} (${((1 - m.ratio) * 100).toFixed(1)}% lost)`;
+  return [
+    row("off", m.off, "as the one-step row, in rounds alternating with the next"),
+    row(
+      "on",
+      m.on,
+      `observed by BrokerMetrics, rendered once a second as a scrape (${m.on.ok ? (m.on.value.metricsScrapes ?? 0) : 0} scrapes)${ratio}`,
+    ),
+  ];
 }
 
 /** Tasks created per second over the client protocol, one SUBMIT at a time and pipelined. */
@@ -381,6 +474,7 @@ function report(r: {
   roundLoads: string[];
   diamond: Outcome<StepbrokerResult>;
   lone: Outcome<StepbrokerResult>;
+  metricsCost: MetricsCost | undefined;
   submission: Outcome<SubmissionResult> | undefined;
   sustained: { fraction: number; maximumOf?: string; outcome: Outcome<SustainedResult> }[];
   floor: Outcome<FloorResult> | undefined;
@@ -415,6 +509,7 @@ function report(r: {
     ),
     sbRow(r.diamond, (v) => `${v.steps} steps in diamonds`, latency),
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
+    ...metricsRows(r.metricsCost, spread),
     ...submissionRows(r.submission),
     ...r.sustained.map(({ fraction, maximumOf, outcome: o }): Row =>
       o.ok
@@ -477,6 +572,11 @@ function report(r: {
       );
     }
   }
+  if (r.metricsCost?.ratio !== undefined && r.metricsCost.on.ok && r.metricsCost.off.ok) {
+    process.stdout.write(
+      `stepbroker one-step metrics on / off: ${r.metricsCost.on.value.stepsPerSecond} / ${r.metricsCost.off.value.stepsPerSecond} = ${r.metricsCost.ratio.toFixed(3)}\n`,
+    );
+  }
   if (r.claims?.ok) {
     process.stdout.write(`${formatClaims(r.claims.value)}\n`);
   }
@@ -509,6 +609,14 @@ function report(r: {
           one_step: value(r.one),
           diamond: value(r.diamond),
           diamond_one_at_a_time: value(r.lone),
+          metrics:
+            r.metricsCost === undefined
+              ? null
+              : {
+                  on: value(r.metricsCost.on),
+                  off: value(r.metricsCost.off),
+                  on_over_off: r.metricsCost.ratio ?? null,
+                },
           submission: value(r.submission),
           sustained: r.sustained.map(({ fraction, maximumOf, outcome }) => ({
             fraction,
@@ -518,7 +626,10 @@ function report(r: {
         },
         database_alone: value(r.floor),
         peers: r.peers.map((p) => p.result ?? { name: p.name, error: p.error }),
-        ratios: { stepbroker_one_step_over: ratios },
+        ratios: {
+          stepbroker_one_step_over: ratios,
+          ...(r.metricsCost?.ratio !== undefined ? { metrics_on_over_off: r.metricsCost.ratio } : {}),
+        },
         claims: value(r.claims),
         cores: os.cpus().length,
         loadavg: os.loadavg(),

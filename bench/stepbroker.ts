@@ -6,6 +6,7 @@
  * (its finished_at) to its child's arrival at the pool.
  */
 import { join } from "node:path";
+import { BrokerMetrics } from "../broker/metrics/BrokerMetrics";
 import { startFromCheckpoint } from "./checkpoint";
 import {
   countCommits,
@@ -31,6 +32,8 @@ export interface StepbrokerResult {
    */
   brokerCpuMicrosPerStep?: number;
   poolCpuMicrosPerStep?: number;
+  /** With `metrics`: how many times the metrics were rendered during the run, one a second as a scraper would. */
+  metricsScrapes?: number;
 }
 
 const SCHEMA = "bench_stepbroker";
@@ -66,6 +69,11 @@ export async function measureStepbroker(opts: {
   capacity: number;
   /** Submit tasks one at a time, each after the last finished: latency without queueing. */
   sequential?: boolean;
+  /**
+   * Observe the broker with a BrokerMetrics, as `--http` does, and render its
+   * /metrics text once a second during the run, as Prometheus would scrape it.
+   */
+  metrics?: boolean;
   log?: (line: string) => void;
 }): Promise<StepbrokerResult> {
   const log = opts.log ?? (() => undefined);
@@ -78,17 +86,39 @@ export async function measureStepbroker(opts: {
   await startFromCheckpoint(sm.db.pool, log);
   const counter = countCommits(sm, opts.tasks * stepsPerTask);
 
-  const { broker, stop, poolCpuMicros } = await startBrokerAndPool(counter.state, {
-    label: "node",
-    cmd: process.execPath,
-    args: (endpoint) => [
-      "--import",
-      "tsx",
-      join(import.meta.dirname, "pool.ts"),
-      endpoint,
-      String(opts.capacity),
-    ],
-  });
+  let metrics: BrokerMetrics | undefined;
+  const { broker, stop, poolCpuMicros } = await startBrokerAndPool(
+    counter.state,
+    {
+      label: "node",
+      cmd: process.execPath,
+      args: (endpoint) => [
+        "--import",
+        "tsx",
+        join(import.meta.dirname, "pool.ts"),
+        endpoint,
+        String(opts.capacity),
+      ],
+    },
+    opts.metrics
+      ? (b) => {
+          metrics = new BrokerMetrics({
+            sources: { pools: () => b.listPools(), queueDepth: () => sm.queueDepth() },
+          });
+          b.observe(metrics);
+        }
+      : undefined,
+  );
+  let scrapes = 0;
+  const scraper =
+    metrics === undefined
+      ? undefined
+      : setInterval(() => {
+          void metrics!.metrics().then(
+            () => scrapes++,
+            (e: unknown) => log(`metrics scrape failed: ${String(e)}`),
+          );
+        }, 1000);
   const brokerCpuBefore = process.cpuUsage();
   const poolCpuBefore = poolCpuMicros();
   const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
@@ -102,6 +132,7 @@ export async function measureStepbroker(opts: {
   }
   await counter.done;
   clearTimeout(timer);
+  if (scraper !== undefined) clearInterval(scraper);
   const brokerCpu = process.cpuUsage(brokerCpuBefore);
   const poolCpuAfter = poolCpuMicros();
   const result: StepbrokerResult = {
@@ -112,6 +143,7 @@ export async function measureStepbroker(opts: {
     seconds: counter.seconds(),
     stepsPerSecond: counter.stepsPerSecond(),
   };
+  if (metrics !== undefined) result.metricsScrapes = scrapes;
   const steps = counter.stored();
   if (steps > 0) {
     result.brokerCpuMicrosPerStep = Math.round(((brokerCpu.user + brokerCpu.system) / steps) * 10) / 10;

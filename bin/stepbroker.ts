@@ -13,6 +13,7 @@ import { HttpAuth } from "../broker/http/HttpAuth";
 import { checkHttpOptions } from "../broker/http/HttpServer";
 import { serveHttp } from "../broker/http/serveHttp";
 import { checkBrokerOptions, type BrokerOptions, type CurveOptions } from "../broker/config";
+import { historyFromView } from "../broker/clients/historyView";
 import { StateManager } from "../broker/state/StateManager";
 import type { BrokerRecord } from "../broker/state/types";
 import { formatExplain } from "../broker/state/explain";
@@ -31,7 +32,7 @@ Commands:
   demo                      run the order-fulfilment demo on an embedded PostgreSQL
   submit <ns/name[@ver]>    create a task (--context JSON, --wait, --idempotency-key K)
   status <task>             a task and its steps (with their outputs, shortened)
-  history <task>            every transition and attempt of a task, as a timeline
+  history <task>            every transition and attempt of a task, as a timeline (--endpoint: ask the broker)
   explain <task>            why each step of a task is or is not ready
   cancel <task>             cancel a task (through the running broker)
   retry <task|step>         make failed steps ready again
@@ -446,6 +447,18 @@ async function main(): Promise<number> {
         return 0;
       });
     case "history":
+      if (opt.endpoint) {
+        // over the client protocol (HISTORY): no database access needed, only the broker's client socket
+        const c = client();
+        try {
+          const out = await c.history(need("task"));
+          const history = historyFromView(out.task, out.history);
+          print(history, formatHistory(history));
+          return 0;
+        } finally {
+          c.close();
+        }
+      }
       return await withState(async (sm) => {
         const id = need("task");
         const history = await sm.getHistory(id);

@@ -6,7 +6,7 @@
  *   pools/        the pool registry (the only writer of pool records) and the pool verbs
  *   dispatch/     claiming ready steps for pools with credit, and sending them
  *   completion/   RESULT intake, the group committer, and what follows a commit
- *   clients/      SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS, and the waiters
+ *   clients/      SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS, HISTORY, and the waiters
  *   maintenance/  timers: heartbeats, lease expiry, the poll, orphan recovery
  *   transport/    sockets, ZAP, the outbox, the peer gate
  *
@@ -272,6 +272,7 @@ export class Broker {
         case "WAIT":
         case "CANCEL_TASK":
         case "POOLS":
+        case "HISTORY":
           return void this.clients.serve(identity, msg, encoding);
         default:
           this.ctx.sendError(

@@ -19,6 +19,7 @@ export type StatePort = Pick<
   | "cancelTask"
   | "createTask"
   | "getTask"
+  | "getHistory"
   | "listen"
   | "registerBroker"
   | "heartbeatBroker"

@@ -38,7 +38,7 @@ export interface BrokerOptions {
    * Pools connect here; so does every role that has no socket of its own.
    */
   endpoints: string[];
-  /** A socket for clients (SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS); without it clients use `endpoints`. */
+  /** A socket for clients (SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS, HISTORY); without it clients use `endpoints`. */
   clientEndpoints?: string[];
   /** A socket for admin clients (client commands, and POOLS with pool ids); without it admins use the client socket. */
   adminEndpoints?: string[];

@@ -3,7 +3,7 @@
  * CURVE, the allow-list its key is on). See PROTOCOL.md "Roles and sockets".
  *
  *   pool    HELLO, RESULT, PROGRESS, HEARTBEAT, DISCONNECT: serves steps
- *   client  SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS (without pool ids)
+ *   client  SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS (without pool ids), HISTORY
  *   admin   every client command; POOLS shows pool ids
  *
  * ERROR is accepted from every role: it only reports, and never earns a reply.

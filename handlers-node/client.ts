@@ -17,6 +17,7 @@ import {
   type ErrorBody,
   type PoolView,
   type ReplyBody,
+  type TaskHistoryView,
   type TaskView,
 } from "../protocol";
 
@@ -104,6 +105,12 @@ export class StepbrokerClient {
 
   async status(taskId: string): Promise<TaskView> {
     return (await this.request("STATUS", { task_id: taskId })).task!;
+  }
+
+  /** The task with every transition and attempt of it and its steps (HISTORY), so no SQL is needed. */
+  async history(taskId: string): Promise<{ task: TaskView; history: TaskHistoryView }> {
+    const r = await this.request("HISTORY", { task_id: taskId });
+    return { task: r.task!, history: r.history! };
   }
 
   /**

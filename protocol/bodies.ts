@@ -18,6 +18,7 @@ export interface BodyByCommand {
   WAIT: T.WaitBody;
   CANCEL_TASK: T.CancelTaskBody;
   POOLS: T.PoolsBody;
+  HISTORY: T.HistoryBody;
   REPLY: T.ReplyBody;
 }
 export type BodyOf<C extends CommandName> = BodyByCommand[C];

@@ -37,6 +37,7 @@ export const ClientCommands = {
   WAIT: "WAIT",
   CANCEL_TASK: "CANCEL_TASK",
   POOLS: "POOLS",
+  HISTORY: "HISTORY",
 } as const;
 
 /** The broker's answer to a client command (errors come as ERROR). */
@@ -65,6 +66,7 @@ export const COMMAND_SCHEMAS = {
   WAIT: "wait.json",
   CANCEL_TASK: "cancel_task.json",
   POOLS: "pools.json",
+  HISTORY: "history.json",
   REPLY: "reply.json",
 } as const;
 export type CommandName = keyof typeof COMMAND_SCHEMAS;

@@ -42,4 +42,8 @@ export type {
   TemplateSelector,
   WaitBody,
   WelcomeBody,
+  HistoryBody,
+  TaskHistory as TaskHistoryView,
+  TransitionView,
+  AttemptView,
 } from "./types.generated";

@@ -105,6 +105,7 @@ export interface ProtocolBodies {
   error?: ErrorBody;
   heartbeat?: HeartbeatBody;
   hello?: HelloBody;
+  history?: HistoryBody;
   pools?: PoolsBody;
   progress?: ProgressBody;
   reply?: ReplyBody;
@@ -242,6 +243,13 @@ export interface Sdk {
   version: string;
 }
 /**
+ * Read a task with every transition and attempt of it and its steps.
+ */
+export interface HistoryBody {
+  request_id: RequestId;
+  task_id: Id;
+}
+/**
  * List the pools connected to this broker.
  */
 export interface PoolsBody {
@@ -263,7 +271,7 @@ export interface ProgressItem {
   fraction?: number;
 }
 /**
- * The answer to SUBMIT, STATUS, WAIT, CANCEL_TASK or POOLS.
+ * The answer to SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS or HISTORY.
  */
 export interface ReplyBody {
   request_id: RequestId;
@@ -277,6 +285,7 @@ export interface ReplyBody {
    */
   finished?: boolean;
   pools?: PoolView[];
+  history?: TaskHistory;
 }
 /**
  * This interface was referenced by `ProtocolBodies`'s JSON-Schema
@@ -384,14 +393,63 @@ export interface PoolView {
   quarantined?: boolean;
 }
 /**
- * Outcomes of one or more attempts. The pool keeps each until ACK names its attempt_id.
+ * HISTORY: every transition of the task and its steps, and every attempt, oldest first.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "task_history".
  */
-export interface ResultBody {
+export interface TaskHistory {
+  transitions: TransitionView[];
+  attempts: AttemptView[];
+}
+/**
+ * One state change of a task (step_id null) or of one of its steps.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "transition_view".
+ */
+export interface TransitionView {
+  step_id: Id | null;
+  step_name: string | null;
   /**
-   * @minItems 1
-   * @maxItems 10000
+   * Null for the first state.
    */
-  results: ResultItem[];
+  from: string | null;
+  to: string;
+  /**
+   * What moved it, e.g. claimed, completed, retry_scheduled.
+   */
+  event: string;
+  attempt_id: Id | null;
+  /**
+   * Free-form data the broker recorded with the move.
+   */
+  metadata: unknown;
+  at: Timestamp;
+}
+/**
+ * One attempt at a step: where it was sent and how it ended.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "attempt_view".
+ */
+export interface AttemptView {
+  attempt_id: Id;
+  step_id: Id;
+  step_name: string;
+  attempt: number;
+  broker_id: string;
+  pool_id: string | null;
+  started_at: Timestamp;
+  finished_at: Timestamp | null;
+  duration_ms: number | null;
+  /**
+   * Null while the attempt runs.
+   */
+  outcome: "complete" | "error" | "timeout" | "lost" | "undelivered" | "cancelled" | null;
+  error: StepError | null;
+  output_bytes: number | null;
+  usage: Usage;
 }
 /**
  * This interface was referenced by `ProtocolBodies`'s JSON-Schema
@@ -404,6 +462,16 @@ export interface Usage {
    * @maxItems 1000
    */
   artifacts?: string[];
+}
+/**
+ * Outcomes of one or more attempts. The pool keeps each until ACK names its attempt_id.
+ */
+export interface ResultBody {
+  /**
+   * @minItems 1
+   * @maxItems 10000
+   */
+  results: ResultItem[];
 }
 /**
  * Read a task and its steps.

@@ -346,6 +346,18 @@ describe("the stepbroker CLI", function () {
       assert.equal(h.task.task_id, id);
       assert.ok(h.transitions.length >= 10);
       assert.ok(h.attempts.every((a) => a.poolId === "cli-pool"));
+      // With --endpoint the same history comes over the client protocol (HISTORY), not from the database.
+      const viaBroker = await cli(["history", id, "--endpoint", endpoint], env);
+      assert.equal(viaBroker.code, 0, viaBroker.stderr);
+      assert.equal(viaBroker.stdout, history.stdout, "the same timeline, line for line");
+      const viaBrokerJson = await cli(["history", id, "--endpoint", endpoint, "--json"], env);
+      assert.deepEqual(JSON.parse(viaBrokerJson.stdout), h, "the same records as --json from the database");
+      const unknownVia = await cli(
+        ["history", "00000000-0000-4000-8000-000000000000", "--endpoint", endpoint],
+        env,
+      );
+      assert.notEqual(unknownVia.code, 0);
+      assert.match(oneLine(unknownVia), /unknown_task/);
       const status = await cli(["status", id, "--schema", schema], env);
       assert.match(status.stdout, /validate_order\s+complete\s+attempts 1\/\d+\s+output \{/);
       const none = await cli(["history", "00000000-0000-4000-8000-000000000000", "--schema", schema], env);

@@ -1,5 +1,5 @@
 /**
- * The client verbs: SUBMIT, STATUS, WAIT, CANCEL_TASK and POOLS, each
+ * The client verbs: SUBMIT, STATUS, WAIT, CANCEL_TASK, POOLS and HISTORY, each
  * answered by one REPLY (or an ERROR) carrying the request's request_id, in
  * the encoding the request came in. The in-process API (`Broker.submit`, …)
  * runs the same code.
@@ -24,6 +24,7 @@ import type { Role } from "../roles";
 import { Roles } from "../roles";
 import type { CreateTaskRequest } from "../StatePort";
 import type { JsonObject } from "../state/types";
+import { historyView } from "./historyView";
 import type { Waiters } from "./Waiters";
 
 export interface SubmitResult {
@@ -130,6 +131,12 @@ export class ClientVerbs {
         case "CANCEL_TASK": {
           const task = await this.cancel(msg.body.task_id);
           return task ? reply({ task }) : refuse("unknown_task", `No task ${msg.body.task_id}`);
+        }
+        case "HISTORY": {
+          const history = await ctx.state.getHistory(msg.body.task_id);
+          return history
+            ? reply({ task: history.task, history: historyView(history) })
+            : refuse("unknown_task", `No task ${msg.body.task_id}`);
         }
         case "POOLS": {
           // Pool ids are routing ids: knowing one is a step towards impersonating that pool.

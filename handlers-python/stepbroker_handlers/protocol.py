@@ -55,6 +55,7 @@ COMMAND_SCHEMAS: Dict[str, str] = {
     "WAIT": "wait.json",
     "CANCEL_TASK": "cancel_task.json",
     "POOLS": "pools.json",
+    "HISTORY": "history.json",
     "REPLY": "reply.json",
 }
 ALL_COMMANDS: FrozenSet[str] = frozenset(COMMAND_SCHEMAS)

@@ -30,7 +30,7 @@ module Stepbroker
     MAX_VALUE_DEPTH = 56
 
     COMMANDS = %w[HELLO WELCOME STEP RESULT ACK PROGRESS CANCEL HEARTBEAT DISCONNECT ERROR
-                  SUBMIT STATUS WAIT CANCEL_TASK POOLS REPLY].freeze
+                  SUBMIT STATUS WAIT CANCEL_TASK POOLS HISTORY REPLY].freeze
     # What a handler pool accepts from the broker.
     POOL_ACCEPTS = %w[WELCOME STEP ACK CANCEL HEARTBEAT DISCONNECT ERROR].freeze
     # What a pool sends.
