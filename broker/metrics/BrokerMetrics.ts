@@ -41,6 +41,20 @@ export type { AttemptOutcome } from "./MetricsSink";
 
 export const OTHER_LABEL = "other";
 
+/** Handler and pool pairs whose series are kept bound (see BrokerMetrics.children). */
+const SERIES_CACHE = 10_000;
+
+interface SeriesOf {
+  handler: string;
+  pool: string;
+  dispatched: { inc(n?: number): void };
+  completed: { inc(n?: number): void };
+  failed: { inc(n?: number): void };
+  timedOut: { inc(n?: number): void };
+  retried: { inc(n?: number): void };
+  duration: { observe(v: number): void };
+}
+
 /** The first `max` distinct values of a label pass; the rest become "other". */
 class LabelCap {
   private readonly seen = new Set<string>();
@@ -60,6 +74,7 @@ const BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
 
 export class BrokerMetrics implements MetricsSink {
   readonly registry = new Registry();
+  private readonly series = new Map<string, SeriesOf>();
   private readonly handlers: LabelCap;
   private readonly poolNames: LabelCap;
   private readonly codes: LabelCap;
@@ -152,23 +167,48 @@ export class BrokerMetrics implements MetricsSink {
 
   /** At send: `n` attempts of `handler` went to `pool`. */
   stepsDispatched(handler: string, pool: string, n = 1): void {
-    this.dispatched.inc({ handler: this.handlers.of(handler), pool: this.poolNames.of(pool) }, n);
+    this.children(handler, pool).dispatched.inc(n);
   }
 
   /** At commit (or expiry, loss, cancel): one attempt ended; `durationMs` when it ran. */
   attemptFinished(handler: string, pool: string, outcome: AttemptOutcome, durationMs?: number): void {
-    const labels = { handler: this.handlers.of(handler), pool: this.poolNames.of(pool) };
-    if (outcome === "complete") this.completed.inc(labels);
-    else if (outcome === "error") this.failed.inc(labels);
-    else if (outcome === "timeout") this.timedOut.inc(labels);
-    else this.abandoned.inc({ ...labels, outcome });
+    const c = this.children(handler, pool);
+    if (outcome === "complete") c.completed.inc();
+    else if (outcome === "error") c.failed.inc();
+    else if (outcome === "timeout") c.timedOut.inc();
+    else this.abandoned.inc({ handler: c.handler, pool: c.pool, outcome });
     if (durationMs !== undefined && Number.isFinite(durationMs) && durationMs >= 0)
-      this.duration.observe({ handler: labels.handler }, durationMs / 1000);
+      c.duration.observe(durationMs / 1000);
   }
 
   /** When a step goes back to ready for another attempt. */
   stepsRetried(handler: string, pool: string, n = 1): void {
-    this.retried.inc({ handler: this.handlers.of(handler), pool: this.poolNames.of(pool) }, n);
+    this.children(handler, pool).retried.inc(n);
+  }
+
+  /**
+   * The labelled series of one handler and pool, made once: prom-client
+   * hashes a label object on every call, which costs microseconds per step
+   * on the hot path; a child is bound to its labels already.
+   */
+  private children(handler: string, pool: string): SeriesOf {
+    const key = `${handler}\u0000${pool}`;
+    let c = this.series.get(key);
+    if (c) return c;
+    const labels = { handler: this.handlers.of(handler), pool: this.poolNames.of(pool) };
+    c = {
+      handler: labels.handler,
+      pool: labels.pool,
+      dispatched: this.dispatched.labels(labels),
+      completed: this.completed.labels(labels),
+      failed: this.failed.labels(labels),
+      timedOut: this.timedOut.labels(labels),
+      retried: this.retried.labels(labels),
+      duration: this.duration.labels({ handler: labels.handler }),
+    };
+    // Bounded like the labels: past the cap, every new pair shares the "other" series (not cached).
+    if (this.series.size < SERIES_CACHE) this.series.set(key, c);
+    return c;
   }
 
   /** After a group commit stored `size` results in `ms`. */
