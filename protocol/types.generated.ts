@@ -245,6 +245,10 @@ export interface HelloBody {
    */
   session?: string;
   labels?: Metadata;
+  /**
+   * The pool reads the `trace` of STEP items (PROTOCOL.md, Trace context). Without it the broker sends none: a pool whose schema predates the field would refuse it.
+   */
+  trace_context?: boolean;
 }
 /**
  * This interface was referenced by `ProtocolBodies`'s JSON-Schema
@@ -467,7 +471,7 @@ export interface StepDispatch {
   trace?: TraceContext;
 }
 /**
- * The attempt's trace context (optional: a pool may ignore it).
+ * The attempt's trace context; sent only to a pool whose HELLO said trace_context: true.
  */
 export interface TraceContext {
   traceparent: Traceparent;
