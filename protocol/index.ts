@@ -43,3 +43,13 @@ export type {
   WaitBody,
   WelcomeBody,
 } from "./types.generated";
+export {
+  attemptSpanId,
+  attemptTrace,
+  taskTrace,
+  traceContext,
+  TRACEPARENT,
+  type AttemptTrace,
+  type TaskTrace,
+  type TraceParts,
+} from "./traceContext";
