@@ -10,14 +10,7 @@
  * that finished. `refused` tells a pool that PostgreSQL would not store one
  * of its results.
  */
-import {
-  attemptSpanId,
-  BrokerCommands,
-  fault,
-  faultToErrorBody,
-  PoolCommands,
-  taskTrace,
-} from "../../protocol";
+import { BrokerCommands, fault, faultToErrorBody, PoolCommands } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
 import type { Dispatcher } from "../dispatch/Dispatcher";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
@@ -249,8 +242,7 @@ export class BatchCommit {
     const { flight, result } = item;
     if (!flight || flight.traceparent === undefined) return;
     this.ctx.traces.attemptEnded({
-      trace: taskTrace(flight.taskId, flight.traceparent),
-      spanId: attemptSpanId(result.attemptId),
+      taskTraceparent: flight.traceparent,
       name: flight.stepName,
       startMs: flight.sentAt,
       endMs: now,

@@ -10,7 +10,7 @@
 import type { Tracer } from "@opentelemetry/api";
 import type { BasicTracerProvider } from "@opentelemetry/sdk-trace-base";
 import type { Logger } from "pino";
-import { coerceError } from "../../protocol";
+import { attemptSpanId, coerceError, taskTrace } from "../../protocol";
 import { NO_TRACES, type AttemptSpan, type TraceSink } from "./TraceSink";
 
 /** Spans held while the packages load; past this many, new ones are dropped (and counted in the log). */
@@ -81,8 +81,8 @@ export class TraceExporter implements TraceSink {
       else this.dropped++;
       return;
     }
-    const { trace } = span;
-    this.next = { traceId: trace.traceId, spanId: span.spanId };
+    const trace = taskTrace(span.taskId, span.taskTraceparent);
+    this.next = { traceId: trace.traceId, spanId: attemptSpanId(span.attemptId) };
     // The parent as a remote span context: the SUBMIT's traceparent named it, and its flags decide sampling.
     const parent =
       trace.parentSpanId === undefined

@@ -5,14 +5,14 @@
  * and NO_TRACES is the default, so a broker that does not export pays for one
  * no-op call per stored result.
  */
-import type { TaskTrace } from "../../protocol/traceContext";
-
 /** One attempt from dispatch to its result stored. */
 export interface AttemptSpan {
-  /** The task's trace, and the span its attempts are children of (none for a trace of its own). */
-  trace: TaskTrace;
-  /** The attempt's span id (attemptSpanId of its id). */
-  spanId: string;
+  /**
+   * The task's traceparent as submitted (null: none). The sink derives the
+   * trace and the attempt's span id from it (taskTrace, attemptSpanId), so a
+   * broker that does not export never hashes an attempt id for it.
+   */
+  taskTraceparent: string | null;
   /** The step's name. */
   name: string;
   startMs: number;
