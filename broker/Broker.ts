@@ -34,6 +34,7 @@ import { Dispatcher } from "./dispatch/Dispatcher";
 import { LogLimiter } from "./LogLimiter";
 import { Maintenance } from "./maintenance/Maintenance";
 import type { MetricsSink } from "./metrics/MetricsSink";
+import { traceSinkFromEnv } from "./metrics/TraceExporter";
 import { PoolRegistry } from "./pools/PoolRegistry";
 import { PoolSessions } from "./pools/PoolSessions";
 import type { Role } from "./roles";
@@ -92,6 +93,7 @@ export class Broker {
       kick: (creditOf) => this.dispatcher.kick(creditOf),
       kickAt: (when) => this.dispatcher.kickAt(when),
     }));
+    ctx.traces = options.traces ?? traceSinkFromEnv(this.log);
     this.guard = new PeerGuard(ctx, this.listeners, (pool, why) => this.sessions.purge(pool, why));
     this.sessions = new PoolSessions(ctx, this.listeners.identities, this.guard);
     this.dispatcher = new Dispatcher(ctx, (pool, why) => this.sessions.connectionLost(pool, why));
@@ -222,6 +224,9 @@ export class Broker {
     await this.unlisten?.().catch(() => undefined);
     this.ctx.outbox.close();
     await this.listeners.close();
+    await this.ctx.traces
+      .shutdown()
+      .catch((e: unknown) => this.log.warn({ err: coerceError(e) }, "span export failed at stop"));
     this.setState("stopped");
     this.limiter.flush();
     this.log.info("broker stopped");

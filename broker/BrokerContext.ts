@@ -18,6 +18,7 @@ import {
 } from "../protocol";
 import type { ResolvedOptions } from "./config";
 import { NO_METRICS, type MetricsSink } from "./metrics/MetricsSink";
+import { NO_TRACES, type TraceSink } from "./metrics/TraceSink";
 import type { LogLimiter } from "./LogLimiter";
 import { identityKey, type PoolRecord, type PoolRegistry } from "./pools/PoolRegistry";
 import type { StatePort } from "./StatePort";
@@ -36,6 +37,8 @@ export interface BrokerContext {
   readonly outbox: Outbox;
   /** Where the services report what they did (NO_METRICS until Broker.observe). */
   metrics: MetricsSink;
+  /** Where each attempt goes as a span once its result is stored (NO_TRACES unless export is on). */
+  traces: TraceSink;
   /** Serving: new claims and sends are allowed. */
   isRunning(): boolean;
   send<C extends CommandName>(identity: Buffer, command: C, body: BodyOf<C>, encoding?: Encoding): void;
@@ -84,6 +87,7 @@ export function createContext(parts: ContextParts): BrokerContext {
     limiter: parts.limiter,
     outbox,
     metrics: NO_METRICS,
+    traces: NO_TRACES,
     isRunning: () => parts.lifecycle() === "running",
     send,
     sendError: (identity, f, encoding = "json") => {

@@ -4,6 +4,7 @@
 import { hostname } from "node:os";
 import type { Logger } from "pino";
 import { HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_BATCH, MAX_MESSAGE_BYTES } from "../protocol";
+import type { TraceSink } from "./metrics/TraceSink";
 import { Roles, type Role } from "./roles";
 import type { StatePort } from "./StatePort";
 import { PEER_BYTES_PER_SECOND, PEER_MESSAGES_PER_SECOND } from "./transport/WorkBudget";
@@ -82,10 +83,12 @@ export interface BrokerOptions {
   allowInsecure?: boolean;
   curve?: CurveOptions;
   logger?: Logger;
+  /** Where attempt spans go; default: OpenTelemetry export when OTEL_EXPORTER_OTLP_ENDPOINT is set, else nowhere. */
+  traces?: TraceSink;
 }
 
 export type ResolvedOptions = Required<
-  Omit<BrokerOptions, "curve" | "logger" | "state" | "clientEndpoints" | "adminEndpoints">
+  Omit<BrokerOptions, "curve" | "logger" | "state" | "clientEndpoints" | "adminEndpoints" | "traces">
 > &
   Pick<BrokerOptions, "curve" | "state"> & { logger: Logger; listeners: ListenerPlan[] };
 

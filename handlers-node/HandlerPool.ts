@@ -28,6 +28,7 @@ import {
   MAX_VALUE_DEPTH,
   StepErrorTypes,
   coerceError,
+  traceContext,
   pointer,
   storableText,
   valueProblem,
@@ -41,7 +42,15 @@ import {
 } from "../protocol";
 import { BrokerLink, type LinkOwner } from "./BrokerLink";
 import { StepAbortedError, toWireError, type AbortCode } from "./errors";
-import type { CloseOptions, Handler, HandlerPoolOptions, StartOptions, Step, StepContext } from "./types";
+import type {
+  CloseOptions,
+  Handler,
+  HandlerPoolOptions,
+  StartOptions,
+  Step,
+  StepContext,
+  StepTrace,
+} from "./types";
 import { SDK } from "./version";
 
 export const PoolStates = {
@@ -413,6 +422,8 @@ export class HandlerPool {
       sdk: SDK,
       running: running.slice(0, 10_000),
       session: this.session,
+      // step.trace reads it (PROTOCOL.md, Trace context)
+      trace_context: true,
     };
     if (this.opts.labels) hello.labels = this.opts.labels;
     return hello;
@@ -662,7 +673,22 @@ export class HandlerPool {
       context: d.context,
       config: d.config,
       inputs: d.inputs,
+      ...this.traceOf(d),
     };
+  }
+
+  /** The step's trace context as a handler reads it; nothing when the broker sent none. */
+  private traceOf(d: StepDispatch): { trace?: StepTrace } {
+    const parts = d.trace ? traceContext(d.trace.traceparent) : null;
+    if (!d.trace || !parts) return {};
+    const trace: StepTrace = {
+      traceparent: d.trace.traceparent,
+      traceId: parts.traceId,
+      spanId: parts.spanId,
+      sampled: (parseInt(parts.flags, 16) & 1) === 1,
+      ...(d.trace.tracestate !== undefined ? { tracestate: d.trace.tracestate } : {}),
+    };
+    return { trace };
   }
 
   private contextFor(a: Attempt): StepContext {

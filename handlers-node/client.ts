@@ -94,11 +94,13 @@ export class StepbrokerClient {
   async submit(
     template: { namespace: string; name: string; version?: string },
     context: Record<string, unknown>,
-    opts: { idempotencyKey?: string; priority?: number } = {},
+    opts: { idempotencyKey?: string; priority?: number; traceparent?: string; tracestate?: string } = {},
   ): Promise<{ task: TaskView; created: boolean }> {
     const body: Omit<BodyOf<"SUBMIT">, "request_id"> = { template, context };
     if (opts.idempotencyKey !== undefined) body.idempotency_key = opts.idempotencyKey;
     if (opts.priority !== undefined) body.priority = opts.priority;
+    if (opts.traceparent !== undefined) body.traceparent = opts.traceparent;
+    if (opts.tracestate !== undefined) body.tracestate = opts.tracestate;
     const r = await this.request("SUBMIT", body);
     return { task: r.task!, created: r.created ?? true };
   }

@@ -23,6 +23,7 @@ export type {
   StartOptions,
   Step,
   StepContext,
+  StepTrace,
 } from "./types";
 export { SDK, SDK_VERSION } from "./version";
 export {

@@ -31,6 +31,24 @@ export interface Step<
   readonly config: TConfig;
   /** Outputs of the step's dependencies by step name; `null` where one stored no output. */
   readonly inputs: TInputs;
+  /**
+   * The attempt's W3C trace context (PROTOCOL.md, Trace context): start the
+   * handler's spans as children of `traceparent`. Undefined when the broker
+   * sent none (an older broker).
+   */
+  readonly trace?: StepTrace;
+}
+
+/** One attempt's trace context: the task's trace id, a span id of the attempt's own. */
+export interface StepTrace {
+  /** `00-<traceId>-<spanId>-<flags>`, for a `traceparent` header or an OpenTelemetry propagator. */
+  readonly traceparent: string;
+  readonly tracestate?: string;
+  readonly traceId: string;
+  /** The attempt's span id (the parent of the handler's spans). */
+  readonly spanId: string;
+  /** True when the trace is sampled (flags bit 0). */
+  readonly sampled: boolean;
 }
 
 /** What a handler gets besides its step. */

@@ -47,3 +47,13 @@ export type {
   TransitionView,
   AttemptView,
 } from "./types.generated";
+export {
+  attemptSpanId,
+  attemptTrace,
+  taskTrace,
+  traceContext,
+  TRACEPARENT,
+  type AttemptTrace,
+  type TaskTrace,
+  type TraceParts,
+} from "./traceContext";

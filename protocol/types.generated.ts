@@ -82,6 +82,20 @@ export type ResultItem = unknown & {
  */
 export type ResultStatus = "complete" | "error";
 /**
+ * A W3C Trace Context traceparent: version 00, a 32-hex trace id and a 16-hex span id (neither all zeros), and 2-hex flags.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "traceparent".
+ */
+export type Traceparent = string;
+/**
+ * A W3C Trace Context tracestate, passed through as given.
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "tracestate".
+ */
+export type Tracestate = string;
+/**
  * Error types the protocol reserves: every SDK and the broker write exactly these strings for these cases. '(pool)' ones are written by an SDK in a RESULT, '(broker)' ones by the broker in the step's stored error.
  *
  * This interface was referenced by `ProtocolBodies`'s JSON-Schema
@@ -232,6 +246,10 @@ export interface HelloBody {
    */
   session?: string;
   labels?: Metadata;
+  /**
+   * The pool reads the `trace` of STEP items (PROTOCOL.md, Trace context). Without it the broker sends none: a pool whose schema predates the field would refuse it.
+   */
+  trace_context?: boolean;
 }
 /**
  * This interface was referenced by `ProtocolBodies`'s JSON-Schema
@@ -518,9 +536,17 @@ export interface StepDispatch {
    * Outputs of the step's dependencies, keyed by step name; null where a dependency stored no output.
    */
   inputs: {};
+  trace?: TraceContext;
 }
 /**
- * Create a task from a registered template. With idempotency_key, submitting twice returns the same task.
+ * The attempt's trace context; sent only to a pool whose HELLO said trace_context: true.
+ */
+export interface TraceContext {
+  traceparent: Traceparent;
+  tracestate?: Tracestate;
+}
+/**
+ * Create a task from a registered template. With idempotency_key, submitting twice returns the same task. With traceparent (W3C Trace Context), the task's attempts are spans of the caller's trace; without it the task gets a trace of its own.
  */
 export interface SubmitBody {
   request_id: RequestId;
@@ -531,6 +557,8 @@ export interface SubmitBody {
    * Higher runs first; 0 by default.
    */
   priority?: number;
+  traceparent?: Traceparent;
+  tracestate?: Tracestate;
 }
 export interface TemplateSelector {
   namespace: Name;
@@ -561,4 +589,14 @@ export interface WelcomeBody {
    * @maxItems 10000
    */
   adopted: Id[];
+}
+/**
+ * The trace context of one attempt: traceparent names the attempt's span (the task's trace id, a span id of the attempt's own).
+ *
+ * This interface was referenced by `ProtocolBodies`'s JSON-Schema
+ * via the `definition` "trace_context".
+ */
+export interface TraceContext1 {
+  traceparent: Traceparent;
+  tracestate?: Tracestate;
 }

@@ -115,6 +115,11 @@ export class ClientVerbs {
           if (b.template.version !== undefined) req.version = b.template.version;
           if (b.idempotency_key !== undefined) req.idempotencyKey = b.idempotency_key;
           if (b.priority !== undefined) req.priority = b.priority;
+          // a tracestate means nothing without the traceparent it belongs to (W3C Trace Context)
+          if (b.traceparent !== undefined) {
+            req.traceparent = b.traceparent;
+            if (b.tracestate !== undefined) req.tracestate = b.tracestate;
+          }
           const out = await this.submit(req);
           return reply({ task: out.task, created: out.created });
         }

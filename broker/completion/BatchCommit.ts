@@ -105,6 +105,7 @@ export class BatchCommit {
     const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
     const retried = new Set(batch.outcomes.filter((o) => o.state === "ready").map((o) => o.attemptId));
     ctx.metrics.commitBatch(items.length, ms);
+    const now = Date.now();
     const acks = new Map<string, { identity: Buffer; acks: { attempt_id: string; outcome: AckOutcome }[] }>();
     // Pools whose slow-start window grew: that credit is new, and no result will ask for it.
     const grown = new Set<PoolRecord>();
@@ -120,7 +121,10 @@ export class BatchCommit {
         if (pool.window < pool.capacity) grown.add(pool);
         ctx.pools.noteStored(pool);
       }
-      if (outcome === "stored") this.countOutcome(item, pool?.poolId, retried.has(item.result.attemptId));
+      if (outcome === "stored") {
+        this.countOutcome(item, pool?.poolId, retried.has(item.result.attemptId));
+        this.traceOutcome(item, pool?.poolId, now);
+      }
       this.logOutcome(item, outcome, pool?.poolId);
     }
     for (const [poolKey, { identity, acks: list }] of acks) {
@@ -231,6 +235,24 @@ export class BatchCommit {
       item.result.durationMs,
     );
     if (retried) metrics.stepsRetried(handler, pool);
+  }
+
+  /** The attempt as a span, from its dispatch to now (its result stored); only attempts this broker sent. */
+  private traceOutcome(item: PendingResult, poolId: string | undefined, now: number): void {
+    const { flight, result } = item;
+    if (!flight || flight.traceparent === undefined) return;
+    this.ctx.traces.attemptEnded({
+      taskTraceparent: flight.traceparent,
+      name: flight.stepName,
+      startMs: flight.sentAt,
+      endMs: now,
+      taskId: flight.taskId,
+      stepId: flight.stepId,
+      attemptId: result.attemptId,
+      handler: flight.handler,
+      poolId: poolId ?? result.poolId ?? "unknown",
+      outcome: result.status === "complete" ? "complete" : "error",
+    });
   }
 
   /** One readable line per stored result: "completed step process_payment in 12 ms (attempt 1 of 3)". */

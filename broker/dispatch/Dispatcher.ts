@@ -5,7 +5,7 @@
  * asks for one with `kick`. A message that cannot be delivered means the pool
  * is gone: its attempts go back.
  */
-import { BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
+import { attemptTrace, BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
 import { isDataError } from "../completion/Committer";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
@@ -73,20 +73,27 @@ export class Dispatcher {
     if (!this.canSendTo(pool)) return false;
     const { ctx } = this;
     const now = Date.now();
-    const dispatches: StepDispatch[] = steps.map(({ lease_expires_at: _lease, children, ...step }) => {
-      ctx.pools.addInFlight(pool, {
-        attemptId: step.attempt_id,
-        stepId: step.step_id,
-        taskId: step.task_id,
-        stepName: step.step_name,
-        handler: step.handler,
-        attempt: step.attempt,
-        maxAttempts: step.max_attempts,
-        children,
-        sentAt: now,
-      });
-      return step;
-    });
+    const dispatches: StepDispatch[] = steps.map(
+      ({ lease_expires_at: _lease, children, traceparent, tracestate, ...s }) => {
+        // only to pools that said they read it (HELLO trace_context): an older one would refuse the field
+        const step: StepDispatch = pool.traceContext
+          ? { ...s, trace: attemptTrace(s.task_id, s.attempt_id, traceparent ?? null, tracestate ?? null) }
+          : s;
+        ctx.pools.addInFlight(pool, {
+          attemptId: step.attempt_id,
+          stepId: step.step_id,
+          taskId: step.task_id,
+          stepName: step.step_name,
+          handler: step.handler,
+          attempt: step.attempt,
+          maxAttempts: step.max_attempts,
+          children,
+          sentAt: now,
+          traceparent: traceparent ?? null,
+        });
+        return step;
+      },
+    );
     const byHandler = new Map<string, number>();
     for (const s of steps) byHandler.set(s.handler, (byHandler.get(s.handler) ?? 0) + 1);
     for (const [handler, n] of byHandler) ctx.metrics.stepsDispatched(handler, pool.poolId, n);

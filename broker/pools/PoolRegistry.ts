@@ -20,6 +20,8 @@ export interface InFlight extends AdoptedAttempt {
   /** Steps that depend on this one (0 when not known, as for an adopted attempt). */
   children: number;
   sentAt: number;
+  /** The task's submitted traceparent (null: none; undefined: not known, as for an adopted attempt), for its span. */
+  traceparent?: string | null;
 }
 
 /**
@@ -62,6 +64,8 @@ interface MutablePool {
   readonly inFlight: Map<string, InFlight>;
   /** sha256 hex of the HELLO's session secret; undefined for a pool that sent none. */
   readonly sessionHash: string | undefined;
+  /** HELLO `trace_context`: its STEP items get `trace` (an older pool's schema would refuse the field). */
+  readonly traceContext: boolean;
   /** The most attempts it may hold now (slow start): grows by INITIAL_WINDOW per stored result, up to capacity. */
   window: number;
   /** Results of this pool (this session) stored; 0 marks a pool that has proved nothing yet. */
@@ -169,6 +173,7 @@ export class PoolRegistry {
       connectedAt: new Date(now),
       inFlight: new Map(),
       sessionHash,
+      traceContext: hello.trace_context === true,
       window: Math.min(hello.capacity, Math.max(INITIAL_WINDOW, earned?.window ?? 0)),
       stored: earned?.stored ?? 0,
       sent: 0,

@@ -3,6 +3,7 @@
  * one statement per batch; idempotency keys map a repeated request to the
  * task it created.
  */
+import { TRACEPARENT } from "../../protocol/traceContext";
 import { uuidv7 } from "../db/uuidv7";
 import { StateError } from "./errors";
 import type { StateSql } from "./StateSql";
@@ -36,6 +37,16 @@ export class TaskCreation {
       (req.idempotencyKey.length === 0 || req.idempotencyKey.length > 256)
     ) {
       throw new StateError("invalid_request", "an idempotency key has 1 to 256 characters");
+    }
+    // SUBMIT's schema checks these too; this is for callers of the API (CLI, HTTP, tests)
+    if (req.traceparent !== undefined && !TRACEPARENT.test(req.traceparent)) {
+      throw new StateError(
+        "invalid_request",
+        `traceparent ${JSON.stringify(req.traceparent)} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>, lowercase, ids not all zero)`,
+      );
+    }
+    if (req.tracestate !== undefined && (req.tracestate.length > 512 || !/^[ -~]*$/.test(req.tracestate))) {
+      throw new StateError("invalid_request", "a tracestate has at most 512 printable ASCII characters");
     }
   }
 
@@ -118,6 +129,8 @@ export class TaskCreation {
       edges.templateIds,
       edges.child,
       edges.parent,
+      requests.map((r) => r.traceparent ?? null),
+      requests.map((r) => r.tracestate ?? null),
     ]);
     if (rows.length > 0) this.notifier.wakeLocal({ reason: "created" });
     const inserted = new Set(rows.map((r) => r.id));

@@ -143,6 +143,8 @@ export function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
     inputs: r.inputs,
     lease_expires_at: iso(new Date(r.lease_expires_at)),
     children: r.children,
+    traceparent: r.traceparent ?? null,
+    tracestate: r.tracestate ?? null,
   };
 }
 

@@ -50,6 +50,9 @@ export interface CreateTaskRequest {
   idempotencyKey?: string;
   /** Higher runs first. Default 0. */
   priority?: number;
+  /** The caller's W3C trace context (PROTOCOL.md, Trace context); without it the task's trace id comes from its id. */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 /** One step's error, as handlers report it (protocol `step_error`). */
@@ -125,6 +128,9 @@ export interface ClaimedStep {
   lease_expires_at: string;
   /** How many steps depend on this one (for the broker's credit; not part of STEP). */
   children: number;
+  /** The task's trace context as submitted (null: none); STEP carries the attempt's, built from it. */
+  traceparent?: string | null;
+  tracestate?: string | null;
 }
 
 export interface Usage {

@@ -16,12 +16,13 @@ __version__ = "0.1.0"
 from .errors import Cancelled, PermanentError, RetryableError, RetryAfter, StepError  # noqa: E402
 from .pool import HandlerPool, default_pool_id  # noqa: E402
 from .protocol import Codec, ProtocolError, SchemaValidators, find_schema_dir  # noqa: E402
-from .step import Step  # noqa: E402
+from .step import Step, Trace  # noqa: E402
 
 __all__ = [
     "__version__",
     "HandlerPool",
     "Step",
+    "Trace",
     "StepError",
     "RetryableError",
     "PermanentError",

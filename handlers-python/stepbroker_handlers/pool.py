@@ -552,6 +552,8 @@ class HandlerPool:
             "encoding": self.encoding,
             "sdk": {"language": "python", "name": "stepbroker-handlers", "version": __version__},
             "session": self._session,
+            # Step.trace reads it (PROTOCOL.md, Trace context)
+            "trace_context": True,
         }
         if running:
             body["running"] = running[:_MAX_IDS]

@@ -3,11 +3,48 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
 ProgressSink = Callable[[str, Optional[float], Optional[str]], None]
+
+
+_TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class Trace:
+    """The attempt's W3C trace context (``STEP.steps[i].trace``, PROTOCOL.md "Trace context").
+
+    ``traceparent`` names the attempt's own span: start the handler's spans as
+    its children (e.g. pass it as a ``traceparent`` header, or to an
+    OpenTelemetry propagator). ``trace_id`` is the task's trace, ``span_id``
+    the attempt's span.
+    """
+
+    __slots__ = ("traceparent", "tracestate", "trace_id", "span_id", "sampled")
+
+    def __init__(self, traceparent: str, tracestate: Optional[str]) -> None:
+        self.traceparent = traceparent
+        self.tracestate = tracestate
+        self.trace_id = traceparent[3:35]
+        self.span_id = traceparent[36:52]
+        self.sampled = (int(traceparent[53:55], 16) & 1) == 1
+
+    @staticmethod
+    def of(value: Any) -> Optional["Trace"]:
+        """The trace context of a STEP item's ``trace``; None when absent or malformed (an older broker)."""
+        if not isinstance(value, dict):
+            return None
+        tp = value.get("traceparent")
+        if not isinstance(tp, str) or not _TRACEPARENT.match(tp):
+            return None
+        ts = value.get("tracestate")
+        return Trace(tp, ts if isinstance(ts, str) else None)
+
+    def __repr__(self) -> str:
+        return f"Trace({self.traceparent!r})"
 
 
 def _int(v: Any, default: int) -> int:
@@ -40,6 +77,7 @@ class Step:
         "context",
         "config",
         "inputs",
+        "trace",
         "cancelled",
         "cancel_reason",
         "usage",
@@ -66,6 +104,8 @@ class Step:
         self.context: Dict[str, Any] = data.get("context") or {}
         self.config: Dict[str, Any] = data.get("config") or {}
         self.inputs: Dict[str, Any] = data.get("inputs") or {}
+        #: The attempt's trace context (:class:`Trace`), None when the broker sent none.
+        self.trace: Optional[Trace] = Trace.of(data.get("trace"))
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
         #: Optional ``{cost, tokens, artifacts}`` stored with the attempt.

@@ -48,7 +48,7 @@ def _ms(step: Step, default: Optional[float]) -> Optional[float]:
 
 
 def echo(step: Step) -> Dict[str, Any]:
-    return {
+    out: Dict[str, Any] = {
         "inputs": step.inputs,
         "context": step.context,
         "config": step.config,
@@ -57,6 +57,10 @@ def echo(step: Step) -> Dict[str, Any]:
         "step_name": step.step_name,
         "attempt": step.attempt,
     }
+    if step.trace is not None:
+        out["trace"] = {"traceparent": step.trace.traceparent, "trace_id": step.trace.trace_id,
+                        "span_id": step.trace.span_id}
+    return out
 
 
 def sleep(step: Step) -> Dict[str, Any]:

@@ -538,3 +538,15 @@ def test_integral_floats_are_integers(broker: FakeBroker, pool: HandlerPool) -> 
     [aid] = broker.step(ident, item)
     assert broker.results([aid])[aid]["output"]["attempt"] == 2
     broker.ack(ident, aid)
+
+
+def test_step_trace_is_parsed_and_a_malformed_or_missing_one_is_none() -> None:
+    base = step_item("h")
+    assert Step(base).trace is None, "a broker that sent no trace"
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-5e2a1d9c07b3f4a1-00"
+    t = Step({**base, "trace": {"traceparent": tp, "tracestate": "a=1"}}).trace
+    assert t is not None
+    assert (t.traceparent, t.tracestate, t.trace_id, t.span_id, t.sampled) == (
+        tp, "a=1", "4bf92f3577b34da6a3ce929d0e0e4736", "5e2a1d9c07b3f4a1", False)
+    for bad in ("00-" + "0" * 32 + "-5e2a1d9c07b3f4a1-01", tp.upper(), "junk", 7):
+        assert Step({**base, "trace": {"traceparent": bad}}).trace is None, bad

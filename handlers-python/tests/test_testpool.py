@@ -72,9 +72,12 @@ def test_testpool_child_process(broker: FakeBroker, tmp_path, encoding: str) -> 
         assert child.line() == "READY py1"
         ident, hello = broker.hello()
         assert ident == b"py1" and hello.body["capacity"] == 2 and hello.body["encoding"] == encoding
+        assert hello.body["trace_context"] is True, "the SDK reads STEP trace context"
         broker.welcome(ident, encoding=encoding)
         assert child.line() == "WELCOMED py1 fake-broker"
         echo = step_item("echo", config={"x": 1}, inputs={"a": {"b": 2}})
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-5e2a1d9c07b3f4a1-01"
+        echo["trace"] = {"traceparent": tp, "tracestate": "rojo=1"}
         flaky = step_item("fail_then_succeed", config={"failures": 1, "retry_after_ms": 10})
         ids = broker.step(ident, echo, flaky)
         got = broker.results(ids)
@@ -82,6 +85,8 @@ def test_testpool_child_process(broker: FakeBroker, tmp_path, encoding: str) -> 
         assert got[ids[0]]["output"]["inputs"] == {"a": {"b": 2}}
         assert got[ids[0]]["output"]["context"] == echo["context"]
         assert got[ids[0]]["output"]["config"] == {"x": 1}
+        assert got[ids[0]]["output"]["trace"] == {
+            "traceparent": tp, "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "5e2a1d9c07b3f4a1"}
         assert got[ids[1]]["error"]["retry_after_ms"] == 10
         broker.ack(ident, *ids)
         # The retry of the same step succeeds (the count is kept per step_id).

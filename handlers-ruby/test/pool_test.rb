@@ -93,6 +93,7 @@ class PoolTest < Minitest::Test
     assert_equal "ruby", hello.body["sdk"]["language"]
     assert_equal({ "zone" => "test" }, hello.body["labels"])
     refute hello.body.key?("running"), "nothing to report on a first HELLO"
+    assert_equal true, hello.body["trace_context"], "the SDK reads STEP trace context"
 
     @broker.welcome(hello.identity, heartbeat_ms: 50)
     beat = @broker.expect("HEARTBEAT", skip: [])

@@ -127,6 +127,18 @@ class UnitTest < Minitest::Test
     assert_raises(Stepbroker::CancelledError) { step.check_cancelled! }
   end
 
+  def test_step_trace_is_parsed_and_a_malformed_or_missing_one_is_nil
+    base = { "task_id" => "t", "step_id" => "s", "attempt_id" => "a", "step_name" => "n", "handler" => "h" }
+    assert_nil Stepbroker::Step.new(base).trace, "a broker that sent no trace"
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-5e2a1d9c07b3f4a1-01"
+    t = Stepbroker::Step.new(base.merge("trace" => { "traceparent" => tp, "tracestate" => "a=1" })).trace
+    assert_equal [tp, "a=1", "4bf92f3577b34da6a3ce929d0e0e4736", "5e2a1d9c07b3f4a1", true],
+                 [t.traceparent, t.tracestate, t.trace_id, t.span_id, t.sampled]
+    ["00-#{"0" * 32}-5e2a1d9c07b3f4a1-01", tp.upcase, "junk", 7].each do |bad|
+      assert_nil Stepbroker::Step.new(base.merge("trace" => { "traceparent" => bad })).trace, bad.to_s
+    end
+  end
+
   def test_configuration_errors
     assert_raises(Stepbroker::ConfigurationError) { Stepbroker::HandlerPool.new(endpoint: "x", capacity: 0) }
     assert_raises(Stepbroker::ConfigurationError) { Stepbroker::HandlerPool.new(endpoint: "x", encoding: :xml) }

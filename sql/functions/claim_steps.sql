@@ -1,6 +1,6 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
@@ -113,7 +113,9 @@ begin
          step_inputs(c.id) as inputs,
          c.lease_expires_at,
          -- steps waiting on this one: the broker sets credit aside for them when the result comes
-         (select count(*)::int from step_edges e where e.parent_id = c.id) as children
+         (select count(*)::int from step_edges e where e.parent_id = c.id) as children,
+         -- the task's trace context, for the attempt's (PROTOCOL.md, Trace context)
+         t.traceparent, t.tracestate
   from steps c
   join tasks t on t.id = c.task_id
   join task_templates tt on tt.id = t.template_id

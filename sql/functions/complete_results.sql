@@ -186,7 +186,8 @@ begin
                         c.timeout_ms,
                         jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version),
                         t.context, c.config, step_inputs(c.id), c.lease_expires_at,
-                        (select count(*)::int from step_edges e where e.parent_id = c.id))::claimed_step)
+                        (select count(*)::int from step_edges e where e.parent_id = c.id),
+                        t.traceparent, t.tracestate)::claimed_step)
     from steps c
     join tasks t on t.id = c.task_id
     join task_templates tt on tt.id = t.template_id

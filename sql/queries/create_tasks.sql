@@ -1,16 +1,18 @@
 -- Inserts tasks with their steps (built from the stored template definitions), edges and first transitions; root steps are ready at once; a task whose idempotency key exists is skipped. Notifies the work channel.
 -- $1 uuid[] task ids, $2 int[] template ids, $3 text[] contexts as JSON text, $4 int[] priorities, $5 text[] idempotency keys (null: none), $6 text channel, $7 text payload,
--- $8 int[] edge template ids, $9 int[] edge child positions, $10 int[] edge parent positions (0-based, one entry per edge of each template in the batch). Returns the ids of the tasks inserted.
+-- $8 int[] edge template ids, $9 int[] edge child positions, $10 int[] edge parent positions (0-based, one entry per edge of each template in the batch),
+-- $11 text[] traceparents, $12 text[] tracestates (null: none submitted). Returns the ids of the tasks inserted.
 -- Edges come as step positions, and a step's id is looked up by subscript in its task's array of step ids: matching
 -- depends_on names against the inserted steps was a join the planner ran as a nested loop over CTE rows
 -- (edges x steps), about 40 s for a 1,000-step template with 499,500 edges. This way the work grows with steps + edges.
 with input as (
-  select * from unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[])
-    as i(task_id, template_id, context, priority, idempotency_key)
+  select * from unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[], $11::text[], $12::text[])
+    as i(task_id, template_id, context, priority, idempotency_key, traceparent, tracestate)
 ),
 new_tasks as (
-  insert into tasks (id, template_id, state, context, priority, idempotency_key)
-  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key from input i
+  insert into tasks (id, template_id, state, context, priority, idempotency_key, traceparent, tracestate)
+  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key, i.traceparent, i.tracestate
+  from input i
   on conflict (idempotency_key) do nothing
   returning id, template_id, priority
 ),

@@ -79,6 +79,7 @@ for (const proto of TRANSPORTS) {
         running: [],
         session: hello.body.session,
         labels: { zone: "a" },
+        trace_context: true,
       });
       assert.match(
         String(hello.body.session),

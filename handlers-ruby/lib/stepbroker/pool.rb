@@ -328,7 +328,9 @@ module Stepbroker
         "capacity" => @capacity,
         "sdk" => { "language" => "ruby", "name" => "stepbroker-ruby", "version" => Stepbroker::VERSION },
         "encoding" => @requested_encoding,
-        "session" => @session
+        "session" => @session,
+        # Step#trace reads it (PROTOCOL.md, Trace context)
+        "trace_context" => true
       }
       body["running"] = @hello_running unless @hello_running.empty?
       body["labels"] = @labels if @labels

@@ -38,6 +38,26 @@ module Stepbroker
       @logger = logger
     end
 
+    TRACEPARENT = /\A00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}\z/
+
+    # The attempt's W3C trace context (STEP.steps[i].trace, PROTOCOL.md
+    # "Trace context"): +traceparent+ names the attempt's own span, so a
+    # handler starts its spans as its children; +trace_id+ is the task's trace.
+    Trace = Struct.new(:traceparent, :tracestate, :trace_id, :span_id, :sampled, keyword_init: true)
+
+    # The attempt's Trace, or nil when the broker sent none (an older broker).
+    def trace
+      return @trace if defined?(@trace)
+
+      t = @data["trace"]
+      tp = t.is_a?(Hash) ? t["traceparent"] : nil
+      @trace = if tp.is_a?(String) && TRACEPARENT.match?(tp)
+                 ts = t["tracestate"]
+                 Trace.new(traceparent: tp, tracestate: ts.is_a?(String) ? ts : nil, trace_id: tp[3, 32],
+                           span_id: tp[36, 16], sampled: (tp[53, 2].to_i(16) & 1) == 1)
+               end
+    end
+
     def first_attempt?
       attempt == 1
     end
