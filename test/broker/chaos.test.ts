@@ -227,7 +227,7 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
     })();
 
     // Faults, in order; each finishes (the process is back, the database answers) before the next.
-    const done = { brokerKills: 0, sameId: 0, newId: 0, poolKills: 0, pgRestarts: 0 };
+    const done = { brokerKills: 0, sameId: 0, newId: 0, poolsDiedWithBroker: 0, poolKills: 0, pgRestarts: 0 };
     let pgDownMs = 0;
     const inFlight: string[] = [];
     const faulting = (async () => {
@@ -242,6 +242,15 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
           const i = rand() < 0.5 ? 0 : 1;
           await brokers[i]!.kill9();
           done.brokerKills++;
+          // Sometimes a pool of that broker alone dies with it: no pool is left to re-send or
+          // re-announce its attempts, so only a broker's recovery (its own id's, or the
+          // dead-broker reclaim for a new id) brings them back.
+          const orphaned =
+            rand() < 0.5 ? placements.findIndex((on) => on.length === 1 && on[0] === endpoints[i]) : -1;
+          if (orphaned >= 0) {
+            await pools[orphaned]!.kill9();
+            done.poolsDiedWithBroker++;
+          }
           await sleep(Math.round(rand() * 1500));
           // a restart under a new id is what adding an endpoint to the default id gives
           if (rand() < 0.5) done.sameId++;
@@ -250,12 +259,14 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
             ids[i] = `${ids[i]!.split("~")[0]!}~${done.brokerKills}`;
           }
           brokers[i] = await startBroker(endpoints[i]!, ids[i]!);
+          if (orphaned >= 0) pools[orphaned] = await startPool(placements[orphaned]!);
         } else if (f.kind === "pool") {
           const i = Math.floor(rand() * pools.length);
           await pools[i]!.kill9();
           done.poolKills++;
           pools[i] = await startPool(placements[i]!);
         } else {
+          const [before] = await sql<{ started: Date }>(`select pg_postmaster_start_time() as started`);
           const down = Date.now();
           await server!.stop();
           server = await startEmbeddedPostgres({ dataDir, postgresFlags: pgFlags });
@@ -270,6 +281,8 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
             20_000,
           );
           pgDownMs = Date.now() - down;
+          const [after] = await sql<{ started: Date }>(`select pg_postmaster_start_time() as started`);
+          assert.ok(after!.started > before!.started, "a new postmaster: the restart was real");
           done.pgRestarts++;
         }
       }
@@ -357,12 +370,20 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
       `select count(*) as n from steps where task_id = any($1::uuid[]) and attempts > 1`,
       [taskIds],
     );
+    // how work came back: released (its pool went away), recovered (a dead or restarted broker's), timed_out
+    const returned = await sql<{ event: string; n: string }>(
+      `select event, count(*) as n from step_transitions
+       where task_id = any($1::uuid[]) and from_state = 'in_progress' and to_state = 'ready' group by 1 order by 1`,
+      [taskIds],
+    );
     process.stdout.write(
       `      chaos seed ${seed}: ${Date.now() - t0} ms in all (settled ${settledMs} ms after the last fault), ` +
-        `${done.brokerKills} broker kills (${done.sameId} same id, ${done.newId} new id), ${done.poolKills} pool kills, ` +
+        `${done.brokerKills} broker kills (${done.sameId} same id, ${done.newId} new id, ` +
+        `${done.poolsDiedWithBroker} with a pool of theirs), ${done.poolKills} pool kills, ` +
         `${done.pgRestarts} PostgreSQL restart (${pgDownMs} ms), ${submitErrors} submit retries; ` +
         `steps in flight when struck: ${inFlight.join(" ")}; attempts: ` +
-        `${outcomes.map((o) => `${o.outcome} ${o.n}`).join(", ")}; ${retried[0]!.n} steps ran more than once\n`,
+        `${outcomes.map((o) => `${o.outcome} ${o.n}`).join(", ")}; ${retried[0]!.n} steps ran more than once; back to ready by ` +
+        `${returned.map((r) => `${r.event} ${r.n}`).join(", ") || "nothing"}\n`,
     );
     assert.deepEqual(
       done,
