@@ -288,6 +288,14 @@ describe("chaos: two brokers, pools, kill -9 and a PostgreSQL restart (child pro
       }
     })();
     await Promise.all([submitting, faulting]);
+    // a broker that died by itself (not by our kill) is a finding, not noise: say which and how
+    for (const [i, b] of brokers.entries()) {
+      assert.equal(
+        b.child.exitCode ?? b.child.signalCode,
+        null,
+        `broker ${ids[i]} died on its own: ${b.stderr()}`,
+      );
+    }
     assert.equal(taskIds.length, TASKS);
     assert.equal(new Set(taskIds).size, TASKS, "one task per idempotency key");
 
