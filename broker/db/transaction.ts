@@ -20,6 +20,13 @@ export async function withTransaction<T>(
   for (let run = 1; ; run++) {
     const client = await pool.connect();
     let broken: Error | undefined;
+    // pg-pool listens for a connection's death only while it is idle: a server restart or a
+    // terminated backend while checked out emits "error" on the client, which with no listener
+    // kills the process. The query in flight rejects as well, so noting it here is enough.
+    const onLost = (err: Error): void => {
+      broken ??= err;
+    };
+    client.on("error", onLost);
     try {
       await client.query("BEGIN");
       const result = await work(client);
@@ -38,6 +45,7 @@ export async function withTransaction<T>(
       }
       throw new Error(`${label} failed`, { cause: thrown });
     } finally {
+      client.off("error", onLost);
       client.release(broken);
     }
   }

@@ -148,7 +148,9 @@ export async function spawnPool(
   let stderr = "";
   child.stderr!.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
   const lines = createInterface({ input: child.stdout! });
-  const poolId = await new Promise<string>((resolve, reject) => {
+  const exited = once(child, "exit");
+  const gone = (): boolean => child.exitCode !== null || child.signalCode !== null;
+  const ready = new Promise<string>((resolve, reject) => {
     const timer = setTimeout(
       () => reject(new Error(`pool did not print READY within ${timeoutMs} ms: ${stderr}`)),
       timeoutMs,
@@ -165,7 +167,17 @@ export async function spawnPool(
       reject(new Error(`pool exited with ${code} before READY: ${stderr}`));
     });
   });
-  const exited = once(child, "exit");
+  let poolId: string;
+  try {
+    poolId = await ready;
+  } catch (e) {
+    // a pool that never got its WELCOME would otherwise outlive the test and keep mocha from exiting
+    if (!gone()) {
+      child.kill("SIGKILL");
+      await exited;
+    }
+    throw e;
+  }
   return {
     child,
     poolId,
