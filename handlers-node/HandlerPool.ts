@@ -613,8 +613,9 @@ export class HandlerPool {
     const ms = performance.now() - a.startedAt;
     item.duration_ms = Math.round(ms * 1000) / 1000;
     this.busy--;
-    if (a.released && this.lingering.delete(a)) {
-      // The broker counts this slot as taken until a HEARTBEAT stops listing it: say so now.
+    if (a.released && this.lingering.delete(a) && this._state === PoolStates.STARTED) {
+      // The broker counts this slot as taken until a HEARTBEAT stops listing it: say so now
+      // (not while closing: the link's socket may be going away).
       a.link.heartbeatNow();
     }
     if (a.released) {
