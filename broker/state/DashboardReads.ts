@@ -6,7 +6,7 @@
  */
 import type { StepState, TaskState } from "../../protocol/constants";
 import type { StateSql } from "./StateSql";
-import { isUuid, iso } from "./rows";
+import { isUuid, iso, type TaskRow } from "./rows";
 import type { JsonValue, TaskError } from "./types";
 
 export interface TaskListFilter {
@@ -75,20 +75,10 @@ export class DashboardReads {
   async listTasks(filter: TaskListFilter = {}): Promise<TaskListPage> {
     const limit = Math.min(MAX_PAGE, Math.max(1, Math.floor(filter.limit ?? 50)));
     const before = filter.before !== undefined && isUuid(filter.before) ? filter.before : null;
-    const rows = await this.sql.run<{
-      id: string;
-      state: TaskState;
-      priority: number;
-      idempotency_key: string | null;
-      error: TaskError | null;
-      created_at: Date;
-      finished_at: Date | null;
-      namespace: string;
-      name: string;
-      version: string;
-      steps_total: number;
-      steps_done: number;
-    }>("list_tasks", [filter.state ?? null, filter.template || null, filter.text || null, before, limit + 1]);
+    const rows = await this.sql.run<Omit<TaskRow, "context"> & { steps_total: number; steps_done: number }>(
+      "list_tasks",
+      [filter.state ?? null, filter.template || null, filter.text || null, before, limit + 1],
+    );
     const page = rows.slice(0, limit);
     return {
       tasks: page.map((r) => ({
