@@ -139,3 +139,13 @@ create trigger task_transitions_insert_only before update on task_transitions
   for each row execute function reject_history_rewrite();
 create trigger step_attempts_insert_only before update on step_attempts
   for each row execute function reject_history_rewrite();
+
+-- 4. Room for the updates that remain. A task row is updated twice (started, ended) and touches no
+--    indexed column, but at fillfactor 70 only some of a page's rows found room for a HOT version:
+--    measured on 10,000 one-step tasks (claim + completion by 512, WAL read with pg_walinspect),
+--    fillfactor 50 turns 8,220 of 20,000 task updates that were not HOT into 779, and WAL per task
+--    falls by about 5%. A step's update cannot be HOT (state is in the predicates of its partial
+--    indexes), but with free space on its page the new version stays there: no lock record to
+--    release the page first, no second page dirtied. Applies to pages written from now on.
+alter table tasks set (fillfactor = 50);
+alter table steps set (fillfactor = 70);
