@@ -1,6 +1,6 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
@@ -17,8 +17,6 @@ language plpgsql volatile
 as $$
 declare
   v_ids uuid[];
-  v_attempt_ids uuid[];
-  v_attempts integer[];
   v_task_ids uuid[];
 begin
   with picked as (
@@ -44,62 +42,44 @@ begin
     update steps s
     set state = 'in_progress',
         attempts = s.attempts + 1,
+        history_seq = s.history_seq + 1,
         lease_attempt_id = new_id(),
         lease_broker_id = p_broker_id,
+        lease_pool_id = p_pool_id,
+        lease_started_at = now(),
         lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
     where s.id = any(array(select p.id from picked p))
-    returning s.id, s.task_id, s.attempts, s.lease_attempt_id
+    returning s.id, s.task_id, s.attempts, s.lease_attempt_id, s.history_seq
   ),
-  attempt_rows as (
-    insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
-    select c.lease_attempt_id, c.id, c.task_id, c.attempts, p_broker_id, p_pool_id from claimed c
+  -- The attempt's row is written when it ends (0013); the claim writes its transition.
+  step_history as (
+    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key)
+    select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id,
+           jsonb_build_object('broker_id', p_broker_id, 'attempt', c.attempts), c.history_seq
+    from claimed c
   )
-  select array_agg(c.id), array_agg(c.lease_attempt_id), array_agg(c.attempts), array_agg(distinct c.task_id)
-  into v_ids, v_attempt_ids, v_attempts, v_task_ids
+  select array_agg(c.id), array_agg(distinct c.task_id)
+  into v_ids, v_task_ids
   from claimed c;
   if v_ids is null then
     return;
   end if;
 
-  -- The history is written by a statement of its own, so with a snapshot taken after the claim.
-  -- pick_ready_steps() reads with its own snapshot too, and can pick a child that a parent's
-  -- result readied after the statement above began; in that statement's snapshot the child's
-  -- current transition was still the one the readying flipped, so a flip there found no row and
-  -- the ready -> in_progress transition went unwritten.
-  with step_flipped as (
-    update step_transitions t set most_recent = false
-    from unnest(v_ids, v_attempt_ids, v_attempts) as c(id, attempt_id, attempts)
-    where t.step_id = c.id and t.most_recent
-    returning t.step_id, t.task_id, t.sort_key, c.attempt_id, c.attempts
-  ),
-  step_history as (
-    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
-    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.attempt_id,
-           jsonb_build_object('broker_id', p_broker_id, 'attempt', f.attempts), f.sort_key + 1, true
-    from step_flipped f
-  ),
   -- SKIP LOCKED here too: a claim never waits, so claims cannot deadlock on task rows.
   -- Whoever holds a pending task's lock is another claim starting it, or a cancel.
-  started as (
-    update tasks t set state = 'in_progress'
+  with started as (
+    update tasks t set state = 'in_progress', history_seq = t.history_seq + 1
     where t.id = any(array(
       select t2.id from tasks t2
       where t2.id = any(v_task_ids) and t2.state = 'pending'
       order by t2.id
       for update skip locked
     ))
-    returning t.id
-  ),
-  task_flipped as (
-    update task_transitions t set most_recent = false
-    from started s
-    where t.task_id = s.id and t.most_recent
-    returning t.task_id, t.sort_key
+    returning t.id, t.history_seq
   )
-  -- (the statement's own part; the data-modifying CTEs above run to completion either way)
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
-  select f.task_id, 'pending', 'in_progress', 'started', f.sort_key + 1, true
-  from task_flipped f;
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+  select s.id, 'pending', 'in_progress', 'started', s.history_seq
+  from started s;
 
   -- One probe of the task row per claimed step gives both its template and its context (a correlated
   -- subquery each probed it twice); the template table is a handful of rows.

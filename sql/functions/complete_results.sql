@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013.
 create or replace function complete_results(
   p_attempt_ids uuid[], p_statuses text[], p_outputs text[], p_errors text[],
   p_durations_ms float8[], p_pool_ids text[], p_usages text[], p_output_bytes int[],
@@ -16,7 +16,7 @@ begin
   --    finalizing below sees every concurrent change to their steps.
   perform 1
   from tasks t
-  where t.id = any(array(select a.task_id from step_attempts a where a.attempt_id = any(p_attempt_ids)))
+  where t.id = any(array(select s.task_id from steps s where s.lease_attempt_id = any(p_attempt_ids)))
   order by t.id
   for update;
 
@@ -34,7 +34,7 @@ begin
     select distinct on (attempt_id) * from input order by attempt_id, ord
   ),
   decided as (
-    select f.*, s.id as step_id,
+    select f.*, s.id as step_id, s.lease_broker_id, s.lease_pool_id, s.lease_started_at,
            case
              when f.status = 'complete' then 'complete'
              when coalesce((f.error::jsonb ->> 'retryable')::boolean, true)
@@ -45,9 +45,7 @@ begin
                     backoff_delay_ms(s.backoff_initial_ms, s.backoff_multiplier, s.backoff_max_ms, s.backoff_jitter, s.attempts))
              as delay_ms
     from firsts f
-    join step_attempts a on a.attempt_id = f.attempt_id
-    join steps s on s.id = a.step_id
-    where s.lease_attempt_id = f.attempt_id
+    join steps s on s.lease_attempt_id = f.attempt_id
   ),
   -- Only the lease holder stores (a lease implies in_progress, by a CHECK). The condition is
   -- re-checked on the current row version, so a lease lost meanwhile stores nothing.
@@ -59,25 +57,27 @@ begin
         error = case when d.new_state = 'complete' then null else d.error::jsonb end,
         run_at = case when d.new_state = 'ready' then now() + d.delay_ms * interval '1 millisecond' else s.run_at end,
         finished_at = case when d.new_state in ('complete', 'error') then now() end,
-        lease_attempt_id = null, lease_broker_id = null, lease_expires_at = null
+        history_seq = s.history_seq + 1,
+        lease_attempt_id = null, lease_broker_id = null, lease_pool_id = null, lease_started_at = null,
+        lease_expires_at = null
     from decided d
     where s.id = d.step_id and s.lease_attempt_id = d.attempt_id
-    returning s.id, s.task_id, s.handler, s.state, s.run_at, s.attempts, d.attempt_id, d.status, d.error,
-              d.duration_ms, d.pool_id, d.usage, d.output_bytes
+    returning s.id, s.task_id, s.handler, s.state, s.run_at, s.attempts, s.history_seq, d.attempt_id, d.status,
+              d.error, d.duration_ms, d.pool_id, d.usage, d.output_bytes, d.lease_broker_id, d.lease_pool_id,
+              d.lease_started_at
   ),
+  -- The attempt's one row, whole (0013): until now it was the step's lease.
   attempt_rows as (
-    update step_attempts a
-    set finished_at = now(),
-        outcome = st.status,
-        error = st.error::jsonb,
-        duration_ms = coalesce(st.duration_ms, extract(epoch from now() - a.started_at) * 1000),
-        pool_id = coalesce(st.pool_id, a.pool_id),
-        output_bytes = st.output_bytes,
-        cost = (st.usage::jsonb ->> 'cost')::double precision,
-        tokens = (st.usage::jsonb ->> 'tokens')::bigint,
-        artifacts = st.usage::jsonb -> 'artifacts'
+    insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id, started_at, duration_ms,
+                               outcome, error, output_bytes, cost, tokens, artifacts)
+    select st.attempt_id, st.id, st.task_id, st.attempts, coalesce(st.lease_broker_id, p_broker_id),
+           coalesce(st.pool_id, st.lease_pool_id), st.lease_started_at,
+           coalesce(st.duration_ms, extract(epoch from now() - st.lease_started_at) * 1000),
+           st.status, st.error::jsonb, st.output_bytes,
+           (st.usage::jsonb ->> 'cost')::double precision,
+           (st.usage::jsonb ->> 'tokens')::bigint,
+           st.usage::jsonb -> 'artifacts'
     from stored st
-    where a.attempt_id = st.attempt_id
   ),
   finished_parents as (
     select e.child_id, count(*)::int as n
@@ -110,51 +110,39 @@ begin
                      else c.state end,
         run_at = case when m.becomes_ready then now() else c.run_at end,
         attempts = case when m.take then c.attempts + 1 else c.attempts end,
+        -- two transitions for a claimed child (pending -> ready -> in_progress), one for a readied one
+        history_seq = c.history_seq + case when m.take then 2 when m.becomes_ready then 1 else 0 end,
         lease_attempt_id = case when m.take then new_id() end,
         lease_broker_id = case when m.take then p_broker_id end,
+        lease_pool_id = case when m.take then p_claim_pool_id end,
+        lease_started_at = case when m.take then now() end,
         lease_expires_at = case when m.take then now() + c.timeout_ms * interval '1 millisecond' end
     from marked m
     where c.id = m.id
-    returning c.id, c.task_id, c.handler, c.state, c.run_at, c.attempts, c.lease_attempt_id, m.becomes_ready, m.take
+    returning c.id, c.task_id, c.handler, c.state, c.run_at, c.attempts, c.lease_attempt_id, c.history_seq,
+              m.becomes_ready, m.take
   ),
-  claimed_attempts as (
-    insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id)
-    select rc.lease_attempt_id, rc.id, rc.task_id, rc.attempts, p_broker_id, p_claim_pool_id
-    from readied_children rc
-    where rc.take
-  ),
-  changes as (
-    select st.id as step_id, 'in_progress' as from_state, st.state as to_state,
-           case st.state when 'complete' then 'completed' when 'ready' then 'retry_scheduled' else 'failed' end as event,
+  -- Each transition carries the history_seq its row's update set (for a claimed child, the
+  -- readying is the one before its claim).
+  history as (
+    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key)
+    select st.id, st.task_id, 'in_progress', st.state,
+           case st.state when 'complete' then 'completed' when 'ready' then 'retry_scheduled' else 'failed' end,
            st.attempt_id,
            case when st.state = 'complete' then null
-                else jsonb_build_object('error', st.error::jsonb, 'attempt', st.attempts) end as metadata,
-           null::uuid as claim_attempt_id, null::int as claim_attempt
+                else jsonb_build_object('error', st.error::jsonb, 'attempt', st.attempts) end,
+           st.history_seq
     from stored st
     union all
-    select rc.id, 'pending', 'ready', 'parents_finished', null::uuid, null::jsonb,
-           rc.lease_attempt_id, case when rc.take then rc.attempts end
+    select rc.id, rc.task_id, 'pending', 'ready', 'parents_finished', null::uuid, null::jsonb,
+           rc.history_seq - case when rc.take then 1 else 0 end
     from readied_children rc
     where rc.becomes_ready
-  ),
-  flipped as (
-    update step_transitions t set most_recent = false
-    from changes ch
-    where t.step_id = ch.step_id and t.most_recent
-    returning t.step_id, t.task_id, t.sort_key, ch.from_state, ch.to_state, ch.event, ch.attempt_id, ch.metadata,
-              ch.claim_attempt_id, ch.claim_attempt
-  ),
-  -- A claimed child gets both rows: pending -> ready, then ready -> in_progress as claim_steps writes it.
-  history as (
-    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key, most_recent)
-    select f.step_id, f.task_id, f.from_state, f.to_state, f.event, f.attempt_id, f.metadata, f.sort_key + 1,
-           f.claim_attempt_id is null
-    from flipped f
     union all
-    select f.step_id, f.task_id, 'ready', 'in_progress', 'claimed', f.claim_attempt_id,
-           jsonb_build_object('broker_id', p_broker_id, 'attempt', f.claim_attempt), f.sort_key + 2, true
-    from flipped f
-    where f.claim_attempt_id is not null
+    select rc.id, rc.task_id, 'ready', 'in_progress', 'claimed', rc.lease_attempt_id,
+           jsonb_build_object('broker_id', p_broker_id, 'attempt', rc.attempts), rc.history_seq
+    from readied_children rc
+    where rc.take
   )
   select coalesce(array_agg(row(x.kind, x.attempt_id, x.prior_outcome, x.step_id, x.task_id, x.state,
                                 x.handler, x.run_at, null::jsonb, null::jsonb)::completion_row), '{}')
@@ -163,8 +151,10 @@ begin
     select 'stored' as kind, st.attempt_id, null as prior_outcome, st.id as step_id, st.task_id, st.state, st.handler, st.run_at
     from stored st
     union all
+    -- the results not stored: their attempt's row, if it ended, tells a duplicate from a stale one
     select 'known', f.attempt_id, a.outcome, a.step_id, a.task_id, null, null, null
     from firsts f left join step_attempts a on a.attempt_id = f.attempt_id
+    where not exists (select 1 from stored st where st.attempt_id = f.attempt_id)
     union all
     -- 'readied' rows are the children left ready; 'claimed' ones get their STEP fields in step 3
     select case when rc.take then 'claimed' else 'readied' end, rc.lease_attempt_id, null, rc.id,

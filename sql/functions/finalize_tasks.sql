@@ -1,6 +1,6 @@
 -- finalize_tasks: Ends each given task none of whose steps can still run: complete, or error naming the failed steps. Call with the tasks locked.
 -- (p_task_ids uuid[]) -> table (task_id uuid, state text, error jsonb), one row per task it ended; NOTIFYs events_<schema> with kind finished.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005; insert-only history since 0013.
 --
 -- Ends each given task none of whose steps can still run: complete when every step is complete or
 -- resolved_manually, else error naming the steps that failed. Call with the tasks locked.
@@ -27,6 +27,7 @@ as $$
     update tasks t
     set state = case when su.all_done then 'complete' else 'error' end,
         finished_at = now(),
+        history_seq = t.history_seq + 1,
         error = case
           when su.all_done then null
           else jsonb_build_object(
@@ -39,19 +40,13 @@ as $$
         end
     from summary su
     where t.id = su.id
-    returning t.id, t.state, t.error, su.from_state
-  ),
-  flipped as (
-    update task_transitions t set most_recent = false
-    from ended e
-    where t.task_id = e.id and t.most_recent
-    returning t.task_id, t.sort_key, e.from_state, e.state, e.error
+    returning t.id, t.state, t.error, t.history_seq, su.from_state
   ),
   history as (
-    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, most_recent)
-    select f.task_id, f.from_state, f.state, case f.state when 'complete' then 'completed' else 'failed' end,
-           f.error, f.sort_key + 1, true
-    from flipped f
+    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key)
+    select e.id, e.from_state, e.state, case e.state when 'complete' then 'completed' else 'failed' end,
+           e.error, e.history_seq
+    from ended e
     returning task_id, to_state, metadata
   ),
   -- Tells every broker on this database (EventNotifier, broker/state/), in this transaction, so one

@@ -2,8 +2,7 @@
 -- Used by the append-only triggers on step_attempts, step_transitions and task_transitions; returns nothing, always raises.
 -- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0001.
 --
--- History is append-only: a finished attempt never changes; a transition only
--- ever loses its most_recent flag.
+-- History is insert-only (0013): no attempt or transition row is ever updated.
 create or replace function reject_history_rewrite() returns trigger
 language plpgsql
 as $$

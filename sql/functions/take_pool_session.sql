@@ -31,12 +31,11 @@ begin
     update pool_sessions set updated_at = now() where pool_id = p_pool_id;
     return 'same';
   end if;
-  -- In-flight steps are few (the steps_in_flight index); each probes its attempt by primary key.
+  -- In-flight steps are few (the steps_in_flight index); the pool an attempt was sent to is on its lease.
   if exists (
     select 1
     from steps s
-    join step_attempts a on a.attempt_id = s.lease_attempt_id
-    where s.state = 'in_progress' and a.pool_id = p_pool_id
+    where s.state = 'in_progress' and s.lease_pool_id = p_pool_id
   ) then
     return 'held';
   end if;

@@ -2,10 +2,9 @@
 -- $1 uuid[] attempt ids, $2 text broker id, $3 text the pool's id (null: any pool's). Returns the adopted attempts with what the broker tracks of them in flight.
 with held as (
   select s.id
-  from step_attempts a
-  join steps s on s.id = a.step_id
-  where a.attempt_id = any($1::uuid[]) and s.lease_attempt_id = a.attempt_id and s.state = 'in_progress'
-    and ($3::text is null or a.pool_id is null or a.pool_id = $3::text)
+  from steps s
+  where s.lease_attempt_id = any($1::uuid[]) and s.state = 'in_progress'
+    and ($3::text is null or s.lease_pool_id is null or s.lease_pool_id = $3::text)
   order by s.id
   for update of s
 )

@@ -10,8 +10,8 @@ with input as (
     as i(task_id, template_id, context, priority, idempotency_key, traceparent, tracestate)
 ),
 new_tasks as (
-  insert into tasks (id, template_id, state, context, priority, idempotency_key, traceparent, tracestate)
-  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key, i.traceparent, i.tracestate
+  insert into tasks (id, template_id, state, context, priority, idempotency_key, traceparent, tracestate, history_seq)
+  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key, i.traceparent, i.tracestate, 1
   from input i
   on conflict (idempotency_key) do nothing
   returning id, template_id, priority
@@ -24,7 +24,8 @@ defs as (
 ),
 new_steps as (
   insert into steps (id, task_id, position, name, handler, config, state, pending_parents, max_attempts, retryable,
-                     backoff_initial_ms, backoff_multiplier, backoff_max_ms, backoff_jitter, timeout_ms, priority)
+                     backoff_initial_ms, backoff_multiplier, backoff_max_ms, backoff_jitter, timeout_ms, priority,
+                     history_seq)
   select new_id(), d.task_id, d.ord - 1, d.def ->> 'name', d.def ->> 'handler', d.def -> 'config',
          case when jsonb_array_length(d.def -> 'depends_on') = 0 then 'ready' else 'pending' end,
          jsonb_array_length(d.def -> 'depends_on'),
@@ -35,7 +36,8 @@ new_steps as (
          (d.def #>> '{retry,backoff,max_ms}')::int,
          (d.def #>> '{retry,backoff,jitter}')::double precision,
          (d.def ->> 'timeout_ms')::int,
-         d.priority
+         d.priority,
+         1
   from defs d
   returning id, task_id, position, state
 ),
@@ -55,12 +57,12 @@ new_edges as (
   join edge_input e on e.template_id = nt.template_id
 ),
 step_history as (
-  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
-  select ns.id, ns.task_id, null, ns.state, 'created', 1, true from new_steps ns
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key)
+  select ns.id, ns.task_id, null, ns.state, 'created', 1 from new_steps ns
 ),
 task_history as (
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
-  select nt.id, null, 'pending', 'created', 1, true from new_tasks nt
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+  select nt.id, null, 'pending', 'created', 1 from new_tasks nt
 ),
 notified as (
   select pg_notify($6, $7) from new_tasks limit 1

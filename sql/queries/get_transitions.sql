@@ -3,14 +3,15 @@
 select x.step_id, x.step_name, x.from_state, x.to_state, x.event, x.attempt_id, x.metadata, x.created_at
 from (
   select null::uuid as step_id, null::text as step_name, null::int as position, tr.from_state, tr.to_state,
-         tr.event, tr.attempt_id, tr.metadata, tr.created_at, tr.id
+         tr.event, tr.attempt_id, tr.metadata, tr.created_at, tr.sort_key
   from task_transitions tr
   where tr.task_id = $1::uuid
   union all
   -- by step id: step_transitions has no index by task (see migration 0002)
-  select s.id, s.name, s.position, tr.from_state, tr.to_state, tr.event, tr.attempt_id, tr.metadata, tr.created_at, tr.id
+  select s.id, s.name, s.position, tr.from_state, tr.to_state, tr.event, tr.attempt_id, tr.metadata, tr.created_at, tr.sort_key
   from steps s
   join step_transitions tr on tr.step_id = s.id
   where s.task_id = $1::uuid
 ) x
-order by x.created_at, x.id
+-- rows written in one transaction share created_at: the task's own first, then by step, each step's in order
+order by x.created_at, x.position nulls first, x.sort_key

@@ -4,7 +4,6 @@ with lost as (
   select s.task_id, s.lease_attempt_id, s.lease_broker_id,
          floor(extract(epoch from now() - b.last_heartbeat_at) * 1000)::float8 as heartbeat_age_ms
   from steps s
-  join step_attempts a on a.attempt_id = s.lease_attempt_id
   left join brokers b on b.broker_id = s.lease_broker_id
   where s.state = 'in_progress'
     and s.lease_broker_id is distinct from $1::text
@@ -16,7 +15,7 @@ with lost as (
       -- the broker was alive then, so it is taken only once it too is older than the bound: a broker
       -- that claimed and died between two heartbeats does not leave its work to the lease.
       else (b.stopped_at is not null or b.last_heartbeat_at < now() - $2::int * interval '1 millisecond')
-           and a.started_at < greatest(b.last_heartbeat_at, now() - $2::int * interval '1 millisecond')
+           and s.lease_started_at < greatest(b.last_heartbeat_at, now() - $2::int * interval '1 millisecond')
     end
   order by s.task_id, s.id
   limit $3::int

@@ -3,9 +3,8 @@
 with orphans as (
   select s.task_id, s.lease_attempt_id
   from steps s
-  join step_attempts a on a.attempt_id = s.lease_attempt_id
   where s.state = 'in_progress'
-    and ((s.lease_broker_id = $1::text and a.started_at < coalesce($2::timestamptz, now())) or s.lease_expires_at < now())
+    and ((s.lease_broker_id = $1::text and s.lease_started_at < coalesce($2::timestamptz, now())) or s.lease_expires_at < now())
     and not (s.lease_attempt_id = any(coalesce($4::uuid[], '{}')))
   limit $3
 ),

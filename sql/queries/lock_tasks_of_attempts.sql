@@ -2,6 +2,6 @@
 -- $1 uuid[] attempt ids. Returns the locked task ids.
 select t.id
 from tasks t
-where t.id = any(array(select a.task_id from step_attempts a where a.attempt_id = any($1::uuid[])))
+where t.id = any(array(select s.task_id from steps s where s.lease_attempt_id = any($1::uuid[])))
 order by t.id
 for update

@@ -5,10 +5,11 @@ with target as (
 ),
 resolved as (
   update steps s
-  set state = 'resolved_manually', output = $2::jsonb, has_output = $2::text is not null, finished_at = now()
+  set state = 'resolved_manually', output = $2::jsonb, has_output = $2::text is not null, finished_at = now(),
+      history_seq = s.history_seq + 1
   from target tg
   where s.id = tg.id
-  returning s.id, s.task_id, s.handler, s.state, s.run_at, tg.state as from_state
+  returning s.id, s.task_id, s.handler, s.state, s.run_at, s.history_seq, tg.state as from_state
 ),
 finished_parents as (
   select e.child_id, count(*)::int as n
@@ -19,43 +20,29 @@ readied as (
   update steps c
   set pending_parents = c.pending_parents - fp.n,
       state = case when c.state = 'pending' and c.pending_parents = fp.n then 'ready' else c.state end,
-      run_at = case when c.state = 'pending' and c.pending_parents = fp.n then now() else c.run_at end
+      run_at = case when c.state = 'pending' and c.pending_parents = fp.n then now() else c.run_at end,
+      history_seq = c.history_seq + case when c.state = 'pending' and c.pending_parents = fp.n then 1 else 0 end
   from finished_parents fp
   where c.id = fp.child_id
-  returning c.id, c.task_id, c.handler, c.state, c.run_at
-),
-changes as (
-  select r.id as step_id, r.from_state, r.state as to_state, 'resolved' as event from resolved r
-  union all
-  select rd.id, 'pending', 'ready', 'parents_finished' from readied rd where rd.state = 'ready'
-),
-step_flipped as (
-  update step_transitions t set most_recent = false
-  from changes ch
-  where t.step_id = ch.step_id and t.most_recent
-  returning t.step_id, t.task_id, t.sort_key, ch.from_state, ch.to_state, ch.event
+  returning c.id, c.task_id, c.handler, c.state, c.run_at, c.history_seq
 ),
 step_history as (
-  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
-  select f.step_id, f.task_id, f.from_state, f.to_state, f.event, f.sort_key + 1, true
-  from step_flipped f
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key)
+  select r.id, r.task_id, r.from_state, r.state, 'resolved', r.history_seq from resolved r
+  union all
+  select rd.id, rd.task_id, 'pending', 'ready', 'parents_finished', rd.history_seq from readied rd where rd.state = 'ready'
 ),
 resumed as (
   update tasks t
-  set state = 'in_progress', finished_at = null, error = null
+  set state = 'in_progress', finished_at = null, error = null, history_seq = t.history_seq + 1
   from (select id, state from tasks where id = (select r.task_id from resolved r)) old
   where t.id = old.id and old.state = 'error'
-  returning t.id, old.state as from_state
-),
-task_flipped as (
-  update task_transitions t set most_recent = false
-  where t.task_id = any(array(select rs.id from resumed rs)) and t.most_recent
-  returning t.task_id, t.sort_key
+  returning t.id, t.history_seq, old.state as from_state
 ),
 task_history as (
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
-  select rs.id, rs.from_state, 'in_progress', 'resumed', f.sort_key + 1, true
-  from resumed rs join task_flipped f on f.task_id = rs.id
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+  select rs.id, rs.from_state, 'in_progress', 'resumed', rs.history_seq
+  from resumed rs
 ),
 notified as (
   select pg_notify($3::text, $4::text) from readied rd where rd.state = 'ready' limit 1

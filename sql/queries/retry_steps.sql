@@ -9,38 +9,27 @@ with targets as (
 retried as (
   update steps s
   set state = case when s.pending_parents = 0 then 'ready' else 'pending' end,
-      attempts = 0, error = null, run_at = now(), finished_at = null
+      attempts = 0, error = null, run_at = now(), finished_at = null, history_seq = s.history_seq + 1
   from targets tg
   where s.id = tg.id
-  returning s.id, s.task_id, s.handler, s.state, s.run_at, tg.state as from_state
-),
-step_flipped as (
-  update step_transitions t set most_recent = false
-  from retried r
-  where t.step_id = r.id and t.most_recent
-  returning t.step_id, t.task_id, t.sort_key, r.from_state, r.state
+  returning s.id, s.task_id, s.handler, s.state, s.run_at, s.history_seq, tg.state as from_state
 ),
 step_history as (
-  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key, most_recent)
-  select f.step_id, f.task_id, f.from_state, f.state, 'retried', f.sort_key + 1, true
-  from step_flipped f
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, sort_key)
+  select r.id, r.task_id, r.from_state, r.state, 'retried', r.history_seq
+  from retried r
 ),
 resumed as (
   update tasks t
-  set state = 'in_progress', finished_at = null, error = null
+  set state = 'in_progress', finished_at = null, error = null, history_seq = t.history_seq + 1
   from (select id, state from tasks where id = $1::uuid) old
   where t.id = old.id and old.state in ('error', 'cancelled') and exists (select 1 from retried)
-  returning t.id, old.state as from_state
-),
-task_flipped as (
-  update task_transitions t set most_recent = false
-  where t.task_id = $1::uuid and exists (select 1 from resumed) and t.most_recent
-  returning t.task_id, t.sort_key
+  returning t.id, t.history_seq, old.state as from_state
 ),
 task_history as (
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key, most_recent)
-  select rs.id, rs.from_state, 'in_progress', 'retried', f.sort_key + 1, true
-  from resumed rs join task_flipped f on f.task_id = rs.id
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+  select rs.id, rs.from_state, 'in_progress', 'retried', rs.history_seq
+  from resumed rs
 ),
 notified as (
   select pg_notify($3::text, $4::text) from retried r where r.state = 'ready' limit 1

@@ -92,11 +92,12 @@ async function fromTables(
   taskId: string,
 ): Promise<{ transitions: TransitionRow[]; attempts: AttemptRow[] }> {
   const transitions = await stack.sql<TransitionRow>(
-    `select null::uuid as step_id, from_state, to_state, event, attempt_id, created_at, id from task_transitions where task_id = $1
+    `select null::uuid as step_id, from_state, to_state, event, attempt_id, created_at, null::int as position, sort_key
+       from task_transitions where task_id = $1
      union all
-     select tr.step_id, tr.from_state, tr.to_state, tr.event, tr.attempt_id, tr.created_at, tr.id
+     select tr.step_id, tr.from_state, tr.to_state, tr.event, tr.attempt_id, tr.created_at, s.position, tr.sort_key
        from step_transitions tr join steps s on s.id = tr.step_id where s.task_id = $1
-     order by created_at, id`,
+     order by created_at, position nulls first, sort_key`,
     [taskId],
   );
   const attempts = await stack.sql<AttemptRow>(

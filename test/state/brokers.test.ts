@@ -67,8 +67,7 @@ describe("several brokers on one database", function () {
       [brokerId, seconds],
     );
     await t.sql(
-      `update step_attempts a set started_at = a.started_at - $2 * interval '1 second'
-       from steps s where s.lease_attempt_id = a.attempt_id and s.lease_broker_id = $1`,
+      `update steps set lease_started_at = lease_started_at - $2 * interval '1 second' where lease_broker_id = $1`,
       [brokerId, seconds],
     );
   }

@@ -67,7 +67,8 @@ describe("children claimed with their parent's result", () => {
       assert.ok(Date.parse(c.lease_expires_at) > Date.now(), "the lease runs from the claim");
     }
     const attempts = await t.sql<{ pool_id: string; broker_id: string }>(
-      `select pool_id, broker_id from step_attempts where attempt_id = any($1::uuid[])`,
+      // running attempts live on their step's lease until they end
+      `select lease_pool_id as pool_id, lease_broker_id as broker_id from steps where lease_attempt_id = any($1::uuid[])`,
       [out.claimed.map((c) => c.attempt_id)],
     );
     assert.deepEqual(

@@ -212,20 +212,26 @@ describe("migrations", () => {
       /illegal task state move complete -> pending/,
     );
     await t.sql(
-      `insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 1, true)`,
+      `insert into task_transitions (task_id, to_state, event, sort_key) values ($1, 'complete', 'x', 1)`,
       [done?.id],
     );
+    // history is insert-only: no column of a transition or an attempt may change
     await assert.rejects(
       t.sql(`update task_transitions set event = 'y' where task_id = $1`, [done?.id]),
       /append-only/,
     );
     await assert.rejects(
+      t.sql(`update task_transitions set created_at = created_at where task_id = $1`, [done?.id]),
+      /append-only/,
+    );
+    await assert.rejects(
       t.sql(
-        `insert into task_transitions (task_id, to_state, event, sort_key, most_recent) values ($1, 'complete', 'x', 2, true)`,
+        `insert into task_transitions (task_id, to_state, event, sort_key, created_at)
+         select task_id, to_state, event, sort_key, created_at from task_transitions where task_id = $1`,
         [done?.id],
       ),
-      /task_transitions_most_recent/,
-      "a second most_recent row for one task",
+      /task_transitions_.*pkey|duplicate key/,
+      "a second transition with the same sort key in one partition",
     );
 
     // A pending step may go straight to in_progress (readied and claimed in one update) only once
@@ -241,7 +247,7 @@ describe("migrations", () => {
       [running?.id],
     );
     const claim = `update steps set state = 'in_progress', pending_parents = $2, lease_attempt_id = gen_random_uuid(),
-                   lease_expires_at = now() + interval '1 minute' where id = $1`;
+                   lease_started_at = now(), lease_expires_at = now() + interval '1 minute' where id = $1`;
     await assert.rejects(t.sql(claim, [waiting?.id, 1]), /steps_in_progress_has_no_pending_parents/);
     await t.sql(claim, [waiting?.id, 0]);
   });

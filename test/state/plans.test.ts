@@ -34,7 +34,16 @@ describe("hot-path plans on tables never analyzed", function () {
   afterEach(() => release());
 
   before(async () => {
-    for (const table of TABLES) await t.sql(`alter table ${table} set (autovacuum_enabled = false)`);
+    // storage parameters belong to a partitioned table's partitions, not to the table
+    const relations = await t.sql<{ name: string }>(
+      `select c.oid::regclass::text as name from pg_class c
+       where c.relkind = 'r' and c.relnamespace = current_schema()::regnamespace
+         and (c.relname = any($1::text[]) or exists (
+           select 1 from pg_inherits i join pg_class p on p.oid = i.inhparent
+           where i.inhrelid = c.oid and p.relname = any($1::text[])))`,
+      [TABLES],
+    );
+    for (const { name } of relations) await t.sql(`alter table ${name} set (autovacuum_enabled = false)`);
     await t.sm.registerTemplate({
       namespace: "p",
       name: "one",

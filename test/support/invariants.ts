@@ -11,23 +11,24 @@ export type SchemaQuery = Pick<TestState, "sql">;
 /**
  * DESIGN.md, "History is insert-only": for every step and task the chain of
  * transitions is continuous and ends in the row's state; exactly one complete
- * attempt per complete step and none for any other; no attempt open without
- * its step's lease. Holds at every commit, so it may run while work is in flight.
+ * attempt per complete step and none for any other; an attempt's row exactly
+ * when it has ended. Holds at every commit, so it may run while work is in flight.
  */
 export async function assertInvariants(t: SchemaQuery): Promise<void> {
-  // exactly one most_recent transition per step and per task, and it names the current state
-  const stepDrift = await t.sql<{ id: string; state: string; current: number; to_state: string | null }>(`
-    select s.id, s.state, count(tr.*) filter (where tr.most_recent)::int as current,
-           max(tr.to_state) filter (where tr.most_recent) as to_state
-    from steps s left join step_transitions tr on tr.step_id = s.id
-    group by s.id, s.state
-    having count(tr.*) filter (where tr.most_recent) <> 1 or max(tr.to_state) filter (where tr.most_recent) <> s.state`);
-  assert.deepEqual(stepDrift, [], "step state and most_recent transition disagree");
-  const taskDrift = await t.sql<{ id: string }>(`
-    select t.id from tasks t left join task_transitions tr on tr.task_id = t.id
-    group by t.id, t.state
-    having count(tr.*) filter (where tr.most_recent) <> 1 or max(tr.to_state) filter (where tr.most_recent) <> t.state`);
-  assert.deepEqual(taskDrift, [], "task state and most_recent transition disagree");
+  // the latest transition is the one whose sort_key is the row's history_seq, and it names the current state
+  for (const [table, history, key] of [
+    ["steps", "step_transitions", "step_id"],
+    ["tasks", "task_transitions", "task_id"],
+  ] as const) {
+    const drift = await t.sql<{ id: string; state: string; history_seq: number; last: number | null }>(`
+      select r.id, r.state, r.history_seq, max(tr.sort_key) as last,
+             max(tr.to_state) filter (where tr.sort_key = r.history_seq) as to_state
+      from ${table} r left join ${history} tr on tr.${key} = r.id
+      group by r.id, r.state, r.history_seq
+      having max(tr.sort_key) is distinct from r.history_seq
+          or max(tr.to_state) filter (where tr.sort_key = r.history_seq) is distinct from r.state`);
+    assert.deepEqual(drift, [], `${table}: state and latest transition (sort_key = history_seq) disagree`);
+  }
   // sort keys run 1..n without gaps, and each transition starts where the previous one ended
   for (const [table, key] of [
     ["step_transitions", "step_id"],
@@ -47,13 +48,22 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
     group by s.id, s.state
     having count(a.*) <> (case when s.state = 'complete' then 1 else 0 end)`);
   assert.deepEqual(completions, [], "a step whose complete attempts are not exactly one (complete) or none");
-  // a complete step always has its output; only the lease holder is unfinished
+  // a complete step always has its output
   const noOutput = await t.sql(`select id from steps where state = 'complete' and not has_output`);
   assert.deepEqual(noOutput, []);
-  const openAttempts = await t.sql<{ attempt_id: string }>(`
-    select a.attempt_id from step_attempts a join steps s on s.id = a.step_id
-    where a.finished_at is null and s.lease_attempt_id is distinct from a.attempt_id`);
-  assert.deepEqual(openAttempts, [], "an unfinished attempt that does not hold its step's lease");
+  // an attempt is one row, written when it ends: none for the attempt a lease still holds, and one
+  // for every other attempt that was claimed (each claim writes a 'claimed' transition naming it)
+  const rowWhileLeased = await t.sql<{ attempt_id: string }>(`
+    select a.attempt_id from step_attempts a join steps s on s.lease_attempt_id = a.attempt_id`);
+  assert.deepEqual(rowWhileLeased, [], "a running attempt (its step's lease) already has its row");
+  const missing = await t.sql<{ attempt_id: string }>(`
+    select tr.attempt_id from step_transitions tr join steps s on s.id = tr.step_id
+    where tr.event = 'claimed' and tr.attempt_id is distinct from s.lease_attempt_id
+      and not exists (select 1 from step_attempts a where a.attempt_id = tr.attempt_id)`);
+  assert.deepEqual(missing, [], "a claimed attempt that ended without its row");
+  const duplicated = await t.sql<{ attempt_id: string }>(`
+    select attempt_id from step_attempts group by attempt_id having count(*) > 1`);
+  assert.deepEqual(duplicated, [], "an attempt with more than one row");
   // pending_parents counts exactly the parents not yet complete or resolved
   const parentDrift = await t.sql<{ id: string }>(`
     select s.id from steps s

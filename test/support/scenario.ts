@@ -102,7 +102,7 @@ export async function taskState(sm: StateManager, task: TaskView): Promise<strin
 export async function scheduledDelayMs(t: TestState, stepId: string): Promise<number> {
   const [row] = await t.sql<{ delay: number }>(
     `select (extract(epoch from s.run_at - tr.created_at) * 1000)::float8 as delay
-     from steps s join step_transitions tr on tr.step_id = s.id and tr.most_recent where s.id = $1`,
+     from steps s join step_transitions tr on tr.step_id = s.id and tr.sort_key = s.history_seq where s.id = $1`,
     [stepId],
   );
   assert.ok(row);
