@@ -88,7 +88,9 @@ describe("handlers-node pool-process fixture", function () {
     assert.equal(hello.identity, "fixture-1");
     assert.deepEqual(hello.body.handlers, ["process_payment", "flaky", "nothing"]);
     assert.equal(hello.body.capacity, 2);
-    await broker.welcome("fixture-1");
+    // The fake broker sends no heartbeats: a long liveness keeps a slow machine from making the
+    // pool leave it between two of the test's messages.
+    await broker.welcome("fixture-1", { heartbeat_liveness: 100 });
     assert.equal(await child.ready, "fixture-1");
 
     const echo = stepFor("process_payment", {
