@@ -132,6 +132,16 @@ describe("the stepbroker CLI", function () {
     } finally {
       await sm.close();
     }
+    // The live broker heartbeats as a running one would: each CLI start can take seconds on a busy machine.
+    const beat = async (): Promise<void> => {
+      const live = await StateManager.open({ databaseUrl: databaseUrl(), schema });
+      try {
+        assert.equal(await live.heartbeatBroker("cli-alive"), true);
+      } finally {
+        await live.close();
+      }
+    };
+    await beat();
     const text = await cli(["brokers", "--schema", schema], env);
     assert.equal(text.code, 0, text.stderr);
     const lines = text.stdout.trim().split("\n");
@@ -142,6 +152,7 @@ describe("the stepbroker CLI", function () {
     );
     assert.match(lines.find((l) => l.startsWith("cli-dead")) ?? "", /dead .*heartbeat 4\d\.\d s ago/);
     assert.match(lines.find((l) => l.startsWith("cli-stopped")) ?? "", /stopped/);
+    await beat();
     const json = await cli(["brokers", "--schema", schema, "--json"], env);
     const rows = JSON.parse(json.stdout) as {
       brokerId: string;
