@@ -294,6 +294,40 @@ describe("history partitions", function () {
     });
   });
 
+  describe("retention held back by an older running task", () => {
+    const t = useStateManager("hpart_held");
+
+    it("deletes the old finished task but leaves its rows to the partition drop the older task holds back", async () => {
+      await migratedDaysAgo(t, 12);
+      const older = (await createScenario(t.sm, [{ name: "never" }])).task_id;
+      await backdate(t, older, 9);
+      const old = await finishedTask(t);
+      await backdate(t, old, 8);
+      await t.sm.ensureHistoryPartitions(1);
+      const rowsBefore = await historyRows(t, old);
+      assert.ok(rowsBefore > 0);
+
+      const out = await t.sm.pruneHistory(new Date(Date.now() - 5 * DAY));
+      assert.equal(out.deletedTasks, 1);
+      assert.equal(await t.sm.getTask(old), null);
+      // only the legacy partitions end before the older task's creation
+      assert.deepEqual(namesOf(out.dropped), HISTORY.map((h) => `${h}_legacy`).sort());
+      assert.equal(out.heldBack?.taskId, older);
+      // the delete triggers did not delete the old task's rows one by one: they wait in their
+      // partition, which no task names any more, for the drop
+      assert.equal(await historyRows(t, old), rowsBefore);
+      assert.ok((await t.sm.getHistory(older))!.transitions.length > 0);
+      await assertInvariants(t);
+
+      await t.sm.cancelTask(older);
+      const later = await t.sm.pruneHistory(new Date(Date.now() + DAY));
+      assert.ok(namesOf(later.dropped).includes(`step_transitions_p${daySuffix(-8)}`));
+      assert.equal(await historyRows(t, old), 0, "gone with the drop");
+      assert.equal(await historyRows(t, older), 0);
+      await assertInvariants(t);
+    });
+  });
+
   describe("cutoffs", () => {
     it("reads Nd and ISO dates, and refuses anything else", () => {
       const now = new Date("2026-12-01T12:00:00Z");
