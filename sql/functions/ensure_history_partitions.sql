@@ -17,10 +17,11 @@
 -- Locks: each day is a plain table attached with ATTACH PARTITION, which takes SHARE UPDATE
 -- EXCLUSIVE on the parent (writes and reads of other partitions go on) and ACCESS EXCLUSIVE on the
 -- new table and on the default partition, briefly. A reader of the whole table (a task's history)
--- holds the default, and the attach waits for it while queueing those after it: lock_timeout (5 s
--- unless the caller set one) bounds that stall; a call that times out fails whole and the next
--- tick tries again. Two callers at once (two brokers) take turns on an advisory lock, and the
--- second finds the first one's partitions in the catalog.
+-- holds the default, and the attach waits for it while queueing those after it: lock_timeout (1 s
+-- unless the caller set one) bounds that stall; a call that times out fails whole, and with the
+-- days made 3 ahead and a try every hour, it has dozens of chances before a day is needed. Two
+-- callers at once (two brokers) take turns on an advisory lock, and the second finds the first
+-- one's partitions in the catalog.
 create or replace function ensure_history_partitions(p_days_ahead integer)
 returns table (
   parent_table text,
@@ -48,7 +49,7 @@ begin
   end if;
   perform pg_advisory_xact_lock(hashtext('stepbroker.history_partitions'), hashtext(current_schema()));
   if current_setting('lock_timeout') in ('0', '0ms') then
-    perform set_config('lock_timeout', '5s', true);
+    perform set_config('lock_timeout', '1s', true);
   end if;
   foreach v_parent in array array['step_transitions', 'task_transitions', 'step_attempts'] loop
     v_key := case v_parent when 'step_attempts' then 'finished_at' else 'created_at' end;

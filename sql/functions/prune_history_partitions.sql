@@ -17,8 +17,9 @@
 -- moves its rows into day partitions). Same advisory lock as ensure_history_partitions.
 --
 -- Detaching without CONCURRENTLY (not allowed beside a default partition, nor in a transaction)
--- takes ACCESS EXCLUSIVE on the parent, briefly: lock_timeout (5 s unless the caller set one)
--- bounds the stall, and a call that times out fails whole, to be tried again.
+-- takes ACCESS EXCLUSIVE on the parent, briefly, and every write of that history table waits
+-- behind it: lock_timeout (1 s unless the caller set one) bounds the stall, and a call that times
+-- out fails whole, to be tried again on the next tick.
 create or replace function prune_history_partitions(p_before timestamptz)
 returns table (
   parent_table text,
@@ -38,7 +39,7 @@ begin
   end if;
   perform pg_advisory_xact_lock(hashtext('stepbroker.history_partitions'), hashtext(current_schema()));
   if current_setting('lock_timeout') in ('0', '0ms') then
-    perform set_config('lock_timeout', '5s', true);
+    perform set_config('lock_timeout', '1s', true);
   end if;
   v_bound := least(p_before, now() - interval '1 hour', (select min(t.created_at) from tasks t));
   for v_part in

@@ -206,6 +206,31 @@ describe("history partitions", function () {
         [`task_transitions_p${daySuffix(20)}`],
       );
     });
+
+    it("gives up within its lock timeout while a reader holds the default partition, changing nothing, and succeeds after", async () => {
+      const reader = await t.db.pool.connect();
+      const before = namesOf(await t.sm.listHistoryPartitions());
+      try {
+        await reader.query("begin");
+        // a read of the whole table holds every partition, the default one included
+        await reader.query("select count(*) from task_transitions");
+        const started = Date.now();
+        await assert.rejects(t.sm.ensureHistoryPartitions(7), (e: Error) => {
+          assert.equal((e.cause as { code?: string } | undefined)?.code, "55P03", String(e.cause));
+          return true;
+        });
+        assert.ok(Date.now() - started < 10_000, "bounded by lock_timeout, not the reader");
+        assert.deepEqual(namesOf(await t.sm.listHistoryPartitions()), before, "all or nothing");
+      } finally {
+        await reader.query("rollback");
+        reader.release();
+      }
+      const created = await t.sm.ensureHistoryPartitions(7);
+      assert.deepEqual(
+        created.map((c) => c.partitionName).sort(),
+        HISTORY.map((h) => `${h}_p${daySuffix(7)}`).sort(),
+      );
+    });
   });
 
   describe("retention", () => {
