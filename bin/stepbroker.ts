@@ -17,6 +17,7 @@ import { historyFromView } from "../broker/clients/historyView";
 import { StateManager } from "../broker/state/StateManager";
 import type { BrokerRecord } from "../broker/state/types";
 import { formatExplain } from "../broker/state/explain";
+import { formatPartitions, parseCutoff } from "../broker/state/HistoryPartitions";
 import { formatHistory, shortJson } from "../broker/state/TaskHistory";
 import { validateTemplate } from "../broker/state/templates";
 import { StepbrokerClient } from "../handlers-node/client";
@@ -33,6 +34,9 @@ Commands:
   submit <ns/name[@ver]>    create a task (--context JSON, --wait, --idempotency-key K)
   status <task>             a task and its steps (with their outputs, shortened)
   history <task>            every transition and attempt of a task, as a timeline (--endpoint: ask the broker)
+  history partitions        the history tables' partitions: ranges and row estimates
+  history prune --before <ISO date|Nd>  delete tasks finished before the cutoff and drop the history
+                            partitions no remaining task has history in (README "Retention")
   explain <task>            why each step of a task is or is not ready
   cancel <task>             cancel a task (through the running broker)
   retry <task|step>         make failed steps ready again
@@ -54,6 +58,8 @@ Options:
   --templates DIR     start: register every .yaml/.yml/.json template in DIR
   --broker-id ID      start: lease owner name, stable across restarts (default host+endpoints)
   --heartbeat-ms N    start: heartbeat interval (default 1000)
+  --history-days-ahead N      start: create the history partitions this many days ahead (default 3)
+  --history-retention-days N  start: every hour, prune history older than N days (default 0: keep all)
   --insecure          start: allow binding TCP beyond loopback without CURVE (and HTTP without a token)
   --http HOST:PORT    start/demo: the dashboard, API and /metrics (default 127.0.0.1:8080, env STEPBROKER_HTTP;
                       a busy default port turns it off with a warning)
@@ -101,6 +107,9 @@ function parseCommandLineOrThrow() {
       templates: { type: "string" },
       "broker-id": { type: "string" },
       "heartbeat-ms": { type: "string" },
+      "history-days-ahead": { type: "string" },
+      "history-retention-days": { type: "string" },
+      before: { type: "string" },
       insecure: { type: "boolean" },
       "log-level": { type: "string" },
       context: { type: "string" },
@@ -201,6 +210,14 @@ function positiveInt(name: string, v: string | undefined): number | undefined {
   return n;
 }
 
+function wholeNumber(name: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0)
+    throw new OptionError(`--${name} must be a whole number (0 or more), not ${JSON.stringify(v)}`);
+  return n;
+}
+
 function client(): StepbrokerClient {
   const serverKey = opt["curve-server-key"];
   const keyFile = opt["curve-key-file"];
@@ -293,6 +310,8 @@ function httpConfig(): { listen: string; explicit: boolean; auth: HttpAuth } | u
 
 async function start(): Promise<void> {
   const heartbeatMs = positiveInt("heartbeat-ms", opt["heartbeat-ms"]);
+  const historyDaysAhead = wholeNumber("history-days-ahead", opt["history-days-ahead"]);
+  const historyRetentionDays = wholeNumber("history-retention-days", opt["history-retention-days"]);
   const { curve, files } = curveOptions();
   const options: Omit<BrokerOptions, "state"> = {
     endpoints,
@@ -301,6 +320,8 @@ async function start(): Promise<void> {
     ...(opt["admin-endpoint"] ? { adminEndpoints: opt["admin-endpoint"] } : {}),
     ...(opt["broker-id"] ? { brokerId: opt["broker-id"] } : {}),
     ...(heartbeatMs !== undefined ? { heartbeatMs } : {}),
+    ...(historyDaysAhead !== undefined ? { historyDaysAhead } : {}),
+    ...(historyRetentionDays !== undefined ? { historyRetentionDays } : {}),
     ...(opt.insecure ? { allowInsecure: true } : {}),
     ...(opt["require-curve"] ? { requireCurve: true } : {}),
     ...(curve ? { curve } : {}),
@@ -447,6 +468,7 @@ async function main(): Promise<number> {
         return 0;
       });
     case "history":
+      if (positionals[1] === "partitions" || positionals[1] === "prune") return await historyPartitions();
       if (opt.endpoint) {
         // over the client protocol (HISTORY): no database access needed, only the broker's client socket
         const c = client();
@@ -544,6 +566,38 @@ async function main(): Promise<number> {
     default:
       throw new UsageError(`unknown command ${JSON.stringify(command)}; see stepbroker --help`);
   }
+}
+
+/** `history partitions` and `history prune`: the history tables' partitions, on the database. */
+async function historyPartitions(): Promise<number> {
+  if (positionals[1] === "partitions")
+    return await withState(async (sm) => {
+      const partitions = await sm.listHistoryPartitions();
+      print(partitions, formatPartitions(partitions));
+      return 0;
+    });
+  if (opt.before === undefined)
+    throw new UsageError("history prune needs --before <ISO date | Nd>, e.g. --before 30d");
+  let before: Date;
+  try {
+    before = parseCutoff(opt.before);
+  } catch (e) {
+    throw new OptionError(`--before: ${(e as Error).message}`);
+  }
+  return await withState(async (sm) => {
+    const out = await sm.pruneHistory(before);
+    const held = out.heldBack
+      ? `\nkept ${out.heldBack.partitions} partitions ending before the cutoff: task ${out.heldBack.taskId} ` +
+        `(${out.heldBack.state}, created ${out.heldBack.createdAt}) may have history there; they go once it finishes and ages out`
+      : "";
+    print(
+      out,
+      `deleted ${out.deletedTasks} tasks finished before ${out.before}; dropped ${out.dropped.length} history partitions` +
+        (out.dropped.length ? `: ${out.dropped.map((p) => p.partitionName).join(", ")}` : "") +
+        held,
+    );
+    return 0;
+  });
 }
 
 /** One line per broker, columns aligned; a dead broker's age says how long its work has waited. */

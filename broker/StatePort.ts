@@ -25,6 +25,8 @@ export type StatePort = Pick<
   | "heartbeatBroker"
   | "markBrokerStopped"
   | "reclaimDeadBrokers"
+  | "ensureHistoryPartitions"
+  | "pruneHistory"
 >;
 
 export type {

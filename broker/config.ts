@@ -64,6 +64,12 @@ export interface BrokerOptions {
   leaseCheckMs?: number;
   /** After a start, how long pools have to reconnect and claim their attempts before the rest are made ready (ms). */
   recoveryGraceMs?: number;
+  /** How often the history tables' partitions are created ahead (and, with historyRetentionDays, pruned) (ms, default 1 h). */
+  partitionCheckMs?: number;
+  /** Days ahead of today whose history partitions exist (default 3): a broker may be down that long without rows in the default partition. */
+  historyDaysAhead?: number;
+  /** Drop history (and finished tasks) older than this many days on the partition check; 0, the default: keep everything. */
+  historyRetentionDays?: number;
   /** Most results in one group commit. */
   commitBatch?: number;
   /**
@@ -111,6 +117,9 @@ export function resolveOptions(o: BrokerOptions, logger: Logger): ResolvedOption
     pollMs: o.pollMs ?? 1000,
     leaseCheckMs: o.leaseCheckMs ?? 500,
     recoveryGraceMs: o.recoveryGraceMs ?? heartbeatMs * heartbeatLiveness * 2,
+    partitionCheckMs: wholeNumber("partitionCheckMs", o.partitionCheckMs ?? 3_600_000, 1, 2 ** 31 - 1),
+    historyDaysAhead: wholeNumber("historyDaysAhead", o.historyDaysAhead ?? 3, 0, 366),
+    historyRetentionDays: wholeNumber("historyRetentionDays", o.historyRetentionDays ?? 0, 0, 36_500),
     commitBatch: o.commitBatch ?? 2048,
     maxPendingResults: o.maxPendingResults ?? (o.commitBatch ?? 2048) * 4,
     peerBytesPerSecond: o.peerBytesPerSecond ?? PEER_BYTES_PER_SECOND,
@@ -122,6 +131,13 @@ export function resolveOptions(o: BrokerOptions, logger: Logger): ResolvedOption
     logger,
     listeners: planListeners(o),
   };
+}
+
+/** `value` when it is a whole number in [min, max]; a timer or a partition count beyond it is a typo. */
+function wholeNumber(name: string, value: number, min: number, max: number): number {
+  if (!Number.isInteger(value) || value < min || value > max)
+    throw new Error(`${name} must be a whole number from ${min} to ${max}, not ${value}`);
+  return value;
 }
 
 /**

@@ -3,7 +3,9 @@
  * expiry (of every broker's leases), the safety-net poll for work no
  * notification announced, once after a start the recovery of attempts this
  * broker's previous life left in flight that no reconnecting pool reclaimed,
- * and, through BrokerPeers, the life among other brokers on the database.
+ * the history tables' partitions (created ahead, and pruned when retention
+ * is on), and, through BrokerPeers, the life among other brokers on the
+ * database.
  */
 import { CancelReasons, coerceError } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
@@ -34,6 +36,8 @@ export class Maintenance {
   private readonly timers: NodeJS.Timeout[] = [];
   private readonly peers: BrokerPeers;
   private recovered = false;
+  /** A prune of a large backlog may outlast the interval: ticks do not overlap. */
+  private historyBusy = false;
   private startedAt = new Date();
   private lastBeat = 0;
   /** How late the last heartbeat tick ran, in ms: the broker's own timer lag. */
@@ -49,6 +53,8 @@ export class Maintenance {
   /** Registers this broker among the others on its database (before it claims anything), then starts the timers. */
   async start(startedAt: Date, endpoints: string[]): Promise<void> {
     const { opts } = this.ctx;
+    // Before the first claim, so today's rows (and the next days') have their partition.
+    await this.historyTick();
     await this.peers.start(endpoints);
     this.startedAt = startedAt;
     const beatMs = Math.max(10, Math.floor(opts.heartbeatMs / 2));
@@ -56,6 +62,7 @@ export class Maintenance {
     this.every(beatMs, () => this.beat(beatMs));
     this.every(opts.leaseCheckMs, () => this.expireLeases());
     this.every(opts.pollMs, () => this.poll());
+    this.every(opts.partitionCheckMs, () => this.historyTick());
     this.timers.push(setTimeout(() => void this.recoverOrphans(), opts.recoveryGraceMs));
   }
 
@@ -141,6 +148,65 @@ export class Maintenance {
     }
   }
 
+  /**
+   * Creates the history partitions of the next days and, with retention on,
+   * prunes what is older. A failure (the database away, a lock that timed
+   * out) costs nothing until the default partition is needed: logged once
+   * per interval, tried again on the next tick.
+   */
+  private async historyTick(): Promise<void> {
+    const { ctx } = this;
+    const { historyDaysAhead, historyRetentionDays } = ctx.opts;
+    if (this.historyBusy) return;
+    this.historyBusy = true;
+    try {
+      const created = await ctx.state.ensureHistoryPartitions(historyDaysAhead);
+      for (const p of created)
+        ctx.log.info(
+          { partition: p.partitionName, from: p.rangeFrom, to: p.rangeTo, moved_rows: p.movedRows },
+          `created history partition ${p.partitionName}` +
+            (p.movedRows > 0 ? `, moving ${p.movedRows} rows into it from the default partition` : ""),
+        );
+      if (historyRetentionDays === 0) return;
+      const pruned = await ctx.state.pruneHistory(new Date(Date.now() - historyRetentionDays * 86_400_000));
+      if (pruned.deletedTasks > 0 || pruned.dropped.length > 0)
+        ctx.log.info(
+          {
+            deleted_tasks: pruned.deletedTasks,
+            dropped: pruned.dropped.map((p) => p.partitionName),
+            before: pruned.before,
+          },
+          `retention: deleted ${pruned.deletedTasks} tasks finished before ${pruned.before}, dropped ${pruned.dropped.length} history partitions`,
+        );
+      if (pruned.heldBack)
+        ctx.limiter.write(
+          "history:held",
+          `for "history partitions held back"`,
+          "warn",
+          { task_id: pruned.heldBack.taskId, partitions: pruned.heldBack.partitions },
+          `retention keeps ${pruned.heldBack.partitions} history partitions older than ${historyRetentionDays} days: ` +
+            `task ${pruned.heldBack.taskId} (${pruned.heldBack.state}, created ${pruned.heldBack.createdAt}) is still present; ` +
+            "they go once it finishes and ages out (cancel it if it is stuck)",
+          { lines: 1 },
+        );
+    } catch (e) {
+      ctx.metrics.dbError();
+      const err = coerceError(e);
+      const why = describeWithCauses(err);
+      ctx.limiter.write(
+        `history:${why}`,
+        `for "history partition maintenance failed"`,
+        "error",
+        { err },
+        `history partition maintenance failed: ${why}; retrying on the next check, ` +
+          "rows meanwhile go to the default partitions (check the database, or run stepbroker history partitions)",
+        { lines: 1 },
+      );
+    } finally {
+      this.historyBusy = false;
+    }
+  }
+
   private async poll(): Promise<void> {
     this.ctx.kick();
     await this.hooks.poll();
@@ -185,4 +251,15 @@ export class Maintenance {
   private every(ms: number, fn: () => unknown): void {
     this.timers.push(setInterval(() => void fn(), ms));
   }
+}
+
+/** The message with its causes' and PostgreSQL's hint: the statement's own wrapper names only the statement. */
+function describeWithCauses(err: Error): string {
+  const parts: string[] = [];
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    parts.push(e.message);
+    const hint = (e as { hint?: unknown }).hint;
+    if (typeof hint === "string") parts.push(`hint: ${hint}`);
+  }
+  return parts.join(": ");
 }

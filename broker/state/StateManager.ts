@@ -30,6 +30,12 @@ import {
   type TransitionRecord,
 } from "./DashboardReads";
 import type { TaskHistory } from "./TaskHistory";
+import {
+  type CreatedPartition,
+  type HistoryPartition,
+  HistoryPartitions,
+  type PruneResult,
+} from "./HistoryPartitions";
 import { OperatorActions } from "./OperatorActions";
 import { Requeues } from "./Requeues";
 import { StateSql } from "./StateSql";
@@ -89,6 +95,7 @@ export class StateManager {
   private readonly requeues: Requeues;
   private readonly operator: OperatorActions;
   private readonly dashboard: DashboardReads;
+  private readonly partitions: HistoryPartitions;
 
   constructor(db: Database, options: StateManagerOptions = {}) {
     this.db = db;
@@ -105,6 +112,7 @@ export class StateManager {
     this.operator = new OperatorActions(this.sql, this.notifier, this.events);
     this.brokers = new BrokerRegistry(this.sql, this.requeues, this.events);
     this.dashboard = new DashboardReads(this.sql);
+    this.partitions = new HistoryPartitions(this.sql);
   }
 
   /** Opens the database (embedded unless a URL is given), applies pending migrations, and returns a state manager that owns the database. */
@@ -264,6 +272,23 @@ export class StateManager {
     limit?: number;
   }): Promise<ReclaimedAttempt[]> {
     return this.brokers.reclaimDeadBrokers(options);
+  }
+
+  // ---------------------------------------------------------------- history partitions (HistoryPartitions)
+
+  /** Creates the history tables' day partitions through `daysAhead` days ahead (see HistoryPartitions.ensure). */
+  ensureHistoryPartitions(daysAhead: number): Promise<CreatedPartition[]> {
+    return this.partitions.ensure(daysAhead);
+  }
+
+  /** Every partition of the history tables with its range and row estimate. */
+  listHistoryPartitions(): Promise<HistoryPartition[]> {
+    return this.partitions.list();
+  }
+
+  /** Retention: deletes tasks finished before `before`, then drops the history partitions no present task needs (see HistoryPartitions.prune). */
+  pruneHistory(before: Date, options: { batch?: number } = {}): Promise<PruneResult> {
+    return this.partitions.prune(before, options);
   }
 
   // ---------------------------------------------------------------- operators (OperatorActions)
