@@ -6,8 +6,8 @@
 -- may go when its upper bound is at or before the drop bound, the earliest of
 --   - p_before, the operator's cutoff;
 --   - the created_at of the oldest task still in `tasks`, finished or not: every history row of
---     a task is written at or after the task's creation (transitions, attempts, the deferred
---     claim transition with the claim's own time), so no present task has a row below it;
+--     a task is written at or after the task's creation (its transitions, and its attempts,
+--     inserted when they end), so no present task has a row below it;
 --   - an hour ago: a task whose creating transaction is still open is not in `tasks` yet, but
 --     its rows already carry that transaction's start time.
 -- The caller first deletes the finished tasks older than the cutoff (HistoryPartitions.prune, in
