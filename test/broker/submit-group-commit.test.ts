@@ -9,6 +9,7 @@
  * which fails alone while its neighbours are created.
  */
 import { strict as assert } from "node:assert";
+import { randomUUID } from "node:crypto";
 import { pino } from "pino";
 import { Broker } from "../../broker/Broker";
 import { CREATE_BATCH_ROWS, CREATE_BATCH_TASKS } from "../../broker/clients/CreateBatcher";
@@ -19,7 +20,7 @@ import { HandlerPool } from "../../handlers-node";
 import { StepbrokerClient } from "../../handlers-node/client";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "../support/db";
 import { assertInvariants } from "../support/invariants";
-import { FAST, silent, stepOf } from "../support/stack";
+import { eventually, FAST, silent, stepOf } from "../support/stack";
 
 const ONE = { namespace: "gc", name: "one" };
 const WIDE = { namespace: "gc", name: "wide" };
@@ -30,6 +31,11 @@ const WIDE_STEPS = 1000;
 interface Statement {
   requests: CreateTaskRequest[];
   rows: number;
+}
+
+interface LogLine {
+  level: number;
+  msg: string;
 }
 
 /** A held statement: `reached` resolves once it is running; it goes on after `release()`. */
@@ -64,6 +70,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
   const statements: Statement[] = [];
   const clients: StepbrokerClient[] = [];
   let hold: Hold | undefined;
+  const lines: LogLine[] = [];
 
   /** Holds the next create statement until released. */
   function holdNext(): Hold {
@@ -137,7 +144,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       endpoints: ["tcp://127.0.0.1:*"],
       state: port,
       brokerId: `test-${schema}`,
-      logger: pino({ level: process.env.TEST_LOG_LEVEL ?? "silent" }),
+      logger: pino({ level: "info" }, { write: (l: string) => void lines.push(JSON.parse(l) as LogLine) }),
       ...FAST,
     });
     await broker.start();
@@ -146,6 +153,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
 
   beforeEach(() => {
     statements.length = 0;
+    lines.length = 0;
   });
 
   after(async function () {
@@ -309,6 +317,69 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
     } finally {
       await pool.close({ drainMs: 1000 });
     }
+  });
+
+  it("answers every request of a statement the database fails with internal_error, logged once, and creates the next", async () => {
+    const c = client();
+    const N = 40;
+    // An uncommitted task holding an idempotency key makes the statement that inserts the same key wait,
+    // so the test can cancel it: a failure of the database (SQLSTATE 57014), not of any request's data.
+    const locker = await sm.db.pool.connect();
+    const canceller = sm.db.newClient();
+    await canceller.connect();
+    try {
+      const [{ pid: lockerPid }] = (await locker.query<{ pid: number }>("select pg_backend_pid() as pid"))
+        .rows as [{ pid: number }];
+      await locker.query("begin");
+      await locker.query(
+        "insert into tasks (id, template_id, context, idempotency_key) select $1::uuid, min(id), '{}'::jsonb, 'gc-lock' from task_templates",
+        [randomUUID()],
+      );
+      const h = holdNext();
+      const first = broker.submit({ ...ONE, context: { blocker: true } });
+      await within(h.reached, 10_000, "no create statement started");
+      const sent = Promise.all([
+        settle(c.submit(ONE, { fail: "locked" }, { idempotencyKey: "gc-lock" })),
+        ...Array.from({ length: N - 1 }, (_, n) => settle(c.submit(ONE, { fail: n }))),
+      ]);
+      await received(c);
+      h.release();
+      await first;
+      let done = false;
+      void sent.then(() => (done = true));
+      let cancelled = 0;
+      await eventually(
+        "the waiting statement cancelled and its SUBMITs answered",
+        async () => {
+          // exactly the statements the uncommitted key holds up
+          const r = await canceller.query<{ ok: boolean }>(
+            "select pg_cancel_backend(pid) as ok from pg_stat_activity where $1::int = any(pg_blocking_pids(pid))",
+            [lockerPid],
+          );
+          cancelled += r.rows.filter((x) => x.ok).length;
+          return done ? true : undefined;
+        },
+        20_000,
+      );
+      const out = await sent;
+      assert.ok(cancelled >= 1, "a statement waited and was cancelled");
+      assert.equal(statements.length, 2, "the held statement, then one for all the others");
+      assert.deepEqual(
+        [...new Set(out.map((o) => ("code" in o ? o.code : "created")))],
+        ["internal_error"],
+        "every request of the failed statement gets internal_error",
+      );
+    } finally {
+      await locker.query("rollback").catch(() => undefined);
+      locker.release();
+      await canceller.end();
+    }
+    const serve = lines.filter((l) => l.msg.startsWith("failed to serve SUBMIT"));
+    assert.equal(serve.length, 1, `one line for ${N} failures in the interval: ${serve.length}`);
+    assert.equal(serve[0]!.level, 50);
+    const after = await c.submit(ONE, { after: "failure" }, { idempotencyKey: "gc-lock" });
+    assert.equal(after.created, true, "nothing of the failed statement was stored");
+    assert.deepEqual(after.task.context, { after: "failure" });
   });
 
   it("bounds a statement by tasks and by rows, so large templates make several", async () => {
