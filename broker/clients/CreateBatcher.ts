@@ -19,9 +19,16 @@
  *    statement gets the error once. Nothing is retried here: nothing was
  *    created, and a client that retries with its idempotency key is safe.
  *
- * A statement holds at most `maxTasks` tasks and `maxRows` rows (tasks, steps
- * and edges), so a large template cannot make a giant statement; a single task
- * over `maxRows` goes alone.
+ * A statement holds at most CREATE_BATCH_TASKS tasks and CREATE_BATCH_ROWS
+ * rows (tasks, steps and edges), so a large template cannot make a giant
+ * statement; a single task over the row bound goes alone.
+ *
+ * Back-pressure is the replies: a client's SUBMIT is answered only once its
+ * task is committed, so a client with a window of outstanding SUBMITs goes
+ * as fast as PostgreSQL commits, and at most one create statement per broker
+ * is in flight however many clients send. Past CREATE_QUEUE_BOUND waiting
+ * requests the broker says so in its log (a few lines per interval); the
+ * protocol has no "busy" answer to refuse them with.
  */
 import { coerceError, type TaskView } from "../../protocol";
 import { isDataError } from "../completion/Committer";
@@ -34,6 +41,8 @@ import { StateError } from "../state/errors";
 export const CREATE_BATCH_TASKS = 512;
 /** Rows (tasks + steps + edges) in one create statement at most; a template at the edge limit has about 11,000. */
 export const CREATE_BATCH_ROWS = 16_384;
+/** Requests waiting for a statement past which the log says the database is behind: four full statements. */
+export const CREATE_QUEUE_BOUND = CREATE_BATCH_TASKS * 4;
 
 export interface CreateOutcome {
   task: TaskView;
@@ -60,40 +69,22 @@ export class CreateBatcher {
   private readonly reading = new Set<Promise<void>>();
   private idleWaiters: (() => void)[] = [];
 
-  private readonly maxTasks: number;
-  private readonly maxRows: number;
-  /** Requests queued before `full` says so (by default, four batches). */
-  readonly bound: number;
-
   constructor(
     private readonly state: CreateState,
     /** Lines that a flood of requests would repeat go through it, a few per interval with a count. */
     private readonly limiter: LogLimiter,
-    opts: { maxTasks?: number; maxRows?: number; bound?: number } = {},
-  ) {
-    this.maxTasks = opts.maxTasks ?? CREATE_BATCH_TASKS;
-    this.maxRows = opts.maxRows ?? CREATE_BATCH_ROWS;
-    this.bound = opts.bound ?? this.maxTasks * 4;
-  }
-
-  get pending(): number {
-    return this.queue.length;
-  }
-
-  get full(): boolean {
-    return this.queue.length >= this.bound;
-  }
+  ) {}
 
   /** Creates the task of `request` in the next statement; resolves once it is committed. */
   create(request: CreateTaskRequest): Promise<CreateOutcome> {
     return new Promise((resolve, reject) => {
-      if (this.full) {
+      if (this.queue.length >= CREATE_QUEUE_BOUND) {
         this.limiter.write(
-          "create:full",
+          "create:behind",
           "about SUBMITs waiting for the database",
           "warn",
-          { queued: this.queue.length, bound: this.bound },
-          `${this.queue.length} SUBMITs wait for PostgreSQL, over the bound of ${this.bound}: each is answered once its task is committed; if this lasts, the database is too slow for the submit rate`,
+          { queued: this.queue.length, bound: CREATE_QUEUE_BOUND },
+          `${this.queue.length} SUBMITs wait for PostgreSQL, over ${CREATE_QUEUE_BOUND}: each is answered once its task is committed; if this lasts, the database is too slow for the submit rate`,
         );
       }
       this.queue.push({ request, resolve, reject });
@@ -118,7 +109,7 @@ export class CreateBatcher {
     this.running = true;
     try {
       while (this.queue.length > 0) {
-        const items = this.queue.splice(0, this.maxTasks);
+        const items = this.queue.splice(0, CREATE_BATCH_TASKS);
         try {
           await this.flush(items);
         } catch (e) {
@@ -143,7 +134,7 @@ export class CreateBatcher {
         items[i]!.reject(p.error);
         continue;
       }
-      if (part.length > 0 && rows + p.rows > this.maxRows) {
+      if (part.length > 0 && rows + p.rows > CREATE_BATCH_ROWS) {
         await this.insertIsolating(part);
         part = [];
         rows = 0;

@@ -12,10 +12,15 @@ import { strict as assert } from "node:assert";
 import { randomUUID } from "node:crypto";
 import { pino } from "pino";
 import { Broker } from "../../broker/Broker";
-import { CREATE_BATCH_ROWS, CREATE_BATCH_TASKS } from "../../broker/clients/CreateBatcher";
+import {
+  CREATE_BATCH_ROWS,
+  CREATE_BATCH_TASKS,
+  CREATE_QUEUE_BOUND,
+} from "../../broker/clients/CreateBatcher";
 import { openDatabase } from "../../broker/db/openDatabase";
 import { StateManager } from "../../broker/state/StateManager";
 import type { CreateTaskRequest, PreparedTask, StatePort } from "../../broker/StatePort";
+import { LOG_LINES_PER_INTERVAL } from "../../broker/LogLimiter";
 import { HandlerPool } from "../../handlers-node";
 import { StepbrokerClient } from "../../handlers-node/client";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "../support/db";
@@ -387,7 +392,8 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
     const h = holdNext();
     const first = broker.submit({ ...ONE, context: { blocker: true } });
     await within(h.reached, 10_000, "no create statement started");
-    const SMALL = CREATE_BATCH_TASKS + 100;
+    // more than the queue bound wait behind the held statement
+    const SMALL = CREATE_QUEUE_BOUND + 100;
     const WIDES = 20;
     const small = Array.from({ length: SMALL }, (_, n) => c.submit(ONE, { n }));
     const wide = Array.from({ length: WIDES }, (_, n) => c.submit(WIDE, { n }));
@@ -410,7 +416,10 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       assert.ok(s.requests.length <= CREATE_BATCH_TASKS, `${s.requests.length} tasks in one statement`);
       assert.ok(s.rows <= CREATE_BATCH_ROWS, `${s.rows} rows in one statement`);
     }
-    // 612 one-step tasks and 20 of 1,001 rows: at least two statements by tasks, two by rows
-    assert.ok(after.length >= 3, `${after.length} statements`);
+    // 2,148 one-step tasks and 20 of 1,001 rows: at least five statements by tasks, two by rows
+    assert.ok(after.length >= 6, `${after.length} statements`);
+    const behind = lines.filter((l) => l.msg.includes("SUBMITs wait for PostgreSQL"));
+    assert.ok(behind.length >= 1 && behind.length <= LOG_LINES_PER_INTERVAL, `${behind.length} lines`);
+    assert.equal(behind[0]!.level, 40);
   });
 });
