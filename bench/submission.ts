@@ -5,7 +5,9 @@
  * database creating tasks, nothing else. Two ways a client sends:
  * - one at a time: each SUBMIT after the last one's REPLY (a client's round trip);
  * - pipelined: `inFlight` SUBMITs outstanding on one socket; the protocol has
- *   no batch SUBMIT, so this is what a busy client gets at best.
+ *   no batch SUBMIT, so this is what a busy client gets at best. The broker
+ *   creates the SUBMITs that arrive together in one statement (CreateBatcher),
+ *   so this measures its group commit of creates.
  */
 import { pino } from "pino";
 import { Broker } from "../broker/Broker";

@@ -216,6 +216,8 @@ export class Broker {
       await sleep(20);
     await this.dispatcher.idle();
     await this.committer.idle();
+    // SUBMITs received before the stop get their replies; a database that hangs cannot hold the stop
+    await Promise.race([this.clients.idle(), sleep(Math.max(deadline - Date.now(), 0) + 1000)]);
     await this.sessions.handBackAll();
     await this.maintenance.markStopped();
     this.waiters.closeAll();

@@ -18,6 +18,8 @@ export type StatePort = Pick<
   | "recoverOrphans"
   | "cancelTask"
   | "createTask"
+  | "prepareCreates"
+  | "insertCreates"
   | "getTask"
   | "getHistory"
   | "listen"
@@ -35,4 +37,6 @@ export type {
   ClaimedStep,
   CompletionResult,
   CreateTaskRequest,
+  PreparedCreate,
+  PreparedTask,
 } from "./state/types";

@@ -24,6 +24,7 @@ import type { Role } from "../roles";
 import { Roles } from "../roles";
 import type { CreateTaskRequest } from "../StatePort";
 import type { JsonObject } from "../state/types";
+import { CreateBatcher } from "./CreateBatcher";
 import { historyView } from "./historyView";
 import type { Waiters } from "./Waiters";
 
@@ -33,15 +34,28 @@ export interface SubmitResult {
 }
 
 export class ClientVerbs {
+  /** SUBMITs that arrive together are created in one statement (group commit). */
+  private readonly creates: CreateBatcher;
+
   constructor(
     private readonly ctx: BrokerContext,
     private readonly waiters: Waiters,
     private readonly rolesOf: (identity: Buffer) => ReadonlySet<Role>,
-  ) {}
+  ) {
+    this.creates = new CreateBatcher(ctx.state, ctx.limiter);
+  }
 
-  /** Creates a task; dispatch starts through the work listener, which the state manager calls once it commits. */
+  /**
+   * Creates a task, in one statement with the others that arrive meanwhile;
+   * dispatch starts through the work listener, which the state manager calls once it commits.
+   */
   submit(req: CreateTaskRequest): Promise<SubmitResult> {
-    return this.ctx.state.createTask(req);
+    return this.creates.create(req);
+  }
+
+  /** Resolves when every SUBMIT received has been answered. */
+  idle(): Promise<void> {
+    return this.creates.idle();
   }
 
   status(taskId: string): Promise<TaskView | null> {

@@ -58,6 +58,8 @@ import type {
   CompletionResult,
   CreateTaskRequest,
   ExpiredAttempt,
+  PreparedCreate,
+  PreparedTask,
   ExplainRow,
   FinishedTask,
   JsonValue,
@@ -180,6 +182,16 @@ export class StateManager {
    */
   createTask(request: CreateTaskRequest): Promise<{ task: TaskView; created: boolean }> {
     return this.creation.createTask(request);
+  }
+
+  /** Checks create requests and finds their templates, each on its own (see TaskCreation.prepareCreates). */
+  prepareCreates(requests: CreateTaskRequest[]): Promise<PreparedCreate[]> {
+    return this.creation.prepareCreates(requests);
+  }
+
+  /** One create statement for prepared requests; each one's task id and whether it was created. */
+  insertCreates(prepared: PreparedTask[]): Promise<{ id: string; created: boolean }[]> {
+    return this.creation.insertCreates(prepared);
   }
 
   // ---------------------------------------------------------------- attempts (Attempts)

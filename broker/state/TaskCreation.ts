@@ -12,7 +12,7 @@ import type { TaskReads } from "./TaskReads";
 import type { TemplateStore } from "./TemplateStore";
 import type { WorkNotifier } from "./WorkNotifier";
 import { INT4_MAX, isJsonObject } from "./rows";
-import type { CreateTaskRequest, TaskView, TemplateRecord } from "./types";
+import type { CreateTaskRequest, PreparedCreate, PreparedTask, TaskView, TemplateRecord } from "./types";
 
 export class TaskCreation {
   constructor(
@@ -70,10 +70,23 @@ export class TaskCreation {
     return { task, created: inserted.created };
   }
 
+  /** A template's edges as step positions, computed once per template; refused when over the edge limit. */
+  private edgesOf(t: TemplateRecord): { child: number[]; parent: number[] } {
+    let e = this.edges.get(t.id);
+    if (e === undefined) this.edges.set(t.id, (e = templateEdges(t.definition)));
+    // a template registered before the edge limit existed is refused here too
+    if (e.child.length > MAX_TEMPLATE_EDGES) {
+      throw new StateError(
+        "invalid_request",
+        `template ${t.namespace}/${t.name}@${t.version} has ${e.child.length} dependency edges; the limit is ${MAX_TEMPLATE_EDGES}: register a version with fewer depends_on entries`,
+      );
+    }
+    return e;
+  }
+
   /**
    * The dependency edges of each distinct template of a batch, as step
-   * positions (create_tasks.sql turns them into step ids by subscript). A
-   * template registered before the edge limit existed is refused here too.
+   * positions (create_tasks.sql turns them into step ids by subscript).
    */
   private batchEdges(templates: TemplateRecord[]): {
     templateIds: number[];
@@ -82,14 +95,7 @@ export class TaskCreation {
   } {
     const out = { templateIds: [] as number[], child: [] as number[], parent: [] as number[] };
     for (const t of new Map(templates.map((t) => [t.id, t])).values()) {
-      let e = this.edges.get(t.id);
-      if (e === undefined) this.edges.set(t.id, (e = templateEdges(t.definition)));
-      if (e.child.length > MAX_TEMPLATE_EDGES) {
-        throw new StateError(
-          "invalid_request",
-          `template ${t.namespace}/${t.name}@${t.version} has ${e.child.length} dependency edges; the limit is ${MAX_TEMPLATE_EDGES}: register a version with fewer depends_on entries`,
-        );
-      }
+      const e = this.edgesOf(t);
       for (let i = 0; i < e.child.length; i++) {
         out.templateIds.push(t.id);
         out.child.push(e.child[i]!);
@@ -99,23 +105,66 @@ export class TaskCreation {
     return out;
   }
 
-  private async insertTasks(requests: CreateTaskRequest[]): Promise<{ id: string; created: boolean }[]> {
-    if (requests.length === 0) return [];
+  /**
+   * Checks each request and finds its template, each on its own: one
+   * request's unknown template or bad priority is that request's outcome, not
+   * its neighbours'. "Latest" is looked up once per call, so every request of
+   * a batch naming no version gets the same one.
+   */
+  async prepareCreates(requests: CreateTaskRequest[]): Promise<PreparedCreate[]> {
     const latest = new Map<string, Promise<TemplateRecord>>();
-    const templates = await Promise.all(
-      requests.map((req) => {
-        this.checkRequest(req);
-        if (req.version !== undefined) return this.templates.get(req.namespace, req.name, req.version);
-        // "latest" is looked up once per batch, so every task of the batch gets the same version
-        const key = `${req.namespace}\0${req.name}`;
-        let found = latest.get(key);
-        if (found === undefined) {
-          found = this.templates.get(req.namespace, req.name);
-          latest.set(key, found);
+    return Promise.all(
+      requests.map(async (request): Promise<PreparedCreate> => {
+        try {
+          this.checkRequest(request);
+          let template: Promise<TemplateRecord>;
+          if (request.version !== undefined) {
+            template = this.templates.get(request.namespace, request.name, request.version);
+          } else {
+            const key = `${request.namespace}\0${request.name}`;
+            let found = latest.get(key);
+            if (found === undefined)
+              latest.set(key, (found = this.templates.get(request.namespace, request.name)));
+            template = found;
+          }
+          const t = await template;
+          const rows = 1 + t.definition.steps.length + this.edgesOf(t).child.length;
+          return { request, template: t, rows };
+        } catch (e) {
+          return { request, error: e instanceof Error ? e : new Error(String(e)) };
         }
-        return found;
       }),
     );
+  }
+
+  /**
+   * One create_tasks statement for requests prepareCreates accepted; their
+   * outcomes in order. Throws when the statement fails: then none of them was created.
+   */
+  insertCreates(prepared: PreparedTask[]): Promise<{ id: string; created: boolean }[]> {
+    return this.insertResolved(
+      prepared.map((p) => p.request),
+      prepared.map((p) => p.template),
+    );
+  }
+
+  private async insertTasks(requests: CreateTaskRequest[]): Promise<{ id: string; created: boolean }[]> {
+    if (requests.length === 0) return [];
+    // the first refusal in request order fails the whole call, as this array API always did
+    for (const req of requests) this.checkRequest(req);
+    const prepared = await this.prepareCreates(requests);
+    const templates = prepared.map((p) => {
+      if ("error" in p) throw p.error;
+      return p.template;
+    });
+    return this.insertResolved(requests, templates);
+  }
+
+  private async insertResolved(
+    requests: CreateTaskRequest[],
+    templates: TemplateRecord[],
+  ): Promise<{ id: string; created: boolean }[]> {
+    if (requests.length === 0) return [];
     const edges = this.batchEdges(templates);
     const ids = requests.map(() => uuidv7());
     const rows = await this.sql.run<{ id: string }>("create_tasks", [

@@ -55,6 +55,17 @@ export interface CreateTaskRequest {
   tracestate?: string;
 }
 
+/** A create request whose template was found and which passed every check, ready for one create statement. */
+export interface PreparedTask {
+  request: CreateTaskRequest;
+  template: TemplateRecord;
+  /** Rows it inserts (the task, its steps, its edges): what bounds the statement it goes into. */
+  rows: number;
+}
+
+/** What checking a create request came to: ready to insert, or the reason it cannot be created. */
+export type PreparedCreate = PreparedTask | { request: CreateTaskRequest; error: Error };
+
 /** One step's error, as handlers report it (protocol `step_error`). */
 export interface StepError {
   type: string;

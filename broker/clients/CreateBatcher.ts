@@ -1,0 +1,232 @@
+/**
+ * Group commit of task creation, the way the Committer stores results. Every
+ * SUBMIT (and Broker.submit) queues here; one flush loop hands all that have
+ * arrived to one create_tasks statement, so creation is bound by PostgreSQL
+ * commits per batch, not per task. While a statement runs the next batch
+ * gathers by itself: no timer, no added latency when idle. A request's reply
+ * is sent only once its rows are committed (and read back for the view).
+ *
+ * Outcomes stay those of one request at a time:
+ *  - a request refused on its own (unknown template, bad priority, a template
+ *    over the edge limit) gets its error; the rest of its batch is created;
+ *  - idempotency keys: the statement skips a key already taken, in the
+ *    database or by an earlier request of the same statement, and that
+ *    request gets the first one's task with created false;
+ *  - PostgreSQL refusing the data itself (SQLSTATE class 22 or 54, see
+ *    isDataError): the statement is run again in halves down to the request
+ *    at fault, which alone gets invalid_request; its neighbours are created;
+ *  - any other failure (the database is unreachable): every request of that
+ *    statement gets the error once. Nothing is retried here: nothing was
+ *    created, and a client that retries with its idempotency key is safe.
+ *
+ * A statement holds at most CREATE_BATCH_TASKS tasks and CREATE_BATCH_ROWS
+ * rows (tasks, steps and edges), so a large template cannot make a giant
+ * statement; a single task over the row bound goes alone.
+ *
+ * Back-pressure is the replies: a client's SUBMIT is answered only once its
+ * task is committed, so a client with a window of outstanding SUBMITs goes
+ * as fast as PostgreSQL commits, and at most one create statement per broker
+ * is in flight however many clients send. Past CREATE_QUEUE_BOUND waiting
+ * requests the broker says so in its log (a few lines per interval); the
+ * protocol has no "busy" answer to refuse them with.
+ */
+import { coerceError, type TaskView } from "../../protocol";
+import { isDataError } from "../completion/Committer";
+import type { LogLimiter } from "../LogLimiter";
+import type { CreateTaskRequest, PreparedCreate, PreparedTask, StatePort } from "../StatePort";
+import { pgErrorCode as sqlState } from "../db/errors";
+import { StateError } from "../state/errors";
+
+/** Tasks in one create statement at most: a batch this size is a few milliseconds of PostgreSQL work. */
+export const CREATE_BATCH_TASKS = 512;
+/** Rows (tasks + steps + edges) in one create statement at most; a template at the edge limit has about 11,000. */
+export const CREATE_BATCH_ROWS = 16_384;
+/** Requests waiting for a statement past which the log says the database is behind: four full statements. */
+export const CREATE_QUEUE_BOUND = CREATE_BATCH_TASKS * 4;
+
+export interface CreateOutcome {
+  task: TaskView;
+  created: boolean;
+}
+
+interface PendingCreate {
+  request: CreateTaskRequest;
+  resolve: (outcome: CreateOutcome) => void;
+  reject: (err: Error) => void;
+}
+
+interface Ready {
+  item: PendingCreate;
+  prepared: PreparedTask;
+}
+
+export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "getTask">;
+
+export class CreateBatcher {
+  private queue: PendingCreate[] = [];
+  private running = false;
+  /** Views being read after a commit: idle() waits for them too, since their replies are still to come. */
+  private readonly reading = new Set<Promise<void>>();
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(
+    private readonly state: CreateState,
+    /** Lines that a flood of requests would repeat go through it, a few per interval with a count. */
+    private readonly limiter: LogLimiter,
+  ) {}
+
+  /** Creates the task of `request` in the next statement; resolves once it is committed. */
+  create(request: CreateTaskRequest): Promise<CreateOutcome> {
+    return new Promise((resolve, reject) => {
+      if (this.queue.length >= CREATE_QUEUE_BOUND) {
+        this.limiter.write(
+          "create:behind",
+          "about SUBMITs waiting for the database",
+          "warn",
+          { queued: this.queue.length, bound: CREATE_QUEUE_BOUND },
+          `${this.queue.length} SUBMITs wait for PostgreSQL, over ${CREATE_QUEUE_BOUND}: each is answered once its task is committed; if this lasts, the database is too slow for the submit rate`,
+        );
+      }
+      this.queue.push({ request, resolve, reject });
+      if (!this.running) void this.flushLoop();
+    });
+  }
+
+  /** Resolves when every queued request has been answered. */
+  idle(): Promise<void> {
+    if (!this.running && this.queue.length === 0 && this.reading.size === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private wakeIfIdle(): void {
+    if (this.running || this.queue.length > 0 || this.reading.size > 0) return;
+    const w = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const f of w) f();
+  }
+
+  private async flushLoop(): Promise<void> {
+    this.running = true;
+    try {
+      while (this.queue.length > 0) {
+        const items = this.queue.splice(0, CREATE_BATCH_TASKS);
+        try {
+          await this.flush(items);
+        } catch (e) {
+          // flush answers every request itself; this is a bug's last line of defence
+          const err = coerceError(e);
+          for (const item of items) item.reject(err);
+        }
+      }
+    } finally {
+      this.running = false;
+      this.wakeIfIdle();
+    }
+  }
+
+  private async flush(items: PendingCreate[]): Promise<void> {
+    const prepared: PreparedCreate[] = await this.state.prepareCreates(items.map((i) => i.request));
+    let part: Ready[] = [];
+    let rows = 0;
+    for (let i = 0; i < items.length; i++) {
+      const p = prepared[i]!;
+      if ("error" in p) {
+        items[i]!.reject(p.error);
+        continue;
+      }
+      if (part.length > 0 && rows + p.rows > CREATE_BATCH_ROWS) {
+        await this.insertIsolating(part);
+        part = [];
+        rows = 0;
+      }
+      part.push({ item: items[i]!, prepared: p });
+      rows += p.rows;
+    }
+    if (part.length > 0) await this.insertIsolating(part);
+  }
+
+  /**
+   * One statement for `ready`; when PostgreSQL refuses its data, halves of it,
+   * down to the request at fault. Every request is answered (or its view read) here.
+   */
+  private async insertIsolating(ready: Ready[]): Promise<void> {
+    // Parts still to insert, the next one last.
+    const work: Ready[][] = [ready];
+    while (work.length > 0) {
+      const part = work.pop()!;
+      let ids: { id: string; created: boolean }[];
+      try {
+        ids = await this.state.insertCreates(part.map((r) => r.prepared));
+      } catch (e) {
+        const err = coerceError(e);
+        if (!isDataError(e)) {
+          for (const r of part) r.item.reject(err);
+          continue;
+        }
+        if (part.length > 1) {
+          const mid = Math.ceil(part.length / 2);
+          this.limiter.write(
+            `create:halves:${sqlState(e)}`,
+            "about batches of new tasks PostgreSQL refused",
+            "warn",
+            { err, tasks: part.length },
+            `PostgreSQL refused a batch of ${part.length} new tasks (${reasonOf(e)}); creating it in halves to find the request at fault`,
+          );
+          work.push(part.slice(mid), part.slice(0, mid));
+          continue;
+        }
+        const req = part[0]!.prepared.request;
+        this.limiter.write(
+          `create:refused:${sqlState(e)}`,
+          "about new tasks PostgreSQL refused",
+          "warn",
+          { err, template: `${req.namespace}/${req.name}`, idempotency_key: req.idempotencyKey },
+          `PostgreSQL refused to store a new task of ${req.namespace}/${req.name}: ${reasonOf(e)}; only that request was refused`,
+        );
+        part[0]!.item.reject(
+          new StateError(
+            "invalid_request",
+            `PostgreSQL refused to store this task (${reasonOf(e)}): remove the value it cannot store (U+0000, an unpaired surrogate) from the context and submit again`,
+            { cause: err },
+          ),
+        );
+        continue;
+      }
+      this.answer(part, ids);
+    }
+  }
+
+  /** Reads each new task's view and replies; the next statement need not wait for these reads. */
+  private answer(part: Ready[], ids: { id: string; created: boolean }[]): void {
+    // a duplicate idempotency key in one statement names the same task twice: read it once
+    const views = new Map<string, Promise<TaskView | null>>();
+    const done = Promise.all(
+      part.map(async (r, i) => {
+        const { id, created } = ids[i]!;
+        let view = views.get(id);
+        if (view === undefined) views.set(id, (view = this.state.getTask(id, { includeSteps: true })));
+        try {
+          const task = await view;
+          if (task === null) throw new Error(`task ${id} vanished right after it was created`);
+          r.item.resolve({ task, created });
+        } catch (e) {
+          r.item.reject(coerceError(e));
+        }
+      }),
+    ).then(() => undefined);
+    this.reading.add(done);
+    void done.finally(() => {
+      this.reading.delete(done);
+      this.wakeIfIdle();
+    });
+  }
+}
+
+/** What PostgreSQL said (the innermost error, through the wrappers), with the SQLSTATE. */
+function reasonOf(e: unknown): string {
+  let inner: unknown = e;
+  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) inner = err;
+  const msg = inner instanceof Error ? inner.message : String(inner);
+  const code = sqlState(e);
+  return `${msg.slice(0, 200)}${code !== undefined ? `, SQLSTATE ${code}` : ""}`;
+}
