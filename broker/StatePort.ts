@@ -21,6 +21,7 @@ export type StatePort = Pick<
   | "prepareCreates"
   | "insertCreates"
   | "getTask"
+  | "getTasks"
   | "getHistory"
   | "listen"
   | "registerBroker"

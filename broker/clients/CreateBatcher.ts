@@ -60,7 +60,7 @@ interface Ready {
   prepared: PreparedTask;
 }
 
-export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "getTask">;
+export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "getTasks">;
 
 export class CreateBatcher {
   private queue: PendingCreate[] = [];
@@ -196,24 +196,21 @@ export class CreateBatcher {
     }
   }
 
-  /** Reads each new task's view and replies; the next statement need not wait for these reads. */
+  /** Reads the new tasks' views (one read for the statement) and replies; the next statement need not wait for it. */
   private answer(part: Ready[], ids: { id: string; created: boolean }[]): void {
-    // a duplicate idempotency key in one statement names the same task twice: read it once
-    const views = new Map<string, Promise<TaskView | null>>();
-    const done = Promise.all(
-      part.map(async (r, i) => {
-        const { id, created } = ids[i]!;
-        let view = views.get(id);
-        if (view === undefined) views.set(id, (view = this.state.getTask(id, { includeSteps: true })));
-        try {
-          const task = await view;
-          if (task === null) throw new Error(`task ${id} vanished right after it was created`);
-          r.item.resolve({ task, created });
-        } catch (e) {
-          r.item.reject(coerceError(e));
-        }
-      }),
-    ).then(() => undefined);
+    const done = this.state.getTasks(ids.map((x) => x.id)).then(
+      (views) => {
+        part.forEach((r, i) => {
+          const { id, created } = ids[i]!;
+          const task = views.get(id);
+          if (task === undefined) r.item.reject(new Error(`task ${id} vanished right after it was created`));
+          else r.item.resolve({ task, created });
+        });
+      },
+      (e: unknown) => {
+        for (const r of part) r.item.reject(coerceError(e));
+      },
+    );
     this.reading.add(done);
     void done.finally(() => {
       this.reading.delete(done);

@@ -332,6 +332,11 @@ export class StateManager {
     return this.reads.getTask(taskId, options);
   }
 
+  /** Many tasks as task_views with their steps, in two round trips (see TaskReads.getTasks). */
+  getTasks(taskIds: readonly string[]): Promise<Map<string, TaskView>> {
+    return this.reads.getTasks(taskIds);
+  }
+
   /** Every attempt of a step, or of all steps of a task, oldest first. */
   getAttempts(stepOrTaskId: string): Promise<AttemptRecord[]> {
     return this.reads.getAttempts(stepOrTaskId);
