@@ -24,7 +24,7 @@ import os from "node:os";
 import { parseArgs } from "node:util";
 import { type BenchDatabase, openBenchDatabase } from "./harness";
 import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
-import { type FloorPhase, type FloorResult, measureFloor } from "./floor";
+import { type FloorPhase, type FloorResult, measureFloor, phaseCosts } from "./floor";
 import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
 import type { PeerOptions, PeerResult } from "./peers/types";
@@ -305,9 +305,11 @@ async function main(): Promise<number> {
 
     let floor: Outcome<FloorResult> | undefined;
     if (!values["no-floor"]) {
-      log(`the database alone: ${tasks} one-step tasks, bare writes and then the state manager`);
-      floor = await phase("database alone", bound * 2, () =>
-        measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, log }),
+      log(`the database alone: ${tasks} one-step tasks, each model's bare writes and the state manager`);
+      // five phases a round, each bounded by --seconds, plus making and filling its schema
+      const floorBound = (seconds + 60) * 5 * repeat + 120;
+      floor = await phase("database alone", floorBound, () =>
+        measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, rounds: repeat, log }),
       );
     }
 
@@ -446,25 +448,30 @@ function submissionRows(sub: Outcome<SubmissionResult> | undefined): [string, st
   ];
 }
 
-/** The two "database alone" rows: what the end-to-end one-step figure could reach at most on this machine. */
+/** The "database alone" rows: each data model's write floor, then the state manager. */
 function floorRows(floor: Outcome<FloorResult> | undefined): [string, string, string, string][] {
   if (floor === undefined) return [];
   if (!floor.ok) return [["database alone", "-", "FAILED", floor.error]];
   const f = floor.value;
   const how = `${f.connections} connections, batches of ${f.batch}, no sockets`;
   const bound = (p: FloorPhase) => (p.timedOut ? `; bound of ${seconds}s hit` : "");
+  const rounds = (v: { runs: FloorPhase[]; spread: [number, number] }) =>
+    v.runs.length > 1
+      ? `; median of ${v.runs.length} interleaved rounds, spread ${v.spread[0]}-${v.spread[1]}`
+      : "";
   return [
-    [
-      "write floor",
-      `${f.writeFloor.steps} one-step tasks`,
-      String(f.writeFloor.stepsPerSecond),
-      `bare SQL of the rows a one-step task must write, ${how}${bound(f.writeFloor)}`,
-    ],
+    ...f.variants.map((v): [string, string, string, string] => [
+      v.name === "floor_new" ? "write floor (floor_new)" : v.name,
+      `${v.median.steps} one-step tasks`,
+      String(v.median.stepsPerSecond),
+      `${v.ratioToBefore.toFixed(2)}x of floor_before; ${phaseCosts(v.median)}; bare SQL, ${v.summary}, ${how}` +
+        `${bound(v.median)}${rounds(v)}`,
+    ]),
     [
       "state manager",
       `${f.stateManager.steps} one-step tasks`,
       String(f.stateManager.stepsPerSecond),
-      `claimSteps + completeAttempts, ${how}${bound(f.stateManager)}`,
+      `${f.stateManagerOverFloor.toFixed(2)}x of floor_new; ${phaseCosts(f.stateManager)}; claimSteps + completeAttempts, ${how}${bound(f.stateManager)}`,
     ],
   ];
 }
