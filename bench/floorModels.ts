@@ -23,6 +23,14 @@
  *   steps.state, so a step's own updates change no indexed column and can be
  *   HOT (fillfactor 70 on steps).
  *
+ * Why the HOT shares these report stay well below 100% even where no indexed
+ * column changes: a claim updates a batch of steps created together, so most
+ * rows of a page are updated in one transaction, and the old versions cannot
+ * be pruned before it commits; the page's free space (30% at fillfactor 70,
+ * 40% at 60) holds new versions for only part of them. Measured on 20,000
+ * tasks in batches of 2048: at fillfactor 70/60, steps 39% HOT (ready queue)
+ * and attempts 56-60%; at 40, steps 73% and attempts 100%.
+ *
  * The claim takes the batch size ($1); the result of the new models takes the
  * claimed step ids and attempt ids (the broker has both in memory when a
  * result arrives), the pre-0013 one only the attempt ids, as it did.
