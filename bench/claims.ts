@@ -6,8 +6,8 @@
  * or whatever the migrations make it) and reaches everything else by key, so
  * the two figures should be close: cost follows ready work, not history.
  *
- * The history is made the way real history looks: the first phase's tasks
- * finish through the real StateManager, and one of them is the model that
+ * The history is made the way real history looks: a handful of tasks finish
+ * through the real StateManager first, and one of them is the model that
  * set-based INSERT ... SELECT FROM generate_series statements copy into every
  * table that holds rows of it. The statements are written at run time from
  * the catalog (every column the tables have, but identity and generated ones),
@@ -26,7 +26,9 @@
  * Both phases always run on the same server.
  *
  *   node --import tsx bench/claims.ts [--history 1000000] [--ready 20000] [--seconds 15] [--no-keep]
- *     [--history-seconds 3600]
+ *     [--history-seconds 3600] [--rounds 1]
+ * Both phases run after the history is ready (the model task is one of a handful finished first),
+ * in --rounds interleaved rounds, so a long build's load does not fall on one of them only.
  * (run.ts calls measureClaims; run alone it keeps the history in openCachedBenchDatabase's server,
  *  or with --no-keep builds it in a throwaway one.)
  */
@@ -68,8 +70,13 @@ export interface ClaimPhase {
 
 export interface ClaimsResult {
   batch: number;
+  /** Rounds of both phases, interleaved; empty and withHistory are each one's median round. */
+  rounds: number;
   empty: ClaimPhase;
   withHistory: ClaimPhase;
+  /** Every round's rate, in round order. */
+  emptyRuns: number[];
+  withHistoryRuns: number[];
   /** Finished steps this run inserted (0 when a kept history was complete; less than asked when the bound hit). */
   historyInserted: number;
   historySeconds: number;
@@ -93,6 +100,8 @@ export interface ClaimsOptions {
   keepHistory?: boolean;
   /** Bound on each measured phase, in seconds. */
   maxSeconds: number;
+  /** Rounds of both phases, interleaved, after the history is ready. Default 1. */
+  rounds?: number;
   /** Bound on this run's history inserts, in seconds. Default 300. */
   historyMaxSeconds?: number;
   log?: (line: string) => void;
@@ -226,9 +235,7 @@ async function pickModel(sm: StateManager): Promise<string> {
   );
   const id = rows[0]?.id;
   if (id === undefined)
-    throw new Error(
-      "no finished one-step task to copy the history from (did the first phase complete anything?)",
-    );
+    throw new Error("no finished one-step task to copy the history from (did the model tasks complete?)");
   return id;
 }
 
@@ -444,43 +451,75 @@ async function vacuumSchema(sm: StateManager): Promise<void> {
   await sm.db.pool.query(`vacuum analyze ${rows.map((r) => pg.escapeIdentifier(r.name)).join(", ")}`);
 }
 
+/** Tasks the model is picked from: a handful, finished before the history is built. */
+const MODEL_TASKS = 10;
+
+/** One measured phase: `ready` fresh ready tasks in `sm`'s schema, from a checkpoint, drained. */
+async function measurePhase(
+  sm: StateManager,
+  ready: number,
+  offset: number,
+  maxSeconds: number,
+  log: (line: string) => void,
+): Promise<ClaimPhase> {
+  await createReady(sm, ready, offset);
+  await vacuumSchema(sm);
+  const historySteps = await countFinishedSteps(sm);
+  await startFromCheckpoint(sm.db.pool, log);
+  return drain(sm, ready, historySteps, maxSeconds);
+}
+
+function medianPhase(phases: ClaimPhase[]): ClaimPhase {
+  const sorted = [...phases].sort((a, b) => a.stepsPerSecond - b.stepsPerSecond);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
 export async function measureClaims(opts: ClaimsOptions): Promise<ClaimsResult> {
   const log = opts.log ?? (() => undefined);
   const ready = opts.ready ?? 20_000;
   const history = opts.history ?? 1_000_000;
+  const rounds = opts.rounds ?? 1;
   await dropSchema(opts.databaseUrl, EMPTY_SCHEMA);
   let historySchema: string | undefined;
   const empty = await openSchema(opts.databaseUrl, EMPTY_SCHEMA);
   try {
     await empty.registerTemplate(TEMPLATE);
-    log(`claims: ${ready} ready one-step tasks, empty history`);
-    await createReady(empty, ready, 0);
-    await vacuumSchema(empty);
-    await startFromCheckpoint(empty.db.pool, log);
-    const emptyPhase = await drain(empty, ready, 0, opts.maxSeconds);
-    log(`claims: empty history: ${emptyPhase.stepsPerSecond} steps/s`);
-
+    // the model first, so that both phases run after the (perhaps long) build, under the same load
+    await createReady(empty, MODEL_TASKS, 0);
+    await drain(empty, MODEL_TASKS, 0, opts.maxSeconds);
     const model = await pickModel(empty);
     const built = await prepareHistory(opts, EMPTY_SCHEMA, model, log);
     historySchema = built.schema;
     const full = await openSchema(opts.databaseUrl, built.schema);
     try {
       await vacuumSchema(full);
-      const historySteps = await countFinishedSteps(full);
       // the ready tasks are created now, perhaps days after a kept history was built: today's partitions
       await withClient(opts.databaseUrl, (c) =>
         createDailyPartitions(c, built.schema, startOfDay(new Date()), startOfDay(new Date(), 2)),
       );
-      log(`claims: ${ready} ready one-step tasks, ${historySteps} finished steps of history`);
-      await createReady(full, ready, ready);
-      await vacuumSchema(full);
-      await startFromCheckpoint(full.db.pool, log);
-      const withHistory = await drain(full, ready, historySteps, opts.maxSeconds);
-      log(`claims: with history: ${withHistory.stepsPerSecond} steps/s`);
+      const emptyRuns: ClaimPhase[] = [];
+      const fullRuns: ClaimPhase[] = [];
+      for (let round = 0; round < rounds; round++) {
+        // alternating which goes first, so neither always runs right after the other's writes
+        const order = round % 2 === 0 ? (["empty", "full"] as const) : (["full", "empty"] as const);
+        for (const which of order) {
+          const sm = which === "empty" ? empty : full;
+          const offset = MODEL_TASKS + (round + 1) * ready;
+          log(`claims, round ${round + 1}/${rounds}: ${ready} ready one-step tasks, ${which} history`);
+          const p = await measurePhase(sm, ready, offset, opts.maxSeconds, log);
+          log(`claims: ${which} history (${p.historySteps} finished steps): ${p.stepsPerSecond} steps/s`);
+          (which === "empty" ? emptyRuns : fullRuns).push(p);
+        }
+      }
+      const emptyPhase = medianPhase(emptyRuns);
+      const withHistory = medianPhase(fullRuns);
       return {
         batch: BATCH,
+        rounds,
         empty: emptyPhase,
         withHistory,
+        emptyRuns: emptyRuns.map((p) => p.stepsPerSecond),
+        withHistoryRuns: fullRuns.map((p) => p.stepsPerSecond),
         historyInserted: built.inserted,
         historySeconds: built.seconds,
         historyTarget: history,
@@ -508,9 +547,11 @@ export function formatClaims(r: ClaimsResult): string {
   const how = r.historyReused
     ? "kept history, reused"
     : `${r.historyInserted} inserted in ${r.historySeconds}s${r.historyKept ? ", kept" : ""}`;
+  const runs = (rates: number[]) => (rates.length > 1 ? `; rounds ${rates.join(", ")}` : "");
   return [
-    `claims, batch ${r.batch}: ${r.empty.historySteps} finished steps: ${phase(r.empty)}`,
-    `claims, batch ${r.batch}: ${r.withHistory.historySteps} finished steps (${gib} GiB; ${how}): ${phase(r.withHistory)}  -> ${r.ratio}x of empty`,
+    `claims, batch ${r.batch}: ${r.empty.historySteps} finished steps: ${phase(r.empty)}${runs(r.emptyRuns)}`,
+    `claims, batch ${r.batch}: ${r.withHistory.historySteps} finished steps (${gib} GiB; ${how}): ${phase(r.withHistory)}` +
+      `${runs(r.withHistoryRuns)}  -> ${r.ratio}x of empty`,
   ].join("\n");
 }
 
@@ -524,6 +565,7 @@ async function main(): Promise<void> {
       seconds: { type: "string" },
       "history-seconds": { type: "string" },
       "no-keep": { type: "boolean" },
+      rounds: { type: "string" },
     },
   });
   const { openBenchDatabase, openCachedBenchDatabase } = await import("./harness");
@@ -538,6 +580,7 @@ async function main(): Promise<void> {
       maxSeconds: Number(values.seconds ?? 15),
       historyMaxSeconds: Number(values["history-seconds"] ?? 3600),
       keepHistory: keep,
+      rounds: Number(values.rounds ?? 1),
       log,
     });
     process.stdout.write(`${formatClaims(r)}\n`);

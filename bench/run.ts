@@ -328,7 +328,7 @@ async function main(): Promise<number> {
         `claims: ${claimsReady} ready steps, then again beside ${history} finished steps` +
           (keepHistory ? " (kept from an earlier run where there is one)" : ""),
       );
-      claims = await phase("claims", seconds * 2 + historyBound + 600, async () => {
+      claims = await phase("claims", (seconds + 60) * 2 * repeat + historyBound + 600, async () => {
         const kept = keepHistory ? await openCachedBenchDatabase(log) : undefined;
         try {
           return await measureClaims({
@@ -336,6 +336,7 @@ async function main(): Promise<number> {
             ready: claimsReady,
             history,
             keepHistory,
+            rounds: repeat,
             maxSeconds: seconds,
             historyMaxSeconds: historyBound,
             log,
@@ -573,6 +574,9 @@ function report(r: {
           `${p.completed}/${p.readySteps} ready, ${p.historySteps} finished steps`,
           String(p.stepsPerSecond),
           `claimSteps+completeAttempts, batch ${c.batch}, ${label}: claim ${p.claimMs} ms, complete ${p.completeMs} ms per batch` +
+            (c.rounds > 1
+              ? `; median of ${c.rounds} interleaved rounds: ${(p === c.empty ? c.emptyRuns : c.withHistoryRuns).join(", ")}`
+              : "") +
             (p === c.withHistory
               ? `; ${c.ratio}x of empty; history ${(c.historyBytes / 2 ** 30).toFixed(1)} GiB (${kept})`
               : "") +
