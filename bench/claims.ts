@@ -54,7 +54,7 @@ const HISTORY_CHUNK = 50_000;
 export interface ClaimPhase {
   /** Finished steps in the schema when the phase started. */
   historySteps: number;
-  /** Ready one-step tasks created for the phase. */
+  /** Ready one-step tasks when the phase started: those created for it, and any an earlier round's bound left. */
   readySteps: number;
   /** Steps claimed and completed within the bound. */
   completed: number;
@@ -465,8 +465,12 @@ async function measurePhase(
   await createReady(sm, ready, offset);
   await vacuumSchema(sm);
   const historySteps = await countFinishedSteps(sm);
+  // with those an earlier round's bound left behind: the phase drains them too
+  const { rows } = await sm.db.pool.query<{ n: number }>(
+    `select count(*)::int as n from steps where state = 'ready'`,
+  );
   await startFromCheckpoint(sm.db.pool, log);
-  return drain(sm, ready, historySteps, maxSeconds);
+  return drain(sm, rows[0]?.n ?? ready, historySteps, maxSeconds);
 }
 
 function medianPhase(phases: ClaimPhase[]): ClaimPhase {
