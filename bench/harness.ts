@@ -193,6 +193,35 @@ async function allowCheckpoints(server: EmbeddedServer): Promise<void> {
 }
 
 /**
+ * Where a benchmark keeps what is slow to build and the same from run to run
+ * (the claims benchmark's ten million finished steps): DATABASE_URL when set,
+ * else an embedded PostgreSQL (durable commits, default settings) in a data
+ * directory that outlives the run, BENCH_CACHE_DIR or
+ * /var/tmp/stepbroker-bench (kept across reboots, and enterable by the
+ * postgres user a root run hands the server to). close() stops the server and
+ * keeps the directory; delete it to reclaim the space.
+ */
+export async function openCachedBenchDatabase(log: (line: string) => void): Promise<BenchDatabase> {
+  const given = process.env.DATABASE_URL ?? "";
+  if (given) return { url: given, close: async () => undefined };
+  const dir = process.env.BENCH_CACHE_DIR || path.join("/var/tmp", "stepbroker-bench");
+  await fs.mkdir(dir, { recursive: true, mode: 0o755 });
+  log(`starting the embedded PostgreSQL kept in ${dir} (durable commits, default settings)`);
+  const server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+  await allowCheckpoints(server);
+  return {
+    url: server.url,
+    server,
+    close: () =>
+      server
+        .stop()
+        .catch((err: unknown) =>
+          log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
+        ),
+  };
+}
+
+/**
  * DATABASE_URL when set; otherwise an embedded PostgreSQL (durable commits,
  * default settings, unless `postgresFlags` say otherwise) in a fresh temp
  * directory. `onTempDir` hears of that directory as soon as it exists, so an

@@ -1,7 +1,7 @@
 /**
  * npm run bench: stepbroker end to end beside graphile-worker and pg-boss, on
  * the same PostgreSQL in the same run (an embedded one unless DATABASE_URL is
- * set), then claim speed with and without a million finished steps. Every
+ * set), then claim speed with and without ten million finished steps. Every
  * phase is bounded in time; a phase that fails becomes a row with its error
  * and the run goes on (the exit code is then 1). Prints a table; with --json,
  * one JSON object with every figure on the last line.
@@ -18,13 +18,18 @@
  * alternating order, so the cost of the metrics is a ratio of two medians
  * measured under the same load.
  * --quick: a smoke run of a minute or so (2,000 tasks, 10 s bounds, 50,000 steps of history, 1 round).
+ * Claims: the full run's history (--history, default 10,000,000 finished steps) is kept in a
+ * server of its own (bench/harness.ts openCachedBenchDatabase: BENCH_CACHE_DIR, else
+ * /var/tmp/stepbroker-bench; DATABASE_URL when set) and built only when it is missing or the
+ * migrations changed: the first run on a machine spends up to an hour building it (a later run
+ * resumes a build its bound stopped); --quick builds 50,000 in the run's own database.
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { parseArgs } from "node:util";
-import { type BenchDatabase, openBenchDatabase } from "./harness";
+import { type BenchDatabase, openBenchDatabase, openCachedBenchDatabase } from "./harness";
 import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
-import { type FloorPhase, type FloorResult, measureFloor } from "./floor";
+import { type FloorPhase, type FloorResult, measureFloor, phaseCosts } from "./floor";
 import { measureGraphileWorker } from "./peers/graphileWorker";
 import { measurePgBoss } from "./peers/pgBoss";
 import type { PeerOptions, PeerResult } from "./peers/types";
@@ -59,7 +64,7 @@ const tasks = positiveInt("tasks", values.tasks, quick ? 2000 : 30_000);
 const seconds = positiveInt("seconds", values.seconds, quick ? 10 : 30);
 // The Node pool's capacity: the stepbroker counterpart of the peers' tuned batch and concurrency settings.
 const capacity = positiveInt("capacity", values.capacity, 2048);
-const history = positiveInt("history", values.history, quick ? 50_000 : 1_000_000);
+const history = positiveInt("history", values.history, quick ? 50_000 : 10_000_000);
 const repeat = positiveInt("repeat", values.repeat, quick ? 1 : 3);
 // the peers get as many jobs as stepbroker gets tasks: a rate measured on less work is no comparison
 const peerJobs = tasks;
@@ -305,26 +310,41 @@ async function main(): Promise<number> {
 
     let floor: Outcome<FloorResult> | undefined;
     if (!values["no-floor"]) {
-      log(`the database alone: ${tasks} one-step tasks, bare writes and then the state manager`);
-      floor = await phase("database alone", bound * 2, () =>
-        measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, log }),
+      log(`the database alone: ${tasks} one-step tasks, each model's bare writes and the state manager`);
+      // five phases a round, each bounded by --seconds, plus making and filling its schema
+      const floorBound = (seconds + 60) * 5 * repeat + 120;
+      floor = await phase("database alone", floorBound, () =>
+        measureFloor({ databaseUrl: url, tasks, batch: capacity, maxSeconds: seconds, rounds: repeat, log }),
       );
     }
 
     let claims: Outcome<ClaimsResult> | undefined;
     if (!values["no-claims"]) {
-      const historyBound = quick ? 60 : 300;
-      log(`claims: ${claimsReady} ready steps, then again beside ${history} finished steps`);
-      claims = await phase("claims", seconds * 2 + historyBound + 300, () =>
-        measureClaims({
-          databaseUrl: url,
-          ready: claimsReady,
-          history,
-          maxSeconds: seconds,
-          historyMaxSeconds: historyBound,
-          log,
-        }),
+      // The full run's history is kept (built once per machine, resumed if a bound stops it) in a
+      // server of its own that outlives the run; a quick run builds its small one here and drops it.
+      const keepHistory = !quick;
+      const historyBound = quick ? 60 : 3600;
+      log(
+        `claims: ${claimsReady} ready steps, then again beside ${history} finished steps` +
+          (keepHistory ? " (kept from an earlier run where there is one)" : ""),
       );
+      claims = await phase("claims", (seconds + 60) * 2 * repeat + historyBound + 600, async () => {
+        const kept = keepHistory ? await openCachedBenchDatabase(log) : undefined;
+        try {
+          return await measureClaims({
+            databaseUrl: kept?.url ?? url,
+            ready: claimsReady,
+            history,
+            keepHistory,
+            rounds: repeat,
+            maxSeconds: seconds,
+            historyMaxSeconds: historyBound,
+            log,
+          });
+        } finally {
+          await kept?.close();
+        }
+      });
     }
 
     report({
@@ -446,25 +466,30 @@ function submissionRows(sub: Outcome<SubmissionResult> | undefined): [string, st
   ];
 }
 
-/** The two "database alone" rows: what the end-to-end one-step figure could reach at most on this machine. */
+/** The "database alone" rows: each data model's write floor, then the state manager. */
 function floorRows(floor: Outcome<FloorResult> | undefined): [string, string, string, string][] {
   if (floor === undefined) return [];
   if (!floor.ok) return [["database alone", "-", "FAILED", floor.error]];
   const f = floor.value;
   const how = `${f.connections} connections, batches of ${f.batch}, no sockets`;
   const bound = (p: FloorPhase) => (p.timedOut ? `; bound of ${seconds}s hit` : "");
+  const rounds = (v: { runs: FloorPhase[]; spread: [number, number] }) =>
+    v.runs.length > 1
+      ? `; median of ${v.runs.length} interleaved rounds, spread ${v.spread[0]}-${v.spread[1]}`
+      : "";
   return [
-    [
-      "write floor",
-      `${f.writeFloor.steps} one-step tasks`,
-      String(f.writeFloor.stepsPerSecond),
-      `bare SQL of the rows a one-step task must write, ${how}${bound(f.writeFloor)}`,
-    ],
+    ...f.variants.map((v): [string, string, string, string] => [
+      v.name === "floor_new" ? "write floor (floor_new)" : v.name,
+      `${v.median.steps} one-step tasks`,
+      String(v.median.stepsPerSecond),
+      `${v.ratioToBefore.toFixed(2)}x of floor_before; ${phaseCosts(v.median)}; bare SQL, ${v.summary}, ${how}` +
+        `${bound(v.median)}${rounds(v)}`,
+    ]),
     [
       "state manager",
       `${f.stateManager.steps} one-step tasks`,
       String(f.stateManager.stepsPerSecond),
-      `claimSteps + completeAttempts, ${how}${bound(f.stateManager)}`,
+      `${f.stateManagerOverFloor.toFixed(2)}x of floor_new; ${phaseCosts(f.stateManager)}; claimSteps + completeAttempts, ${how}${bound(f.stateManager)}`,
     ],
   ];
 }
@@ -537,6 +562,9 @@ function report(r: {
   if (r.claims !== undefined) {
     if (r.claims.ok) {
       const c = r.claims.value;
+      const kept = c.historyReused
+        ? "kept history, reused"
+        : `${c.historyInserted} inserted in ${c.historySeconds}s${c.historyKept ? ", kept" : ""}`;
       for (const [label, p] of [
         ["empty history", c.empty],
         ["with history", c.withHistory],
@@ -546,6 +574,12 @@ function report(r: {
           `${p.completed}/${p.readySteps} ready, ${p.historySteps} finished steps`,
           String(p.stepsPerSecond),
           `claimSteps+completeAttempts, batch ${c.batch}, ${label}: claim ${p.claimMs} ms, complete ${p.completeMs} ms per batch` +
+            (c.rounds > 1
+              ? `; median of ${c.rounds} interleaved rounds: ${(p === c.empty ? c.emptyRuns : c.withHistoryRuns).join(", ")}`
+              : "") +
+            (p === c.withHistory
+              ? `; ${c.ratio}x of empty; history ${(c.historyBytes / 2 ** 30).toFixed(1)} GiB (${kept})`
+              : "") +
             (p.timedOut ? `; bound of ${seconds}s hit` : ""),
         ]);
       }

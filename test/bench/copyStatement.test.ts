@@ -1,0 +1,262 @@
+/**
+ * The claims benchmark's history copy (bench/copyStatement.ts,
+ * bench/createDailyPartitions.ts) on tables shaped like the insert-only,
+ * partitioned model (a history_seq counter, transitions and attempts
+ * partitioned by time, an identity and a generated column), so it is known to
+ * work before that model's migration lands; and measureClaims end to end on
+ * the schema the migrations make today, thrown away and kept.
+ */
+import assert from "node:assert/strict";
+import pg from "pg";
+import { measureClaims } from "../../bench/claims";
+import { HISTORY_DAYS, copiedTables, copyStatement } from "../../bench/copyStatement";
+import { createDailyPartitions, startOfDay } from "../../bench/createDailyPartitions";
+import { databaseUrl, dropSchema, uniqueSchemaName } from "../support/db";
+
+const DAY = 86_400_000;
+
+/** The new model in miniature: what the copy must follow from the catalog alone. */
+function ddl(schema: string): string {
+  return `
+create schema ${schema};
+set search_path = ${schema};
+create table task_templates (id integer primary key);
+create table tasks (
+  id uuid primary key, template_id integer not null references task_templates (id), state text not null,
+  context jsonb not null, history_seq integer not null, idempotency_key text unique,
+  created_at timestamptz not null, finished_at timestamptz);
+create table steps (
+  id uuid primary key, task_id uuid not null references tasks (id), name text not null, state text not null,
+  history_seq integer not null, lease_attempt_id uuid,
+  name_length integer generated always as (length(name)) stored,
+  created_at timestamptz not null, finished_at timestamptz);
+create table step_attempts (
+  attempt_id uuid not null, step_id uuid not null, task_id uuid not null, started_at timestamptz not null,
+  finished_at timestamptz not null, outcome text not null, primary key (attempt_id, finished_at)
+) partition by range (finished_at);
+create table step_attempts_default partition of step_attempts default;
+create table step_transitions (
+  step_id uuid not null, task_id uuid not null, to_state text not null, attempt_id uuid, sort_key integer not null,
+  created_at timestamptz not null, primary key (step_id, sort_key, created_at)
+) partition by range (created_at);
+create table step_transitions_default partition of step_transitions default;
+-- no default partition: a copy on a day without a partition fails here
+create table task_transitions (
+  seq bigint generated always as identity, task_id uuid not null, to_state text not null, sort_key integer not null,
+  created_at timestamptz not null, primary key (task_id, sort_key, created_at)
+) partition by range (created_at);
+create table step_notes (step_id uuid not null, note text not null);
+insert into task_templates values (7);`;
+}
+
+/** One finished one-step task, an hour ago, as the state manager would have left it. */
+const MODEL = `
+insert into tasks values ('00000000-0000-7000-8000-000000000001', 7, 'complete', '{"n": 1}', 3, 'key-1',
+  now() - interval '1 hour', now() - interval '1 hour' + interval '2 seconds');
+insert into steps (id, task_id, name, state, history_seq, lease_attempt_id, created_at, finished_at)
+  values ('00000000-0000-7000-8000-000000000002', '00000000-0000-7000-8000-000000000001', 'work', 'complete', 3,
+  null, now() - interval '1 hour', now() - interval '1 hour' + interval '2 seconds');
+insert into step_attempts values ('00000000-0000-7000-8000-000000000003', '00000000-0000-7000-8000-000000000002',
+  '00000000-0000-7000-8000-000000000001', now() - interval '1 hour' + interval '1 second',
+  now() - interval '1 hour' + interval '2 seconds', 'complete');
+insert into step_transitions values
+  ('00000000-0000-7000-8000-000000000002', '00000000-0000-7000-8000-000000000001', 'ready', null, 1, now() - interval '1 hour'),
+  ('00000000-0000-7000-8000-000000000002', '00000000-0000-7000-8000-000000000001', 'in_progress',
+   '00000000-0000-7000-8000-000000000003', 2, now() - interval '1 hour' + interval '1 second'),
+  ('00000000-0000-7000-8000-000000000002', '00000000-0000-7000-8000-000000000001', 'complete',
+   '00000000-0000-7000-8000-000000000003', 3, now() - interval '1 hour' + interval '2 seconds');
+insert into task_transitions (task_id, to_state, sort_key, created_at) values
+  ('00000000-0000-7000-8000-000000000001', 'pending', 1, now() - interval '1 hour'),
+  ('00000000-0000-7000-8000-000000000001', 'in_progress', 2, now() - interval '1 hour' + interval '1 second'),
+  ('00000000-0000-7000-8000-000000000001', 'complete', 3, now() - interval '1 hour' + interval '2 seconds');
+insert into step_notes values ('00000000-0000-7000-8000-000000000002', 'a row reached by step_id only');`;
+
+const MODEL_TASK = "00000000-0000-7000-8000-000000000001";
+
+describe("bench: the history copy", function () {
+  this.timeout(60_000);
+  const source = uniqueSchemaName("copy_source");
+  const target = uniqueSchemaName("copy_target");
+  let c: pg.Client;
+
+  before(async () => {
+    c = new pg.Client({ connectionString: databaseUrl() });
+    await c.connect();
+    await c.query(ddl(source));
+    await c.query("create table task_transitions_default partition of task_transitions default");
+    await c.query(MODEL);
+    await c.query(ddl(target));
+    await c.query("reset search_path");
+  });
+
+  after(async () => {
+    await c?.end();
+    await dropSchema(source);
+    await dropSchema(target);
+  });
+
+  it("copies every row of the model task into daily partitions, with new ids and spread timestamps", async () => {
+    const anchor = new Date();
+    // a day some other partition already covers: left as it is, the days around it still made
+    const taken = startOfDay(anchor, -10);
+    await c.query(
+      `create table ${target}.step_transitions_taken partition of ${target}.step_transitions
+       for values from ('${taken.toISOString()}') to ('${new Date(taken.getTime() + DAY).toISOString()}')`,
+    );
+    const from = startOfDay(anchor, -HISTORY_DAYS - 1);
+    const to = startOfDay(anchor, 2);
+    const days = Math.round((to.getTime() - from.getTime()) / DAY);
+    const created = await createDailyPartitions(c, target, from, to);
+    assert.equal(created, 3 * days - 1, "a partition per day and range-partitioned table, but the day taken");
+    assert.equal(await createDailyPartitions(c, target, from, to), 0, "a second call creates nothing");
+
+    const tables = await copiedTables(c, target);
+    assert.deepEqual(
+      tables.map((t) => `${t.name}:${t.rows}`),
+      [
+        "tasks:the task",
+        "steps:by task_id",
+        "step_attempts:by task_id",
+        "step_notes:by step_id",
+        "step_transitions:by task_id",
+        "task_transitions:by task_id",
+      ],
+    );
+    const columns = (name: string) => tables.find((t) => t.name === name)!.columns.map((col) => col.name);
+    assert.ok(!columns("steps").includes("name_length"), "a generated column is the target's to compute");
+    assert.ok(!columns("task_transitions").includes("seq"), "an identity column is the target's to number");
+
+    const { rows: version } = await c.query<{ v: number }>(
+      "select current_setting('server_version_num')::int as v",
+    );
+    const sql = copyStatement(source, target, tables, 1000, (version[0]?.v ?? 0) >= 180000);
+    await c.query(sql, [MODEL_TASK, 1, 600, 7, anchor]);
+    await c.query(sql, [MODEL_TASK, 601, 1000, 7, anchor]);
+
+    const count = async (from: string): Promise<number> =>
+      Number((await c.query<{ n: string }>(`select count(*)::text as n from ${target}.${from}`)).rows[0]!.n);
+    assert.equal(await count("tasks"), 1000);
+    assert.equal(await count("steps"), 1000);
+    assert.equal(await count("step_attempts"), 1000);
+    assert.equal(await count("step_transitions"), 3000);
+    assert.equal(await count("task_transitions"), 3000);
+    assert.equal(await count("step_notes"), 1000);
+    assert.equal(await count("step_transitions_default"), 0, "every transition in a daily partition");
+    assert.equal(await count("step_attempts_default"), 0, "every attempt in a daily partition");
+
+    const { rows } = await c.query<Record<string, string>>(
+      `select count(distinct t.id)::text as tasks, count(distinct s.id)::text as steps,
+              count(*) filter (where t.idempotency_key is not null)::text as keys,
+              count(*) filter (where t.history_seq <> 3 or s.history_seq <> 3)::text as counters,
+              count(*) filter (where s.name_length <> 4)::text as generated,
+              count(*) filter (where t.finished_at - t.created_at <> interval '2 seconds')::text as durations,
+              count(distinct date_trunc('day', t.created_at))::text as days,
+              extract(epoch from $1::timestamptz - min(t.created_at))::text as oldest_s,
+              extract(epoch from max(t.created_at) - $1::timestamptz)::text as newest_s
+       from ${target}.tasks t join ${target}.steps s on s.task_id = t.id`,
+      [anchor],
+    );
+    const r = rows[0]!;
+    assert.equal(r.tasks, "1000");
+    assert.equal(r.steps, "1000");
+    assert.equal(r.keys, "0", "idempotency keys are unique: copies carry none");
+    assert.equal(r.counters, "0", "history_seq copied as the model has it");
+    assert.equal(r.generated, "0");
+    assert.equal(r.durations, "0", "each copy keeps the model's durations");
+    assert.ok(Number(r.days) >= HISTORY_DAYS, `copies over ${r.days} days`);
+    assert.ok(
+      Number(r.oldest_s) <= HISTORY_DAYS * 86_400 && Number(r.oldest_s) > (HISTORY_DAYS - 1) * 86_400,
+    );
+    assert.ok(Number(r.newest_s) <= 1, "no copy after the anchor");
+
+    // every copy's transitions and attempt name that copy's own step, task and attempt
+    const { rows: links } = await c.query<{ bad: string }>(
+      `select count(*)::text as bad from ${target}.step_transitions tr
+       join ${target}.steps s on s.id = tr.step_id
+       left join ${target}.step_attempts a on a.step_id = s.id
+       where tr.task_id <> s.task_id or a.task_id <> s.task_id
+          or (tr.to_state = 'ready') <> (tr.attempt_id is null)
+          or (tr.attempt_id is not null and tr.attempt_id <> a.attempt_id)`,
+    );
+    assert.equal(links[0]!.bad, "0");
+    const { rows: seqs } = await c.query<{ n: string }>(
+      `select count(distinct seq)::text as n from ${target}.task_transitions`,
+    );
+    assert.equal(seqs[0]!.n, "3000", "identity values numbered by the target");
+  });
+});
+
+describe("bench: measureClaims on the migrated schema", function () {
+  this.timeout(240_000);
+  const quiet = () => undefined;
+
+  async function historySchemas(): Promise<string[]> {
+    const c = new pg.Client({ connectionString: databaseUrl() });
+    await c.connect();
+    try {
+      const { rows } = await c.query<{ nspname: string }>(
+        `select nspname from pg_namespace where nspname like 'bench\\_claims\\_%' order by 1`,
+      );
+      return rows.map((r) => r.nspname);
+    } finally {
+      await c.end();
+    }
+  }
+
+  after(async () => {
+    for (const s of await historySchemas()) await dropSchema(s);
+  });
+
+  it("claims beside a copied history in interleaved rounds, then drops both schemas", async () => {
+    const r = await measureClaims({
+      databaseUrl: databaseUrl(),
+      history: 3000,
+      ready: 300,
+      maxSeconds: 60,
+      rounds: 2,
+      log: quiet,
+    });
+    assert.equal(r.empty.completed, 300);
+    assert.equal(r.withHistory.completed, 300);
+    assert.equal(r.emptyRuns.length, 2);
+    assert.equal(r.withHistoryRuns.length, 2);
+    assert.equal(r.historyInserted, 3000);
+    // beside the 3000 copies: in the second round, also the first round's 300
+    assert.ok([3000, 3300].includes(r.withHistory.historySteps), String(r.withHistory.historySteps));
+    // the "empty" schema holds only the model tasks, and then the first round's 300
+    assert.ok([10, 310].includes(r.empty.historySteps), String(r.empty.historySteps));
+    assert.ok(r.historyBytes > 0);
+    assert.deepEqual(await historySchemas(), [], "a history that is not kept is dropped");
+  });
+
+  it("keeps a history, and the next run reuses it without inserting", async () => {
+    const first = await measureClaims({
+      databaseUrl: databaseUrl(),
+      history: 2000,
+      ready: 100,
+      maxSeconds: 60,
+      keepHistory: true,
+      log: quiet,
+    });
+    assert.equal(first.historyReused, false);
+    assert.equal(first.historyInserted, 2000);
+    const kept = await historySchemas();
+    assert.equal(kept.length, 1);
+    assert.match(kept[0]!, /^bench_claims_h2000_[0-9a-f]{10}$/);
+
+    const second = await measureClaims({
+      databaseUrl: databaseUrl(),
+      history: 2000,
+      ready: 100,
+      maxSeconds: 60,
+      keepHistory: true,
+      log: quiet,
+    });
+    assert.equal(second.historyReused, true);
+    assert.equal(second.historyInserted, 0);
+    assert.equal(second.withHistory.completed, 100);
+    // the first run's ready tasks finished there too, and stay part of the history
+    assert.equal(second.withHistory.historySteps, 2000 + 100);
+    assert.deepEqual(await historySchemas(), kept);
+  });
+});
