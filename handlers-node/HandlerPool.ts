@@ -64,19 +64,65 @@ export type PoolState = (typeof PoolStates)[keyof typeof PoolStates];
 const AttemptPhases = { QUEUED: "queued", RUNNING: "running", FINISHED: "finished" } as const;
 type AttemptPhase = (typeof AttemptPhases)[keyof typeof AttemptPhases];
 
-interface Attempt {
-  readonly id: string;
-  readonly dispatch: StepDispatch;
-  readonly link: BrokerLink;
-  readonly handler: Handler<unknown, unknown, unknown>;
-  readonly controller: AbortController;
-  readonly log: Logger;
-  phase: AttemptPhase;
+/**
+ * One received attempt. Its abort controller and its child logger are made on
+ * first use: most steps end without either being touched, and building them
+ * was the largest per-step cost of this pool (an AbortSignal alone costs more
+ * than running a no-op handler). An abort before the handler reads `signal`
+ * is kept, so the signal it then gets is already aborted with that reason.
+ */
+class Attempt {
+  phase: AttemptPhase = AttemptPhases.QUEUED;
   /** Left `attempts` while running (cancelled, handed back): its outcome is dropped. */
-  released: boolean;
-  startedAt: number;
-  leaseTimer: NodeJS.Timeout | undefined;
-  result: ResultItem | undefined;
+  released = false;
+  startedAt = 0;
+  leaseTimer: NodeJS.Timeout | undefined = undefined;
+  result: ResultItem | undefined = undefined;
+  private controller: AbortController | undefined;
+  private abortReason: StepAbortedError | undefined;
+  private logger: Logger | undefined;
+
+  constructor(
+    readonly dispatch: StepDispatch,
+    readonly link: BrokerLink,
+    readonly handler: Handler<unknown, unknown, unknown>,
+    private readonly poolLog: Logger,
+  ) {}
+
+  get id(): string {
+    return this.dispatch.attempt_id;
+  }
+
+  /** The attempt's logger: the pool's, with task_id, step_id, attempt_id and step. */
+  get log(): Logger {
+    const d = this.dispatch;
+    this.logger ??= this.poolLog.child({
+      task_id: d.task_id,
+      step_id: d.step_id,
+      attempt_id: d.attempt_id,
+      step: d.step_name,
+    });
+    return this.logger;
+  }
+
+  /** Whether `log` writes at `level`, without making the logger (a handler may have changed its level). */
+  logs(level: "info" | "debug"): boolean {
+    return (this.logger ?? this.poolLog).isLevelEnabled(level);
+  }
+
+  get signal(): AbortSignal {
+    if (this.controller === undefined) {
+      this.controller = new AbortController();
+      if (this.abortReason !== undefined) this.controller.abort(this.abortReason);
+    }
+    return this.controller.signal;
+  }
+
+  /** The first reason wins, as AbortController.abort does. */
+  abort(reason: StepAbortedError): void {
+    if (this.controller === undefined) this.abortReason ??= reason;
+    else if (!this.controller.signal.aborted) this.controller.abort(reason);
+  }
 }
 
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
@@ -355,12 +401,12 @@ export class HandlerPool {
       a.released = true;
       this.lingering.add(a);
     }
-    a.log.debug(`forgot attempt: ${why}`);
+    if (a.logs("debug")) a.log.debug(`forgot attempt: ${why}`);
     this.changed();
   }
 
   private abort(a: Attempt, code: AbortCode, message: string): void {
-    if (!a.controller.signal.aborted) a.controller.abort(new StepAbortedError(code, message));
+    a.abort(new StepAbortedError(code, message));
   }
 
   private clearLease(a: Attempt): void {
@@ -517,7 +563,8 @@ export class HandlerPool {
       if (outcome === "stale" || outcome === "unknown") {
         a.log.info({ outcome }, `broker refused the result of step ${a.dispatch.step_name} as ${outcome}`);
       } else {
-        a.log.debug({ outcome }, `result of step ${a.dispatch.step_name} acknowledged (${outcome})`);
+        if (a.logs("debug"))
+          a.log.debug({ outcome }, `result of step ${a.dispatch.step_name} acknowledged (${outcome})`);
       }
       this.forget(a, `ACK ${outcome}`);
     }
@@ -567,24 +614,7 @@ export class HandlerPool {
   // ------------------------------------------------------------- running
 
   private newAttempt(link: BrokerLink, d: StepDispatch): Attempt {
-    return {
-      id: d.attempt_id,
-      dispatch: d,
-      link,
-      handler: this.handlers.get(d.handler) ?? (() => undefined),
-      controller: new AbortController(),
-      log: this.log.child({
-        task_id: d.task_id,
-        step_id: d.step_id,
-        attempt_id: d.attempt_id,
-        step: d.step_name,
-      }),
-      phase: AttemptPhases.QUEUED,
-      released: false,
-      startedAt: 0,
-      leaseTimer: undefined,
-      result: undefined,
-    };
+    return new Attempt(d, link, this.handlers.get(d.handler) ?? (() => undefined), this.log);
   }
 
   /** Starts queued attempts while slots are free. */
@@ -624,10 +654,11 @@ export class HandlerPool {
       );
     } else {
       if (item.status === "complete") {
-        a.log.info(
-          { duration_ms: item.duration_ms },
-          `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
-        );
+        if (a.logs("info"))
+          a.log.info(
+            { duration_ms: item.duration_ms },
+            `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
+          );
       } else if (item.error?.type === StepErrorTypes.INVALID_OUTPUT) {
         a.log.error(`step ${d.step_name} returned an output it cannot send: ${item.error.message}`);
       }
@@ -693,9 +724,14 @@ export class HandlerPool {
   }
 
   private contextFor(a: Attempt): StepContext {
+    // getters, so a handler that never reads `signal` or `log` costs neither (see Attempt)
     return {
-      signal: a.controller.signal,
-      log: a.log,
+      get signal() {
+        return a.signal;
+      },
+      get log() {
+        return a.log;
+      },
       progress: (fraction?: number, message?: string) => this.progress(a, fraction, message),
     };
   }
