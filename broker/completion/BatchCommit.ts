@@ -259,6 +259,8 @@ export class BatchCommit {
   private logOutcome(item: PendingResult, outcome: string, poolId: string | undefined): void {
     const { log } = this.ctx;
     const { result, flight } = item;
+    // Checked first: at a level that is off, the fields and the text would be built per result for nothing.
+    if (!log.isLevelEnabled(outcome !== "stored" || result.status === "complete" ? "info" : "warn")) return;
     const ids = {
       task_id: flight?.taskId,
       step_id: flight?.stepId,
