@@ -722,7 +722,8 @@ export class HandlerPool {
       get log() {
         return a.log;
       },
-      progress: (fraction?: number, message?: string) => this.progress(a, fraction, message),
+      // bound, not an arrow: tsx names every arrow it makes with a defineProperty, once per step here
+      progress: this.progress.bind(this, a),
     };
   }
 
@@ -755,14 +756,12 @@ function traceOf(t: NonNullable<StepDispatch["trace"]>): StepTrace {
 }
 
 /**
- * The `complete` entry for a handler's return value. The output goes through
- * JSON once, so it is the same value in JSON and MessagePack (Dates become
- * strings, undefined fields vanish) and `undefined` becomes `null`: there is no
- * completion without an output. A value JSON cannot carry fails the attempt
- * permanently: retrying would produce it again.
+ * A module function rather than a closure inside completed(): under tsx (which
+ * the CLI runs through) every closure made also pays a defineProperty for its
+ * name, and that one was made for every step.
  */
-function completed(attemptId: string, output: unknown): ResultItem {
-  const invalid = (message: string): ResultItem => ({
+function invalidOutput(attemptId: string, message: string): ResultItem {
+  return {
     attempt_id: attemptId,
     status: "error",
     error: {
@@ -770,7 +769,17 @@ function completed(attemptId: string, output: unknown): ResultItem {
       message: storableText(message.slice(0, 8192)),
       retryable: false,
     },
-  });
+  };
+}
+
+/**
+ * The `complete` entry for a handler's return value. The output goes through
+ * JSON once, so it is the same value in JSON and MessagePack (Dates become
+ * strings, undefined fields vanish) and `undefined` becomes `null`: there is no
+ * completion without an output. A value JSON cannot carry fails the attempt
+ * permanently: retrying would produce it again.
+ */
+function completed(attemptId: string, output: unknown): ResultItem {
   // JSON's own answer for the values a handler returns most, without a text round trip
   if (output === undefined || output === null || typeof output === "boolean")
     return { attempt_id: attemptId, status: "complete", output: output ?? null };
@@ -781,12 +790,13 @@ function completed(attemptId: string, output: unknown): ResultItem {
     const text = JSON.stringify(output);
     value = text === undefined ? null : (JSON.parse(text) as unknown);
   } catch (e) {
-    return invalid(`the handler's output is not JSON: ${coerceError(e).message}`);
+    return invalidOutput(attemptId, `the handler's output is not JSON: ${coerceError(e).message}`);
   }
   // What the broker would refuse (and this pool then resend forever): say so as the step's error instead.
   const problem = valueProblem(value, MAX_VALUE_DEPTH);
   if (problem)
-    return invalid(
+    return invalidOutput(
+      attemptId,
       `the handler's output cannot be stored: at ${pointer(problem.path) || "(the output)"}, ${problem.what}` +
         (problem.code === "unstorable_value"
           ? " (PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)"
