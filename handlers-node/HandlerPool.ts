@@ -66,9 +66,9 @@ type AttemptPhase = (typeof AttemptPhases)[keyof typeof AttemptPhases];
 /**
  * One received attempt. Its abort controller and its child logger are made on
  * first use: most steps end without either being touched, and building them
- * was the largest per-step cost of this pool (an AbortSignal alone costs more
- * than running a no-op handler). An abort before the handler reads `signal`
- * is kept, so the signal it then gets is already aborted with that reason.
+ * was the largest per-step cost in this pool's profile (createAbortSignal
+ * first, pino's child() next). An abort before the handler reads `signal` is
+ * kept, so the signal it then gets is already aborted with that reason.
  */
 class Attempt {
   phase: AttemptPhase = AttemptPhases.QUEUED;
