@@ -56,6 +56,16 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
 }
 
+/**
+ * BENCH_POOL_CPU_PROF=<dir> profiles the pool process as `node --cpu-prof`
+ * does the broker (this process): the pool's profile lands in <dir> when it
+ * exits after its SIGTERM drain.
+ */
+function poolNodeFlags(): string[] {
+  const dir = process.env.BENCH_POOL_CPU_PROF ?? "";
+  return dir === "" ? [] : ["--cpu-prof", "--cpu-prof-dir", dir];
+}
+
 export async function measureStepbroker(opts: {
   databaseUrl: string;
   shape: "one-step" | "diamond";
@@ -93,6 +103,7 @@ export async function measureStepbroker(opts: {
       label: "node",
       cmd: process.execPath,
       args: (endpoint) => [
+        ...poolNodeFlags(),
         "--import",
         "tsx",
         join(import.meta.dirname, "pool.ts"),

@@ -28,7 +28,6 @@ import {
   MAX_VALUE_DEPTH,
   StepErrorTypes,
   coerceError,
-  traceContext,
   pointer,
   storableText,
   valueProblem,
@@ -64,19 +63,65 @@ export type PoolState = (typeof PoolStates)[keyof typeof PoolStates];
 const AttemptPhases = { QUEUED: "queued", RUNNING: "running", FINISHED: "finished" } as const;
 type AttemptPhase = (typeof AttemptPhases)[keyof typeof AttemptPhases];
 
-interface Attempt {
-  readonly id: string;
-  readonly dispatch: StepDispatch;
-  readonly link: BrokerLink;
-  readonly handler: Handler<unknown, unknown, unknown>;
-  readonly controller: AbortController;
-  readonly log: Logger;
-  phase: AttemptPhase;
+/**
+ * One received attempt. Its abort controller and its child logger are made on
+ * first use: most steps end without either being touched, and building them
+ * was the largest per-step cost in this pool's profile (createAbortSignal
+ * first, pino's child() next). An abort before the handler reads `signal` is
+ * kept, so the signal it then gets is already aborted with that reason.
+ */
+class Attempt {
+  phase: AttemptPhase = AttemptPhases.QUEUED;
   /** Left `attempts` while running (cancelled, handed back): its outcome is dropped. */
-  released: boolean;
-  startedAt: number;
-  leaseTimer: NodeJS.Timeout | undefined;
-  result: ResultItem | undefined;
+  released = false;
+  startedAt = 0;
+  leaseTimer: NodeJS.Timeout | undefined = undefined;
+  result: ResultItem | undefined = undefined;
+  private controller: AbortController | undefined;
+  private abortReason: StepAbortedError | undefined;
+  private logger: Logger | undefined;
+
+  constructor(
+    readonly dispatch: StepDispatch,
+    readonly link: BrokerLink,
+    readonly handler: Handler<unknown, unknown, unknown>,
+    private readonly poolLog: Logger,
+  ) {}
+
+  get id(): string {
+    return this.dispatch.attempt_id;
+  }
+
+  /** The attempt's logger: the pool's, with task_id, step_id, attempt_id and step. */
+  get log(): Logger {
+    const d = this.dispatch;
+    this.logger ??= this.poolLog.child({
+      task_id: d.task_id,
+      step_id: d.step_id,
+      attempt_id: d.attempt_id,
+      step: d.step_name,
+    });
+    return this.logger;
+  }
+
+  /** Whether `log` writes at `level`, without making the logger (a handler may have changed its level). */
+  logs(level: "info" | "debug"): boolean {
+    return (this.logger ?? this.poolLog).isLevelEnabled(level);
+  }
+
+  get signal(): AbortSignal {
+    if (this.controller === undefined) {
+      this.controller = new AbortController();
+      if (this.abortReason !== undefined) this.controller.abort(this.abortReason);
+    }
+    return this.controller.signal;
+  }
+
+  /** The first reason wins, as AbortController.abort does. */
+  abort(reason: StepAbortedError): void {
+    if (this.controller === undefined) this.abortReason ??= reason;
+    else if (!this.controller.signal.aborted) this.controller.abort(reason);
+  }
 }
 
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
@@ -322,6 +367,8 @@ export class HandlerPool {
   }
 
   private changed(): void {
+    // called a few times per step, and almost always with no one waiting
+    if (this.changeWaiters.length === 0) return;
     const waiters = this.changeWaiters;
     this.changeWaiters = [];
     for (const w of waiters) w();
@@ -355,12 +402,12 @@ export class HandlerPool {
       a.released = true;
       this.lingering.add(a);
     }
-    a.log.debug(`forgot attempt: ${why}`);
+    if (a.logs("debug")) a.log.debug(`forgot attempt: ${why}`);
     this.changed();
   }
 
   private abort(a: Attempt, code: AbortCode, message: string): void {
-    if (!a.controller.signal.aborted) a.controller.abort(new StepAbortedError(code, message));
+    a.abort(new StepAbortedError(code, message));
   }
 
   private clearLease(a: Attempt): void {
@@ -517,7 +564,8 @@ export class HandlerPool {
       if (outcome === "stale" || outcome === "unknown") {
         a.log.info({ outcome }, `broker refused the result of step ${a.dispatch.step_name} as ${outcome}`);
       } else {
-        a.log.debug({ outcome }, `result of step ${a.dispatch.step_name} acknowledged (${outcome})`);
+        if (a.logs("debug"))
+          a.log.debug({ outcome }, `result of step ${a.dispatch.step_name} acknowledged (${outcome})`);
       }
       this.forget(a, `ACK ${outcome}`);
     }
@@ -567,24 +615,7 @@ export class HandlerPool {
   // ------------------------------------------------------------- running
 
   private newAttempt(link: BrokerLink, d: StepDispatch): Attempt {
-    return {
-      id: d.attempt_id,
-      dispatch: d,
-      link,
-      handler: this.handlers.get(d.handler) ?? (() => undefined),
-      controller: new AbortController(),
-      log: this.log.child({
-        task_id: d.task_id,
-        step_id: d.step_id,
-        attempt_id: d.attempt_id,
-        step: d.step_name,
-      }),
-      phase: AttemptPhases.QUEUED,
-      released: false,
-      startedAt: 0,
-      leaseTimer: undefined,
-      result: undefined,
-    };
+    return new Attempt(d, link, this.handlers.get(d.handler) ?? (() => undefined), this.log);
   }
 
   /** Starts queued attempts while slots are free. */
@@ -624,10 +655,11 @@ export class HandlerPool {
       );
     } else {
       if (item.status === "complete") {
-        a.log.info(
-          { duration_ms: item.duration_ms },
-          `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
-        );
+        if (a.logs("info"))
+          a.log.info(
+            { duration_ms: item.duration_ms },
+            `completed step ${d.step_name} in ${Math.round(ms)} ms (attempt ${d.attempt} of ${d.max_attempts})`,
+          );
       } else if (item.error?.type === StepErrorTypes.INVALID_OUTPUT) {
         a.log.error(`step ${d.step_name} returned an output it cannot send: ${item.error.message}`);
       }
@@ -661,7 +693,9 @@ export class HandlerPool {
   }
 
   private toStep(d: StepDispatch): Step<unknown, unknown, unknown> {
-    return {
+    const step: {
+      -readonly [K in keyof Step<unknown, unknown, unknown>]: Step<unknown, unknown, unknown>[K];
+    } = {
       taskId: d.task_id,
       stepId: d.step_id,
       attemptId: d.attempt_id,
@@ -674,29 +708,22 @@ export class HandlerPool {
       context: d.context,
       config: d.config,
       inputs: d.inputs,
-      ...this.traceOf(d),
     };
-  }
-
-  /** The step's trace context as a handler reads it; nothing when the broker sent none. */
-  private traceOf(d: StepDispatch): { trace?: StepTrace } {
-    const parts = d.trace ? traceContext(d.trace.traceparent) : null;
-    if (!d.trace || !parts) return {};
-    const trace: StepTrace = {
-      traceparent: d.trace.traceparent,
-      traceId: parts.traceId,
-      spanId: parts.spanId,
-      sampled: (parseInt(parts.flags, 16) & 1) === 1,
-      ...(d.trace.tracestate !== undefined ? { tracestate: d.trace.tracestate } : {}),
-    };
-    return { trace };
+    if (d.trace !== undefined) step.trace = traceOf(d.trace);
+    return step;
   }
 
   private contextFor(a: Attempt): StepContext {
+    // getters, so a handler that never reads `signal` or `log` costs neither (see Attempt)
     return {
-      signal: a.controller.signal,
-      log: a.log,
-      progress: (fraction?: number, message?: string) => this.progress(a, fraction, message),
+      get signal() {
+        return a.signal;
+      },
+      get log() {
+        return a.log;
+      },
+      // bound, not an arrow: tsx names every arrow it makes with a defineProperty, once per step here
+      progress: this.progress.bind(this, a),
     };
   }
 
@@ -712,14 +739,29 @@ export class HandlerPool {
 }
 
 /**
- * The `complete` entry for a handler's return value. The output goes through
- * JSON once, so it is the same value in JSON and MessagePack (Dates become
- * strings, undefined fields vanish) and `undefined` becomes `null`: there is no
- * completion without an output. A value JSON cannot carry fails the attempt
- * permanently: retrying would produce it again.
+ * The step's trace context as a handler reads it. The STEP was validated
+ * against step.json on arrival, whose pattern for traceparent is
+ * TRACEPARENT's, so the parts are sliced out without testing it again (that
+ * regular expression was a visible part of this pool's per-step CPU).
  */
-function completed(attemptId: string, output: unknown): ResultItem {
-  const invalid = (message: string): ResultItem => ({
+function traceOf(t: NonNullable<StepDispatch["trace"]>): StepTrace {
+  const tp = t.traceparent;
+  const trace: StepTrace = {
+    traceparent: tp,
+    traceId: tp.slice(3, 35),
+    spanId: tp.slice(36, 52),
+    sampled: (parseInt(tp.slice(53), 16) & 1) === 1,
+  };
+  return t.tracestate === undefined ? trace : { ...trace, tracestate: t.tracestate };
+}
+
+/**
+ * A module function rather than a closure inside completed(): under tsx (which
+ * the CLI runs through) every closure made also pays a defineProperty for its
+ * name, and that one was made for every step.
+ */
+function invalidOutput(attemptId: string, message: string): ResultItem {
+  return {
     attempt_id: attemptId,
     status: "error",
     error: {
@@ -727,18 +769,34 @@ function completed(attemptId: string, output: unknown): ResultItem {
       message: storableText(message.slice(0, 8192)),
       retryable: false,
     },
-  });
+  };
+}
+
+/**
+ * The `complete` entry for a handler's return value. The output goes through
+ * JSON once, so it is the same value in JSON and MessagePack (Dates become
+ * strings, undefined fields vanish) and `undefined` becomes `null`: there is no
+ * completion without an output. A value JSON cannot carry fails the attempt
+ * permanently: retrying would produce it again.
+ */
+function completed(attemptId: string, output: unknown): ResultItem {
+  // JSON's own answer for the values a handler returns most, without a text round trip
+  if (output === undefined || output === null || typeof output === "boolean")
+    return { attempt_id: attemptId, status: "complete", output: output ?? null };
+  if (typeof output === "number")
+    return { attempt_id: attemptId, status: "complete", output: Number.isFinite(output) ? output : null };
   let value: unknown;
   try {
     const text = JSON.stringify(output);
     value = text === undefined ? null : (JSON.parse(text) as unknown);
   } catch (e) {
-    return invalid(`the handler's output is not JSON: ${coerceError(e).message}`);
+    return invalidOutput(attemptId, `the handler's output is not JSON: ${coerceError(e).message}`);
   }
   // What the broker would refuse (and this pool then resend forever): say so as the step's error instead.
   const problem = valueProblem(value, MAX_VALUE_DEPTH);
   if (problem)
-    return invalid(
+    return invalidOutput(
+      attemptId,
       `the handler's output cannot be stored: at ${pointer(problem.path) || "(the output)"}, ${problem.what}` +
         (problem.code === "unstorable_value"
           ? " (PostgreSQL stores no U+0000 or unpaired surrogate; send bytes as base64)"

@@ -13,6 +13,7 @@
 import { BrokerCommands, fault, faultToErrorBody, PoolCommands } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
 import type { Dispatcher } from "../dispatch/Dispatcher";
+import { NO_TRACES } from "../metrics/TraceSink";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
 import type { CompletionResult } from "../StatePort";
 import {
@@ -240,7 +241,8 @@ export class BatchCommit {
   /** The attempt as a span, from its dispatch to now (its result stored); only attempts this broker sent. */
   private traceOutcome(item: PendingResult, poolId: string | undefined, now: number): void {
     const { flight, result } = item;
-    if (!flight || flight.traceparent === undefined) return;
+    // Without an exporter (the default) the span object would be built per result for a no-op.
+    if (!flight || flight.traceparent === undefined || this.ctx.traces === NO_TRACES) return;
     this.ctx.traces.attemptEnded({
       taskTraceparent: flight.traceparent,
       name: flight.stepName,
@@ -259,6 +261,8 @@ export class BatchCommit {
   private logOutcome(item: PendingResult, outcome: string, poolId: string | undefined): void {
     const { log } = this.ctx;
     const { result, flight } = item;
+    // Checked first: at a level that is off, the fields and the text would be built per result for nothing.
+    if (!log.isLevelEnabled(outcome !== "stored" || result.status === "complete" ? "info" : "warn")) return;
     const ids = {
       task_id: flight?.taskId,
       step_id: flight?.stepId,

@@ -14,6 +14,7 @@ import type { BrokerContext } from "../BrokerContext";
 import type { InFlight, PoolRecord } from "../pools/PoolRegistry";
 import { refuseForeign, type ForeignAttempt } from "../pools/refuseForeign";
 import type { JsonValue, StepError } from "../state/types";
+import type { AttemptResult } from "../StatePort";
 import type { PendingResult } from "./Committer";
 
 type ResultItem = BodyOf<"RESULT">["results"][number];
@@ -123,22 +124,17 @@ export class ResultIntake {
       );
     }
     ctx.metrics.resultsAwaitingCommit(this.committer.pending + 1);
-    this.committer.add({
-      poolKey: pool.key,
-      identity: pool.identity,
-      receivedAt: now,
-      ...(flight ? { flight } : {}),
-      ...(parked ? { parked } : {}),
-      result: {
-        attemptId: r.attempt_id,
-        status: r.status,
-        // Validated against the schema on arrival, so it is plain JSON.
-        ...(r.status === "complete" ? { output: (r.output ?? null) as JsonValue } : {}),
-        ...(r.error ? { error: r.error as StepError } : {}),
-        ...(r.duration_ms !== undefined ? { durationMs: r.duration_ms } : {}),
-        ...(r.usage ? { usage: r.usage } : {}),
-        poolId: pool.poolId,
-      },
-    });
+    // Built by assignment rather than spreads of one-field objects: this runs for every result.
+    const result: AttemptResult = { attemptId: r.attempt_id, status: r.status };
+    // Validated against the schema on arrival, so it is plain JSON.
+    if (r.status === "complete") result.output = (r.output ?? null) as JsonValue;
+    if (r.error) result.error = r.error as StepError;
+    if (r.duration_ms !== undefined) result.durationMs = r.duration_ms;
+    if (r.usage) result.usage = r.usage;
+    result.poolId = pool.poolId;
+    const item: PendingResult = { poolKey: pool.key, identity: pool.identity, receivedAt: now, result };
+    if (flight) item.flight = flight;
+    if (parked) item.parked = parked;
+    this.committer.add(item);
   }
 }

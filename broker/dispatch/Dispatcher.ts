@@ -73,27 +73,41 @@ export class Dispatcher {
     if (!this.canSendTo(pool)) return false;
     const { ctx } = this;
     const now = Date.now();
-    const dispatches: StepDispatch[] = steps.map(
-      ({ lease_expires_at: _lease, children, traceparent, tracestate, ...s }) => {
-        // only to pools that said they read it (HELLO trace_context): an older one would refuse the field
-        const step: StepDispatch = pool.traceContext
-          ? { ...s, trace: attemptTrace(s.task_id, s.attempt_id, traceparent ?? null, tracestate ?? null) }
-          : s;
-        ctx.pools.addInFlight(pool, {
-          attemptId: step.attempt_id,
-          stepId: step.step_id,
-          taskId: step.task_id,
-          stepName: step.step_name,
-          handler: step.handler,
-          attempt: step.attempt,
-          maxAttempts: step.max_attempts,
-          children,
-          sentAt: now,
-          traceparent: traceparent ?? null,
-        });
-        return step;
-      },
-    );
+    const dispatches: StepDispatch[] = [];
+    for (const s of steps) {
+      // Built field by field: object rest and spread per step were a large part of a round's CPU.
+      const step: StepDispatch = {
+        task_id: s.task_id,
+        step_id: s.step_id,
+        attempt_id: s.attempt_id,
+        step_name: s.step_name,
+        handler: s.handler,
+        attempt: s.attempt,
+        max_attempts: s.max_attempts,
+        timeout_ms: s.timeout_ms,
+        template: s.template,
+        context: s.context,
+        config: s.config,
+        inputs: s.inputs,
+      };
+      const traceparent = s.traceparent ?? null;
+      // only to pools that said they read it (HELLO trace_context): an older one would refuse the field
+      if (pool.traceContext)
+        step.trace = attemptTrace(s.task_id, s.attempt_id, traceparent, s.tracestate ?? null);
+      ctx.pools.addInFlight(pool, {
+        attemptId: s.attempt_id,
+        stepId: s.step_id,
+        taskId: s.task_id,
+        stepName: s.step_name,
+        handler: s.handler,
+        attempt: s.attempt,
+        maxAttempts: s.max_attempts,
+        children: s.children,
+        sentAt: now,
+        traceparent,
+      });
+      dispatches.push(step);
+    }
     const byHandler = new Map<string, number>();
     for (const s of steps) byHandler.set(s.handler, (byHandler.get(s.handler) ?? 0) + 1);
     for (const [handler, n] of byHandler) ctx.metrics.stepsDispatched(handler, pool.poolId, n);

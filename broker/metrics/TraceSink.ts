@@ -2,8 +2,8 @@
  * Where the broker reports each attempt as a span (PROTOCOL.md, Trace
  * context). The broker depends only on this interface; TraceExporter
  * implements it with OpenTelemetry when OTEL_EXPORTER_OTLP_ENDPOINT is set,
- * and NO_TRACES is the default, so a broker that does not export pays for one
- * no-op call per stored result.
+ * and NO_TRACES is the default: a broker that does not export builds no span
+ * per stored result (BatchCommit checks for NO_TRACES first).
  */
 /** One attempt from dispatch to its result stored. */
 export interface AttemptSpan {

@@ -323,6 +323,56 @@ for (const proto of TRANSPORTS) {
       assert.equal(broker.peek().filter((m) => m.command === "RESULT").length, 0);
     });
 
+    it("gives a handler that reads its signal only after a CANCEL a signal already aborted, and a logger with the attempt's ids", async function () {
+      // The pool makes the AbortController and the child logger on first read: an abort that comes
+      // first must still reach the handler, with its reason.
+      const p = makePool({ capacity: 2 });
+      const gate = deferred();
+      const seen = deferred<{ aborted: boolean; reason: unknown; bindings: Record<string, unknown> }>();
+      p.handle("late_reader", async (_step, ctx) => {
+        await gate.promise;
+        seen.resolve({
+          aborted: ctx.signal.aborted,
+          reason: ctx.signal.reason,
+          bindings: ctx.log.bindings(),
+        });
+        return "finished anyway";
+      });
+      p.handle("quick", () => "ok");
+      const started = p.start();
+      const hello = await broker.handshake();
+      await started;
+      const s = stepFor("late_reader");
+      await broker.send(hello.identity, "STEP", { steps: [s] });
+      await broker.send(hello.identity, "CANCEL", {
+        cancels: [{ attempt_id: s.attempt_id, reason: "task_cancelled" }],
+      });
+      // one socket, in order: once this answer is back, the pool has read the CANCEL
+      const q = stepFor("quick");
+      await broker.send(hello.identity, "STEP", { steps: [q] });
+      assert.deepEqual(
+        results(await broker.next("RESULT")).map((i) => i.attempt_id),
+        [q.attempt_id],
+      );
+      gate.resolve();
+      const got = await seen.promise;
+      assert.equal(got.aborted, true);
+      assert.ok(got.reason instanceof StepAbortedError);
+      assert.equal(got.reason.code, "task_cancelled");
+      assert.equal(got.bindings.attempt_id, s.attempt_id);
+      assert.equal(got.bindings.step_id, s.step_id);
+      assert.equal(got.bindings.task_id, s.task_id);
+      assert.equal(got.bindings.step, s.step_name);
+      // its handler has returned: the next RESULT holds only the next step's, the cancelled outcome is dropped
+      const q2 = stepFor("quick");
+      await broker.send(hello.identity, "STEP", { steps: [q2] });
+      assert.deepEqual(
+        results(await broker.next("RESULT")).map((i) => i.attempt_id),
+        [q2.attempt_id],
+        "the cancelled attempt sends no result",
+      );
+    });
+
     it("reports thrown errors with type, message and retry hints, never a stack", async function () {
       const p = makePool({ capacity: 8 });
       p.handle("perm", () => {
