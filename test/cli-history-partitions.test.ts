@@ -3,40 +3,10 @@
  * person would: the real CLI process on a real PostgreSQL schema of its own.
  */
 import { strict as assert } from "node:assert";
-import { spawn } from "node:child_process";
-import { join } from "node:path";
 import type { HistoryPartition, PruneResult } from "../broker/state/HistoryPartitions";
 import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
-
-const CLI = join(import.meta.dirname, "..", "bin", "stepbroker.js");
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[], env: NodeJS.ProcessEnv, timeoutMs = 20_000): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`stepbroker ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
-    }, timeoutMs);
-    child.once("exit", (code) => {
-      clearTimeout(t);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
+import { runCli as cli } from "./support/runCli";
 
 function daySuffix(offset: number): string {
   return new Date(Date.now() + offset * 86_400_000).toISOString().slice(0, 10).replaceAll("-", "");

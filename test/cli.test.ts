@@ -12,37 +12,10 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
+import { CLI, type CliRun, runCli as cli } from "./support/runCli";
 import { spawnNodePool, type ChildPool } from "./support/stack";
 
-const CLI = join(import.meta.dirname, "..", "bin", "stepbroker.js");
 const TEMPLATES = join(import.meta.dirname, "..", "examples", "order-fulfilment");
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`stepbroker ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
-    }, timeoutMs);
-    child.once("exit", (code) => {
-      clearTimeout(t);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
 async function freePort(): Promise<number> {
   const srv = net.createServer();
@@ -52,7 +25,7 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-function oneLine(r: Run): string {
+function oneLine(r: CliRun): string {
   const lines = r.stderr.trim().split("\n");
   assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
   assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace without --verbose");

@@ -1,0 +1,34 @@
+/** Runs the real `stepbroker` CLI as a child process, as a person would, bounded in time. */
+import { spawn } from "node:child_process";
+import { join } from "node:path";
+
+/** The CLI's entry point, as `npx stepbroker` runs it. */
+export const CLI = join(import.meta.dirname, "..", "..", "bin", "stepbroker.js");
+
+export interface CliRun {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Resolves with the exit code and output; rejects (after SIGKILL) when it runs past `timeoutMs`. */
+export function runCli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<CliRun> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], {
+      env: { ...process.env, ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const t = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`stepbroker ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(t);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
