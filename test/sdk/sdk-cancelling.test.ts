@@ -14,10 +14,13 @@ import { ensurePython, ensureRuby, pythonTestPoolArgs, rubyTestPoolArgs } from "
 import { eventually, spawnPool, useBrokerStack, type ChildPool } from "../support/stack";
 
 /**
- * How long the stuck handler runs past its 300 ms lease: long enough that, on a loaded machine,
- * the timeout, the CANCEL and a HEARTBEAT listing it still come before the handler returns (at
- * 2.5 s a busy CI run once saw the handler return before the test saw it listed).
+ * The stuck step's lease. A CANCEL that reaches the pool before the handler has started drops the
+ * attempt unstarted (nothing lingers, nothing is listed in `cancelling`), so the lease must outlast
+ * the way from claim to a running handler even on a loaded machine (with 300 ms, two full CI runs
+ * never saw the handler listed; run alone, the test passed).
  */
+const LEASE_MS = 2000;
+/** How long the stuck handler runs: well past its lease, its CANCEL and a HEARTBEAT listing it. */
 const HANG_MS = 6000;
 
 const STUCK = {
@@ -28,7 +31,7 @@ const STUCK = {
     {
       name: "stuck",
       handler: "hang",
-      timeout_ms: 300,
+      timeout_ms: LEASE_MS,
       config: { ms: HANG_MS },
       retry: { max_attempts: 1 },
     },
