@@ -21,8 +21,6 @@ export const QUERY_NAMES = [
   "foreign_attempts",
   "get_attempts",
   "get_steps",
-  "get_steps_of_tasks",
-  "get_task",
   "get_tasks",
   "get_template",
   "get_transitions",

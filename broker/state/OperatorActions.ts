@@ -144,7 +144,7 @@ export class OperatorActions {
           `step ${stepId}: its task is ${task.state}; only a running or failed task's steps can be resolved`,
         );
       }
-      const steps = await this.sql.runIn<StepRow>(client, "get_steps", [task.id]);
+      const steps = await this.sql.runIn<StepRow>(client, "get_steps", [[task.id]]);
       const step = steps.find((s) => s.id === stepId.toLowerCase());
       if (step === undefined) throw new StateError("invalid_request", `no step ${stepId}`);
       if (step.state === StepStates.PENDING) {

@@ -14,10 +14,11 @@ export class TaskReads {
   /** The task as protocol task_view (with its steps when asked), or null. */
   async getTask(taskId: string, options: { includeSteps?: boolean } = {}): Promise<TaskView | null> {
     if (!isUuid(taskId)) return null;
-    const [row] = await this.sql.run<TaskRow>("get_task", [taskId]);
+    const [row] = await this.sql.run<TaskRow>("get_tasks", [[taskId]]);
     if (row === undefined) return null;
     const view = taskView(row);
-    if (options.includeSteps) view.steps = (await this.sql.run<StepRow>("get_steps", [taskId])).map(stepView);
+    if (options.includeSteps)
+      view.steps = (await this.sql.run<StepRow>("get_steps", [[taskId]])).map(stepView);
     return view;
   }
 
@@ -29,7 +30,7 @@ export class TaskReads {
     for (const row of await this.sql.run<TaskRow>("get_tasks", [ids])) {
       views.set(row.id, { ...taskView(row), steps: [] });
     }
-    for (const s of await this.sql.run<StepRow & { task_id: string }>("get_steps_of_tasks", [ids])) {
+    for (const s of await this.sql.run<StepRow>("get_steps", [ids])) {
       views.get(s.task_id)?.steps?.push(stepView(s));
     }
     return views;
@@ -71,7 +72,7 @@ export class TaskReads {
     taskId: string,
     options: { servedHandlers?: ReadonlySet<string> } = {},
   ): Promise<ExplainRow[]> {
-    const steps = isUuid(taskId) ? await this.sql.run<StepRow>("get_steps", [taskId]) : [];
+    const steps = isUuid(taskId) ? await this.sql.run<StepRow>("get_steps", [[taskId]]) : [];
     if (steps.length === 0) throw new StateError("unknown_task", `no task ${taskId}`);
     const inputs: ExplainInput[] = steps.map((s) => ({
       id: s.id,

@@ -84,6 +84,7 @@ export interface TaskRow {
   version: string;
 }
 export interface StepRow {
+  task_id: string;
   id: string;
   position: number;
   name: string;

@@ -1,4 +1,4 @@
--- Reads many tasks with their template references, in one round trip (the replies to a batch of SUBMITs).
+-- Reads tasks with their template references: one for a view, or a statement's worth for the replies to a batch of SUBMITs.
 -- $1 uuid[] task ids. Returns one row per task found, in no particular order.
 select t.id, t.state, t.context, t.priority, t.idempotency_key, t.error, t.created_at, t.finished_at,
        tt.namespace, tt.name, tt.version
