@@ -29,8 +29,8 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import { CLI, type CliRun, oneLine, runCli, runCommand } from "./support/runCli";
 
-const CLI = join(import.meta.dirname, "..", "bin", "stepbroker.js");
 const POOL_FIXTURE = join(import.meta.dirname, "handlers-node", "fixtures", "pool-process.ts");
 const SETUP_NETNS = join(import.meta.dirname, "..", "scripts", "setup-netns.sh");
 const TEMPLATE = {
@@ -43,40 +43,12 @@ const TEMPLATE = {
 const ADDR_A = "10.213.7.1";
 const ADDR_B = "10.213.7.2";
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
+function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 30_000): Promise<CliRun> {
+  return runCommand(cmd, args, env, timeoutMs);
 }
 
-/** Runs a command to its end, bounded in time. */
-function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 30_000): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`${cmd} ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
-    }, timeoutMs);
-    child.once("exit", (code) => {
-      clearTimeout(t);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs?: number): Promise<Run> {
-  return run(process.execPath, [CLI, ...args], env, timeoutMs);
-}
-
-function oneLine(r: Run): string {
-  const lines = r.stderr.trim().split("\n");
-  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
-  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-  return lines[0]!;
+function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 30_000): Promise<CliRun> {
+  return runCli(args, env, timeoutMs);
 }
 
 /** A long-running process whose output lines are kept, and which can be waited on for a line. */

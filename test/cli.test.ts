@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
-import { CLI, type CliRun, runCli as cli } from "./support/runCli";
+import { CLI, oneLine, runCli as cli } from "./support/runCli";
 import { spawnNodePool, type ChildPool } from "./support/stack";
 
 const TEMPLATES = join(import.meta.dirname, "..", "examples", "order-fulfilment");
@@ -23,13 +23,6 @@ async function freePort(): Promise<number> {
   const port = (srv.address() as net.AddressInfo).port;
   await new Promise((r) => srv.close(r));
   return port;
-}
-
-function oneLine(r: CliRun): string {
-  const lines = r.stderr.trim().split("\n");
-  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
-  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace without --verbose");
-  return lines[0]!;
 }
 
 describe("the stepbroker CLI", function () {

@@ -1,4 +1,5 @@
-/** Runs the real `stepbroker` CLI as a child process, as a person would, bounded in time. */
+/** Runs commands, and the real `stepbroker` CLI, as child processes as a person would, bounded in time. */
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 
@@ -12,23 +13,38 @@ export interface CliRun {
 }
 
 /** Resolves with the exit code and output; rejects (after SIGKILL) when it runs past `timeoutMs`. */
-export function runCli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<CliRun> {
+export function runCommand(
+  cmd: string,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  timeoutMs = 20_000,
+): Promise<CliRun> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
+    const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
     child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
     const t = setTimeout(() => {
       child.kill("SIGKILL");
-      reject(new Error(`stepbroker ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
+      reject(new Error(`${cmd} ${args.join(" ")} did not finish in ${timeoutMs} ms: ${stderr}`));
     }, timeoutMs);
     child.once("exit", (code) => {
       clearTimeout(t);
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+/** `stepbroker <args>`, through this Node. */
+export function runCli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<CliRun> {
+  return runCommand(process.execPath, [CLI, ...args], env, timeoutMs);
+}
+
+/** The one line a refused command prints on stderr, with no stack trace. */
+export function oneLine(r: CliRun): string {
+  const lines = r.stderr.trim().split("\n");
+  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace without --verbose");
+  return lines[0]!;
 }
