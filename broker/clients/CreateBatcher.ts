@@ -31,10 +31,10 @@
  * protocol has no "busy" answer to refuse them with.
  */
 import { coerceError, type TaskView } from "../../protocol";
-import { isDataError } from "../completion/Committer";
 import type { LogLimiter } from "../LogLimiter";
 import type { CreateTaskRequest, PreparedCreate, PreparedTask, StatePort } from "../StatePort";
-import { pgErrorCode as sqlState } from "../db/errors";
+import { pgErrorCode, reasonOf } from "../db/errors";
+import { isolateDataErrors } from "../db/isolateDataErrors";
 import { StateError } from "../state/errors";
 
 /** Tasks in one create statement at most: a batch this size is a few milliseconds of PostgreSQL work. */
@@ -150,50 +150,47 @@ export class CreateBatcher {
    * down to the request at fault. Every request is answered (or its view read) here.
    */
   private async insertIsolating(ready: Ready[]): Promise<void> {
-    // Parts still to insert, the next one last.
-    const work: Ready[][] = [ready];
-    while (work.length > 0) {
-      const part = work.pop()!;
-      let ids: { id: string; created: boolean }[];
-      try {
-        ids = await this.state.insertCreates(part.map((r) => r.prepared));
-      } catch (e) {
-        const err = coerceError(e);
-        if (!isDataError(e)) {
-          for (const r of part) r.item.reject(err);
-          continue;
-        }
-        if (part.length > 1) {
-          const mid = Math.ceil(part.length / 2);
+    // Answered once the isolation is over, so that a fault in answering is not taken for the database's.
+    const created: [Ready[], { id: string; created: boolean }[]][] = [];
+    let rest = ready;
+    while (rest.length > 0) {
+      const stop = await isolateDataErrors(rest, {
+        run: async (part) => {
+          created.push([part, await this.state.insertCreates(part.map((r) => r.prepared))]);
+        },
+        halving: (part, err) =>
           this.limiter.write(
-            `create:halves:${sqlState(e)}`,
+            `create:halves:${pgErrorCode(err)}`,
             "about batches of new tasks PostgreSQL refused",
             "warn",
             { err, tasks: part.length },
-            `PostgreSQL refused a batch of ${part.length} new tasks (${reasonOf(e)}); creating it in halves to find the request at fault`,
-          );
-          work.push(part.slice(mid), part.slice(0, mid));
-          continue;
-        }
-        const req = part[0]!.prepared.request;
-        this.limiter.write(
-          `create:refused:${sqlState(e)}`,
-          "about new tasks PostgreSQL refused",
-          "warn",
-          { err, template: `${req.namespace}/${req.name}`, idempotency_key: req.idempotencyKey },
-          `PostgreSQL refused to store a new task of ${req.namespace}/${req.name}: ${reasonOf(e)}; only that request was refused`,
-        );
-        part[0]!.item.reject(
-          new StateError(
-            "invalid_request",
-            `PostgreSQL refused to store this task (${reasonOf(e)}): remove the value it cannot store (U+0000, an unpaired surrogate) from the context and submit again`,
-            { cause: err },
+            `PostgreSQL refused a batch of ${part.length} new tasks (${reasonOf(err)}); creating it in halves to find the request at fault`,
           ),
-        );
-        continue;
-      }
-      this.answer(part, ids);
+        single: async (r, err) => {
+          const req = r.prepared.request;
+          this.limiter.write(
+            `create:refused:${pgErrorCode(err)}`,
+            "about new tasks PostgreSQL refused",
+            "warn",
+            { err, template: `${req.namespace}/${req.name}`, idempotency_key: req.idempotencyKey },
+            `PostgreSQL refused to store a new task of ${req.namespace}/${req.name}: ${reasonOf(err)}; only that request was refused`,
+          );
+          r.item.reject(
+            new StateError(
+              "invalid_request",
+              `PostgreSQL refused to store this task (${reasonOf(err)}): remove the value it cannot store (U+0000, an unpaired surrogate) from the context and submit again`,
+              { cause: err },
+            ),
+          );
+          return undefined;
+        },
+      });
+      if (stop === undefined) break;
+      // Nothing was created by the failed statement; its requests get the error, the others are still tried.
+      for (const r of stop.part) r.item.reject(stop.err);
+      rest = stop.rest;
     }
+    for (const [part, ids] of created) this.answer(part, ids);
   }
 
   /** Reads the new tasks' views (one read for the statement) and replies; the next statement need not wait for it. */
@@ -217,13 +214,4 @@ export class CreateBatcher {
       this.wakeIfIdle();
     });
   }
-}
-
-/** What PostgreSQL said (the innermost error, through the wrappers), with the SQLSTATE. */
-function reasonOf(e: unknown): string {
-  let inner: unknown = e;
-  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) inner = err;
-  const msg = inner instanceof Error ? inner.message : String(inner);
-  const code = sqlState(e);
-  return `${msg.slice(0, 200)}${code !== undefined ? `, SQLSTATE ${code}` : ""}`;
 }

@@ -16,13 +16,8 @@ import type { Dispatcher } from "../dispatch/Dispatcher";
 import { NO_TRACES } from "../metrics/TraceSink";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
 import type { CompletionResult } from "../StatePort";
-import {
-  isDataError,
-  UNSTORABLE_RESULT,
-  type CommitReport,
-  type PendingResult,
-  type RefusedResult,
-} from "./Committer";
+import { isDataError } from "../db/errors";
+import { UNSTORABLE_RESULT, type CommitReport, type PendingResult, type RefusedResult } from "./Committer";
 
 /** What one group commit stored; with `claim`, the credit set aside for the children it claimed. */
 export interface CommittedBatch {

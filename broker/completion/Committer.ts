@@ -21,6 +21,8 @@
  */
 import type { Logger } from "pino";
 import { coerceError, StepErrorTypes } from "../../protocol";
+import { codeOf, isDataError, reasonOf } from "../db/errors";
+import { isolateDataErrors } from "../db/isolateDataErrors";
 import type { InFlight, Reservation } from "../pools/PoolRegistry";
 import type { AttemptResult } from "../StatePort";
 
@@ -57,33 +59,6 @@ export const UNSTORABLE_RESULT = StepErrorTypes.UNSTORABLE_RESULT;
 const RETRY_MS = 500;
 /** While the database stays away, one log line per this long, with a count, instead of one per retry. */
 const RETRY_LOG_EVERY_MS = 30_000;
-
-/**
- * True when PostgreSQL refused the data itself, so retrying the same rows
- * cannot help: SQLSTATE class 22 (data exception: untranslatable character,
- * invalid JSON text, ...) or 54 (program limit exceeded: too deep, too
- * large). A TypeError or RangeError was thrown while serializing the values.
- * Everything else (class 08, 57P01 admin shutdown, ECONNREFUSED, timeouts)
- * is about the connection and is retried as a whole batch.
- */
-export function isDataError(e: unknown): boolean {
-  // The state manager wraps the driver's error (name of the statement, `cause` the original).
-  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
-    if (err instanceof TypeError || err instanceof RangeError) return true;
-    const code = sqlState(err);
-    if (code !== undefined) return /^(22|54)[0-9A-Z]{3}$/.test(code);
-  }
-  return false;
-}
-
-/** The SQLSTATE of a driver error, looking through wrappers' `cause`. */
-function sqlState(e: unknown): string | undefined {
-  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
-    const code = (err as { code?: unknown }).code;
-    if (typeof code === "string") return code;
-  }
-  return undefined;
-}
 
 /** `commit` stores one batch in one transaction and says what came of it. */
 export class Committer<Batch> {
@@ -173,32 +148,20 @@ export class Committer<Batch> {
   private async commitIsolating(
     items: PendingResult[],
   ): Promise<{ items: PendingResult[]; err: Error } | undefined> {
-    // Parts still to commit, the next one last.
-    const work: PendingResult[][] = [items];
-    while (work.length > 0) {
-      const part = work.pop()!;
-      const started = performance.now();
-      try {
+    const stop = await isolateDataErrors(items, {
+      run: async (part) => {
+        const started = performance.now();
         const batch = await this.commit(part);
         this.onCommitted({ items: part, batch, ms: performance.now() - started });
-        continue;
-      } catch (e) {
-        const err = coerceError(e);
-        if (!isDataError(e)) return { items: [part, ...work.reverse()].flat(), err };
-        if (part.length > 1) {
-          const mid = Math.ceil(part.length / 2);
-          this.log.warn(
-            { err, results: part.length },
-            `PostgreSQL refused a batch of ${part.length} results (${codeOf(e)}); committing it in halves to find the result at fault`,
-          );
-          work.push(part.slice(mid), part.slice(0, mid));
-          continue;
-        }
-        const gone = await this.refuse(part[0]!, err);
-        if (gone) return { items: [part, ...work.reverse()].flat(), err: gone };
-      }
-    }
-    return undefined;
+      },
+      halving: (part, err) =>
+        this.log.warn(
+          { err, results: part.length },
+          `PostgreSQL refused a batch of ${part.length} results (${codeOf(err)}); committing it in halves to find the result at fault`,
+        ),
+      single: (item, err) => this.refuse(item, err),
+    });
+    return stop && { items: [...stop.part, ...stop.rest], err: stop.err };
   }
 
   /**
@@ -276,19 +239,4 @@ export class Committer<Batch> {
     );
     this.failures = 0;
   }
-}
-
-/** The messages of an error and its causes, innermost last, with the SQLSTATE: "complete_attempts failed: unsupported Unicode escape sequence (SQLSTATE 22P05)". */
-function reasonOf(e: unknown): string {
-  const parts: string[] = [];
-  for (let err = e, i = 0; err && i < 5; err = (err as { cause?: unknown }).cause, i++) {
-    const m = err instanceof Error ? err.message : String(err);
-    if (!parts.includes(m)) parts.push(m);
-  }
-  return `${parts.join(": ").slice(0, 300)} (${codeOf(e)})`;
-}
-
-function codeOf(e: unknown): string {
-  const code = sqlState(e);
-  return code !== undefined ? `SQLSTATE ${code}` : e instanceof Error ? e.name : "error";
 }

@@ -7,7 +7,7 @@
  */
 import { attemptTrace, BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
-import { isDataError } from "../completion/Committer";
+import { isDataError } from "../db/errors";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { ClaimedStep } from "../StatePort";
 

@@ -13,11 +13,11 @@ import { pino } from "pino";
 import {
   Committer,
   UNSTORABLE_RESULT,
-  isDataError,
   type CommitReport,
   type PendingResult,
   type RefusedResult,
 } from "../../broker/completion/Committer";
+import { isDataError } from "../../broker/db/errors";
 import type { CompletionResult } from "../../broker/state/types";
 import type { JsonValue } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
