@@ -35,7 +35,7 @@ import { measurePgBoss } from "./peers/pgBoss";
 import type { PeerOptions, PeerResult } from "./peers/types";
 import { measureStepbroker, type StepbrokerResult } from "./stepbroker";
 import { measureSubmission, type SubmissionResult } from "./submission";
-import { measureSustained, type SustainedResult } from "./sustained";
+import { measureSaturated, measureSustained, type SaturatedResult, type SustainedResult } from "./sustained";
 
 const { values } = parseArgs({
   options: {
@@ -68,9 +68,11 @@ const history = positiveInt("history", values.history, quick ? 50_000 : 10_000_0
 const repeat = positiveInt("repeat", values.repeat, quick ? 1 : 3);
 // the peers get as many jobs as stepbroker gets tasks: a rate measured on less work is no comparison
 const peerJobs = tasks;
-/** The sustained runs' submit rates, as fractions of the one-step median. */
+/** The sustained runs' submit rates, as fractions of the saturated submit-and-run rate. */
 const SUSTAINED_FRACTIONS = [0.5, 0.9];
 const sustainedSeconds = quick ? 5 : 10;
+/** Tasks submitted in a sustained run's first seconds are run but not measured: the broker and pool start cold. */
+const sustainedWarmupSeconds = quick ? 1 : 3;
 /** SUBMITs a pipelining client keeps outstanding on its one socket. */
 const SUBMIT_IN_FLIGHT = 256;
 const claimsReady = quick ? 2000 : 20_000;
@@ -281,28 +283,47 @@ async function main(): Promise<number> {
     }
 
     const sustained: { fraction: number; maximumOf?: string; outcome: Outcome<SustainedResult> }[] = [];
+    let saturated: Outcome<SaturatedResult> | undefined;
     if (!values["no-sustained"]) {
+      // the most the whole path takes: tasks submitted while they are run, as in a sustained run
+      saturated = await phase("stepbroker saturated", sustainedSeconds + sustainedWarmupSeconds + 120, () =>
+        measureSaturated({
+          databaseUrl: url,
+          inFlight: SUBMIT_IN_FLIGHT,
+          seconds: sustainedSeconds,
+          warmupSeconds: sustainedWarmupSeconds,
+          capacity,
+        }),
+      );
       for (const fraction of SUSTAINED_FRACTIONS) {
-        if (!one.ok) {
+        if (!saturated.ok) {
           sustained.push({
             fraction,
-            outcome: { ok: false, error: "not run: no one-step maximum to take a fraction of" },
+            outcome: { ok: false, error: "not run: no saturated rate to take a fraction of" },
           });
           continue;
         }
-        // the most the whole path can take: tasks must be submitted as fast as they are run
-        const submitMax = submission?.ok ? submission.value.pipelined.tasksPerSecond : Infinity;
-        const maximum = Math.min(one.value.stepsPerSecond, submitMax);
+        const maximum = saturated.value.tasksPerSecond;
         const rate = Math.max(1, Math.round(maximum * fraction));
-        const of = maximum === submitMax ? "pipelined SUBMIT rate" : "one-step median";
+        const of = "saturated submit-and-run rate";
         log(
-          `sustained: SUBMIT at ${rate}/s (${fraction * 100}% of the ${of}, ${maximum}/s) for ${sustainedSeconds}s`,
+          `sustained: SUBMIT at ${rate}/s (${fraction * 100}% of the ${of}, ${maximum}/s) for ${sustainedWarmupSeconds}+${sustainedSeconds}s`,
         );
         sustained.push({
           fraction,
           maximumOf: of,
-          outcome: await phase(`stepbroker sustained ${fraction * 100}%`, sustainedSeconds + 120, () =>
-            measureSustained({ databaseUrl: url, rate, seconds: sustainedSeconds, capacity, log }),
+          outcome: await phase(
+            `stepbroker sustained ${fraction * 100}%`,
+            sustainedSeconds + sustainedWarmupSeconds + 120,
+            () =>
+              measureSustained({
+                databaseUrl: url,
+                rate,
+                seconds: sustainedSeconds,
+                warmupSeconds: sustainedWarmupSeconds,
+                capacity,
+                log,
+              }),
           ),
         });
       }
@@ -353,6 +374,7 @@ async function main(): Promise<number> {
       lone,
       metricsCost,
       submission,
+      saturated,
       sustained,
       floor,
       peers,
@@ -367,6 +389,7 @@ async function main(): Promise<number> {
         lone,
         ...(metricsCost ? [metricsCost.on, metricsCost.off] : []),
         ...(submission ? [submission] : []),
+        ...(saturated ? [saturated] : []),
         ...sustained.map((x) => x.outcome),
         ...(floor ? [floor] : []),
         ...(claims ? [claims] : []),
@@ -501,6 +524,7 @@ function report(r: {
   lone: Outcome<StepbrokerResult>;
   metricsCost: MetricsCost | undefined;
   submission: Outcome<SubmissionResult> | undefined;
+  saturated: Outcome<SaturatedResult> | undefined;
   sustained: { fraction: number; maximumOf?: string; outcome: Outcome<SustainedResult> }[];
   floor: Outcome<FloorResult> | undefined;
   peers: PeerRow[];
@@ -536,14 +560,26 @@ function report(r: {
     sbRow(r.lone, (v) => `${v.steps} steps, one diamond at a time`, latency),
     ...metricsRows(r.metricsCost, spread),
     ...submissionRows(r.submission),
+    ...(r.saturated === undefined
+      ? []
+      : [
+          r.saturated.ok
+            ? ([
+                "stepbroker saturated",
+                `${r.saturated.value.completed} one-step tasks submitted and run`,
+                String(r.saturated.value.tasksPerSecond),
+                `SUBMIT over tcp, ${r.saturated.value.inFlight} in flight, while 1 Node pool works: tasks completed/s over ${r.saturated.value.seconds}s after a ${r.saturated.value.warmupSeconds}s warm-up`,
+              ] as Row)
+            : failedRow("stepbroker saturated", r.saturated.error),
+        ]),
     ...r.sustained.map(({ fraction, maximumOf, outcome: o }): Row =>
       o.ok
         ? [
             "stepbroker sustained",
             `${o.value.completed}/${o.value.submitted} one-step tasks at ${fraction * 100}% of max`,
             String(o.value.submittedPerSecond),
-            `SUBMIT over tcp at ${o.value.targetRate}/s (${fraction * 100}% of the ${maximumOf}) for ${o.value.seconds}s while 1 Node pool works: ` +
-              `submit -> complete p50 ${o.value.latencyP50Ms} ms, p99 ${o.value.latencyP99Ms} ms`,
+            `SUBMIT over tcp at ${o.value.targetRate}/s (${fraction * 100}% of the ${maximumOf}) for ${o.value.warmupSeconds}+${o.value.seconds}s while 1 Node pool works: ` +
+              `submit -> complete p50 ${o.value.latencyP50Ms} ms, p99 ${o.value.latencyP99Ms} ms (the ${o.value.measured} tasks after the warm-up)`,
           ]
         : failedRow(`stepbroker sustained ${fraction * 100}%`, o.error),
     ),
@@ -652,6 +688,7 @@ function report(r: {
                   on_over_off: r.metricsCost.ratio ?? null,
                 },
           submission: value(r.submission),
+          saturated: r.saturated === undefined ? null : value(r.saturated),
           sustained: r.sustained.map(({ fraction, maximumOf, outcome }) => ({
             fraction,
             maximum_of: maximumOf ?? null,
