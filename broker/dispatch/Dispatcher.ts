@@ -11,8 +11,20 @@ import { isDataError } from "../completion/Committer";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { ClaimedStep } from "../StatePort";
 
+/**
+ * The most a poll's round claims for a pool whose last claim found no more
+ * ready work. A claim sets its whole limit aside until it returns, and the
+ * poll's claim usually finds nothing: with all of a pool's credit set aside,
+ * a result arriving meanwhile could claim none of its children in its commit,
+ * and they waited for another round. A full probe means work was missed, and
+ * the next round claims the rest at once.
+ */
+const POLL_PROBE = 16;
+
 export class Dispatcher {
   private wanted = false;
+  /** Pools whose next claim is a poll's probe (at most POLL_PROBE). */
+  private readonly probing = new WeakSet<PoolRecord>();
   private round: Promise<void> | undefined;
   private kickTimer: NodeJS.Timeout | undefined;
   private nextKickAt: number | undefined;
@@ -30,12 +42,19 @@ export class Dispatcher {
    * take, that credit means no new work, and no round is started for it, so the
    * claim for the children a commit readies is not kept waiting behind an
    * empty one. Every other reason (new tasks, readied children, retries,
-   * requeued attempts, the poll) may mean work for anyone.
+   * requeued attempts, the poll) may mean work for anyone. `poll`: nothing
+   * but the timer asks, so drained pools only probe (see POLL_PROBE).
    */
-  kick(creditOf?: PoolRecord): void {
+  kick(creditOf?: PoolRecord, poll = false): void {
     if (!this.ctx.isRunning()) return;
     if (creditOf?.readyDrained) return;
-    if (creditOf === undefined) this.ctx.pools.forgetDrained();
+    if (creditOf === undefined) {
+      for (const p of this.ctx.pools.all()) {
+        if (poll && p.readyDrained) this.probing.add(p);
+        else if (!poll) this.probing.delete(p);
+      }
+      this.ctx.pools.forgetDrained();
+    }
     this.wanted = true;
     if (!this.round) {
       this.round = this.loop().finally(() => {
@@ -197,11 +216,12 @@ export class Dispatcher {
     return avoid;
   }
 
-  /** Claims up to the pool's credit of steps it serves and sends them; true when it filled the credit. */
+  /** Claims up to the pool's credit (a probe's, after a poll) of steps it serves and sends them; true when it filled it. */
   private async dispatchTo(pool: PoolRecord): Promise<boolean> {
     const { ctx } = this;
-    const credit = ctx.pools.credit(pool);
-    if (credit === 0) return false;
+    const free = ctx.pools.credit(pool);
+    if (free === 0) return false;
+    const credit = this.probing.delete(pool) ? Math.min(free, POLL_PROBE) : free;
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);
