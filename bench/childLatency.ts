@@ -59,6 +59,12 @@ export interface ChildLatencyResult {
   children: number;
   /** Children the commit of their parents claimed, rather than a later dispatch round. */
   claimedByCommit: number;
+  /** The bench's figure for the other children (claimed by a dispatch round), sorted. */
+  claimedLaterMs: number[];
+  /** complete_attempts calls per diamond (3 when b and c are stored together). */
+  commitsPerDiamond: number;
+  /** From SUBMIT to the task's end, per diamond. */
+  diamondMs: { p50: number; p99: number };
   segments: Record<string, { p50: number; p99: number }>;
   floor: {
     commitP50: number;
@@ -184,8 +190,10 @@ export async function measureChildLatency(opts: {
 
   // The state manager the broker gets: the real one, with each commit's round trip timed.
   const commits = new Map<string, CommitTimes>();
+  let commitCalls = 0;
   const timed = Object.create(sm) as typeof sm;
   timed.completeAttempts = async (results, claim) => {
+    commitCalls++;
     const sentAt = wall();
     const out = await sm.completeAttempts(results, claim);
     const rowsAt = wall();
@@ -199,6 +207,8 @@ export async function measureChildLatency(opts: {
     cmd: process.execPath,
     args: (endpoint) => ["--import", "tsx", import.meta.filename, "--pool", endpoint],
   });
+  const diamonds: number[] = [];
+  let commitsPerDiamond: number | undefined;
   const admin = opts.adminUrl === undefined ? undefined : new pg.Client({ connectionString: opts.adminUrl });
   let statements: ChildLatencyResult["statements"];
   try {
@@ -208,10 +218,14 @@ export async function measureChildLatency(opts: {
       await admin.query("select pg_stat_statements_reset()");
     }
     log(`${opts.tasks} diamonds, one at a time`);
+    commitCalls = 0;
     for (let i = 0; i < opts.tasks; i++) {
+      const started = performance.now();
       const { task } = await broker.submit({ namespace: "bench", name: "diamond", context: { n: i } });
       await broker.wait(task.task_id, 10_000);
+      diamonds.push(performance.now() - started);
     }
+    commitsPerDiamond = commitCalls / opts.tasks;
     if (admin) {
       const { rows } = await admin.query<{ query: string; calls: string; mean: number }>(
         `select regexp_replace(query, '\\s+', ' ', 'g') as query, calls, mean_exec_time as mean
@@ -258,6 +272,7 @@ export async function measureChildLatency(opts: {
   };
   const [total, inPg, flush, inBroker, wire, inPool] = Object.values(seg) as number[][];
   let claimedByCommit = 0;
+  const claimedLater: number[] = [];
   // The server's times moved onto this process's clock.
   const off = floor.clockOffsetMs;
   for (const r of rows) {
@@ -265,7 +280,10 @@ export async function measureChildLatency(opts: {
     const finished = Number(r.finished) + off;
     const c = commits.get(r.step_id);
     const handed = handedAt.get(r.step_id);
-    if (!c || handed === undefined || r.committed === null) continue;
+    if (!c || handed === undefined || r.committed === null) {
+      claimedLater.push(Math.round((Number(r.arrived) - Number(r.finished)) * 10) / 10);
+      continue;
+    }
     claimedByCommit++;
     const committed = Number(r.committed) + off;
     inPg!.push(committed - finished);
@@ -277,6 +295,9 @@ export async function measureChildLatency(opts: {
   return {
     children: rows.length,
     claimedByCommit,
+    claimedLaterMs: claimedLater.sort((a, b) => a - b),
+    commitsPerDiamond: Math.round((commitsPerDiamond ?? NaN) * 100) / 100,
+    diamondMs: summary(diamonds),
     segments: Object.fromEntries(Object.entries(seg).map(([k, v]) => [k, summary(v)])),
     floor: floor.floor,
     settings: floor.settings,
@@ -345,7 +366,9 @@ if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
         const lines = [
           `segment                                           p50 ms    p99 ms`,
           ...Object.entries(r.segments).map(([k, v]) => `${k.padEnd(48)} ${f(v.p50)} ${f(v.p99)}`),
-          `${r.claimedByCommit} of ${r.children} children claimed by their parents' commit (the split covers those)`,
+          `${r.claimedByCommit} of ${r.children} children claimed by their parents' commit (the split covers those);` +
+            ` the others, ms: [${r.claimedLaterMs.join(", ")}]`,
+          `${r.commitsPerDiamond} commits per diamond; SUBMIT -> task ended ${f(r.diamondMs.p50)} ${f(r.diamondMs.p99)}`,
           `floor: durable single-row INSERT ${f(r.floor.commitP50)} ${f(r.floor.commitP99)}`,
           `       select round trip         ${f(r.floor.roundTripP50)} ${f(r.floor.roundTripP99)}`,
           `server: ${Object.entries(r.settings)
