@@ -12,19 +12,18 @@ import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { ClaimedStep } from "../StatePort";
 
 /**
- * The most a poll's round claims for a pool whose last claim found no more
- * ready work. A claim sets its whole limit aside until it returns, and the
- * poll's claim usually finds nothing: with all of a pool's credit set aside,
+ * The most a round claims for a pool whose last claim found no more ready
+ * work, when nothing since said there may be more (a poll's round, or one
+ * for another pool). A claim sets its whole limit aside until it returns, and
+ * such a claim usually finds nothing: with all of a pool's credit set aside,
  * a result arriving meanwhile could claim none of its children in its commit,
  * and they waited for another round. A full probe means work was missed, and
  * the next round claims the rest at once.
  */
-const POLL_PROBE = 16;
+const PROBE_CLAIM = 16;
 
 export class Dispatcher {
   private wanted = false;
-  /** Pools whose next claim is a poll's probe (at most POLL_PROBE). */
-  private readonly probing = new WeakSet<PoolRecord>();
   private round: Promise<void> | undefined;
   private kickTimer: NodeJS.Timeout | undefined;
   private nextKickAt: number | undefined;
@@ -42,19 +41,13 @@ export class Dispatcher {
    * take, that credit means no new work, and no round is started for it, so the
    * claim for the children a commit readies is not kept waiting behind an
    * empty one. Every other reason (new tasks, readied children, retries,
-   * requeued attempts, the poll) may mean work for anyone. `poll`: nothing
-   * but the timer asks, so drained pools only probe (see POLL_PROBE).
+   * requeued attempts) may mean work for anyone. `poll`: only the timer
+   * asks, which says nothing new: drained pools only probe (PROBE_CLAIM).
    */
   kick(creditOf?: PoolRecord, poll = false): void {
     if (!this.ctx.isRunning()) return;
     if (creditOf?.readyDrained) return;
-    if (creditOf === undefined) {
-      for (const p of this.ctx.pools.all()) {
-        if (poll && p.readyDrained) this.probing.add(p);
-        else if (!poll) this.probing.delete(p);
-      }
-      this.ctx.pools.forgetDrained();
-    }
+    if (creditOf === undefined && !poll) this.ctx.pools.forgetDrained();
     this.wanted = true;
     if (!this.round) {
       this.round = this.loop().finally(() => {
@@ -216,12 +209,12 @@ export class Dispatcher {
     return avoid;
   }
 
-  /** Claims up to the pool's credit (a probe's, after a poll) of steps it serves and sends them; true when it filled it. */
+  /** Claims up to the pool's credit (a probe's, if it was drained) of steps it serves and sends them; true when it filled it. */
   private async dispatchTo(pool: PoolRecord): Promise<boolean> {
     const { ctx } = this;
     const free = ctx.pools.credit(pool);
     if (free === 0) return false;
-    const credit = this.probing.delete(pool) ? Math.min(free, POLL_PROBE) : free;
+    const credit = pool.readyDrained ? Math.min(free, PROBE_CLAIM) : free;
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);

@@ -324,6 +324,20 @@ describe("dispatch and credit, against a state port answered by hand", function 
     await emptyRounds(h, last);
   });
 
+  it("a poll during a claim that drains the queue asks for a probe after it, not another full claim", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    h.dispatcher.kick(); // a task was created
+    await until(() => h.state.claims.length === 1, "the claim for the new task");
+    assert.equal(h.state.claims[0]!.request.limit, 64);
+    h.dispatcher.kick(undefined, true); // the poll's timer fires meanwhile
+    h.state.claims[0]!.answer.resolve([step(2)]);
+    await until(() => h.state.claims.length === 2, "the poll's round");
+    assert.equal(h.state.claims[1]!.request.limit, 16, "the first claim found the queue drained");
+    await emptyRounds(h, 1);
+  });
+
   it("gives back untouched the steps claimed for a pool that left during the claim", async () => {
     const h = harness();
     const pool = h.hello("p1", 16);
