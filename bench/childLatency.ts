@@ -65,10 +65,13 @@ export interface ChildLatencyResult {
   commitsPerDiamond: number;
   /** From SUBMIT to the task's end, per diamond. */
   diamondMs: { p50: number; p99: number };
+  /** WAL the server wrote during the diamonds (task creation and claims too), per result commit. */
+  walBytesPerCommit: number;
   segments: Record<string, { p50: number; p99: number }>;
   floor: {
     commitP50: number;
     commitP99: number;
+    walBytesPerCommit: number;
     roundTripP50: number;
     roundTripP99: number;
   };
@@ -98,6 +101,18 @@ async function timeStatements(c: pg.Client, sql: string, n: number, params: (i: 
     out.push(performance.now() - t);
   }
   return out;
+}
+
+async function walLsn(c: pg.Client | pg.Pool): Promise<string> {
+  return (await c.query<{ lsn: string }>("select pg_current_wal_lsn()::text as lsn")).rows[0]!.lsn;
+}
+
+async function walBytesSince(c: pg.Client | pg.Pool, lsn: string): Promise<number> {
+  const { rows } = await c.query<{ n: string }>(
+    "select pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::text as n",
+    [lsn],
+  );
+  return Number(rows[0]!.n);
 }
 
 async function measureFloor(url: string, commits: number) {
@@ -131,7 +146,9 @@ async function measureFloor(url: string, commits: number) {
     await c.query(`create schema ${FLOOR_SCHEMA}`);
     // A plain table: a temporary or unlogged one would write no WAL and flush nothing.
     await c.query(`create table ${FLOOR_SCHEMA}.t (id bigint primary key)`);
+    const walBefore = await walLsn(c);
     const commit = await timeStatements(c, `insert into ${FLOOR_SCHEMA}.t values ($1)`, commits, (i) => [i]);
+    const floorWal = (await walBytesSince(c, walBefore)) / commits;
     const roundTrip = await timeStatements(c, "select $1::int", commits, (i) => [i]);
     await c.query(`drop schema ${FLOOR_SCHEMA} cascade`);
     const cs = summary(commit);
@@ -139,7 +156,13 @@ async function measureFloor(url: string, commits: number) {
     return {
       settings,
       clockOffsetMs: summary(offsets).p50,
-      floor: { commitP50: cs.p50, commitP99: cs.p99, roundTripP50: rt.p50, roundTripP99: rt.p99 },
+      floor: {
+        commitP50: cs.p50,
+        commitP99: cs.p99,
+        walBytesPerCommit: Math.round(floorWal),
+        roundTripP50: rt.p50,
+        roundTripP99: rt.p99,
+      },
     };
   } finally {
     await c.end();
@@ -209,6 +232,7 @@ export async function measureChildLatency(opts: {
   });
   const diamonds: number[] = [];
   let commitsPerDiamond: number | undefined;
+  let walPerCommit: number | undefined;
   const admin = opts.adminUrl === undefined ? undefined : new pg.Client({ connectionString: opts.adminUrl });
   let statements: ChildLatencyResult["statements"];
   try {
@@ -219,6 +243,7 @@ export async function measureChildLatency(opts: {
     }
     log(`${opts.tasks} diamonds, one at a time`);
     commitCalls = 0;
+    const walBefore = await walLsn(sm.db.pool);
     for (let i = 0; i < opts.tasks; i++) {
       const started = performance.now();
       const { task } = await broker.submit({ namespace: "bench", name: "diamond", context: { n: i } });
@@ -226,6 +251,7 @@ export async function measureChildLatency(opts: {
       diamonds.push(performance.now() - started);
     }
     commitsPerDiamond = commitCalls / opts.tasks;
+    walPerCommit = (await walBytesSince(sm.db.pool, walBefore)) / commitCalls;
     if (admin) {
       const { rows } = await admin.query<{ query: string; calls: string; mean: number }>(
         `select regexp_replace(query, '\\s+', ' ', 'g') as query, calls, mean_exec_time as mean
@@ -298,6 +324,7 @@ export async function measureChildLatency(opts: {
     claimedLaterMs: claimedLater.sort((a, b) => a - b),
     commitsPerDiamond: Math.round((commitsPerDiamond ?? NaN) * 100) / 100,
     diamondMs: summary(diamonds),
+    walBytesPerCommit: Math.round(walPerCommit ?? NaN),
     segments: Object.fromEntries(Object.entries(seg).map(([k, v]) => [k, summary(v)])),
     floor: floor.floor,
     settings: floor.settings,
@@ -369,7 +396,8 @@ if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
           `${r.claimedByCommit} of ${r.children} children claimed by their parents' commit (the split covers those);` +
             ` the others, ms: [${r.claimedLaterMs.join(", ")}]`,
           `${r.commitsPerDiamond} commits per diamond; SUBMIT -> task ended ${f(r.diamondMs.p50)} ${f(r.diamondMs.p99)}`,
-          `floor: durable single-row INSERT ${f(r.floor.commitP50)} ${f(r.floor.commitP99)}`,
+          `floor: durable single-row INSERT ${f(r.floor.commitP50)} ${f(r.floor.commitP99)}` +
+            `  (WAL per commit: ${r.floor.walBytesPerCommit} bytes; during the diamonds, per result commit: ${r.walBytesPerCommit})`,
           `       select round trip         ${f(r.floor.roundTripP50)} ${f(r.floor.roundTripP99)}`,
           `server: ${Object.entries(r.settings)
             .map(([k, v]) => `${k}=${v}`)
