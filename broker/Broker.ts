@@ -90,7 +90,7 @@ export class Broker {
       limiter: this.limiter,
       outbox,
       lifecycle: () => this.state,
-      kick: (creditOf) => this.dispatcher.kick(creditOf),
+      kick: (creditOf, poll) => this.dispatcher.kick(creditOf, poll),
       kickAt: (when) => this.dispatcher.kickAt(when),
     }));
     ctx.traces = options.traces ?? traceSinkFromEnv(this.log);

@@ -48,7 +48,7 @@ export interface BrokerContext {
   /** Puts attempts back to ready (counting an attempt or not); a failure is logged, and the leases expire instead. */
   release(attemptIds: string[], countAttempt: boolean, reason: string): Promise<void>;
   /** Asks for a dispatch round (see Dispatcher.kick). */
-  kick(creditOf?: PoolRecord): void;
+  kick(creditOf?: PoolRecord, poll?: boolean): void;
   /** Asks for a dispatch round at this time (a retry's backoff ends). */
   kickAt(when: number): void;
 }
@@ -61,7 +61,7 @@ export interface ContextParts {
   limiter: LogLimiter;
   outbox: Outbox;
   lifecycle(): BrokerState;
-  kick(creditOf?: PoolRecord): void;
+  kick(creditOf?: PoolRecord, poll?: boolean): void;
   kickAt(when: number): void;
 }
 
@@ -117,7 +117,7 @@ export function createContext(parts: ContextParts): BrokerContext {
       }
       parts.kick();
     },
-    kick: (creditOf) => parts.kick(creditOf),
+    kick: (creditOf, poll) => parts.kick(creditOf, poll),
     kickAt: (when) => parts.kickAt(when),
   };
   return ctx;

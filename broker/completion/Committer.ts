@@ -3,6 +3,8 @@
  * that have arrived to the state manager in one transaction, so throughput is
  * bound by PostgreSQL round trips per batch, not per result. While a commit
  * runs, the next batch gathers by itself: no timer, no added latency when idle.
+ * The results of one message are handed over together (addAll), so an idle
+ * committer stores them in one transaction.
  *
  * Two kinds of failure, handled differently:
  *  - The database is unreachable or restarting: the batch is retried after a
@@ -92,7 +94,18 @@ export class Committer<Batch> {
   }
 
   add(item: PendingResult): void {
-    this.queue.push(item);
+    this.addAll([item]);
+  }
+
+  /**
+   * Queues results that arrived together. An idle committer starts at once,
+   * with all of them in one transaction: the results of one RESULT message
+   * added one at a time had the first committed alone, so a diamond's two
+   * parents, sent together, took two commits in a row.
+   */
+  addAll(items: readonly PendingResult[]): void {
+    if (items.length === 0) return;
+    for (const item of items) this.queue.push(item);
     if (!this.running) void this.flushLoop();
   }
 

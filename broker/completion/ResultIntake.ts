@@ -21,7 +21,7 @@ type ResultItem = BodyOf<"RESULT">["results"][number];
 
 /** What intake needs of the committer. */
 export interface ResultQueue {
-  add(item: PendingResult): void;
+  addAll(items: readonly PendingResult[]): void;
   readonly full: boolean;
   readonly pending: number;
   readonly bound: number;
@@ -46,6 +46,9 @@ export class ResultIntake {
     const { ctx } = this;
     const now = Date.now();
     const unheld: ResultItem[] = [];
+    // Handed to the committer together, before the kick below: one transaction for the message, and
+    // its children's credit set aside before a dispatch round can take that credit for itself.
+    const items: PendingResult[] = [];
     for (const r of body.results) {
       const holder = ctx.pools.holderOf(r.attempt_id);
       if (holder && holder !== pool) {
@@ -61,8 +64,9 @@ export class ResultIntake {
         unheld.push(r);
         continue;
       }
-      this.queue(pool, r, now, ctx.pools.takeInFlight(r.attempt_id)?.flight);
+      this.queue(pool, r, now, ctx.pools.takeInFlight(r.attempt_id)?.flight, items);
     }
+    this.committer.addAll(items);
     // Credit came back: more work can go out while the commit runs.
     ctx.kick(pool);
     if (unheld.length > 0) {
@@ -89,11 +93,13 @@ export class ResultIntake {
       pool.poolId,
     );
     const refused: ForeignAttempt[] = [];
+    const items: PendingResult[] = [];
     for (const r of results) {
       const owner = foreign.get(r.attempt_id.toLowerCase());
       if (owner !== undefined) refused.push({ attemptId: r.attempt_id, owner });
-      else this.queue(pool, r, now, undefined);
+      else this.queue(pool, r, now, undefined, items);
     }
+    this.committer.addAll(items);
     this.refuseForeignResults(pool, refused);
     if (pool.draining && pool.inFlight.size === 0 && ctx.pools.isCurrent(pool)) this.forgetDrained(pool);
   }
@@ -111,19 +117,27 @@ export class ResultIntake {
     refuseForeign(ctx, pool, "RESULT", attempts);
   }
 
-  private queue(pool: PoolRecord, r: ResultItem, now: number, flight: InFlight | undefined): void {
+  /** Builds the pending result onto `items`, which the caller hands to the committer. */
+  private queue(
+    pool: PoolRecord,
+    r: ResultItem,
+    now: number,
+    flight: InFlight | undefined,
+    items: PendingResult[],
+  ): void {
     const { ctx } = this;
     ctx.pools.noteResultReceived(pool);
-    const parked = this.committer.full ? ctx.pools.reserve(pool, 1) : undefined;
+    const waiting = this.committer.pending + items.length;
+    const parked = waiting >= this.committer.bound ? ctx.pools.reserve(pool, 1) : undefined;
     if (parked && !this.parking) {
       this.parking = true;
       ctx.log.warn(
-        { pending: this.committer.pending, bound: this.committer.bound },
-        `${this.committer.pending} results await commit (the bound is ${this.committer.bound}): ` +
+        { pending: waiting, bound: this.committer.bound },
+        `${waiting} results await commit (the bound is ${this.committer.bound}): ` +
           "each new result's credit is held until it is stored, so pools get no new work meanwhile; is the database slow?",
       );
     }
-    ctx.metrics.resultsAwaitingCommit(this.committer.pending + 1);
+    ctx.metrics.resultsAwaitingCommit(waiting + 1);
     // Built by assignment rather than spreads of one-field objects: this runs for every result.
     const result: AttemptResult = { attemptId: r.attempt_id, status: r.status };
     // Validated against the schema on arrival, so it is plain JSON.
@@ -135,6 +149,6 @@ export class ResultIntake {
     const item: PendingResult = { poolKey: pool.key, identity: pool.identity, receivedAt: now, result };
     if (flight) item.flight = flight;
     if (parked) item.parked = parked;
-    this.committer.add(item);
+    items.push(item);
   }
 }

@@ -11,6 +11,17 @@ import { isDataError } from "../db/errors";
 import { identityKey, type PoolRecord } from "../pools/PoolRegistry";
 import type { ClaimedStep } from "../StatePort";
 
+/**
+ * The most a round claims for a pool whose last claim found no more ready
+ * work, when nothing since said there may be more (a poll's round, or one
+ * for another pool). A claim sets its whole limit aside until it returns, and
+ * such a claim usually finds nothing: with all of a pool's credit set aside,
+ * a result arriving meanwhile could claim none of its children in its commit,
+ * and they waited for another round. A full probe means work was missed, and
+ * the next round claims the rest at once.
+ */
+const PROBE_CLAIM = 16;
+
 export class Dispatcher {
   private wanted = false;
   private round: Promise<void> | undefined;
@@ -30,12 +41,13 @@ export class Dispatcher {
    * take, that credit means no new work, and no round is started for it, so the
    * claim for the children a commit readies is not kept waiting behind an
    * empty one. Every other reason (new tasks, readied children, retries,
-   * requeued attempts, the poll) may mean work for anyone.
+   * requeued attempts) may mean work for anyone. `poll`: only the timer
+   * asks, which says nothing new: drained pools only probe (PROBE_CLAIM).
    */
-  kick(creditOf?: PoolRecord): void {
+  kick(creditOf?: PoolRecord, poll = false): void {
     if (!this.ctx.isRunning()) return;
     if (creditOf?.readyDrained) return;
-    if (creditOf === undefined) this.ctx.pools.forgetDrained();
+    if (creditOf === undefined && !poll) this.ctx.pools.forgetDrained();
     this.wanted = true;
     if (!this.round) {
       this.round = this.loop().finally(() => {
@@ -197,11 +209,12 @@ export class Dispatcher {
     return avoid;
   }
 
-  /** Claims up to the pool's credit of steps it serves and sends them; true when it filled the credit. */
+  /** Claims up to the pool's credit (a probe's, if it was drained) of steps it serves and sends them; true when it filled it. */
   private async dispatchTo(pool: PoolRecord): Promise<boolean> {
     const { ctx } = this;
-    const credit = ctx.pools.credit(pool);
-    if (credit === 0) return false;
+    const free = ctx.pools.credit(pool);
+    if (free === 0) return false;
+    const credit = pool.readyDrained ? Math.min(free, PROBE_CLAIM) : free;
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);

@@ -208,7 +208,7 @@ export class Maintenance {
   }
 
   private async poll(): Promise<void> {
-    this.ctx.kick();
+    this.ctx.kick(undefined, true);
     await this.hooks.poll();
   }
 

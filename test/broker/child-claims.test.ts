@@ -26,8 +26,15 @@ function recording(sm: StateManager): {
   byClaim: string[];
   withResults: string[];
   limits: number[];
+  /** How many results each commit stored, in order. */
+  batches: number[];
 } {
-  const log = { byClaim: [] as string[], withResults: [] as string[], limits: [] as number[] };
+  const log = {
+    byClaim: [] as string[],
+    withResults: [] as string[],
+    limits: [] as number[],
+    batches: [] as number[],
+  };
   const state = Object.create(sm) as StateManager;
   state.claimSteps = async (request) => {
     const steps = await sm.claimSteps(request);
@@ -36,6 +43,7 @@ function recording(sm: StateManager): {
   };
   state.completeAttempts = async (results, claim) => {
     if (claim) log.limits.push(claim.limit);
+    log.batches.push(results.length);
     const out = await sm.completeAttempts(results, claim);
     log.withResults.push(...out.claimed.map((s) => s.step_name));
     return out;
@@ -86,6 +94,31 @@ describe("children claimed with their parent's result (broker, inproc://)", func
       b: stepOf(done, "b").output,
       c: stepOf(done, "c").output,
     });
+  });
+
+  it("stores the two parents of a join in one commit when one RESULT carries both", async () => {
+    const rec = await restartBroker();
+    pool = new HandlerPool({ endpoint: stack.endpoint, capacity: 4, logger: silent });
+    // b and c finish together (each waits for the other to start), so the pool sends one RESULT
+    // with both; a and d return at once.
+    const started = new Set<string>();
+    let bothStarted: () => void = () => undefined;
+    const both = new Promise<void>((r) => (bothStarted = r));
+    pool.handle("slow", async (step) => {
+      if (step.stepName === "b" || step.stepName === "c") {
+        started.add(step.stepName);
+        if (started.size === 2) bothStarted();
+        await both;
+      }
+      return { name: step.stepName };
+    });
+    await pool.start();
+    const { task } = await stack.broker.submit({ namespace: "cc", name: "diamond", context: {} });
+    const done = await stack.waitForTask(task.task_id);
+    assert.equal(done.state, "complete");
+    // Committing b alone first would put a whole commit between c's result and d.
+    assert.deepEqual(rec.batches, [1, 2, 1], "a, then b and c together, then d");
+    assert.deepEqual([...rec.withResults].sort(), ["b", "c", "d"], "d was claimed by b and c's commit");
   });
 
   it("sets aside no more than the pool's credit, and leaves the rest to dispatch", async () => {

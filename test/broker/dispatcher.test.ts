@@ -220,6 +220,15 @@ async function dispatch(h: Harness, pool: PoolRecord, steps: ClaimedStep[]): Pro
   }
 }
 
+/** Answers every claim from index `from` on with nothing until no round runs. */
+async function emptyRounds(h: Harness, from: number): Promise<void> {
+  let done = false;
+  void h.dispatcher.idle().then(() => (done = true));
+  for (let answered = from; !done; await new Promise((r) => setTimeout(r, 2))) {
+    while (h.state.claims.length > answered) h.state.claims[answered++]!.answer.resolve([]);
+  }
+}
+
 function complete(attemptIds: string[]): {
   results: { attempt_id: string; status: "complete"; output: null }[];
 } {
@@ -269,6 +278,64 @@ describe("dispatch and credit, against a state port answered by hand", function 
     );
     const acks = h.sentTo("p1", "ACK");
     assert.deepEqual(acks.at(-1)?.body, { acks: [{ attempt_id: parent.attempt_id, outcome: "stored" }] });
+  });
+
+  it("a poll only probes a drained pool, so a result meanwhile still claims its children; a full probe claims the rest at once", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    // Proven, with its window grown to its capacity.
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    const parent = step(2);
+    await dispatch(h, pool, [parent]);
+    assert.equal(pool.readyDrained, true, "the last claim found no more ready work");
+
+    const before = h.state.claims.length;
+    h.dispatcher.kick(undefined, true);
+    await until(() => h.state.claims.length > before, "the poll's claim");
+    const probe = h.state.claims[before]!;
+    assert.equal(probe.request.limit, 16, "a probe, not the 63 free");
+    // The parent's result arrives while the probe is in flight: its commit claims both children.
+    h.intake.accept(pool, complete([parent.attempt_id]));
+    await until(() => h.state.completions.length === 1, "the commit");
+    const commit = h.state.completions[0]!;
+    assert.equal(commit.claim?.limit, 2, "the probe left the children's credit free");
+    probe.answer.resolve([]);
+    const children = [step(), step()];
+    commit.answer.resolve(stored(commit.results, children));
+    await until(() => children.every((c) => pool.inFlight.has(c.attempt_id)), "the children in flight");
+    // The returned credit asks for a round of its own: it finds nothing.
+    await emptyRounds(h, before + 1);
+
+    // A probe that comes back full found missed work: the next round claims the rest of the credit.
+    const claims = h.state.claims.length;
+    h.dispatcher.kick(undefined, true);
+    await until(() => h.state.claims.length > claims, "the second probe");
+    const missed = Array.from({ length: 16 }, () => step());
+    h.state.claims[claims]!.answer.resolve(missed);
+    await until(() => h.state.claims.length > claims + 1, "the claim after a full probe");
+    assert.equal(h.state.claims[claims + 1]!.request.limit, 64 - 2 - 16, "the rest of the credit");
+    await emptyRounds(h, claims + 1);
+
+    // Any other reason to dispatch claims the whole credit.
+    const last = h.state.claims.length;
+    h.dispatcher.kick();
+    await until(() => h.state.claims.length > last, "a claim for new work");
+    assert.equal(h.state.claims[last]!.request.limit, 64 - 2 - 16);
+    await emptyRounds(h, last);
+  });
+
+  it("a poll during a claim that drains the queue asks for a probe after it, not another full claim", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    h.dispatcher.kick(); // a task was created
+    await until(() => h.state.claims.length === 1, "the claim for the new task");
+    assert.equal(h.state.claims[0]!.request.limit, 64);
+    h.dispatcher.kick(undefined, true); // the poll's timer fires meanwhile
+    h.state.claims[0]!.answer.resolve([step(2)]);
+    await until(() => h.state.claims.length === 2, "the poll's round");
+    assert.equal(h.state.claims[1]!.request.limit, 16, "the first claim found the queue drained");
+    await emptyRounds(h, 1);
   });
 
   it("gives back untouched the steps claimed for a pool that left during the claim", async () => {
