@@ -213,10 +213,11 @@ begin
   if cardinality(v_ended) > 0 then
     return query select r.* from unnest(v_ended) r;
     -- every broker on this database hears of them as of the tasks finalize_tasks() ends (the
-    -- same payloads, 100 tasks each; see there)
+    -- same payloads, 100 tasks each, built as text; see there)
     perform pg_notify(left('events_' || current_schema(), 63),
-                      json_build_object('kind', 'finished',
-                                        'tasks', json_agg(json_build_object('task_id', c.task_id, 'state', c.state)))::text)
+                      '{"kind":"finished","tasks":['
+                      || string_agg('{"task_id":"' || c.task_id || '","state":"' || c.state || '"}', ',')
+                      || ']}')
     from (select r.task_id, r.state, (row_number() over (order by r.task_id) - 1) / 100 as chunk
           from unnest(v_ended) r) c
     group by c.chunk;
