@@ -124,7 +124,11 @@ describe("a one-step task ends with its step's result (0014)", function () {
     const [c] = await t.sm.claimSteps({ brokerId: "b1", handlers: ["o"], limit: 1 });
     assert.ok(c);
     const done = await t.sm.completeAttempts([
-      { attemptId: c.attempt_id, status: "error", error: { message: "boom", retryable: false } },
+      {
+        attemptId: c.attempt_id,
+        status: "error",
+        error: { type: "Boom", message: "boom", retryable: false },
+      },
     ]);
     assert.deepEqual(done.finishedTasks, [
       { taskId: id, state: "error", error: { message: 'step "s" failed: boom', failed_steps: ["s"] } },
