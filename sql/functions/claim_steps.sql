@@ -93,17 +93,21 @@ begin
          -- inputs, and a volatile function call costs an executor start per row (measured: about
          -- 40 us of a claim's 250 us per step, on one-step tasks), so it is called only for steps
          -- with parents (edges never change once created)
-         case when exists (select 1 from step_edges e where e.child_id = c.id) then step_inputs(c.id)
+         case when t.step_count is distinct from 1 and exists (select 1 from step_edges e where e.child_id = c.id)
+              then step_inputs(c.id)
               else '{}'::jsonb end as inputs,
          c.lease_expires_at,
          -- steps waiting on this one: the broker sets credit aside for them when the result comes
-         (select count(*)::int from step_edges e where e.parent_id = c.id) as children,
+         -- (the step of a one-step task has none: tasks.step_count, 0014, spares the probe)
+         case when t.step_count = 1 then 0
+              else (select count(*)::int from step_edges e where e.parent_id = c.id) end as children,
          -- the task's trace context, for the attempt's (PROTOCOL.md, Trace context)
          t.traceparent, t.tracestate
   from steps c
   join tasks t on t.id = c.task_id
   join task_templates tt on tt.id = t.template_id
-  where c.id = any(v_ids)
+  -- both sides by key: with only the join condition, the planner hashed a read of the whole tasks table
+  where c.id = any(v_ids) and t.id = any(v_task_ids)
   -- in dispatch order (a join does not keep the order the steps were picked in)
   order by c.priority desc, c.run_at, c.task_id, c.position;
 end

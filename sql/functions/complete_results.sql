@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count).
 create or replace function complete_results(
   p_attempt_ids uuid[], p_statuses text[], p_outputs text[], p_errors text[],
   p_durations_ms float8[], p_pool_ids text[], p_usages text[], p_output_bytes int[],
@@ -10,6 +10,7 @@ language plpgsql volatile
 as $$
 declare
   v_rows completion_row[];
+  v_ended completion_row[];
   v_ending uuid[];
 begin
   -- 1. Lock the tasks of the attempts, in id order (no deadlock between batches), so that
@@ -185,13 +186,53 @@ begin
     order by c.priority desc, c.task_id, c.position;
   end if;
 
-  -- 4. End the tasks whose last runnable step this batch finished. A task this batch readied a
-  --    step of cannot end (it is locked, and that step is ready or now claimed): it is not asked,
-  --    which spares a parent's result the statement.
+  -- 4. A task of one step (tasks.step_count, 0014) ends with that step: a complete result says
+  --    all that finalize_tasks() would find by reading the task's steps, so it is not asked. The
+  --    row is the one step 1 locked, updated as finalize_tasks() would (state, transition, NOTIFY).
+  --    Only an in_progress task: one a claim left pending (its lock was taken) ends through
+  --    finalize_tasks(), which reads its from_state; so does a failed step's task (its error
+  --    names the step). A statement of its own, after the one that stored the results: by then
+  --    the task row's page can drop the version the claim left, so the update stays HOT.
+  with ended as (
+    update tasks t
+    set state = 'complete', finished_at = now(), history_seq = t.history_seq + 1, error = null
+    where t.id = any(array(select r.task_id from unnest(v_rows) r where r.kind = 'stored' and r.state = 'complete'))
+      and t.step_count = 1 and t.state = 'in_progress'
+    returning t.id, t.history_seq
+  ),
+  history as (
+    insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+    select e.id, 'in_progress', 'complete', 'completed', e.history_seq
+    from ended e
+    returning task_id
+  )
+  select coalesce(array_agg(row('ended', null, null, null, h.task_id, 'complete', null, null, null, null)::completion_row
+                            order by h.task_id), '{}')
+  into v_ended
+  from history h;
+  if cardinality(v_ended) > 0 then
+    return query select r.* from unnest(v_ended) r;
+    -- every broker on this database hears of them as of the tasks finalize_tasks() ends (the
+    -- same payloads, 100 tasks each, built as text; see there)
+    perform pg_notify(left('events_' || current_schema(), 63),
+                      '{"kind":"finished","tasks":['
+                      || string_agg('{"task_id":"' || c.task_id || '","state":"' || c.state || '"}', ',')
+                      || ']}')
+    from (select r.task_id, r.state, (row_number() over (order by r.task_id) - 1) / 100 as chunk
+          from unnest(v_ended) r) c
+    group by c.chunk;
+  end if;
+
+  -- 5. End the other tasks whose last runnable step this batch finished. A task this batch
+  --    readied a step of cannot end (it is locked, and that step is ready or now claimed), nor one
+  --    whose step it re-scheduled (ready again): they are not asked, which spares a parent's
+  --    result the statement; nor is a task ended above.
   v_ending := array(
-    select r.task_id from unnest(v_rows) r where r.kind = 'stored'
+    select r.task_id from unnest(v_rows) r where r.kind = 'stored' and r.state <> 'ready'
     except
-    select r.task_id from unnest(v_rows) r where r.kind in ('readied', 'claimed'));
+    select r.task_id from unnest(v_rows) r where r.kind in ('readied', 'claimed')
+    except
+    select r.task_id from unnest(v_ended) r);
   if cardinality(v_ending) > 0 then
     return query
     select 'ended'::text, null::uuid, null::text, null::uuid, f.task_id, f.state, null::text, null::timestamptz,

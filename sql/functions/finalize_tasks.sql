@@ -1,6 +1,6 @@
 -- finalize_tasks: Ends each given task none of whose steps can still run: complete, or error naming the failed steps. Call with the tasks locked.
 -- (p_task_ids uuid[]) -> table (task_id uuid, state text, error jsonb), one row per task it ended; NOTIFYs events_<schema> with kind finished.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005; insert-only history since 0013.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005; insert-only history since 0013; one pass over the steps since 0014.
 --
 -- Ends each given task none of whose steps can still run: complete when every step is complete or
 -- resolved_manually, else error naming the steps that failed. Call with the tasks locked.
@@ -8,20 +8,19 @@
 create or replace function finalize_tasks(p_task_ids uuid[]) returns table (task_id uuid, state text, error jsonb)
 language sql volatile
 as $$
-  with candidates as (
-    select t.id, t.state
-    from tasks t
-    where t.id = any(p_task_ids)
-      and t.state in ('pending', 'in_progress')
-      and not exists (select 1 from steps s where s.task_id = t.id and s.state in ('ready', 'in_progress'))
-  ),
-  summary as (
-    select c.id, c.state as from_state,
+  -- One pass over each task's steps (steps_task_name) both decides whether it can end and sums
+  -- it up. A separate "no step still runnable" test was an anti-join the planner ran as a hash
+  -- of every ready and in-flight step of the table, read on each call.
+  with summary as (
+    select t.id, t.state as from_state,
            bool_and(s.state in ('complete', 'resolved_manually')) as all_done,
            coalesce(array_agg(s.name order by s.position) filter (where s.state = 'error'), '{}') as failed,
            (array_agg(s.error ->> 'message' order by s.position) filter (where s.state = 'error'))[1] as first_message
-    from candidates c join steps s on s.task_id = c.id
-    group by c.id, c.state
+    from tasks t join steps s on s.task_id = t.id
+    where t.id = any(p_task_ids)
+      and t.state in ('pending', 'in_progress')
+    group by t.id, t.state
+    having not bool_or(s.state in ('ready', 'in_progress'))
   ),
   ended as (
     update tasks t
@@ -52,10 +51,13 @@ as $$
   -- Tells every broker on this database (EventNotifier, broker/state/), in this transaction, so one
   -- that holds a WAIT for the task answers at once. 100 tasks a payload (about 60 bytes each) stays
   -- under PostgreSQL's 8000-byte limit; the channel is EventNotifier's: events_<schema>, 63 at most.
+  -- Built by concatenation, not json_build_object() and json_agg(): a uuid and a task state need no
+  -- escaping, and the JSON functions cost about 10 us per task (measured on 2,048-task batches).
   notified as (
     select pg_notify(left('events_' || current_schema(), 63),
-                     json_build_object('kind', 'finished',
-                                       'tasks', json_agg(json_build_object('task_id', c.task_id, 'state', c.to_state)))::text)
+                     '{"kind":"finished","tasks":['
+                     || string_agg('{"task_id":"' || c.task_id || '","state":"' || c.to_state || '"}', ',')
+                     || ']}')
     from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk from history h) c
     group by c.chunk
   )

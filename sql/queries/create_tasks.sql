@@ -9,10 +9,19 @@ with input as (
   select * from unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[], $11::text[], $12::text[])
     as i(task_id, template_id, context, priority, idempotency_key, traceparent, tracestate)
 ),
+-- Each template's step count, once per template in the batch (not per task: a definition can be large).
+step_counts as (
+  select tt.id, jsonb_array_length(tt.definition -> 'steps') as n
+  from task_templates tt
+  where tt.id = any(array(select distinct i.template_id from input i))
+),
 new_tasks as (
-  insert into tasks (id, template_id, state, context, priority, idempotency_key, traceparent, tracestate, history_seq)
-  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key, i.traceparent, i.tracestate, 1
+  insert into tasks (id, template_id, state, context, priority, idempotency_key, traceparent, tracestate, history_seq,
+                     step_count)
+  select i.task_id, i.template_id, 'pending', i.context::jsonb, i.priority, i.idempotency_key, i.traceparent, i.tracestate, 1,
+         sc.n
   from input i
+  left join step_counts sc on sc.id = i.template_id
   on conflict (idempotency_key) do nothing
   returning id, template_id, priority
 ),
