@@ -24,16 +24,63 @@ if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)'
   exit 1
 fi
 
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+# The dependencies (pyzmq, msgpack, jsonschema, pytest) live in a venv shared
+# by every clone of this user, in the cache directory, keyed by the Python and
+# handlers-python/pyproject.toml: a fresh clone (CI runs one each time) then
+# makes its own venv without pip, in a second, and sees them through a .pth
+# file, instead of spending a minute creating a venv and installing them.
+# STEPBROKER_CACHE_DIR= (empty) keeps everything inside the tree as before.
+cache_root="${STEPBROKER_CACHE_DIR-${XDG_CACHE_HOME:-${HOME:-}/.cache}/stepbroker}"
+[ "$cache_root" = "/.cache/stepbroker" ] && cache_root=""
+deps_key="$({ "$python" -c 'import sys; print(sys.version, sys.executable)'; cat "$root/handlers-python/pyproject.toml"; } | sha256sum | cut -c1-16)"
+deps_venv=""
+[ -n "$cache_root" ] && deps_venv="$cache_root/python-deps-$deps_key"
+
+deps_site() {
+  "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+}
+
+make_deps_venv() {
+  # Built aside and renamed into place, so a half-made one is never used and
+  # two clones making it at once both end with one whole venv. (Called in an
+  # `if`, where set -e is off: every step checks for itself.)
+  mkdir -p "$cache_root" || return 1
+  local tmp
+  tmp="$(mktemp -d "$cache_root/.python-deps-XXXXXX")" || return 1
+  if "$python" -m venv "$tmp/venv" &&
+    "$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check "setuptools>=70.1" "$root/handlers-python[test]" &&
+    "$tmp/venv/bin/python" -m pip uninstall -q -y stepbroker-handlers; then
+    mv -T "$tmp/venv" "$deps_venv" 2>/dev/null || true # another clone may have just made it
+  else
+    echo "setup-python: could not make the shared dependency venv in $cache_root; making a private one" >&2
+  fi
+  rm -rf "$tmp"
+  [ -x "$deps_venv/bin/python" ]
+}
+
+# Usable: has pip (its own, or the shared venv's), and when it is built on a
+# shared venv, on the one these dependencies need.
+usable() {
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pip' >/dev/null 2>&1 &&
+    { [ ! -f "$venv/.stepbroker-deps.key" ] || [ "$(cat "$venv/.stepbroker-deps.key")" = "$deps_key" ]; }
+}
+
+if usable; then
   echo "setup-python: using existing venv $venv ($("$venv/bin/python" --version 2>&1))"
 else
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
-  if ! "$python" -m venv "$venv"; then
+  if [ -n "$deps_venv" ] && { [ -x "$deps_venv/bin/python" ] || make_deps_venv; }; then
+    "$python" -m venv --without-pip "$venv"
+    deps_site "$deps_venv" >"$(deps_site "$venv")/stepbroker-deps.pth"
+    echo "$deps_key" >"$venv/.stepbroker-deps.key"
+    echo "setup-python: created venv $venv ($("$venv/bin/python" --version 2>&1)) on the dependencies in $deps_venv"
+  elif ! "$python" -m venv "$venv"; then
     echo "setup-python: '$python -m venv' failed; on Debian/Ubuntu install python3-venv." >&2
     exit 1
+  else
+    echo "setup-python: created venv $venv ($("$venv/bin/python" --version 2>&1))"
   fi
-  echo "setup-python: created venv $venv ($("$venv/bin/python" --version 2>&1))"
 fi
 
 # A non-editable install: the tests exercise the package as users get it.
@@ -43,9 +90,20 @@ fi
 # reinstalling under a running pool or pytest breaks its imports.
 stamp="$venv/.stepbroker-handlers.stamp"
 source_stamp="$(cd "$root/handlers-python" && find pyproject.toml README.md stepbroker_handlers -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+# --no-build-isolation: building in a fresh isolated env with its own setuptools
+# cost more than the rest of an update. The forced reinstall is for a venv that
+# already holds an older build of the same version; a fresh one needs one install.
 install() {
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$root/handlers-python[test]"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$root/handlers-python"
+  if ! "$venv/bin/python" -c 'import sys, setuptools
+sys.exit(tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1))' >/dev/null 2>&1; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "setuptools>=70.1"
+  fi
+  local had=0
+  "$venv/bin/python" -c 'import importlib.metadata as m; m.version("stepbroker-handlers")' >/dev/null 2>&1 && had=1
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation "$root/handlers-python[test]"
+  if [ "$had" = 1 ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$root/handlers-python"
+  fi
   echo "$source_stamp" >"$stamp"
 }
 installed() {

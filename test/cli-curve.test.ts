@@ -29,7 +29,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-import { CLI, type CliRun, oneLine, runCli, runCommand } from "./support/runCli";
+import { CLI, type CliRun, oneLine, runAll, runCli, runCommand } from "./support/runCli";
 
 const POOL_FIXTURE = join(import.meta.dirname, "handlers-node", "fixtures", "pool-process.ts");
 const SETUP_NETNS = join(import.meta.dirname, "..", "scripts", "setup-netns.sh");
@@ -201,10 +201,9 @@ describe("the CLI over CURVE between two network namespaces joined by a veth pai
       // The broker's embedded PostgreSQL listens on the namespace's own 127.0.0.1.
       ip("-n", ns, "link", "set", "lo", "up");
     }
-    for (const name of ["broker", "pool", "client", "stranger"]) {
-      const r = await cli(["keygen", "--out", join(tmp, name)]);
+    const names = ["broker", "pool", "client", "stranger"];
+    for (const r of await runAll(names.map((name) => () => cli(["keygen", "--out", join(tmp, name)]))))
       assert.equal(r.code, 0, r.stderr);
-    }
     writeFileSync(join(tmp, "pool-keys"), `# pools\n${readFileSync(pub("pool"), "utf8")}`);
     writeFileSync(join(tmp, "client-keys"), readFileSync(pub("client"), "utf8"));
     mkdirSync(join(tmp, "templates"));
@@ -264,48 +263,53 @@ describe("the CLI over CURVE between two network namespaces joined by a veth pai
   it("runs a task: broker in one namespace, pool and `submit --wait` in the other, all over CURVE", async () => {
     const pool = startPool("pool", "netns-pool");
     await pool.waitFor(/^READY netns-pool$/, 30_000);
-    const r = await run(
-      "ip",
-      inB([
-        process.execPath,
-        CLI,
-        "submit",
-        "netns/echo",
-        "--context",
-        '{"from":"sbB"}',
-        "--wait",
-        "--endpoint",
-        clientEndpoint,
-        "--curve-server-key",
-        pub("broker"),
-        "--curve-key-file",
-        key("client"),
-        "--json",
-      ]),
-      {},
-      60_000,
-    );
+    // The pool's key is not a client's: the same command with it gets no answer. It waits out
+    // its own timeout, so it runs beside the submit rather than after it.
+    const [r, asPool] = await runAll([
+      () =>
+        run(
+          "ip",
+          inB([
+            process.execPath,
+            CLI,
+            "submit",
+            "netns/echo",
+            "--context",
+            '{"from":"sbB"}',
+            "--wait",
+            "--endpoint",
+            clientEndpoint,
+            "--curve-server-key",
+            pub("broker"),
+            "--curve-key-file",
+            key("client"),
+            "--json",
+          ]),
+          {},
+          60_000,
+        ),
+      () =>
+        run(
+          "ip",
+          inB([
+            process.execPath,
+            CLI,
+            "pools",
+            "--endpoint",
+            clientEndpoint,
+            "--curve-server-key",
+            pub("broker"),
+            "--curve-key-file",
+            key("pool"),
+          ]),
+          {},
+          30_000,
+        ),
+    ]);
     assert.equal(r.code, 0, `submit --wait: ${r.stderr}`);
     const task = JSON.parse(r.stdout) as { state: string; steps: { output: { context: unknown } }[] };
     assert.equal(task.state, "complete");
     assert.deepEqual(task.steps[0]!.output.context, { from: "sbB" });
-    // The pool's key is not a client's: the same command with it gets no answer.
-    const asPool = await run(
-      "ip",
-      inB([
-        process.execPath,
-        CLI,
-        "pools",
-        "--endpoint",
-        clientEndpoint,
-        "--curve-server-key",
-        pub("broker"),
-        "--curve-key-file",
-        key("pool"),
-      ]),
-      {},
-      30_000,
-    );
     assert.notEqual(asPool.code, 0, "a pool key is refused on the client socket");
     assert.match(
       oneLine(asPool),
@@ -407,13 +411,20 @@ describe("the CLI's CURVE options", function () {
       [["--require-curve"], /CURVE is required \(--require-curve\)/],
       [["--heartbeat-ms", "soon"], /--heartbeat-ms must be a positive integer/],
     ];
-    for (const [args, re] of cases) {
-      // An unreachable database URL: reaching it would fail differently (exit 1), so exit 2 proves it was never tried.
-      const r = await cli(["start", "--endpoint", "tcp://127.0.0.1:1", ...args], {
-        DATABASE_URL: "postgres://nobody:x@127.0.0.1:1/none",
-      });
+    // An unreachable database URL: reaching it would fail differently (exit 1), so exit 2 proves it was never tried.
+    const runs = await runAll(
+      cases.map(
+        ([args]) =>
+          () =>
+            cli(["start", "--endpoint", "tcp://127.0.0.1:1", ...args], {
+              DATABASE_URL: "postgres://nobody:x@127.0.0.1:1/none",
+            }),
+      ),
+    );
+    cases.forEach(([args, re], i) => {
+      const r = runs[i]!;
       assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
       assert.match(oneLine(r), re, args.join(" "));
-    }
+    });
   });
 });

@@ -6,7 +6,7 @@ import { strict as assert } from "node:assert";
 import type { HistoryPartition, PruneResult } from "../broker/state/HistoryPartitions";
 import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
-import { runCli as cli } from "./support/runCli";
+import { runAll, runCli as cli } from "./support/runCli";
 
 function daySuffix(offset: number): string {
   return new Date(Date.now() + offset * 86_400_000).toISOString().slice(0, 10).replaceAll("-", "");
@@ -33,7 +33,10 @@ describe("the stepbroker CLI: history partitions and prune", function () {
   after(async () => await dropSchema(schema));
 
   it("lists every partition with its range and a row estimate, as text and as JSON", async () => {
-    const text = await cli(["history", "partitions", "--schema", schema], env);
+    const [text, json] = await runAll([
+      () => cli(["history", "partitions", "--schema", schema], env),
+      () => cli(["history", "partitions", "--schema", schema, "--json"], env),
+    ]);
     assert.equal(text.code, 0, text.stderr);
     const lines = text.stdout.trim().split("\n");
     assert.equal(lines.length, 3 * 4, text.stdout);
@@ -44,7 +47,6 @@ describe("the stepbroker CLI: history partitions and prune", function () {
     assert.match(lines.find((l) => l.startsWith("task_transitions_default")) ?? "", /default/);
     assert.match(lines.find((l) => l.startsWith(`task_transitions_p${daySuffix(1)}`)) ?? "", /~1 rows/);
 
-    const json = await cli(["history", "partitions", "--schema", schema, "--json"], env);
     assert.equal(json.code, 0, json.stderr);
     const rows = JSON.parse(json.stdout) as HistoryPartition[];
     const day = rows.find((r) => r.partitionName === `task_transitions_p${daySuffix(1)}`);
@@ -70,10 +72,12 @@ describe("the stepbroker CLI: history partitions and prune", function () {
   });
 
   it("refuses a prune without a cutoff, or with one it cannot read, in one line", async () => {
-    const none = await cli(["history", "prune", "--schema", schema], env);
+    const [none, bad] = await runAll([
+      () => cli(["history", "prune", "--schema", schema], env),
+      () => cli(["history", "prune", "--before", "last week", "--schema", schema], env),
+    ]);
     assert.equal(none.code, 64);
     assert.match(none.stderr.trim(), /^stepbroker: history prune needs --before <ISO date \| Nd>/);
-    const bad = await cli(["history", "prune", "--before", "last week", "--schema", schema], env);
     assert.equal(bad.code, 2);
     assert.match(bad.stderr.trim(), /^stepbroker: --before: cutoff "last week" is neither Nd/);
     assert.equal(bad.stderr.trim().split("\n").length, 1);

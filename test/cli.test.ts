@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { StateManager } from "../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "./support/db";
-import { CLI, oneLine, runCli as cli } from "./support/runCli";
+import { CLI, oneLine, runAll, runCli as cli } from "./support/runCli";
 import { spawnNodePool, type ChildPool } from "./support/stack";
 
 const TEMPLATES = join(import.meta.dirname, "..", "examples", "order-fulfilment");
@@ -108,7 +108,11 @@ describe("the stepbroker CLI", function () {
       }
     };
     await beat();
-    const text = await cli(["brokers", "--schema", schema], env);
+    // Both right after one heartbeat: the live broker must still look alive to each.
+    const [text, json] = await runAll([
+      () => cli(["brokers", "--schema", schema], env),
+      () => cli(["brokers", "--schema", schema, "--json"], env),
+    ]);
     assert.equal(text.code, 0, text.stderr);
     const lines = text.stdout.trim().split("\n");
     assert.equal(lines.length, 3);
@@ -118,8 +122,6 @@ describe("the stepbroker CLI", function () {
     );
     assert.match(lines.find((l) => l.startsWith("cli-dead")) ?? "", /dead .*heartbeat 4\d\.\d s ago/);
     assert.match(lines.find((l) => l.startsWith("cli-stopped")) ?? "", /stopped/);
-    await beat();
-    const json = await cli(["brokers", "--schema", schema, "--json"], env);
     const rows = JSON.parse(json.stdout) as {
       brokerId: string;
       status: string;
@@ -163,21 +165,23 @@ describe("the stepbroker CLI", function () {
   });
 
   it("refuses to serve HTTP beyond loopback without a token, in one line", async () => {
-    const r = await cli(["start", "--http", "0.0.0.0:0", "--schema", schema, "--log-level", "error"], env);
+    const empty = join(tmp, "empty-token");
+    writeFileSync(empty, "\n");
+    const [r, both, short, e] = await runAll([
+      () => cli(["start", "--http", "0.0.0.0:0", "--schema", schema, "--log-level", "error"], env),
+      () => cli(["start", "--http", "127.0.0.1:0", "--no-http", "--schema", schema], env),
+      () => cli(["start", "--schema", schema], { ...env, STEPBROKER_HTTP_TOKEN: "short" }),
+      () => cli(["start", "--http-token-file", empty, "--schema", schema], env),
+    ]);
     assert.equal(r.code, 2);
     assert.match(
       oneLine(r),
       /--http: refusing to serve HTTP on 0\.0\.0\.0:0 \(not loopback\) without a token: set --http-token-file FILE or STEPBROKER_HTTP_TOKEN, or pass --insecure/,
     );
-    const both = await cli(["start", "--http", "127.0.0.1:0", "--no-http", "--schema", schema], env);
     assert.equal(both.code, 2);
     assert.match(oneLine(both), /--http and --no-http contradict each other/);
-    const short = await cli(["start", "--schema", schema], { ...env, STEPBROKER_HTTP_TOKEN: "short" });
     assert.equal(short.code, 2);
     assert.match(oneLine(short), /STEPBROKER_HTTP_TOKEN: the HTTP token must be at least 16 characters/);
-    const empty = join(tmp, "empty-token");
-    writeFileSync(empty, "\n");
-    const e = await cli(["start", "--http-token-file", empty, "--schema", schema], env);
     assert.equal(e.code, 2);
     assert.match(oneLine(e), /the HTTP token file .* is empty/);
   });
@@ -267,10 +271,12 @@ describe("the stepbroker CLI", function () {
       assert.equal(submitted.code, 0, submitted.stderr);
       const task = JSON.parse(submitted.stdout) as { task_id: string; state: string };
       assert.equal(task.state, "complete");
-      const status = await cli(["status", task.task_id, "--schema", schema], env);
+      const [status, explained] = await runAll([
+        () => cli(["status", task.task_id, "--schema", schema], env),
+        () => cli(["explain", task.task_id, "--schema", schema], env),
+      ]);
       assert.equal(status.code, 0, status.stderr);
       assert.match(status.stdout, /ship_order\s+complete/);
-      const explained = await cli(["explain", task.task_id, "--schema", schema], env);
       assert.equal(explained.code, 0, explained.stderr);
       assert.match(explained.stdout, /ship_order/);
     });
@@ -303,7 +309,17 @@ describe("the stepbroker CLI", function () {
       );
       assert.equal(submitted.code, 0, submitted.stderr);
       const id = (JSON.parse(submitted.stdout) as { task_id: string }).task_id;
-      const history = await cli(["history", id, "--schema", schema], env);
+      const unknown = "00000000-0000-4000-8000-000000000000";
+      // Seven reads of a finished task, none changing anything: they run side by side.
+      const [history, asJson, viaBroker, viaBrokerJson, unknownVia, status, none] = await runAll([
+        () => cli(["history", id, "--schema", schema], env),
+        () => cli(["history", id, "--schema", schema, "--json"], env),
+        () => cli(["history", id, "--endpoint", endpoint], env),
+        () => cli(["history", id, "--endpoint", endpoint, "--json"], env),
+        () => cli(["history", unknown, "--endpoint", endpoint], env),
+        () => cli(["status", id, "--schema", schema], env),
+        () => cli(["history", unknown, "--schema", schema], env),
+      ]);
       assert.equal(history.code, 0, history.stderr);
       const lines = history.stdout.split("\n");
       assert.match(lines[0]!, new RegExp(`^task ${id} shop/order_fulfilment@\\S+: complete$`));
@@ -314,7 +330,6 @@ describe("the stepbroker CLI", function () {
       const finished = at(/\(task\)\s+in_progress → complete/);
       assert.ok(created > 0 && sent > created && done > sent && finished >= done, history.stdout);
       assert.match(history.stdout, /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} /m);
-      const asJson = await cli(["history", id, "--schema", schema, "--json"], env);
       const h = JSON.parse(asJson.stdout) as {
         task: { task_id: string };
         transitions: unknown[];
@@ -324,20 +339,12 @@ describe("the stepbroker CLI", function () {
       assert.ok(h.transitions.length >= 10);
       assert.ok(h.attempts.every((a) => a.poolId === "cli-pool"));
       // With --endpoint the same history comes over the client protocol (HISTORY), not from the database.
-      const viaBroker = await cli(["history", id, "--endpoint", endpoint], env);
       assert.equal(viaBroker.code, 0, viaBroker.stderr);
       assert.equal(viaBroker.stdout, history.stdout, "the same timeline, line for line");
-      const viaBrokerJson = await cli(["history", id, "--endpoint", endpoint, "--json"], env);
       assert.deepEqual(JSON.parse(viaBrokerJson.stdout), h, "the same records as --json from the database");
-      const unknownVia = await cli(
-        ["history", "00000000-0000-4000-8000-000000000000", "--endpoint", endpoint],
-        env,
-      );
       assert.notEqual(unknownVia.code, 0);
       assert.match(oneLine(unknownVia), /unknown_task/);
-      const status = await cli(["status", id, "--schema", schema], env);
       assert.match(status.stdout, /validate_order\s+complete\s+attempts 1\/\d+\s+output \{/);
-      const none = await cli(["history", "00000000-0000-4000-8000-000000000000", "--schema", schema], env);
       assert.equal(none.code, 64);
       assert.match(
         oneLine(none),

@@ -110,20 +110,21 @@ describe("the file-name and file-length guard", function () {
 
   it("as a command, exits 1 and prints each problem; exits 0 on a good tree", async () => {
     const run = promisify(execFile);
-    writeTree(root, GOOD);
-    const good = await run(process.execPath, ["--import", "tsx", SCRIPT, "--root", root], {
-      timeout: 20_000,
+    // Two trees, so the two runs (a tsx start each) go side by side.
+    const good = path.join(root, "good");
+    const bad = path.join(root, "bad");
+    writeTree(good, GOOD);
+    writeTree(bad, BAD);
+    const goodRun = run(process.execPath, ["--import", "tsx", SCRIPT, "--root", good], { timeout: 20_000 });
+    const badRun = run(process.execPath, ["--import", "tsx", SCRIPT, "--root", bad], { timeout: 20_000 });
+    const [goodOut] = await Promise.allSettled([goodRun, badRun]);
+    assert.equal(goodOut.status, "fulfilled", String((goodOut as PromiseRejectedResult).reason));
+    assert.equal(goodOut.value.stderr, "");
+    await assert.rejects(badRun, (err: { code?: number; stderr?: string }) => {
+      assert.equal(err.code, 1);
+      assert.match(err.stderr ?? "", /check-file-names: broker\/dispatch\.ts: a camelCase file/);
+      assert.match(err.stderr ?? "", /check-file-names: 5 problem\(s\)/);
+      return true;
     });
-    assert.equal(good.stderr, "");
-    writeTree(root, BAD);
-    await assert.rejects(
-      run(process.execPath, ["--import", "tsx", SCRIPT, "--root", root], { timeout: 20_000 }),
-      (err: { code?: number; stderr?: string }) => {
-        assert.equal(err.code, 1);
-        assert.match(err.stderr ?? "", /check-file-names: broker\/dispatch\.ts: a camelCase file/);
-        assert.match(err.stderr ?? "", /check-file-names: 5 problem\(s\)/);
-        return true;
-      },
-    );
   });
 });
