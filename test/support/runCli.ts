@@ -18,7 +18,7 @@ export function runCommand(
   cmd: string,
   args: string[],
   env: NodeJS.ProcessEnv = {},
-  timeoutMs = 20_000,
+  timeoutMs = 30_000,
 ): Promise<CliRun> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
@@ -38,7 +38,7 @@ export function runCommand(
 }
 
 /** `stepbroker <args>`, through this Node. */
-export function runCli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<CliRun> {
+export function runCli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 30_000): Promise<CliRun> {
   return runCommand(process.execPath, [CLI, ...args], env, timeoutMs);
 }
 
