@@ -40,7 +40,7 @@ import { openDatabase } from "../broker/db/openDatabase";
 import { StateManager } from "../broker/state/StateManager";
 import { startFromCheckpoint } from "./checkpoint";
 import { HISTORY_DAYS, copiedTables, copyStatement } from "./copyStatement";
-import { createDailyPartitions, startOfDay } from "./createDailyPartitions";
+import { boundLegacyPartitions, createDailyPartitions, startOfDay } from "./createDailyPartitions";
 
 const EMPTY_SCHEMA = "bench_claims_empty";
 /** The history schema of a run that does not keep it. */
@@ -115,12 +115,19 @@ const TEMPLATE = {
 };
 
 /**
- * A short hash of every migration: a kept history is valid only for the tables it was built in.
+ * How a build lays its copies out beyond what the migrations make; part of the fingerprint, so a
+ * build made another way is not reused. Builds before this one put every copy in `_legacy`.
+ */
+const HISTORY_LAYOUT = `day partitions over ${HISTORY_DAYS} days, _legacy bounded before them`;
+
+/**
+ * A short hash of every migration and of the build's layout: a kept history is valid only for the tables it was built in.
  * Functions are not part of it: the claims run migrates the kept schema, which applies every
  * changed function body, so a change to the SQL the claim runs does not cost a rebuild.
  */
 export function schemaFingerprint(): string {
   const hash = createHash("sha256");
+  hash.update(`layout: ${HISTORY_LAYOUT}\n`);
   for (const dir of ["migrations"]) {
     const url = new URL(`../sql/${dir}/`, import.meta.url);
     for (const file of readdirSync(url).sort()) {
@@ -422,11 +429,17 @@ async function prepareHistory(
     progress = await withClient(opts.databaseUrl, async (c) => {
       await c.query(`set search_path = ${schema}`);
       await c.query(PROGRESS_DDL);
-      const { rows } = await c.query<{ anchor: Date }>(
-        `insert into bench_history_progress (target, anchor, fingerprint) values ($1, now(), $2) returning anchor`,
-        [history, schemaFingerprint()],
-      );
-      return { target: history, inserted: 0, anchor: rows[0]!.anchor, done: false };
+      const { rows } = await c.query<{ anchor: Date }>(`select now() as anchor`);
+      const anchor = rows[0]!.anchor;
+      // before the progress row: a build killed in between bounds them again (they are still empty)
+      const bounded = await boundLegacyPartitions(c, schema, startOfDay(anchor, -HISTORY_DAYS - 1));
+      log(`claims: ${bounded} _legacy partitions end before the history's first day`);
+      await c.query(`insert into bench_history_progress (target, anchor, fingerprint) values ($1, $2, $3)`, [
+        history,
+        anchor,
+        schemaFingerprint(),
+      ]);
+      return { target: history, inserted: 0, anchor, done: false };
     });
     log(`claims: building ${schema}: ${history} finished steps`);
   } else {
