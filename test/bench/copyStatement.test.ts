@@ -11,6 +11,8 @@ import pg from "pg";
 import { measureClaims } from "../../bench/claims";
 import { HISTORY_DAYS, copiedTables, copyStatement } from "../../bench/copyStatement";
 import { boundLegacyPartitions, createDailyPartitions, startOfDay } from "../../bench/createDailyPartitions";
+import { openDatabase } from "../../broker/db/openDatabase";
+import { StateManager } from "../../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "../support/db";
 
 const DAY = 86_400_000;
@@ -288,19 +290,21 @@ describe("bench: measureClaims on the migrated schema", function () {
   });
 
   it("keeps a history, and the next run reuses it without inserting", async () => {
+    // enough copies that the two runs' 200 ready steps leave pages of copies for the check at the end
+    const KEPT = 10_000;
     const first = await measureClaims({
       databaseUrl: databaseUrl(),
-      history: 2000,
+      history: KEPT,
       ready: 100,
       maxSeconds: 60,
       keepHistory: true,
       log: quiet,
     });
     assert.equal(first.historyReused, false);
-    assert.equal(first.historyInserted, 2000);
+    assert.equal(first.historyInserted, KEPT);
     const kept = await historySchemas();
     assert.equal(kept.length, 1);
-    assert.match(kept[0]!, /^bench_claims_h2000_[0-9a-f]{10}$/);
+    assert.match(kept[0]!, new RegExp(`^bench_claims_h${KEPT}_[0-9a-f]{10}$`));
     // laid out as history written day by day: nothing in _legacy (it ends before the first
     // copy's day), each copy in its day's partition
     const layout = await partitionsHolding(kept[0]!, "step_attempts");
@@ -309,13 +313,13 @@ describe("bench: measureClaims on the migrated schema", function () {
     assert.ok(layout.size >= HISTORY_DAYS, `copies' attempts in ${layout.size} partitions`);
     assert.equal(
       [...layout.values()].reduce((a, b) => a + b, 0),
-      2000 + 100,
+      KEPT + 100,
       "the copies and the measured tasks",
     );
 
     const second = await measureClaims({
       databaseUrl: databaseUrl(),
-      history: 2000,
+      history: KEPT,
       ready: 100,
       maxSeconds: 60,
       keepHistory: true,
@@ -325,7 +329,28 @@ describe("bench: measureClaims on the migrated schema", function () {
     assert.equal(second.historyInserted, 0);
     assert.equal(second.withHistory.completed, 100);
     // the first run's ready tasks finished there too, and stay part of the history
-    assert.equal(second.withHistory.historySteps, 2000 + 100);
+    assert.equal(second.withHistory.historySteps, KEPT + 100);
     assert.deepEqual(await historySchemas(), kept);
+
+    // the copies' pages are full: new ready steps share pages (an insert at steps' fillfactor
+    // 70 found a one-row slack on every page of copies, one ready step per page); and the
+    // migrations' fillfactors are back for the rows written after the build
+    const sm = new StateManager(
+      await openDatabase({ databaseUrl: databaseUrl(), schema: kept[0]!, poolSize: 1 }),
+    );
+    try {
+      await sm.createTasks(
+        Array.from({ length: 50 }, (_, i) => ({ namespace: "bench", name: "claims", context: { n: i } })),
+      );
+      const { rows } = await sm.db.pool.query<{ pages: number; options: string[] }>(
+        `select count(distinct (ctid::text::point)[0])::int as pages,
+                (select reloptions from pg_class where oid = 'steps'::regclass) as options
+         from steps where state = 'ready'`,
+      );
+      assert.ok(rows[0]!.pages <= 5, `50 ready steps on ${rows[0]!.pages} pages`);
+      assert.deepEqual(rows[0]!.options, ["fillfactor=70"]);
+    } finally {
+      await sm.close();
+    }
   });
 });
