@@ -10,7 +10,9 @@ import assert from "node:assert/strict";
 import pg from "pg";
 import { measureClaims } from "../../bench/claims";
 import { HISTORY_DAYS, copiedTables, copyStatement } from "../../bench/copyStatement";
-import { createDailyPartitions, startOfDay } from "../../bench/createDailyPartitions";
+import { boundLegacyPartitions, createDailyPartitions, startOfDay } from "../../bench/createDailyPartitions";
+import { openDatabase } from "../../broker/db/openDatabase";
+import { StateManager } from "../../broker/state/StateManager";
 import { databaseUrl, dropSchema, uniqueSchemaName } from "../support/db";
 
 const DAY = 86_400_000;
@@ -186,6 +188,50 @@ describe("bench: the history copy", function () {
   });
 });
 
+describe("bench: the _legacy partitions bounded before a backdated history", function () {
+  this.timeout(30_000);
+  const schema = uniqueSchemaName("legacy_bound");
+  let c: pg.Client;
+
+  before(async () => {
+    c = new pg.Client({ connectionString: databaseUrl() });
+    await c.connect();
+    const tomorrow = startOfDay(new Date(), 1).toISOString();
+    await c.query(`
+create schema ${schema};
+set search_path = ${schema};
+create table empty_one (at timestamptz not null) partition by range (at);
+create table empty_one_legacy partition of empty_one for values from (minvalue) to ('${tomorrow}');
+create table held (at timestamptz not null) partition by range (at);
+create table held_legacy partition of held for values from (minvalue) to ('${tomorrow}');
+insert into held values (now() - interval '3 days');
+reset search_path;`);
+  });
+
+  after(async () => {
+    await c?.end();
+    await dropSchema(schema);
+  });
+
+  it("moves an empty _legacy bound back, and leaves one holding rows as it is", async () => {
+    const before = startOfDay(new Date(), -HISTORY_DAYS - 1);
+    assert.equal(await boundLegacyPartitions(c, schema, before), 1);
+    const { rows } = await c.query<{ name: string; bound: string }>(
+      `select cl.relname as name, pg_get_expr(cl.relpartbound, cl.oid) as bound from pg_class cl
+       join pg_namespace n on n.oid = cl.relnamespace where n.nspname = $1 and cl.relispartition order by 1`,
+      [schema],
+    );
+    assert.equal(rows.length, 2);
+    assert.equal(rows[0]!.name, "empty_one_legacy");
+    const upper = (bound: string) => new Date(/TO \('([^']+)'\)/.exec(bound)![1]!).getTime();
+    assert.equal(upper(rows[0]!.bound), before.getTime(), rows[0]!.bound);
+    assert.equal(rows[1]!.name, "held_legacy");
+    assert.equal(upper(rows[1]!.bound), startOfDay(new Date(), 1).getTime(), rows[1]!.bound);
+    // a row of a day after the new bound now needs a partition of its own
+    await assert.rejects(c.query(`insert into ${schema}.empty_one values (now())`), /no partition/);
+  });
+});
+
 describe("bench: measureClaims on the migrated schema", function () {
   this.timeout(240_000);
   const quiet = () => undefined;
@@ -206,6 +252,20 @@ describe("bench: measureClaims on the migrated schema", function () {
   after(async () => {
     for (const s of await historySchemas()) await dropSchema(s);
   });
+
+  /** Rows of `table` in `schema`, by the partition holding them. */
+  async function partitionsHolding(schema: string, table: string): Promise<Map<string, number>> {
+    const c = new pg.Client({ connectionString: databaseUrl() });
+    await c.connect();
+    try {
+      const { rows } = await c.query<{ part: string; n: number }>(
+        `select tableoid::regclass::text as part, count(*)::int as n from ${schema}.${table} group by 1`,
+      );
+      return new Map(rows.map((r) => [r.part.replace(`${schema}.`, ""), r.n]));
+    } finally {
+      await c.end();
+    }
+  }
 
   it("claims beside a copied history in interleaved rounds, then drops both schemas", async () => {
     const r = await measureClaims({
@@ -230,23 +290,36 @@ describe("bench: measureClaims on the migrated schema", function () {
   });
 
   it("keeps a history, and the next run reuses it without inserting", async () => {
+    // enough copies that the two runs' 200 ready steps leave pages of copies for the check at the end
+    const KEPT = 10_000;
     const first = await measureClaims({
       databaseUrl: databaseUrl(),
-      history: 2000,
+      history: KEPT,
       ready: 100,
       maxSeconds: 60,
       keepHistory: true,
       log: quiet,
     });
     assert.equal(first.historyReused, false);
-    assert.equal(first.historyInserted, 2000);
+    assert.equal(first.historyInserted, KEPT);
     const kept = await historySchemas();
     assert.equal(kept.length, 1);
-    assert.match(kept[0]!, /^bench_claims_h2000_[0-9a-f]{10}$/);
+    assert.match(kept[0]!, new RegExp(`^bench_claims_h${KEPT}_[0-9a-f]{10}$`));
+    // laid out as history written day by day: nothing in _legacy (it ends before the first
+    // copy's day), each copy in its day's partition
+    const layout = await partitionsHolding(kept[0]!, "step_attempts");
+    assert.equal(layout.get("step_attempts_legacy") ?? 0, 0, JSON.stringify([...layout]));
+    assert.equal(layout.get("step_attempts_default") ?? 0, 0, JSON.stringify([...layout]));
+    assert.ok(layout.size >= HISTORY_DAYS, `copies' attempts in ${layout.size} partitions`);
+    assert.equal(
+      [...layout.values()].reduce((a, b) => a + b, 0),
+      KEPT + 100,
+      "the copies and the measured tasks",
+    );
 
     const second = await measureClaims({
       databaseUrl: databaseUrl(),
-      history: 2000,
+      history: KEPT,
       ready: 100,
       maxSeconds: 60,
       keepHistory: true,
@@ -256,7 +329,28 @@ describe("bench: measureClaims on the migrated schema", function () {
     assert.equal(second.historyInserted, 0);
     assert.equal(second.withHistory.completed, 100);
     // the first run's ready tasks finished there too, and stay part of the history
-    assert.equal(second.withHistory.historySteps, 2000 + 100);
+    assert.equal(second.withHistory.historySteps, KEPT + 100);
     assert.deepEqual(await historySchemas(), kept);
+
+    // the copies' pages are full: new ready steps share pages (an insert at steps' fillfactor
+    // 70 found a one-row slack on every page of copies, one ready step per page); and the
+    // migrations' fillfactors are back for the rows written after the build
+    const sm = new StateManager(
+      await openDatabase({ databaseUrl: databaseUrl(), schema: kept[0]!, poolSize: 1 }),
+    );
+    try {
+      await sm.createTasks(
+        Array.from({ length: 50 }, (_, i) => ({ namespace: "bench", name: "claims", context: { n: i } })),
+      );
+      const { rows } = await sm.db.pool.query<{ pages: number; options: string[] }>(
+        `select count(distinct (ctid::text::point)[0])::int as pages,
+                (select reloptions from pg_class where oid = 'steps'::regclass) as options
+         from steps where state = 'ready'`,
+      );
+      assert.ok(rows[0]!.pages <= 5, `50 ready steps on ${rows[0]!.pages} pages`);
+      assert.deepEqual(rows[0]!.options, ["fillfactor=70"]);
+    } finally {
+      await sm.close();
+    }
   });
 });
