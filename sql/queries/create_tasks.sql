@@ -7,7 +7,7 @@
 -- (edges x steps), about 40 s for a 1,000-step template with 499,500 edges. This way the work grows with steps + edges.
 with input as (
   select * from unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[], $11::text[], $12::text[])
-    as i(task_id, template_id, context, priority, idempotency_key, traceparent, tracestate)
+    with ordinality as i(task_id, template_id, context, priority, idempotency_key, traceparent, tracestate, ord)
 ),
 -- Each template's step count, once per template in the batch (not per task: a definition can be large).
 step_counts as (
@@ -22,6 +22,8 @@ new_tasks as (
          sc.n
   from input i
   left join step_counts sc on sc.id = i.template_id
+  -- in request order, whatever order the join yields: of two requests with one key, the first is created
+  order by i.ord
   on conflict (idempotency_key) do nothing
   returning id, template_id, priority
 ),
