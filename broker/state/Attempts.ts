@@ -40,7 +40,7 @@ export class Attempts {
       request.poolId ?? null,
       request.avoidStepIds?.filter(isUuid) ?? null,
     ]);
-    return rows.map(claimedStep);
+    return rows.map((r) => claimedStep(r, r.lease_expires_at));
   }
 
   /**

@@ -1,6 +1,10 @@
 /**
  * What the state manager's queries return (pg's shapes: timestamptz as Date,
  * jsonb parsed) and the mappers from those rows to the types of ./types.
+ * The hot queries (claim_steps, complete_attempts) return their timestamps as
+ * ISO 8601 text already (see UTC_ISO_TEXT in those files): the driver's
+ * timestamptz parser and toISOString after it were a visible part of the
+ * broker's CPU per step, for a value it only passes on as text.
  */
 import type { StepState, TaskState } from "../../protocol/constants";
 import type {
@@ -28,10 +32,10 @@ export interface TemplateRow {
   definition: TemplateDefinition;
   created_at: Date;
 }
-/** A claim_steps row: a ClaimedStep whose lease expiry is still a Date. */
-export type ClaimRow = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: Date };
-/** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry is a string. */
-export type ClaimJson = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: string };
+/** A claim_steps row: a ClaimedStep, its lease expiry as toISOString writes it (the query formats it). */
+export type ClaimRow = ClaimedStep;
+/** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry as jsonb writes a timestamptz. */
+export type ClaimJson = ClaimedStep;
 export interface CompletionRow {
   kind: "stored" | "known" | "readied" | "claimed" | "ended";
   attempt_id: string | null;
@@ -41,7 +45,8 @@ export interface CompletionRow {
   task_id: string | null;
   state: StepState | null;
   handler: string | null;
-  run_at: Date | null;
+  /** As toISOString writes it; only when the step is ready (stored for a retry, or readied), else null. */
+  run_at: string | null;
   /** kind claimed: the claim row. */
   claim: ClaimJson | null;
   /** kind ended: the task's error (null when it completed). */
@@ -128,7 +133,8 @@ export function iso(d: Date): string {
   return d.toISOString();
 }
 
-export function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
+/** `leaseExpiresAt` as toISOString writes it. */
+export function claimedStep(r: ClaimRow | ClaimJson, leaseExpiresAt: string): ClaimedStep {
   return {
     task_id: r.task_id,
     step_id: r.step_id,
@@ -142,7 +148,7 @@ export function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
     context: r.context,
     config: r.config,
     inputs: r.inputs,
-    lease_expires_at: iso(new Date(r.lease_expires_at)),
+    lease_expires_at: leaseExpiresAt,
     children: r.children,
     traceparent: r.traceparent ?? null,
     tracestate: r.tracestate ?? null,
@@ -154,7 +160,7 @@ export function readied(row: StepChangeRow | CompletionRow): ReadiedStep {
     stepId: row.step_id ?? "",
     taskId: row.task_id ?? "",
     handler: row.handler ?? "",
-    runAt: row.run_at ? iso(row.run_at) : "",
+    runAt: row.run_at === null ? "" : typeof row.run_at === "string" ? row.run_at : iso(row.run_at),
   };
 }
 
