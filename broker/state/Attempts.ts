@@ -7,7 +7,7 @@ import { AckOutcomes } from "../../protocol/constants";
 import { StateError } from "./errors";
 import type { StateSql } from "./StateSql";
 import { judgeCompletion } from "./judgeCompletion";
-import { type ClaimRow, type CompletionRow, claimedStep, isUuid } from "./rows";
+import { type ClaimTuple, type CompletionTuple, claimedTuple, completionRow, isUuid } from "./rows";
 import type {
   AdoptedAttempt,
   AttemptOutcome,
@@ -32,7 +32,7 @@ export class Attempts {
     if (limit <= 0 || request.handlers.length === 0) return [];
     const stepIds = request.stepIds === undefined ? null : request.stepIds.filter(isUuid);
     if (stepIds !== null && stepIds.length === 0) return [];
-    const rows = await this.sql.run<ClaimRow>("claim_steps", [
+    const rows = await this.sql.runTuples<ClaimTuple>("claim_steps", [
       request.brokerId,
       request.handlers,
       limit,
@@ -40,7 +40,7 @@ export class Attempts {
       request.poolId ?? null,
       request.avoidStepIds?.filter(isUuid) ?? null,
     ]);
-    return rows.map((r) => claimedStep(r, r.lease_expires_at));
+    return rows.map(claimedTuple);
   }
 
   /**
@@ -100,14 +100,14 @@ export class Attempts {
     json += "]";
 
     // One statement, so one round trip that commits by itself (see sql/functions/complete_results.sql).
-    const rows = await this.sql.run<CompletionRow>("complete_attempts", [
+    const rows = await this.sql.runTuples<CompletionTuple>("complete_attempts", [
       json,
       claim?.brokerId ?? null,
       claim?.poolId ?? null,
       claim?.handlers ?? null,
       claim === undefined ? 0 : Math.max(0, Math.min(Math.floor(claim.limit), 100_000)),
     ]);
-    return judgeCompletion(rows, outcomes, valid, attemptIds);
+    return judgeCompletion(rows.map(completionRow), outcomes, valid, attemptIds);
   }
 
   /**

@@ -17,6 +17,7 @@ import type {
   StepError,
   TaskError,
   TemplateDefinition,
+  TemplateRef,
 } from "./types";
 
 export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -32,10 +33,40 @@ export interface TemplateRow {
   definition: TemplateDefinition;
   created_at: Date;
 }
-/** A claim_steps row: a ClaimedStep, its lease expiry as toISOString writes it (the query formats it). */
-export type ClaimRow = ClaimedStep;
 /** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry as jsonb writes a timestamptz. */
 export type ClaimJson = ClaimedStep;
+/** A claim_steps row as an array (StateSql.runTuples), in the order of sql/queries/claim_steps.sql's select list. */
+export type ClaimTuple = [
+  task_id: string,
+  step_id: string,
+  attempt_id: string,
+  step_name: string,
+  handler: string,
+  attempt: number,
+  max_attempts: number,
+  timeout_ms: number,
+  template: TemplateRef,
+  context: JsonObject,
+  config: JsonObject,
+  inputs: ClaimedStep["inputs"],
+  lease_expires_at: string,
+  children: number,
+  traceparent: string | null,
+  tracestate: string | null,
+];
+/** A complete_attempts row as an array, in the order of sql/queries/complete_attempts.sql's select list. */
+export type CompletionTuple = [
+  kind: CompletionRow["kind"],
+  attempt_id: string | null,
+  prior_outcome: string | null,
+  step_id: string | null,
+  task_id: string | null,
+  state: StepState | null,
+  handler: string | null,
+  run_at: string | null,
+  error: TaskError | null,
+  claim: ClaimJson | null,
+];
 export interface CompletionRow {
   kind: "stored" | "known" | "readied" | "claimed" | "ended";
   attempt_id: string | null;
@@ -133,8 +164,46 @@ export function iso(d: Date): string {
   return d.toISOString();
 }
 
+/** A claim_steps row, taken by position. */
+export function claimedTuple(t: ClaimTuple): ClaimedStep {
+  return {
+    task_id: t[0],
+    step_id: t[1],
+    attempt_id: t[2],
+    step_name: t[3],
+    handler: t[4],
+    attempt: t[5],
+    max_attempts: t[6],
+    timeout_ms: t[7],
+    template: t[8],
+    context: t[9],
+    config: t[10],
+    inputs: t[11],
+    lease_expires_at: t[12],
+    children: t[13],
+    traceparent: t[14],
+    tracestate: t[15],
+  };
+}
+
+/** A complete_attempts row, taken by position: an object literal, one shape for every row. */
+export function completionRow(t: CompletionTuple): CompletionRow {
+  return {
+    kind: t[0],
+    attempt_id: t[1],
+    prior_outcome: t[2],
+    step_id: t[3],
+    task_id: t[4],
+    state: t[5],
+    handler: t[6],
+    run_at: t[7],
+    error: t[8],
+    claim: t[9],
+  };
+}
+
 /** `leaseExpiresAt` as toISOString writes it. */
-export function claimedStep(r: ClaimRow | ClaimJson, leaseExpiresAt: string): ClaimedStep {
+export function claimedStep(r: ClaimJson, leaseExpiresAt: string): ClaimedStep {
   return {
     task_id: r.task_id,
     step_id: r.step_id,
