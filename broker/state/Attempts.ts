@@ -7,7 +7,7 @@ import { AckOutcomes } from "../../protocol/constants";
 import { StateError } from "./errors";
 import type { StateSql } from "./StateSql";
 import { judgeCompletion } from "./judgeCompletion";
-import { type ClaimRow, type CompletionRow, claimedStep, isUuid } from "./rows";
+import { type ClaimTuple, type CompletionTuple, claimedTuple, completionRow, isUuid } from "./rows";
 import type {
   AdoptedAttempt,
   AttemptOutcome,
@@ -32,7 +32,7 @@ export class Attempts {
     if (limit <= 0 || request.handlers.length === 0) return [];
     const stepIds = request.stepIds === undefined ? null : request.stepIds.filter(isUuid);
     if (stepIds !== null && stepIds.length === 0) return [];
-    const rows = await this.sql.run<ClaimRow>("claim_steps", [
+    const rows = await this.sql.runTuples<ClaimTuple>("claim_steps", [
       request.brokerId,
       request.handlers,
       limit,
@@ -40,7 +40,7 @@ export class Attempts {
       request.poolId ?? null,
       request.avoidStepIds?.filter(isUuid) ?? null,
     ]);
-    return rows.map(claimedStep);
+    return rows.map(claimedTuple);
   }
 
   /**
@@ -76,43 +76,38 @@ export class Attempts {
     });
     if (valid.length === 0) return { outcomes, readied: [], claimed: [], finishedTasks: [] };
 
+    // One JSON text for the whole batch (the contract of sql/queries/complete_attempts.sql), built
+    // by concatenation: each output is stringified once, which its byte count needs anyway, and
+    // nothing is escaped a second time, as eight array literals of JSON texts made the driver do.
     const attemptIds: string[] = [];
-    const statuses: string[] = [];
-    const outputs: (string | null)[] = [];
-    const errors: (string | null)[] = [];
-    const durations: (number | null)[] = [];
-    const poolIds: (string | null)[] = [];
-    const usages: (string | null)[] = [];
-    const outputBytes: (number | null)[] = [];
+    let json = "[";
     for (const i of valid) {
       const r = results[i] as AttemptResult;
-      const output = r.status === "complete" ? JSON.stringify(r.output) : null;
-      attemptIds.push(r.attemptId.toLowerCase());
-      statuses.push(r.status);
-      outputs.push(output);
-      errors.push(r.status === "error" ? JSON.stringify(r.error) : null);
-      durations.push(typeof r.durationMs === "number" && Number.isFinite(r.durationMs) ? r.durationMs : null);
-      poolIds.push(r.poolId ?? null);
-      usages.push(r.usage === undefined ? null : JSON.stringify(r.usage));
-      outputBytes.push(output === null ? null : Buffer.byteLength(output));
+      const attemptId = r.attemptId.toLowerCase();
+      attemptIds.push(attemptId);
+      // a well-formed uuid (checked above) needs no escaping
+      json += `${json.length > 1 ? "," : ""}{"attempt_id":"${attemptId}","status":${JSON.stringify(r.status)}`;
+      if (r.status === "complete") {
+        const output = JSON.stringify(r.output) ?? "null";
+        json += `,"output":${output},"output_bytes":${Buffer.byteLength(output)}`;
+      } else if (r.status === "error") json += `,"error":${JSON.stringify(r.error)}`;
+      if (typeof r.durationMs === "number" && Number.isFinite(r.durationMs))
+        json += `,"duration_ms":${r.durationMs}`;
+      if (r.poolId !== undefined && r.poolId !== null) json += `,"pool_id":${JSON.stringify(r.poolId)}`;
+      if (r.usage !== undefined) json += `,"usage":${JSON.stringify(r.usage)}`;
+      json += "}";
     }
+    json += "]";
 
     // One statement, so one round trip that commits by itself (see sql/functions/complete_results.sql).
-    const rows = await this.sql.run<CompletionRow>("complete_attempts", [
-      attemptIds,
-      statuses,
-      outputs,
-      errors,
-      durations,
-      poolIds,
-      usages,
-      outputBytes,
+    const rows = await this.sql.runTuples<CompletionTuple>("complete_attempts", [
+      json,
       claim?.brokerId ?? null,
       claim?.poolId ?? null,
       claim?.handlers ?? null,
       claim === undefined ? 0 : Math.max(0, Math.min(Math.floor(claim.limit), 100_000)),
     ]);
-    return judgeCompletion(rows, outcomes, valid, attemptIds);
+    return judgeCompletion(rows.map(completionRow), outcomes, valid, attemptIds);
   }
 
   /**

@@ -4,7 +4,7 @@
  * before, stale, unknown) is plain to read and to test without a database.
  */
 import { AckOutcomes, type AckOutcome, StepStates } from "../../protocol/constants";
-import { type CompletionRow, claimedStep, ended, readied } from "./rows";
+import { type CompletionRow, claimedStep, ended, iso, readied } from "./rows";
 import { AttemptEndings } from "./transitions";
 import type { AttemptOutcome, ClaimedStep, CompletionResult, FinishedTask, ReadiedStep } from "./types";
 
@@ -26,7 +26,8 @@ export function judgeCompletion(
   const known = new Map<string, CompletionRow>();
   for (const row of rows) {
     if (row.kind === "readied") readiedSteps.push(readied(row));
-    else if (row.kind === "claimed" && row.claim !== null) claimed.push(claimedStep(row.claim));
+    else if (row.kind === "claimed" && row.claim !== null)
+      claimed.push(claimedStep(row.claim, iso(new Date(row.claim.lease_expires_at))));
     else if (row.kind === "ended") finishedTasks.push(ended(row));
     else if (row.attempt_id !== null) (row.kind === "stored" ? stored : known).set(row.attempt_id, row);
   }

@@ -1,6 +1,10 @@
 /**
  * What the state manager's queries return (pg's shapes: timestamptz as Date,
  * jsonb parsed) and the mappers from those rows to the types of ./types.
+ * The hot queries (claim_steps, complete_attempts) return their timestamps as
+ * ISO 8601 text already (see UTC_ISO_TEXT in those files): the driver's
+ * timestamptz parser and toISOString after it were a visible part of the
+ * broker's CPU per step, for a value it only passes on as text.
  */
 import type { StepState, TaskState } from "../../protocol/constants";
 import type {
@@ -13,6 +17,7 @@ import type {
   StepError,
   TaskError,
   TemplateDefinition,
+  TemplateRef,
 } from "./types";
 
 export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -28,10 +33,40 @@ export interface TemplateRow {
   definition: TemplateDefinition;
   created_at: Date;
 }
-/** A claim_steps row: a ClaimedStep whose lease expiry is still a Date. */
-export type ClaimRow = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: Date };
-/** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry is a string. */
-export type ClaimJson = Omit<ClaimedStep, "lease_expires_at"> & { lease_expires_at: string };
+/** A claimed_step as JSON (a `claimed` row of complete_results): the lease expiry as jsonb writes a timestamptz. */
+export type ClaimJson = ClaimedStep;
+/** A claim_steps row as an array (StateSql.runTuples), in the order of sql/queries/claim_steps.sql's select list. */
+export type ClaimTuple = [
+  task_id: string,
+  step_id: string,
+  attempt_id: string,
+  step_name: string,
+  handler: string,
+  attempt: number,
+  max_attempts: number,
+  timeout_ms: number,
+  template: TemplateRef,
+  context: JsonObject,
+  config: JsonObject,
+  inputs: ClaimedStep["inputs"],
+  lease_expires_at: string,
+  children: number,
+  traceparent: string | null,
+  tracestate: string | null,
+];
+/** A complete_attempts row as an array, in the order of sql/queries/complete_attempts.sql's select list. */
+export type CompletionTuple = [
+  kind: CompletionRow["kind"],
+  attempt_id: string | null,
+  prior_outcome: string | null,
+  step_id: string | null,
+  task_id: string | null,
+  state: StepState | null,
+  handler: string | null,
+  run_at: string | null,
+  error: TaskError | null,
+  claim: ClaimJson | null,
+];
 export interface CompletionRow {
   kind: "stored" | "known" | "readied" | "claimed" | "ended";
   attempt_id: string | null;
@@ -41,7 +76,8 @@ export interface CompletionRow {
   task_id: string | null;
   state: StepState | null;
   handler: string | null;
-  run_at: Date | null;
+  /** As toISOString writes it; only when the step is ready (stored for a retry, or readied), else null. */
+  run_at: string | null;
   /** kind claimed: the claim row. */
   claim: ClaimJson | null;
   /** kind ended: the task's error (null when it completed). */
@@ -128,7 +164,46 @@ export function iso(d: Date): string {
   return d.toISOString();
 }
 
-export function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
+/** A claim_steps row, taken by position. */
+export function claimedTuple(t: ClaimTuple): ClaimedStep {
+  return {
+    task_id: t[0],
+    step_id: t[1],
+    attempt_id: t[2],
+    step_name: t[3],
+    handler: t[4],
+    attempt: t[5],
+    max_attempts: t[6],
+    timeout_ms: t[7],
+    template: t[8],
+    context: t[9],
+    config: t[10],
+    inputs: t[11],
+    lease_expires_at: t[12],
+    children: t[13],
+    traceparent: t[14],
+    tracestate: t[15],
+  };
+}
+
+/** A complete_attempts row, taken by position: an object literal, one shape for every row. */
+export function completionRow(t: CompletionTuple): CompletionRow {
+  return {
+    kind: t[0],
+    attempt_id: t[1],
+    prior_outcome: t[2],
+    step_id: t[3],
+    task_id: t[4],
+    state: t[5],
+    handler: t[6],
+    run_at: t[7],
+    error: t[8],
+    claim: t[9],
+  };
+}
+
+/** `leaseExpiresAt` as toISOString writes it. */
+export function claimedStep(r: ClaimJson, leaseExpiresAt: string): ClaimedStep {
   return {
     task_id: r.task_id,
     step_id: r.step_id,
@@ -142,7 +217,7 @@ export function claimedStep(r: ClaimRow | ClaimJson): ClaimedStep {
     context: r.context,
     config: r.config,
     inputs: r.inputs,
-    lease_expires_at: iso(new Date(r.lease_expires_at)),
+    lease_expires_at: leaseExpiresAt,
     children: r.children,
     traceparent: r.traceparent ?? null,
     tracestate: r.tracestate ?? null,
@@ -154,7 +229,7 @@ export function readied(row: StepChangeRow | CompletionRow): ReadiedStep {
     stepId: row.step_id ?? "",
     taskId: row.task_id ?? "",
     handler: row.handler ?? "",
-    runAt: row.run_at ? iso(row.run_at) : "",
+    runAt: row.run_at === null ? "" : typeof row.run_at === "string" ? row.run_at : iso(row.run_at),
   };
 }
 

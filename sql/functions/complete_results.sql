@@ -1,14 +1,15 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count).
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015.
 create or replace function complete_results(
-  p_attempt_ids uuid[], p_statuses text[], p_outputs text[], p_errors text[],
-  p_durations_ms float8[], p_pool_ids text[], p_usages text[], p_output_bytes int[],
+  p_results jsonb,
   p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
 ) returns setof completion_row
 language plpgsql volatile
 as $$
 declare
+  -- the batch's attempt ids, in its order, under the name the statements below use
+  p_attempt_ids uuid[] := array(select (e ->> 'attempt_id')::uuid from jsonb_array_elements(p_results) e);
   v_rows completion_row[];
   v_ended completion_row[];
   v_ending uuid[];
@@ -25,10 +26,13 @@ begin
   --    fails/re-schedules it by its retry policy; children whose last parent completed become ready.
   --    Plan shape (hot path): each big table is reached as the inner side of a join or
   --    UPDATE ... FROM a small CTE, one primary-key probe per result.
+  -- A key left out is SQL null; `output` of a complete result is always there (JSON null for none,
+  -- which has_output counts as an output), so -> and not ->> (which would make that null SQL's).
   with input as (
-    select r.*
-    from unnest(p_attempt_ids, p_statuses, p_outputs, p_errors, p_durations_ms, p_pool_ids, p_usages, p_output_bytes)
-         with ordinality as r(attempt_id, status, output, error, duration_ms, pool_id, usage, output_bytes, ord)
+    select (e ->> 'attempt_id')::uuid as attempt_id, e ->> 'status' as status, e -> 'output' as output,
+           e -> 'error' as error, (e ->> 'duration_ms')::float8 as duration_ms, e ->> 'pool_id' as pool_id,
+           e -> 'usage' as usage, (e ->> 'output_bytes')::int as output_bytes, r.ord
+    from jsonb_array_elements(p_results) with ordinality as r(e, ord)
   ),
   -- The first result of each attempt in the batch counts; later copies are duplicates.
   firsts as (

@@ -427,6 +427,8 @@ describe("failures, retries and operator actions", () => {
       Date.parse(res.readied[0]?.runAt ?? "") > Date.now(),
       "the readied step reports its future run_at",
     );
+    const [stored] = await t.sql<{ run_at: Date }>(`select run_at from steps where id = $1`, [s.step_id]);
+    assert.equal(res.readied[0]?.runAt, stored?.run_at.toISOString(), "as toISOString writes it");
     assert.deepEqual(
       await t.sm.claimSteps({ brokerId: "b1", handlers: handlersOf(task), limit: 10, stepIds: [s.step_id] }),
       [],

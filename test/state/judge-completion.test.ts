@@ -54,7 +54,7 @@ describe("judgeCompletion", () => {
   });
 
   it("reports a stored retry as ready, and collects readied, claimed and ended rows", () => {
-    const runAt = new Date("2026-12-01T10:00:00.000Z");
+    const runAt = "2026-12-01T10:00:00.000Z";
     const rows = [
       row("stored", {
         attempt_id: A,
@@ -84,7 +84,8 @@ describe("judgeCompletion", () => {
           context: {},
           config: {},
           inputs: {},
-          lease_expires_at: "2026-12-01T10:00:01.000Z",
+          // a claimed_step as jsonb writes it: microseconds and an offset
+          lease_expires_at: "2026-12-01T11:00:01.123456+01:00",
           children: 0,
         },
       }),
@@ -99,6 +100,7 @@ describe("judgeCompletion", () => {
       out.finishedTasks.map((t) => [t.taskId, t.state]),
       [["t2", "error"]],
     );
-    assert.equal(out.readied[0]?.runAt, runAt.toISOString());
+    assert.equal(out.readied[0]?.runAt, runAt);
+    assert.equal(out.claimed[0]?.lease_expires_at, "2026-12-01T10:00:01.123Z", "as toISOString writes it");
   });
 });

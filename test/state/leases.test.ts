@@ -24,6 +24,12 @@ describe("dispatch and leases", () => {
     assert.deepEqual(await t.sm.claimSteps({ brokerId: "b1", handlers: ["prio"], limit: 0 }), []);
     const [first] = await t.sm.claimSteps({ brokerId: "b1", handlers: ["prio"], limit: 1 });
     assert.equal(first?.task_id, high.task.task_id, "priority 10 before priority 0");
+    // the query formats the lease expiry itself: exactly what toISOString makes of the stored value
+    const [lease] = await t.sql<{ lease_expires_at: Date }>(
+      `select lease_expires_at from steps where id = $1`,
+      [first.step_id],
+    );
+    assert.equal(first.lease_expires_at, lease?.lease_expires_at.toISOString());
     assert.equal(await taskState(t.sm, high.task), TaskStates.IN_PROGRESS);
     assert.equal(await taskState(t.sm, low), TaskStates.PENDING);
     const [second] = await t.sm.claimSteps({ brokerId: "b1", handlers: ["prio", "other"], limit: 1 });
