@@ -36,20 +36,10 @@ import * as zmq from "zeromq";
 import { HandlerPool } from "../handlers-node";
 import { decodeBody } from "../protocol";
 import { dropBenchSchema, openBenchDatabase, openBenchState, startBrokerAndPool } from "./harness";
+import { DIAMOND } from "./stepbroker";
 
 const SCHEMA = "bench_child_latency";
 const FLOOR_SCHEMA = "bench_commit_floor";
-const DIAMOND = {
-  namespace: "bench",
-  name: "diamond",
-  version: "1",
-  steps: [
-    { name: "a", handler: "stamp" },
-    { name: "b", handler: "stamp", depends_on: ["a"] },
-    { name: "c", handler: "stamp", depends_on: ["a"] },
-    { name: "d", handler: "stamp", depends_on: ["b", "c"] },
-  ],
-};
 
 /** Wall clock in ms with sub-ms precision, the same expression in both processes. */
 const wall = (): number => performance.timeOrigin + performance.now();

@@ -37,19 +37,21 @@ export interface StepbrokerResult {
 }
 
 const SCHEMA = "bench_stepbroker";
+/** Four steps a task: b and c wait for a, d for both (the bench's join). */
+export const DIAMOND = {
+  namespace: "bench",
+  name: "diamond",
+  version: "1",
+  steps: [
+    { name: "a", handler: "stamp" },
+    { name: "b", handler: "stamp", depends_on: ["a"] },
+    { name: "c", handler: "stamp", depends_on: ["a"] },
+    { name: "d", handler: "stamp", depends_on: ["b", "c"] },
+  ],
+};
 const TEMPLATES = [
   { namespace: "bench", name: "one", version: "1", steps: [{ name: "work", handler: "noop" }] },
-  {
-    namespace: "bench",
-    name: "diamond",
-    version: "1",
-    steps: [
-      { name: "a", handler: "stamp" },
-      { name: "b", handler: "stamp", depends_on: ["a"] },
-      { name: "c", handler: "stamp", depends_on: ["a"] },
-      { name: "d", handler: "stamp", depends_on: ["b", "c"] },
-    ],
-  },
+  DIAMOND,
 ];
 
 function percentile(sorted: number[], p: number): number {
