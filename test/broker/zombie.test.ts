@@ -65,6 +65,20 @@ describe("a zombie pool beside a healthy one (broker, inproc://)", function () {
       assert.equal((await stack.waitForTask(task.task_id)).state, "complete");
     }
 
+    // The 50 tasks go out while the zombie is alone, so it takes a full window
+    // (its capacity, 4) and sits on them: three timeouts in a row are then
+    // certain, however fast the healthy pool would have drained the rest.
+    const tasks = await Promise.all(
+      Array.from({ length: 50 }, () =>
+        stack.broker.submit({ namespace: "zombie", name: "one", context: {} }),
+      ),
+    );
+    const deadline = Date.now() + 10_000;
+    while (zombieCalls < 2 + 4) {
+      assert.ok(Date.now() < deadline, `the zombie took ${zombieCalls - 2} of its 4 slots within 10 s`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+
     const healthy = new HandlerPool({
       endpoint: stack.endpoint,
       poolId: "healthy",
@@ -78,11 +92,6 @@ describe("a zombie pool beside a healthy one (broker, inproc://)", function () {
     pools.push(healthy);
     await healthy.start();
 
-    const tasks = await Promise.all(
-      Array.from({ length: 50 }, () =>
-        stack.broker.submit({ namespace: "zombie", name: "one", context: {} }),
-      ),
-    );
     const done = await Promise.all(tasks.map(({ task }) => stack.waitForTask(task.task_id, 45_000)));
     const states = done.map((t) => t.state);
     assert.deepEqual(
