@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { Ajv2020, type ErrorObject } from "ajv/dist/2020.js";
+import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
 import { parse as parseYaml } from "yaml";
 import { coerceError } from "../db/errors";
 import type { TemplateDefinition } from "./types";
@@ -60,9 +60,19 @@ export class TemplateError extends Error {
   }
 }
 
-const schema: unknown = JSON.parse(readFileSync(new URL("./template.schema.json", import.meta.url), "utf8"));
-const ajv = new Ajv2020({ allErrors: true, useDefaults: true, strict: true });
-const validateSchema = ajv.compile<TemplateDefinition>(schema as object);
+// Compiled on first use, not at import: every CLI command imports this module,
+// and most of them (status, explain, pools) never check a template; the
+// compile is about a quarter of a second of a command's start.
+let compiled: ValidateFunction<TemplateDefinition> | undefined;
+function templateValidator(): ValidateFunction<TemplateDefinition> {
+  if (compiled) return compiled;
+  const schema: unknown = JSON.parse(
+    readFileSync(new URL("./template.schema.json", import.meta.url), "utf8"),
+  );
+  const ajv = new Ajv2020({ allErrors: true, useDefaults: true, strict: true });
+  compiled = ajv.compile<TemplateDefinition>(schema as object);
+  return compiled;
+}
 
 /** "/steps/3/depends_on/0" -> "steps[3].depends_on[0]" */
 function jsonPointerToPath(pointer: string): string {
@@ -221,6 +231,7 @@ export function validateTemplate(input: unknown): TemplateDefinition {
   const edges = edgeProblem(rawEdgeCount(input));
   if (edges) throw new TemplateError(describe(input), [edges]);
   const copy: unknown = structuredClone(input);
+  const validateSchema = templateValidator();
   if (!validateSchema(copy)) {
     throw new TemplateError(describe(input), (validateSchema.errors ?? []).map(schemaProblem));
   }
