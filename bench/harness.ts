@@ -6,7 +6,7 @@
  * process.
  */
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -167,6 +167,51 @@ export function processCpuMicros(pid: number): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * CPU time (user + system, in µs) a local PostgreSQL server has used so far:
+ * the postmaster, the children it has reaped, and its live children (backends,
+ * walwriter, checkpointer…). Undefined where /proc or the data directory's
+ * postmaster.pid cannot say (a remote DATABASE_URL). The difference of two
+ * readings is the server's work in between, backends that ended meanwhile
+ * included, as they move into the postmaster's reaped-children time.
+ */
+export function serverCpuMicros(dataDir: string): number | undefined {
+  let postmaster: number;
+  try {
+    postmaster = Number(readFileSync(path.join(dataDir, "postmaster.pid"), "utf8").split("\n")[0]);
+  } catch {
+    return undefined;
+  }
+  // after the ")" that closes the command name: ppid is field 4, utime..cstime 14..17
+  const fieldsOf = (pid: string | number): string[] | undefined => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    } catch {
+      return undefined; // ended between the listing and the read: its time is in the postmaster's
+    }
+  };
+  const own = fieldsOf(postmaster);
+  if (own === undefined) return undefined;
+  let ticks = Number(own[11]) + Number(own[12]) + Number(own[13]) + Number(own[14]);
+  for (const pid of readdirSync("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    const f = fieldsOf(pid);
+    if (f !== undefined && Number(f[1]) === postmaster) ticks += Number(f[11]) + Number(f[12]);
+  }
+  return Number.isFinite(ticks) ? (ticks * 1e6) / CLOCK_TICKS : undefined;
+}
+
+/** µs per unit of work between two readings of a CPU clock, one decimal; undefined if either is. */
+export function cpuPerUnit(
+  before: number | undefined,
+  after: number | undefined,
+  units: number,
+): number | undefined {
+  if (before === undefined || after === undefined || units <= 0) return undefined;
+  return Math.round(((after - before) / units) * 10) / 10;
 }
 
 export interface BenchDatabase {

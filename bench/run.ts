@@ -27,7 +27,7 @@
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { parseArgs } from "node:util";
-import { type BenchDatabase, openBenchDatabase, openCachedBenchDatabase } from "./harness";
+import { type BenchDatabase, openBenchDatabase, openCachedBenchDatabase, serverCpuMicros } from "./harness";
 import { formatClaims, measureClaims, type ClaimsResult } from "./claims";
 import { type FloorPhase, type FloorResult, measureFloor, phaseCosts } from "./floor";
 import { measureGraphileWorker } from "./peers/graphileWorker";
@@ -202,6 +202,8 @@ async function main(): Promise<number> {
   try {
     database = await openBenchDatabase(log, (d) => (dir = d));
     const url = database.url;
+    const dataDir = database.server?.dataDir;
+    const serverCpu = dataDir === undefined ? undefined : () => serverCpuMicros(dataDir);
     const bound = seconds * 3 + 120; // the phase's own bound, plus setup and teardown
     const measures: [string, (o: PeerOptions) => Promise<PeerResult>][] = values["no-peers"]
       ? []
@@ -222,6 +224,7 @@ async function main(): Promise<number> {
             tasks,
             capacity,
             maxSeconds: seconds,
+            serverCpu,
             log,
           }),
         ),
@@ -232,7 +235,7 @@ async function main(): Promise<number> {
           .get(name)!
           .push(
             await phase(`${name}, round ${round}`, bound, () =>
-              measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, log }),
+              measure({ databaseUrl: url, jobs: peerJobs, maxSeconds: seconds, serverCpu, log }),
             ),
           );
       }
@@ -252,6 +255,7 @@ async function main(): Promise<number> {
         tasks: diamondTasks,
         capacity,
         maxSeconds: seconds,
+        serverCpu,
         log,
       }),
     );
@@ -265,6 +269,7 @@ async function main(): Promise<number> {
         capacity,
         maxSeconds: seconds,
         sequential: true,
+        serverCpu,
         log,
       }),
     );
@@ -546,7 +551,13 @@ function report(r: {
       ? `; median of ${v.runs.length} interleaved rounds, spread ${v.spread[0]}-${v.spread[1]}`
       : "";
   const cpu = (v: StepbrokerResult): string =>
-    `CPU per step: broker ${v.brokerCpuMicrosPerStep ?? "?"} µs, pool ${v.poolCpuMicrosPerStep ?? "?"} µs`;
+    `CPU per step: broker ${v.brokerCpuMicrosPerStep ?? "?"} µs, pool ${v.poolCpuMicrosPerStep ?? "?"} µs` +
+    (v.serverCpuMicrosPerStep !== undefined ? `, PostgreSQL ${v.serverCpuMicrosPerStep} µs` : "");
+  const peerCpu = (v: PeerResult): string =>
+    v.nodeCpuMicrosPerJob === undefined
+      ? ""
+      : `; CPU per job: node ${v.nodeCpuMicrosPerJob} µs` +
+        (v.serverCpuMicrosPerJob !== undefined ? `, PostgreSQL ${v.serverCpuMicrosPerJob} µs` : "");
   const latency = (v: StepbrokerResult) =>
     `parent commit -> child at pool: p50 ${v.latencyP50Ms} ms, p99 ${v.latencyP99Ms} ms; ${cpu(v)}`;
   const rows: Row[] = [
@@ -590,7 +601,7 @@ function report(r: {
             `${p.name} ${p.result.version}`,
             `${p.result.jobs} jobs`,
             String(Math.round(p.result.jobsPerSecond)),
-            p.result.settings + spread(p.result),
+            p.result.settings + peerCpu(p.result) + spread(p.result),
           ]
         : failedRow(p.name, p.error ?? "unknown error"),
     ),

@@ -10,6 +10,7 @@ import { BrokerMetrics } from "../broker/metrics/BrokerMetrics";
 import { startFromCheckpoint } from "./checkpoint";
 import {
   countCommits,
+  cpuPerUnit,
   createTasksInBatches,
   dropBenchSchema,
   openBenchState,
@@ -32,6 +33,8 @@ export interface StepbrokerResult {
    */
   brokerCpuMicrosPerStep?: number;
   poolCpuMicrosPerStep?: number;
+  /** The same for the PostgreSQL server (every process of it), when it runs on this machine. */
+  serverCpuMicrosPerStep?: number;
   /** With `metrics`: how many times the metrics were rendered during the run, one a second as a scraper would. */
   metricsScrapes?: number;
 }
@@ -86,6 +89,8 @@ export async function measureStepbroker(opts: {
    * /metrics text once a second during the run, as Prometheus would scrape it.
    */
   metrics?: boolean;
+  /** Reads the database server's CPU time in µs (bench/harness.ts serverCpuMicros), when it is local. */
+  serverCpu?: () => number | undefined;
   log?: (line: string) => void;
 }): Promise<StepbrokerResult> {
   const log = opts.log ?? (() => undefined);
@@ -134,6 +139,7 @@ export async function measureStepbroker(opts: {
         }, 1000);
   const brokerCpuBefore = process.cpuUsage();
   const poolCpuBefore = poolCpuMicros();
+  const serverCpuBefore = opts.serverCpu?.();
   const timer = setTimeout(counter.finish, opts.maxSeconds * 1000);
   if (opts.sequential) {
     const until = Date.now() + opts.maxSeconds * 1000;
@@ -148,6 +154,7 @@ export async function measureStepbroker(opts: {
   if (scraper !== undefined) clearInterval(scraper);
   const brokerCpu = process.cpuUsage(brokerCpuBefore);
   const poolCpuAfter = poolCpuMicros();
+  const serverCpuAfter = opts.serverCpu?.();
   const result: StepbrokerResult = {
     shape: opts.shape,
     capacity: opts.capacity,
@@ -162,6 +169,8 @@ export async function measureStepbroker(opts: {
     result.brokerCpuMicrosPerStep = Math.round(((brokerCpu.user + brokerCpu.system) / steps) * 10) / 10;
     if (poolCpuBefore !== undefined && poolCpuAfter !== undefined)
       result.poolCpuMicrosPerStep = Math.round(((poolCpuAfter - poolCpuBefore) / steps) * 10) / 10;
+    const server = cpuPerUnit(serverCpuBefore, serverCpuAfter, steps);
+    if (server !== undefined) result.serverCpuMicrosPerStep = server;
   }
   await stop();
 

@@ -2,8 +2,31 @@
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
+import { cpuPerUnit } from "../harness";
+import type { PeerResult } from "./types";
 
 const require = createRequire(import.meta.url);
+
+/**
+ * Starts the CPU clocks of a timed drain (this process's, where the peer's
+ * worker runs, and the server's when `serverCpu` can read it); the returned
+ * function reads them, per job, at the drain's end.
+ */
+export function startCpuClocks(
+  serverCpu: (() => number | undefined) | undefined,
+): (jobs: number) => Pick<PeerResult, "nodeCpuMicrosPerJob" | "serverCpuMicrosPerJob"> {
+  const node = process.cpuUsage();
+  const server = serverCpu?.();
+  return (jobs) => {
+    const used = process.cpuUsage(node);
+    const nodeCpu = cpuPerUnit(0, used.user + used.system, jobs);
+    const serverCpuUsed = cpuPerUnit(server, serverCpu?.(), jobs);
+    return {
+      ...(nodeCpu !== undefined ? { nodeCpuMicrosPerJob: nodeCpu } : {}),
+      ...(serverCpuUsed !== undefined ? { serverCpuMicrosPerJob: serverCpuUsed } : {}),
+    };
+  };
+}
 
 /** The installed version of a package, read from its package.json. */
 export function installedVersion(pkg: string): string {

@@ -6,7 +6,7 @@
 import { Logger, makeWorkerUtils, run, type Runner } from "graphile-worker";
 import pg from "pg";
 import { startFromCheckpoint } from "../checkpoint";
-import { JobCounter, installedVersion, quoteIdent, waitForDrain } from "./common";
+import { JobCounter, installedVersion, quoteIdent, startCpuClocks, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
 export const GRAPHILE_WORKER_SCHEMA = "bench_graphile_worker";
@@ -123,6 +123,7 @@ export async function measureGraphileWorker(opts: GraphileWorkerOptions): Promis
     await probe.query(`VACUUM ANALYZE ${s}._private_jobs`);
     await startFromCheckpoint(probe, log);
     const counter = new JobCounter();
+    const cpuClocks = startCpuClocks(opts.serverCpu);
     const startedAt = performance.now();
     runner = await run({
       pgPool: pool,
@@ -163,6 +164,7 @@ export async function measureGraphileWorker(opts: GraphileWorkerOptions): Promis
           (await probe.query<{ n: string }>(`SELECT count(*) AS n FROM ${s}._private_jobs`)).rows[0]?.n ?? 0,
         ),
     });
+    const cpu = cpuClocks(outcome.completed);
     if (outcome.timedOut) {
       log(
         `graphile-worker: bound of ${opts.maxSeconds}s hit with ${outcome.completed}/${opts.jobs} jobs completed`,
@@ -182,6 +184,7 @@ export async function measureGraphileWorker(opts: GraphileWorkerOptions): Promis
     return {
       name: "graphile-worker",
       version,
+      ...cpu,
       jobs: outcome.completed,
       seconds: outcome.seconds,
       jobsPerSecond: outcome.seconds > 0 ? outcome.completed / outcome.seconds : 0,

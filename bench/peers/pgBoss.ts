@@ -16,7 +16,7 @@
 import PgBoss from "pg-boss";
 import pg from "pg";
 import { startFromCheckpoint } from "../checkpoint";
-import { JobCounter, installedVersion, quoteIdent, sleep, waitForDrain } from "./common";
+import { JobCounter, installedVersion, quoteIdent, startCpuClocks, sleep, waitForDrain } from "./common";
 import type { PeerOptions, PeerResult } from "./types";
 
 export const PGBOSS_SCHEMA = "bench_pgboss";
@@ -129,6 +129,7 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
     await probe.query(`VACUUM ANALYZE ${s}.job`);
     await startFromCheckpoint(probe, log);
     const counter = new JobCounter();
+    const cpuClocks = startCpuClocks(opts.serverCpu);
     const startedAt = performance.now();
     working = true;
     for (let i = 0; i < workers; i++) {
@@ -154,6 +155,7 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
       // same as getQueueSize(QUEUE, { before: "completed" }), on our own connection
       remaining: countPending,
     });
+    const cpu = cpuClocks(outcome.completed);
     if (outcome.timedOut) {
       log(`pg-boss: bound of ${opts.maxSeconds}s hit with ${outcome.completed}/${opts.jobs} jobs completed`);
     }
@@ -168,6 +170,7 @@ export async function measurePgBoss(opts: PgBossOptions): Promise<PeerResult> {
     return {
       name: "pg-boss",
       version,
+      ...cpu,
       jobs: done,
       seconds: outcome.seconds,
       jobsPerSecond: outcome.seconds > 0 ? done / outcome.seconds : 0,

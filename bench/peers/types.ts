@@ -18,6 +18,14 @@ export interface PeerResult {
   settings: string;
   /** The same settings as fields, for --json readers and the tuning runs. */
   options: Record<string, string | number | boolean>;
+  /**
+   * CPU time per completed job (µs, user + system) over the timed drain: the
+   * peer's worker runs in this process, so `node` is this process's; `server`
+   * is the PostgreSQL server's, when it is local. The drain poll that watches
+   * for the end (one count a few ms) is in both.
+   */
+  nodeCpuMicrosPerJob?: number;
+  serverCpuMicrosPerJob?: number;
 }
 
 /** Options every peer measurement accepts. */
@@ -30,5 +38,7 @@ export interface PeerOptions {
   maxSeconds: number;
   /** Override the peer's tuned concurrency (graphile-worker: concurrent jobs; pg-boss: number of work() loops). */
   concurrency?: number;
+  /** Reads the database server's CPU time in µs (bench/harness.ts serverCpuMicros), when it is local. */
+  serverCpu?: () => number | undefined;
   log?: (line: string) => void;
 }
