@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { StepbrokerClient } from "../handlers-node/client";
 import type { StateManager } from "../broker/state/StateManager";
 import { dropBenchSchema, openBenchState, startBrokerAndPool } from "./harness";
+import { recordStages, type StageRecorder, type StageSplit } from "./recordStages";
 
 export interface SustainedResult {
   /** The rate asked for, tasks/s. */
@@ -29,6 +30,8 @@ export interface SustainedResult {
   measured: number;
   latencyP50Ms: number;
   latencyP99Ms: number;
+  /** With `stages`: where the time went (recordStages), over the same tasks. */
+  stages?: StageSplit;
 }
 
 /** The most the whole path takes: a client keeps SUBMITs outstanding while the pool works the tasks. */
@@ -73,16 +76,18 @@ interface Stack {
   client: StepbrokerClient;
   /** When each task's finishing transaction returned (performance.now()), by task id. */
   finishedAt: Map<string, number>;
+  stages?: StageRecorder;
 }
 
 async function withStack<T>(
-  opts: { databaseUrl: string; capacity: number },
+  opts: { databaseUrl: string; capacity: number; stages?: boolean },
   run: (stack: Stack) => Promise<T>,
 ): Promise<T> {
   const sm = await openBenchState(opts.databaseUrl, SCHEMA);
   await sm.registerTemplate(TEMPLATE);
   const finishedAt = new Map<string, number>();
-  const { broker, stop } = await startBrokerAndPool(noteFinishes(sm, finishedAt), {
+  const stages = opts.stages === true ? recordStages(sm) : undefined;
+  const { broker, stop } = await startBrokerAndPool(noteFinishes(stages?.state ?? sm, finishedAt), {
     label: "node",
     cmd: process.execPath,
     args: (endpoint) => [
@@ -95,7 +100,7 @@ async function withStack<T>(
   });
   const client = new StepbrokerClient({ endpoint: broker.endpoints[0]!, requestTimeoutMs: 30_000 });
   try {
-    return await run({ client, finishedAt });
+    return await run({ client, finishedAt, ...(stages ? { stages } : {}) });
   } finally {
     client.close();
     await stop();
@@ -124,6 +129,8 @@ export async function measureSustained(opts: {
   warmupSeconds: number;
   capacity: number;
   log?: (line: string) => void;
+  /** Also split each task's time by stage (recordStages); the wrapping costs a little broker CPU. */
+  stages?: boolean;
 }): Promise<SustainedResult> {
   const log = opts.log ?? (() => undefined);
   return withStack(opts, async (stack) => {
@@ -179,6 +186,7 @@ export async function measureSustained(opts: {
       measured: latencies.length,
       latencyP50Ms: round2(percentile(latencies, 50)),
       latencyP99Ms: round2(percentile(latencies, 99)),
+      ...(stack.stages ? { stages: stack.stages.report(sentAt, measuredFrom, end) } : {}),
     };
   });
 }
