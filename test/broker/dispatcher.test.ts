@@ -420,27 +420,28 @@ describe("dispatch and credit, against a state port answered by hand", function 
   it("holds the credit of results that arrive while the committer is full, until they are stored, and says so once", async () => {
     const h = harness({ commitBatch: 1, maxPendingResults: 2 });
     const pool = h.hello("p1", 16);
-    const steps = [step(), step(), step(), step(), step()];
+    const steps = [step(), step(), step(), step(), step(), step()];
     await dispatch(h, pool, steps);
-    assert.equal(h.ctx.pools.credit(pool), 11);
-    // One result goes to the commit under way; the next two fill the queue to its bound of 2.
+    assert.equal(h.ctx.pools.credit(pool), 10);
+    // One result goes to each of the two commits under way; the next two fill the queue to its bound of 2.
     h.intake.accept(pool, complete([steps[0]!.attempt_id]));
-    await until(() => h.state.completions.length === 1, "the first commit");
-    h.intake.accept(pool, complete([steps[1]!.attempt_id, steps[2]!.attempt_id]));
+    h.intake.accept(pool, complete([steps[1]!.attempt_id]));
+    await until(() => h.state.completions.length === 2, "the two commits in flight");
+    h.intake.accept(pool, complete([steps[2]!.attempt_id, steps[3]!.attempt_id]));
     assert.equal(h.committer.full, true);
     assert.equal(h.ctx.pools.credit(pool), 14, "credit of results queued below the bound comes back");
     // Past the bound, each new result's credit stays held.
-    h.intake.accept(pool, complete([steps[3]!.attempt_id, steps[4]!.attempt_id]));
+    h.intake.accept(pool, complete([steps[4]!.attempt_id, steps[5]!.attempt_id]));
     assert.equal(h.ctx.pools.credit(pool), 14, "the credit of results past the bound is held");
     assert.equal(pool.reserved, 2);
     const warned = h.lines.filter((l) => l.msg.includes("results await commit"));
     assert.equal(warned.length, 1, "the log says so once");
-    for (let i = 0; i < 5; i++) {
+    for (let i = 0; i < 6; i++) {
       await until(() => h.state.completions.length > i, `commit ${i + 1}`);
       const c = h.state.completions[i]!;
       c.answer.resolve(stored(c.results));
     }
-    await until(() => h.sentTo("p1", "ACK").length === 5, "five ACKs");
+    await until(() => h.sentTo("p1", "ACK").length === 6, "six ACKs");
     assert.equal(pool.reserved, 0, "the held credit came back as the results were stored");
     assert.equal(h.ctx.pools.credit(pool), 16);
     assert.ok(h.lines.some((l) => l.msg.includes("below the bound")));
