@@ -14,7 +14,7 @@ import { BatchCommit, type CommittedBatch } from "../../broker/completion/BatchC
 import { Committer } from "../../broker/completion/Committer";
 import { ResultIntake } from "../../broker/completion/ResultIntake";
 import { resolveOptions } from "../../broker/config";
-import { Dispatcher } from "../../broker/dispatch/Dispatcher";
+import { DISPATCH_IN_FLIGHT, Dispatcher } from "../../broker/dispatch/Dispatcher";
 import { LogLimiter } from "../../broker/LogLimiter";
 import { PoolRegistry, type PoolRecord } from "../../broker/pools/PoolRegistry";
 import type {
@@ -336,6 +336,56 @@ describe("dispatch and credit, against a state port answered by hand", function 
     await until(() => h.state.claims.length === 2, "the poll's round");
     assert.equal(h.state.claims[1]!.request.limit, 16, "the first claim found the queue drained");
     await emptyRounds(h, 1);
+  });
+
+  it("claims at once, in a second round, the credit a claim in flight left, and never the credit it holds", async () => {
+    assert.equal(DISPATCH_IN_FLIGHT, 2);
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    await dispatch(h, pool, [step()]);
+    const before = h.state.claims.length;
+    h.dispatcher.kick(undefined, true); // the poll: a probe of a drained pool
+    await until(() => h.state.claims.length === before + 1, "the probe");
+    const probe = h.state.claims[before]!;
+    assert.equal(probe.request.limit, 16);
+    h.dispatcher.kick(); // a task was created while the probe runs
+    await until(() => h.state.claims.length === before + 2, "a second claim while the probe runs");
+    const second = h.state.claims[before + 1]!;
+    assert.equal(second.request.limit, 64 - 1 - 16, "what the probe and the step in flight leave");
+    assert.equal(pool.reserved, 64 - 1, "both claims' credit set aside");
+    h.dispatcher.kick(); // a third reason meanwhile starts no third claim
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(h.state.claims.length, before + 2, "two rounds in flight at most");
+    const a = [step(), step()];
+    const b = [step(), step(), step()];
+    second.answer.resolve(b);
+    probe.answer.resolve(a);
+    await until(() => [...a, ...b].every((s) => pool.inFlight.has(s.attempt_id)), "both claims in flight");
+    await emptyRounds(h, before + 2);
+    assert.equal(pool.reserved, 0);
+    assert.equal(h.ctx.pools.credit(pool), 64 - 1 - 5);
+  });
+
+  it("a round that finds all of a pool's credit held by a claim in flight has that claim's round go again", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    h.dispatcher.kick();
+    await until(() => h.state.claims.length === 1, "the first claim");
+    assert.equal(h.state.claims[0]!.request.limit, 64, "it holds all the credit");
+    // New work after the claim's statement began: the second round finds no credit and ends.
+    h.dispatcher.kick();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(h.state.claims.length, 1, "no claim without credit");
+    // The first claim finds less than its limit (the new work came too late for it): it goes again.
+    h.state.claims[0]!.answer.resolve([step()]);
+    await until(() => h.state.claims.length === 2, "the claim for the work that came during the first");
+    assert.equal(h.state.claims[1]!.request.limit, 16, "a probe: the first found the queue drained");
+    const late = [step()];
+    h.state.claims[1]!.answer.resolve(late);
+    await until(() => pool.inFlight.has(late[0]!.attempt_id), "the late work in flight");
+    await emptyRounds(h, 2);
   });
 
   it("gives back untouched the steps claimed for a pool that left during the claim", async () => {
