@@ -1,6 +1,6 @@
 /**
  * Group commit of task creation, the way the Committer stores results. Every
- * SUBMIT (and Broker.submit) queues here; one flush loop hands all that have
+ * SUBMIT (and Broker.submit) queues here; a flush loop hands all that have
  * arrived to one create_tasks statement, so creation is bound by PostgreSQL
  * commits per batch, not per task. While a statement runs the next batch
  * gathers by itself: no timer, no added latency when idle. A request's reply

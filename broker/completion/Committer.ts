@@ -1,5 +1,5 @@
 /**
- * Group commit. Results from every pool queue here; one flush loop hands all
+ * Group commit. Results from every pool queue here; a flush loop hands all
  * that have arrived to the state manager in one transaction, so throughput is
  * bound by PostgreSQL round trips per batch, not per result. While a commit
  * runs, the next batch gathers by itself: no timer, no added latency when idle.

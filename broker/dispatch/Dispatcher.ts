@@ -52,10 +52,10 @@ export class Dispatcher {
   ) {}
 
   /**
-   * Asks for a dispatch round; rounds never overlap, and a request during one
-   * starts another. `creditOf` names a pool whose credit just came back (a
-   * result arrived): if its last claim found less ready work than it could
-   * take, that credit means no new work, and no round is started for it, so the
+   * Asks for a dispatch round; a request while DISPATCH_IN_FLIGHT rounds run
+   * has one of them go again. `creditOf` names a pool whose credit just came
+   * back (a result arrived): if its last claim found less ready work than it
+   * could take, that credit means no new work, and no round is started for it, so the
    * claim for the children a commit readies is not kept waiting behind an
    * empty one. Every other reason (new tasks, readied children, retries,
    * requeued attempts) may mean work for anyone. `poll`: only the timer
