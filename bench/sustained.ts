@@ -11,7 +11,10 @@
 import { join } from "node:path";
 import { StepbrokerClient } from "../handlers-node/client";
 import type { StateManager } from "../broker/state/StateManager";
+import type pg from "pg";
+import { startFromCheckpoint } from "./checkpoint";
 import { dropBenchSchema, openBenchState, startBrokerAndPool } from "./harness";
+import { recordStages, type StageRecorder, type StageSplit } from "./recordStages";
 
 export interface SustainedResult {
   /** The rate asked for, tasks/s. */
@@ -29,6 +32,23 @@ export interface SustainedResult {
   measured: number;
   latencyP50Ms: number;
   latencyP99Ms: number;
+  /** With `stages`: where the time went (recordStages), over the same tasks. */
+  stages?: StageSplit;
+  /** What PostgreSQL did meanwhile (see WalDuring). */
+  wal?: WalDuring;
+}
+
+/**
+ * Checkpoints PostgreSQL started, and WAL it wrote, from the start of a run
+ * to the end of its submissions. A checkpoint within a run makes its commits'
+ * fsyncs wait behind the checkpoint's writes and its first page changes write
+ * whole pages, so a latency figure is only comparable with another when
+ * neither had one (each run starts from a CHECKPOINT of its own, as every
+ * other measured phase does).
+ */
+export interface WalDuring {
+  checkpoints: number;
+  walMegabytes: number;
 }
 
 /** The most the whole path takes: a client keeps SUBMITs outstanding while the pool works the tasks. */
@@ -39,6 +59,7 @@ export interface SaturatedResult {
   completed: number;
   seconds: number;
   warmupSeconds: number;
+  wal?: WalDuring;
 }
 
 const SCHEMA = "bench_sustained";
@@ -73,16 +94,50 @@ interface Stack {
   client: StepbrokerClient;
   /** When each task's finishing transaction returned (performance.now()), by task id. */
   finishedAt: Map<string, number>;
+  stages?: StageRecorder;
+  /** WalDuring since the run started (after its checkpoint); undefined where PostgreSQL does not say. */
+  walSoFar(): Promise<WalDuring | undefined>;
+}
+
+interface WalMark {
+  checkpoints: number;
+  bytes: number;
+}
+
+/** pg_stat_checkpointer is PostgreSQL 17's; an older server (or a role that cannot read it) gives none. */
+async function walMark(pool: pg.Pool): Promise<WalMark | undefined> {
+  try {
+    const { rows } = await pool.query<{ checkpoints: string; bytes: string }>(
+      `select (select num_timed + num_requested from pg_stat_checkpointer) as checkpoints,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') as bytes`,
+    );
+    return { checkpoints: Number(rows[0]!.checkpoints), bytes: Number(rows[0]!.bytes) };
+  } catch {
+    return undefined;
+  }
 }
 
 async function withStack<T>(
-  opts: { databaseUrl: string; capacity: number },
+  opts: { databaseUrl: string; capacity: number; stages?: boolean; log?: (line: string) => void },
   run: (stack: Stack) => Promise<T>,
 ): Promise<T> {
   const sm = await openBenchState(opts.databaseUrl, SCHEMA);
   await sm.registerTemplate(TEMPLATE);
+  // as every other measured phase: what earlier phases wrote is not this run's to pay for
+  await startFromCheckpoint(sm.db.pool, opts.log ?? (() => undefined));
+  const start = await walMark(sm.db.pool);
+  const walSoFar = async (): Promise<WalDuring | undefined> => {
+    const now = await walMark(sm.db.pool);
+    if (!start || !now) return undefined;
+    // the run's own CHECKPOINT is counted before `start` was read
+    return {
+      checkpoints: now.checkpoints - start.checkpoints,
+      walMegabytes: Math.round((now.bytes - start.bytes) / 1e5) / 10,
+    };
+  };
   const finishedAt = new Map<string, number>();
-  const { broker, stop } = await startBrokerAndPool(noteFinishes(sm, finishedAt), {
+  const stages = opts.stages === true ? recordStages(sm) : undefined;
+  const { broker, stop } = await startBrokerAndPool(noteFinishes(stages?.state ?? sm, finishedAt), {
     label: "node",
     cmd: process.execPath,
     args: (endpoint) => [
@@ -95,7 +150,7 @@ async function withStack<T>(
   });
   const client = new StepbrokerClient({ endpoint: broker.endpoints[0]!, requestTimeoutMs: 30_000 });
   try {
-    return await run({ client, finishedAt });
+    return await run({ client, finishedAt, walSoFar, ...(stages ? { stages } : {}) });
   } finally {
     client.close();
     await stop();
@@ -124,6 +179,8 @@ export async function measureSustained(opts: {
   warmupSeconds: number;
   capacity: number;
   log?: (line: string) => void;
+  /** Also split each task's time by stage (recordStages); the wrapping costs a little broker CPU. */
+  stages?: boolean;
 }): Promise<SustainedResult> {
   const log = opts.log ?? (() => undefined);
   return withStack(opts, async (stack) => {
@@ -150,6 +207,7 @@ export async function measureSustained(opts: {
       await new Promise((r) => setTimeout(r, TICK_MS));
     }
     const submitSeconds = (performance.now() - started) / 1000;
+    const wal = await stack.walSoFar();
     if (failure !== undefined) throw failure;
     log(
       `sustained ${opts.rate}/s: ${sent} SUBMITs sent in ${submitSeconds.toFixed(1)}s (the first ${opts.warmupSeconds}s a warm-up); waiting for them to finish`,
@@ -179,6 +237,8 @@ export async function measureSustained(opts: {
       measured: latencies.length,
       latencyP50Ms: round2(percentile(latencies, 50)),
       latencyP99Ms: round2(percentile(latencies, 99)),
+      ...(stack.stages ? { stages: stack.stages.report(sentAt, measuredFrom, end) } : {}),
+      ...(wal ? { wal } : {}),
     };
   });
 }
@@ -224,6 +284,7 @@ export async function measureSaturated(opts: {
     }
     if (failure !== undefined) throw failure;
     const stoppedAt = performance.now();
+    const wal = await stack.walSoFar();
     await drain(
       stack,
       () => sent,
@@ -238,6 +299,7 @@ export async function measureSaturated(opts: {
       completed,
       seconds: Math.round(seconds * 100) / 100,
       warmupSeconds: opts.warmupSeconds,
+      ...(wal ? { wal } : {}),
     };
   });
 }

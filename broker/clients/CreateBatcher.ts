@@ -1,6 +1,6 @@
 /**
  * Group commit of task creation, the way the Committer stores results. Every
- * SUBMIT (and Broker.submit) queues here; one flush loop hands all that have
+ * SUBMIT (and Broker.submit) queues here; a flush loop hands all that have
  * arrived to one create_tasks statement, so creation is bound by PostgreSQL
  * commits per batch, not per task. While a statement runs the next batch
  * gathers by itself: no timer, no added latency when idle. A request's reply
@@ -23,10 +23,20 @@
  * rows (tasks, steps and edges), so a large template cannot make a giant
  * statement; a single task over the row bound goes alone.
  *
+ * Two statements may be in flight (CREATE_IN_FLIGHT), each on its own pooled
+ * connection: a SUBMIT that arrives while one runs goes out at once in the
+ * second rather than waiting for the first to commit. Requests are taken in
+ * arrival order, except that one whose idempotency key is held by a
+ * statement in flight waits in the queue until that statement is over: two
+ * statements racing for one key on two connections could let the later
+ * request's win, and the first must. Both statements insert new rows only
+ * (fresh task ids; a key is the only thing two could share), so they do not
+ * wait on each other otherwise.
+ *
  * Back-pressure is the replies: a client's SUBMIT is answered only once its
  * task is committed, so a client with a window of outstanding SUBMITs goes
- * as fast as PostgreSQL commits, and at most one create statement per broker
- * is in flight however many clients send. Past CREATE_QUEUE_BOUND waiting
+ * as fast as PostgreSQL commits, and at most CREATE_IN_FLIGHT create
+ * statements per broker are in flight however many clients send. Past CREATE_QUEUE_BOUND waiting
  * requests the broker says so in its log (a few lines per interval); the
  * protocol has no "busy" answer to refuse them with.
  */
@@ -41,6 +51,12 @@ import { StateError } from "../state/errors";
 export const CREATE_BATCH_TASKS = 512;
 /** Rows (tasks + steps + edges) in one create statement at most; a template at the edge limit has about 11,000. */
 export const CREATE_BATCH_ROWS = 16_384;
+/**
+ * Create statements in flight at most. One more than one lets a request skip
+ * the wait for a statement already running; more would only split the same
+ * requests into smaller statements and take connections other work needs.
+ */
+export const CREATE_IN_FLIGHT = 2;
 /** Requests waiting for a statement past which the log says the database is behind: four full statements. */
 export const CREATE_QUEUE_BOUND = CREATE_BATCH_TASKS * 4;
 
@@ -64,7 +80,10 @@ export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "
 
 export class CreateBatcher {
   private queue: PendingCreate[] = [];
-  private running = false;
+  /** Flush loops running, each with at most one statement in flight. */
+  private running = 0;
+  /** Idempotency keys of the requests in the statements in flight, with how many hold each. */
+  private readonly keysInFlight = new Map<string, number>();
   /** Views being read after a commit: idle() waits for them too, since their replies are still to come. */
   private readonly reading = new Set<Promise<void>>();
   private idleWaiters: (() => void)[] = [];
@@ -88,39 +107,81 @@ export class CreateBatcher {
         );
       }
       this.queue.push({ request, resolve, reject });
-      if (!this.running) void this.flushLoop();
+      if (this.running < CREATE_IN_FLIGHT) void this.flushLoop();
     });
   }
 
   /** Resolves when every queued request has been answered. */
   idle(): Promise<void> {
-    if (!this.running && this.queue.length === 0 && this.reading.size === 0) return Promise.resolve();
+    if (this.running === 0 && this.queue.length === 0 && this.reading.size === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
   private wakeIfIdle(): void {
-    if (this.running || this.queue.length > 0 || this.reading.size > 0) return;
+    if (this.running > 0 || this.queue.length > 0 || this.reading.size > 0) return;
     const w = this.idleWaiters;
     this.idleWaiters = [];
     for (const f of w) f();
   }
 
   private async flushLoop(): Promise<void> {
-    this.running = true;
+    this.running++;
     try {
-      while (this.queue.length > 0) {
-        const items = this.queue.splice(0, CREATE_BATCH_TASKS);
+      for (let items = this.take(); items.length > 0; items = this.take()) {
         try {
           await this.flush(items);
         } catch (e) {
           // flush answers every request itself; this is a bug's last line of defence
           const err = coerceError(e);
           for (const item of items) item.reject(err);
+        } finally {
+          this.release(items);
         }
       }
     } finally {
-      this.running = false;
+      this.running--;
       this.wakeIfIdle();
+    }
+  }
+
+  /**
+   * The next statement's requests, in arrival order, leaving queued those
+   * whose idempotency key a statement in flight holds (they go once it is
+   * over, in their order); their keys are held until `release`.
+   */
+  private take(): PendingCreate[] {
+    if (this.keysInFlight.size === 0) {
+      const items = this.queue.splice(0, CREATE_BATCH_TASKS);
+      this.hold(items);
+      return items;
+    }
+    const items: PendingCreate[] = [];
+    const left: PendingCreate[] = [];
+    for (const item of this.queue) {
+      const key = item.request.idempotencyKey;
+      if (items.length < CREATE_BATCH_TASKS && (key === undefined || !this.keysInFlight.has(key)))
+        items.push(item);
+      else left.push(item);
+    }
+    this.queue = left;
+    this.hold(items);
+    return items;
+  }
+
+  private hold(items: PendingCreate[]): void {
+    for (const { request } of items) {
+      const key = request.idempotencyKey;
+      if (key !== undefined) this.keysInFlight.set(key, (this.keysInFlight.get(key) ?? 0) + 1);
+    }
+  }
+
+  private release(items: PendingCreate[]): void {
+    for (const { request } of items) {
+      const key = request.idempotencyKey;
+      if (key === undefined) continue;
+      const n = this.keysInFlight.get(key)! - 1;
+      if (n === 0) this.keysInFlight.delete(key);
+      else this.keysInFlight.set(key, n);
     }
   }
 

@@ -1,5 +1,5 @@
 /**
- * Group commit. Results from every pool queue here; one flush loop hands all
+ * Group commit. Results from every pool queue here; a flush loop hands all
  * that have arrived to the state manager in one transaction, so throughput is
  * bound by PostgreSQL round trips per batch, not per result. While a commit
  * runs, the next batch gathers by itself: no timer, no added latency when idle.
@@ -16,6 +16,16 @@
  *    its own, down to the single result at fault; everything else is stored
  *    and acknowledged, and the bad result is stored as an error outcome of its
  *    attempt instead (or, if even that is refused, dropped), and the pool told.
+ *
+ * Two commits may be in flight (COMMIT_IN_FLIGHT), each on its own pooled
+ * connection, so a result that arrives while one commits goes out at once
+ * rather than waiting for it. Results are taken in arrival order, except
+ * that a result whose attempt, or whose task, a commit in flight holds waits
+ * in the queue until that commit is over: one attempt's copies are then
+ * judged one commit after the other (the later is a duplicate, as with one
+ * commit at a time), and two commits never wait on each other's task locks.
+ * Each commit isolates its own data errors; a database failure pauses
+ * both (the failed commit's results go back to the front of the queue).
  *
  * The queue has a bound (`full`): past it, the broker keeps the credit of each
  * new result's pool until that result is stored (ResultIntake), so pools stop
@@ -58,6 +68,12 @@ export interface RefusedResult {
 /** The error type stored for an attempt whose own result PostgreSQL refused. */
 export const UNSTORABLE_RESULT = StepErrorTypes.UNSTORABLE_RESULT;
 
+/**
+ * Commits in flight at most. A second lets a result skip the wait for the
+ * commit already running; more would split the same results into smaller
+ * transactions that contend for the same CPU and connections.
+ */
+export const COMMIT_IN_FLIGHT = 2;
 const RETRY_MS = 500;
 /** While the database stays away, one log line per this long, with a count, instead of one per retry. */
 const RETRY_LOG_EVERY_MS = 30_000;
@@ -65,7 +81,14 @@ const RETRY_LOG_EVERY_MS = 30_000;
 /** `commit` stores one batch in one transaction and says what came of it. */
 export class Committer<Batch> {
   private queue: PendingResult[] = [];
-  private running = false;
+  /** Flush loops running, each with at most one commit in flight. */
+  private running = 0;
+  /** Attempts of the results in the commits in flight. */
+  private readonly attemptsInFlight = new Set<string>();
+  /** Tasks of the results in the commits in flight (where the broker knows them), with how many hold each. */
+  private readonly tasksInFlight = new Map<string, number>();
+  /** Set while pausing after a connection failure: no commit starts until it resolves. */
+  private pausing: Promise<void> | undefined;
   private idleWaiters: (() => void)[] = [];
   private stopped = false;
   /** Set while pausing after a connection failure; stop() ends the pause early. */
@@ -106,7 +129,7 @@ export class Committer<Batch> {
   addAll(items: readonly PendingResult[]): void {
     if (items.length === 0) return;
     for (const item of items) this.queue.push(item);
-    if (!this.running) void this.flushLoop();
+    if (this.running < COMMIT_IN_FLIGHT) void this.flushLoop();
   }
 
   /**
@@ -115,7 +138,7 @@ export class Committer<Batch> {
    * could last forever, and the pools keep those results until ACK anyway.
    */
   idle(): Promise<void> {
-    if ((!this.running && this.queue.length === 0) || this.endPause) return Promise.resolve();
+    if ((this.running === 0 && this.queue.length === 0) || this.endPause) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
@@ -132,11 +155,15 @@ export class Committer<Batch> {
   }
 
   private async flushLoop(): Promise<void> {
-    this.running = true;
+    this.running++;
     try {
-      while (this.queue.length > 0) {
-        const items = this.queue.splice(0, this.maxBatch);
-        const left = await this.commitIsolating(items);
+      for (let items = this.take(); items.length > 0; items = this.take()) {
+        let left: { items: PendingResult[]; err: Error } | undefined;
+        try {
+          left = await this.commitIsolating(items);
+        } finally {
+          this.release(items);
+        }
         if (!left) {
           this.recovered();
           continue;
@@ -148,8 +175,49 @@ export class Committer<Batch> {
         if (this.stopped) break;
       }
     } finally {
-      this.running = false;
-      this.wake();
+      this.running--;
+      if (this.running === 0) this.wake();
+    }
+  }
+
+  /**
+   * The next commit's results, in arrival order, leaving queued those whose
+   * attempt or task a commit in flight holds (they go once it is over, in
+   * their order); nothing while the committer pauses for the database.
+   */
+  private take(): PendingResult[] {
+    if (this.pausing) return [];
+    let items: PendingResult[];
+    if (this.attemptsInFlight.size === 0) items = this.queue.splice(0, this.maxBatch);
+    else {
+      items = [];
+      const left: PendingResult[] = [];
+      for (const item of this.queue) {
+        const taskId = item.flight?.taskId;
+        const held =
+          this.attemptsInFlight.has(item.result.attemptId) ||
+          (taskId !== undefined && this.tasksInFlight.has(taskId));
+        if (!held && items.length < this.maxBatch) items.push(item);
+        else left.push(item);
+      }
+      this.queue = left;
+    }
+    for (const item of items) {
+      this.attemptsInFlight.add(item.result.attemptId);
+      const taskId = item.flight?.taskId;
+      if (taskId !== undefined) this.tasksInFlight.set(taskId, (this.tasksInFlight.get(taskId) ?? 0) + 1);
+    }
+    return items;
+  }
+
+  private release(items: PendingResult[]): void {
+    for (const item of items) {
+      this.attemptsInFlight.delete(item.result.attemptId);
+      const taskId = item.flight?.taskId;
+      if (taskId === undefined) continue;
+      const n = this.tasksInFlight.get(taskId)! - 1;
+      if (n === 0) this.tasksInFlight.delete(taskId);
+      else this.tasksInFlight.set(taskId, n);
     }
   }
 
@@ -211,11 +279,13 @@ export class Committer<Batch> {
     return undefined;
   }
 
+  /** Waits RETRY_MS (or until stop()); a commit failing meanwhile waits for the same pause. */
   private pause(): Promise<void> {
-    return new Promise<void>((resolve) => {
+    this.pausing ??= new Promise<void>((resolve) => {
       const done = (): void => {
         clearTimeout(timer);
         this.endPause = undefined;
+        this.pausing = undefined;
         resolve();
       };
       const timer = setTimeout(done, RETRY_MS);
@@ -223,6 +293,7 @@ export class Committer<Batch> {
       // Whoever waits for the committer to be idle would wait for the database: let them go.
       this.wake();
     });
+    return this.pausing;
   }
 
   private failed(err: Error, results: number): void {

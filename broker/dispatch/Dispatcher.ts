@@ -1,9 +1,15 @@
 /**
  * Dispatch: claims ready steps for the pools that have credit and sends them.
- * Rounds never overlap; anything that may mean work (a task created, a result
- * that returned credit, children readied, a retry's backoff ending, the poll)
- * asks for one with `kick`. A message that cannot be delivered means the pool
- * is gone: its attempts go back.
+ * Anything that may mean work (a task created, a result that returned credit,
+ * children readied, a retry's backoff ending, the poll) asks for a round with
+ * `kick`. Up to DISPATCH_IN_FLIGHT rounds run at once, so work that appears
+ * while a claim runs is claimed at once with the credit that claim left,
+ * rather than after it. A claim sets its credit aside (PoolRegistry.reserve)
+ * before it starts, so two claims never take the same credit; claim_steps
+ * skips rows another claim holds, so they never take the same step. A pool
+ * whose credit a claim in flight holds all of is owed a round: that claim may
+ * have begun before the work appeared, so its round goes again. A message
+ * that cannot be delivered means the pool is gone: its attempts go back.
  */
 import { attemptTrace, BrokerCommands, coerceError, type StepDispatch } from "../../protocol";
 import type { BrokerContext } from "../BrokerContext";
@@ -22,9 +28,20 @@ import type { ClaimedStep } from "../StatePort";
  */
 const PROBE_CLAIM = 16;
 
+/**
+ * Rounds in flight at most. A second lets new work skip the wait for the
+ * claim already running; more would split the same credit into smaller
+ * claims that contend for the same rows.
+ */
+export const DISPATCH_IN_FLIGHT = 2;
+
 export class Dispatcher {
   private wanted = false;
-  private round: Promise<void> | undefined;
+  private readonly rounds = new Set<Promise<void>>();
+  /** Claims in flight, by pool. */
+  private readonly claiming = new Map<PoolRecord, number>();
+  /** Pools a round could not claim for because a claim in flight held all their credit (see the header). */
+  private readonly owed = new Set<PoolRecord>();
   private kickTimer: NodeJS.Timeout | undefined;
   private nextKickAt: number | undefined;
 
@@ -35,10 +52,10 @@ export class Dispatcher {
   ) {}
 
   /**
-   * Asks for a dispatch round; rounds never overlap, and a request during one
-   * starts another. `creditOf` names a pool whose credit just came back (a
-   * result arrived): if its last claim found less ready work than it could
-   * take, that credit means no new work, and no round is started for it, so the
+   * Asks for a dispatch round; a request while DISPATCH_IN_FLIGHT rounds run
+   * has one of them go again. `creditOf` names a pool whose credit just came
+   * back (a result arrived): if its last claim found less ready work than it
+   * could take, that credit means no new work, and no round is started for it, so the
    * claim for the children a commit readies is not kept waiting behind an
    * empty one. Every other reason (new tasks, readied children, retries,
    * requeued attempts) may mean work for anyone. `poll`: only the timer
@@ -49,10 +66,9 @@ export class Dispatcher {
     if (creditOf?.readyDrained) return;
     if (creditOf === undefined && !poll) this.ctx.pools.forgetDrained();
     this.wanted = true;
-    if (!this.round) {
-      this.round = this.loop().finally(() => {
-        this.round = undefined;
-      });
+    if (this.rounds.size < DISPATCH_IN_FLIGHT) {
+      const round: Promise<void> = this.loop().finally(() => this.rounds.delete(round));
+      this.rounds.add(round);
     }
   }
 
@@ -72,7 +88,7 @@ export class Dispatcher {
   /** Resolves when no round is running (none starts once the broker stops running). */
   async idle(): Promise<void> {
     clearTimeout(this.kickTimer);
-    await this.round;
+    while (this.rounds.size > 0) await Promise.all([...this.rounds]);
   }
 
   /** A pool still registered, to a broker still running. */
@@ -174,6 +190,7 @@ export class Dispatcher {
     while (this.wanted && this.ctx.isRunning()) {
       this.wanted = false;
       const ready = pools.withCredit();
+      for (const pool of this.claiming.keys()) if (!ready.includes(pool)) this.owed.add(pool);
       if (ready.length === 0) return;
       // Pools that have had results stored claim first; pools that have proved nothing yet (maybe
       // silent ones) get only the work they left, so a swarm of those cannot starve a working pool.
@@ -218,6 +235,7 @@ export class Dispatcher {
     let steps: ClaimedStep[];
     // Set aside while the claim runs, so a commit meanwhile does not claim children against it.
     const reservation = ctx.pools.reserve(pool, credit);
+    this.claiming.set(pool, (this.claiming.get(pool) ?? 0) + 1);
     const started = performance.now();
     try {
       const avoid = this.retriesForOthers(pool);
@@ -243,6 +261,11 @@ export class Dispatcher {
       return false;
     } finally {
       reservation.settle();
+      const n = this.claiming.get(pool)! - 1;
+      if (n === 0) this.claiming.delete(pool);
+      else this.claiming.set(pool, n);
+      // Work may have appeared during this claim and found no credit for this pool: go again.
+      if (this.owed.delete(pool)) this.wanted = true;
     }
     ctx.pools.noteClaimed(pool, steps.length < credit);
     if (steps.length === 0) return false;

@@ -11,6 +11,7 @@ import { createServer } from "node:net";
 import pg from "pg";
 import { pino } from "pino";
 import {
+  COMMIT_IN_FLIGHT,
   Committer,
   UNSTORABLE_RESULT,
   type CommitReport,
@@ -18,7 +19,7 @@ import {
   type RefusedResult,
 } from "../../broker/completion/Committer";
 import { isDataError } from "../../broker/db/errors";
-import type { CompletionResult } from "../../broker/state/types";
+import type { ClaimedStep, CompletionResult } from "../../broker/state/types";
 import type { JsonValue } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
 import { claim, createScenario } from "../support/scenario";
@@ -173,5 +174,150 @@ describe("the committer isolates a result PostgreSQL refuses", function () {
     const after = attempts;
     await new Promise((r) => setTimeout(r, 1200));
     assert.equal(attempts, after, "no commit is tried after stop()");
+  });
+});
+
+/** A result for a claimed step, with what the broker knew of its attempt in flight (its task). */
+function flying(step: ClaimedStep, output: JsonValue): PendingResult {
+  return {
+    ...pending(step.attempt_id, output),
+    flight: {
+      attemptId: step.attempt_id,
+      stepId: step.step_id,
+      taskId: step.task_id,
+      stepName: step.step_name,
+      handler: step.handler,
+      attempt: step.attempt,
+      maxAttempts: step.max_attempts,
+      children: step.children,
+      sentAt: Date.now(),
+    },
+  };
+}
+
+describe("the committer keeps two commits in flight on a real PostgreSQL", function () {
+  this.timeout(30_000);
+  const t = useStateManager("committer_two");
+
+  /**
+   * A committer over the real state manager whose first commit is held
+   * before it reaches PostgreSQL until `release()`; `commits` lists each
+   * commit's attempt ids as it starts.
+   */
+  function heldFirst(): {
+    committer: Committer<CompletionResult>;
+    commits: string[][];
+    committed: CommitReport<CompletionResult>[];
+    firstStarted: Promise<void>;
+    release(): void;
+  } {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let started!: () => void;
+    const firstStarted = new Promise<void>((r) => (started = r));
+    const commits: string[][] = [];
+    const committed: CommitReport<CompletionResult>[] = [];
+    const committer = new Committer<CompletionResult>(
+      async (part) => {
+        commits.push(part.map((p) => p.result.attemptId));
+        if (commits.length === 1) {
+          started();
+          await gate;
+        }
+        return await t.sm.completeAttempts(part.map((p) => p.result));
+      },
+      64,
+      (r) => committed.push(r),
+      capture().logger,
+    );
+    return { committer, commits, committed, firstStarted, release };
+  }
+
+  /** The outcome the committer reported for an attempt, in the order its commits returned. */
+  function outcomes(committed: CommitReport<CompletionResult>[], attemptId: string): string[] {
+    return committed.flatMap((r) =>
+      r.batch.outcomes.filter((o) => o.attemptId === attemptId).map((o) => o.outcome),
+    );
+  }
+
+  it("commits a result that arrives while a commit is held, without waiting for it", async () => {
+    assert.equal(COMMIT_IN_FLIGHT, 2);
+    const a = await createScenario(t.sm, [{ name: "a" }]);
+    const b = await createScenario(t.sm, [{ name: "b" }]);
+    const [sa] = await claim(t.sm, a, ["a"]);
+    const [sb] = await claim(t.sm, b, ["b"]);
+    const h = heldFirst();
+    try {
+      h.committer.add(flying(sa!, { from: "a" }));
+      await h.firstStarted;
+      h.committer.add(flying(sb!, { from: "b" }));
+      const deadline = Date.now() + 10_000;
+      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(
+        outcomes(h.committed, sb!.attempt_id),
+        ["stored"],
+        "b is stored while a's commit is held",
+      );
+      assert.equal((await t.sm.getTask(b.task_id))?.state, "complete");
+    } finally {
+      h.release();
+    }
+    await h.committer.idle();
+    assert.deepEqual(outcomes(h.committed, sa!.attempt_id), ["stored"]);
+  });
+
+  it("keeps a second copy of an attempt's result for after the commit that holds the first: the first is stored", async () => {
+    const a = await createScenario(t.sm, [{ name: "a" }]);
+    const b = await createScenario(t.sm, [{ name: "b" }]);
+    const [sa] = await claim(t.sm, a, ["a"]);
+    const [sb] = await claim(t.sm, b, ["b"]);
+    const h = heldFirst();
+    try {
+      h.committer.add(flying(sa!, { copy: 1 }));
+      await h.firstStarted;
+      // A pool that sent its result again (say, after a reconnect), and another result behind it.
+      h.committer.addAll([flying(sa!, { copy: 2 }), flying(sb!, { from: "b" })]);
+      const deadline = Date.now() + 10_000;
+      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(
+        h.commits,
+        [[sa!.attempt_id], [sb!.attempt_id]],
+        "the second commit left the copy queued behind the commit that holds its attempt",
+      );
+    } finally {
+      h.release();
+    }
+    await h.committer.idle();
+    assert.deepEqual(h.commits.at(-1), [sa!.attempt_id], "the copy went in the commit after");
+    assert.deepEqual(outcomes(h.committed, sa!.attempt_id), ["stored", "duplicate"]);
+    const view = await t.sm.getTask(a.task_id, { includeSteps: true });
+    assert.deepEqual(view?.steps?.[0]?.output, { copy: 1 }, "the first copy's output is the one stored");
+  });
+
+  it("keeps a result whose task a commit in flight holds for after it, so two commits never wait on one task", async () => {
+    const diamond = await createScenario(t.sm, [{ name: "left" }, { name: "right" }]);
+    const other = await createScenario(t.sm, [{ name: "o" }]);
+    const steps = await claim(t.sm, diamond, ["left", "right"]);
+    const [left, right] = ["left", "right"].map((n) => steps.find((s) => s.step_name === n)!);
+    const [so] = await claim(t.sm, other, ["o"]);
+    const h = heldFirst();
+    try {
+      h.committer.add(flying(left!, { side: "left" }));
+      await h.firstStarted;
+      h.committer.addAll([flying(right!, { side: "right" }), flying(so!, { from: "o" })]);
+      const deadline = Date.now() + 10_000;
+      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(
+        h.commits,
+        [[left!.attempt_id], [so!.attempt_id]],
+        "the other task's result went at once",
+      );
+    } finally {
+      h.release();
+    }
+    await h.committer.idle();
+    assert.deepEqual(h.commits.at(-1), [right!.attempt_id]);
+    for (const s of [left!, right!, so!]) assert.deepEqual(outcomes(h.committed, s.attempt_id), ["stored"]);
+    assert.equal((await t.sm.getTask(diamond.task_id))?.state, "complete");
   });
 });

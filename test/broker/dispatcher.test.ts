@@ -14,7 +14,7 @@ import { BatchCommit, type CommittedBatch } from "../../broker/completion/BatchC
 import { Committer } from "../../broker/completion/Committer";
 import { ResultIntake } from "../../broker/completion/ResultIntake";
 import { resolveOptions } from "../../broker/config";
-import { Dispatcher } from "../../broker/dispatch/Dispatcher";
+import { DISPATCH_IN_FLIGHT, Dispatcher } from "../../broker/dispatch/Dispatcher";
 import { LogLimiter } from "../../broker/LogLimiter";
 import { PoolRegistry, type PoolRecord } from "../../broker/pools/PoolRegistry";
 import type {
@@ -338,6 +338,56 @@ describe("dispatch and credit, against a state port answered by hand", function 
     await emptyRounds(h, 1);
   });
 
+  it("claims at once, in a second round, the credit a claim in flight left, and never the credit it holds", async () => {
+    assert.equal(DISPATCH_IN_FLIGHT, 2);
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    await dispatch(h, pool, [step()]);
+    const before = h.state.claims.length;
+    h.dispatcher.kick(undefined, true); // the poll: a probe of a drained pool
+    await until(() => h.state.claims.length === before + 1, "the probe");
+    const probe = h.state.claims[before]!;
+    assert.equal(probe.request.limit, 16);
+    h.dispatcher.kick(); // a task was created while the probe runs
+    await until(() => h.state.claims.length === before + 2, "a second claim while the probe runs");
+    const second = h.state.claims[before + 1]!;
+    assert.equal(second.request.limit, 64 - 1 - 16, "what the probe and the step in flight leave");
+    assert.equal(pool.reserved, 64 - 1, "both claims' credit set aside");
+    h.dispatcher.kick(); // a third reason meanwhile starts no third claim
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(h.state.claims.length, before + 2, "two rounds in flight at most");
+    const a = [step(), step()];
+    const b = [step(), step(), step()];
+    second.answer.resolve(b);
+    probe.answer.resolve(a);
+    await until(() => [...a, ...b].every((s) => pool.inFlight.has(s.attempt_id)), "both claims in flight");
+    await emptyRounds(h, before + 2);
+    assert.equal(pool.reserved, 0);
+    assert.equal(h.ctx.pools.credit(pool), 64 - 1 - 5);
+  });
+
+  it("a round that finds all of a pool's credit held by a claim in flight has that claim's round go again", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 64);
+    for (let i = 0; i < 3; i++) h.ctx.pools.noteStored(pool);
+    h.dispatcher.kick();
+    await until(() => h.state.claims.length === 1, "the first claim");
+    assert.equal(h.state.claims[0]!.request.limit, 64, "it holds all the credit");
+    // New work after the claim's statement began: the second round finds no credit and ends.
+    h.dispatcher.kick();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(h.state.claims.length, 1, "no claim without credit");
+    // The first claim finds less than its limit (the new work came too late for it): it goes again.
+    h.state.claims[0]!.answer.resolve([step()]);
+    await until(() => h.state.claims.length === 2, "the claim for the work that came during the first");
+    assert.equal(h.state.claims[1]!.request.limit, 16, "a probe: the first found the queue drained");
+    const late = [step()];
+    h.state.claims[1]!.answer.resolve(late);
+    await until(() => pool.inFlight.has(late[0]!.attempt_id), "the late work in flight");
+    await emptyRounds(h, 2);
+  });
+
   it("gives back untouched the steps claimed for a pool that left during the claim", async () => {
     const h = harness();
     const pool = h.hello("p1", 16);
@@ -420,27 +470,28 @@ describe("dispatch and credit, against a state port answered by hand", function 
   it("holds the credit of results that arrive while the committer is full, until they are stored, and says so once", async () => {
     const h = harness({ commitBatch: 1, maxPendingResults: 2 });
     const pool = h.hello("p1", 16);
-    const steps = [step(), step(), step(), step(), step()];
+    const steps = [step(), step(), step(), step(), step(), step()];
     await dispatch(h, pool, steps);
-    assert.equal(h.ctx.pools.credit(pool), 11);
-    // One result goes to the commit under way; the next two fill the queue to its bound of 2.
+    assert.equal(h.ctx.pools.credit(pool), 10);
+    // One result goes to each of the two commits under way; the next two fill the queue to its bound of 2.
     h.intake.accept(pool, complete([steps[0]!.attempt_id]));
-    await until(() => h.state.completions.length === 1, "the first commit");
-    h.intake.accept(pool, complete([steps[1]!.attempt_id, steps[2]!.attempt_id]));
+    h.intake.accept(pool, complete([steps[1]!.attempt_id]));
+    await until(() => h.state.completions.length === 2, "the two commits in flight");
+    h.intake.accept(pool, complete([steps[2]!.attempt_id, steps[3]!.attempt_id]));
     assert.equal(h.committer.full, true);
     assert.equal(h.ctx.pools.credit(pool), 14, "credit of results queued below the bound comes back");
     // Past the bound, each new result's credit stays held.
-    h.intake.accept(pool, complete([steps[3]!.attempt_id, steps[4]!.attempt_id]));
+    h.intake.accept(pool, complete([steps[4]!.attempt_id, steps[5]!.attempt_id]));
     assert.equal(h.ctx.pools.credit(pool), 14, "the credit of results past the bound is held");
     assert.equal(pool.reserved, 2);
     const warned = h.lines.filter((l) => l.msg.includes("results await commit"));
     assert.equal(warned.length, 1, "the log says so once");
-    for (let i = 0; i < 5; i++) {
+    for (let i = 0; i < 6; i++) {
       await until(() => h.state.completions.length > i, `commit ${i + 1}`);
       const c = h.state.completions[i]!;
       c.answer.resolve(stored(c.results));
     }
-    await until(() => h.sentTo("p1", "ACK").length === 5, "five ACKs");
+    await until(() => h.sentTo("p1", "ACK").length === 6, "six ACKs");
     assert.equal(pool.reserved, 0, "the held credit came back as the results were stored");
     assert.equal(h.ctx.pools.credit(pool), 16);
     assert.ok(h.lines.some((l) => l.msg.includes("below the bound")));

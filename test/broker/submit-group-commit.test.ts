@@ -2,8 +2,8 @@
  * Group commit of SUBMITs, end to end: real clients over tcp://127.0.0.1, a
  * real broker, real PostgreSQL. The broker's state port is the real state
  * manager, watched: the test sees each create statement's requests, and can
- * hold the first statement open so that the requests sent meanwhile are
- * certain to share the next one. Every outcome is checked per request: its
+ * hold statements open: two statements may be in flight, so with both held
+ * the requests sent meanwhile are certain to share the next one. Every outcome is checked per request: its
  * own task and context, idempotency keys inside one statement and across
  * statements, an unknown template, and a task PostgreSQL refuses to store,
  * which fails alone while its neighbours are created.
@@ -15,6 +15,7 @@ import { Broker } from "../../broker/Broker";
 import {
   CREATE_BATCH_ROWS,
   CREATE_BATCH_TASKS,
+  CREATE_IN_FLIGHT,
   CREATE_QUEUE_BOUND,
 } from "../../broker/clients/CreateBatcher";
 import { openDatabase } from "../../broker/db/openDatabase";
@@ -74,10 +75,11 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
   let endpoint: string;
   const statements: Statement[] = [];
   const clients: StepbrokerClient[] = [];
-  let hold: Hold | undefined;
+  /** Holds for the next create statements, in order: each statement takes the first. */
+  const holds: (Hold & { gate: Promise<void>; arrive: () => void })[] = [];
   const lines: LogLine[] = [];
 
-  /** Holds the next create statement until released. */
+  /** Holds the next create statement (after those already held) until released. */
   function holdNext(): Hold {
     let reached!: () => void;
     let release!: () => void;
@@ -88,8 +90,31 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       gate,
       arrive: () => reached(),
     };
-    hold = h;
+    holds.push(h);
     return h;
+  }
+
+  /**
+   * Holds both statements a broker may have in flight, each with one task
+   * submitted in-process (`contexts`): what is sent next waits for the third.
+   * Resolves once both are running.
+   */
+  async function holdBoth(
+    ...requests: [
+      Omit<CreateTaskRequest, "namespace" | "name">,
+      Omit<CreateTaskRequest, "namespace" | "name">,
+    ]
+  ): Promise<{ holds: Hold[]; firsts: Promise<{ task: { task_id: string } }>[] }> {
+    assert.equal(CREATE_IN_FLIGHT, 2, "this helper holds every statement in flight");
+    const held: Hold[] = [];
+    const firsts: Promise<{ task: { task_id: string } }>[] = [];
+    for (const r of requests) {
+      const h = holdNext();
+      firsts.push(broker.submit({ ...ONE, ...r }));
+      await within(h.reached, 10_000, "no create statement started");
+      held.push(h);
+    }
+    return { holds: held, firsts };
   }
 
   function client(): StepbrokerClient {
@@ -130,9 +155,8 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
         requests: prepared.map((p) => p.request),
         rows: prepared.reduce((n, p) => n + p.rows, 0),
       });
-      const h = hold as (Hold & { gate: Promise<void>; arrive: () => void }) | undefined;
+      const h = holds.shift();
       if (h) {
-        hold = undefined;
         h.arrive();
         await h.gate;
       }
@@ -163,7 +187,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
 
   after(async function () {
     this.timeout(30_000);
-    hold?.release();
+    for (const h of holds.splice(0)) h.release();
     for (const c of clients) c.close();
     await broker?.stop({ drainMs: 0 });
     try {
@@ -222,10 +246,11 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
 
   it("answers a mixed statement per request: an unknown template alone is refused, a duplicate key gets the first task", async () => {
     const c = client();
-    // the first statement is held, so everything sent meanwhile lands in the next one
-    const h = holdNext();
-    const first = broker.submit({ ...ONE, context: { first: true }, idempotencyKey: "gc-k0" });
-    await within(h.reached, 10_000, "no create statement started");
+    // both statements in flight are held, so everything sent meanwhile lands in the next one
+    const {
+      holds: [h, h2],
+      firsts: [first, second],
+    } = await holdBoth({ context: { first: true }, idempotencyKey: "gc-k0" }, { context: { second: true } });
     const sent = Promise.all([
       settle(c.submit(ONE, { a: 1 }, { idempotencyKey: "gc-k1" })),
       settle(c.submit(ONE, { a: 2 }, { idempotencyKey: "gc-k1" })),
@@ -235,13 +260,16 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       settle(c.submit({ ...ONE, version: "9" }, { a: 6 }, { idempotencyKey: "gc-k9" })),
     ]);
     await received(c);
-    h.release();
-    const firstOut = await first;
+    // the first statement's end frees its key gc-k0, so its loop takes everything queued
+    h!.release();
+    const firstOut = await first!;
+    h2!.release();
+    await second;
     const [a1, a2, missing, a4, a5, v9] = await sent;
 
-    assert.equal(statements.length, 2, "the held statement, then one for every request sent meanwhile");
+    assert.equal(statements.length, 3, "the held statements, then one for every request sent meanwhile");
     assert.deepEqual(
-      statements[1]!.requests.map((r) => r.context),
+      statements[2]!.requests.map((r) => r.context),
       [{ a: 1 }, { a: 2 }, { a: 4 }, { a: 5 }],
       "the refused requests never reached the statement; the others share it",
     );
@@ -271,11 +299,68 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
     assert.equal(count?.n, 2);
   });
 
-  it("refuses only the task PostgreSQL cannot store; its neighbours in the statement are created, and a pool then runs a task", async () => {
+  it("creates a SUBMIT in a second statement while the first is still running, without waiting for it", async () => {
     const c = client();
     const h = holdNext();
-    const first = broker.submit({ ...ONE, context: { blocker: true } });
+    let firstDone = false;
+    const first = broker.submit({ ...ONE, context: { slow: true } }).finally(() => (firstDone = true));
     await within(h.reached, 10_000, "no create statement started");
+    try {
+      const out = await within(c.submit(ONE, { quick: true }), 10_000, "the second SUBMIT was not answered");
+      assert.equal(out.created, true);
+      assert.deepEqual(out.task.context, { quick: true });
+      assert.equal(firstDone, false, "answered while the first statement is still held");
+      assert.deepEqual(
+        statements.map((st) => st.requests.map((r) => r.context)),
+        [[{ slow: true }], [{ quick: true }]],
+      );
+    } finally {
+      h.release();
+    }
+    assert.equal((await first).created, true);
+  });
+
+  it("keeps a SUBMIT whose key a statement in flight holds for after it, so the first request with a key wins", async () => {
+    const c = client();
+    const h = holdNext();
+    // The first request with the key is held before it reaches PostgreSQL: a second statement
+    // that took the later request with the same key would insert it first and win.
+    const first = broker.submit({ ...ONE, context: { order: 1 }, idempotencyKey: "gc-split" });
+    await within(h.reached, 10_000, "no create statement started");
+    let laterDone = false;
+    const later = settle(
+      c.submit(ONE, { order: 2 }, { idempotencyKey: "gc-split" }).finally(() => (laterDone = true)),
+    );
+    const other = c.submit(ONE, { order: 3 });
+    try {
+      const out = await within(other, 10_000, "the SUBMIT without a key was not answered");
+      assert.equal(out.created, true, "the second statement ran meanwhile");
+      assert.equal(laterDone, false, "the same key waits for the statement that holds it");
+      assert.deepEqual(
+        statements.map((st) => st.requests.map((r) => r.context)),
+        [[{ order: 1 }], [{ order: 3 }]],
+        "the second statement left the held key's request queued",
+      );
+    } finally {
+      h.release();
+    }
+    const firstOut = await first;
+    const laterOut = await later;
+    assert.equal(firstOut.created, true, "the first request with the key created the task");
+    assert.deepEqual(firstOut.task.context, { order: 1 });
+    assert.ok("ok" in laterOut, JSON.stringify(laterOut));
+    assert.equal(laterOut.ok.created, false);
+    assert.equal(laterOut.ok.task.task_id, firstOut.task.task_id, "the later request gets the first's task");
+    assert.deepEqual(
+      statements[2]?.requests.map((r) => r.context),
+      [{ order: 2 }],
+      "it went in the statement after",
+    );
+  });
+
+  it("refuses only the task PostgreSQL cannot store; its neighbours in the statement are created, and a pool then runs a task", async () => {
+    const c = client();
+    const { holds, firsts } = await holdBoth({ context: { blocker: 1 } }, { context: { blocker: 2 } });
     // U+0000 is refused at the door over the wire (unstorable_value); the in-process API takes it to PostgreSQL
     const sent = Promise.all([
       settle(broker.submit({ ...ONE, context: { g: 1 } })),
@@ -285,8 +370,8 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       settle(c.submit(ONE, { g: 4 })),
     ]);
     await received(c);
-    h.release();
-    await first;
+    for (const h of holds) h.release();
+    await Promise.all(firsts);
     const [g1, g2, bad, g3, g4] = await sent;
     assert.ok("code" in bad, JSON.stringify(bad));
     assert.equal(bad.code, "invalid_request");
@@ -301,8 +386,8 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       assert.equal(g.ok.created, true);
       assert.deepEqual(g.ok.task.context, { g: n });
     }
-    assert.equal(statements[1]!.requests.length, 5, "all five shared a statement first");
-    assert.ok(statements.length > 3, "then halves of it, down to the one at fault");
+    assert.equal(statements[2]!.requests.length, 5, "all five shared a statement first");
+    assert.ok(statements.length > 4, "then halves of it, down to the one at fault");
     const [stored] = (
       await sm.db.pool.query<{ n: number }>(
         "select count(*)::int as n from tasks where idempotency_key in ('gc-nul', 'gc-nul-ok')",
@@ -340,16 +425,14 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
         "insert into tasks (id, template_id, context, idempotency_key) select $1::uuid, min(id), '{}'::jsonb, 'gc-lock' from task_templates",
         [randomUUID()],
       );
-      const h = holdNext();
-      const first = broker.submit({ ...ONE, context: { blocker: true } });
-      await within(h.reached, 10_000, "no create statement started");
+      const { holds, firsts } = await holdBoth({ context: { blocker: 1 } }, { context: { blocker: 2 } });
       const sent = Promise.all([
         settle(c.submit(ONE, { fail: "locked" }, { idempotencyKey: "gc-lock" })),
         ...Array.from({ length: N - 1 }, (_, n) => settle(c.submit(ONE, { fail: n }))),
       ]);
       await received(c);
-      h.release();
-      await first;
+      for (const h of holds) h.release();
+      await Promise.all(firsts);
       let done = false;
       void sent.then(() => (done = true));
       let cancelled = 0;
@@ -368,7 +451,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       );
       const out = await sent;
       assert.ok(cancelled >= 1, "a statement waited and was cancelled");
-      assert.equal(statements.length, 2, "the held statement, then one for all the others");
+      assert.equal(statements.length, 3, "the held statements, then one for all the others");
       assert.deepEqual(
         [...new Set(out.map((o) => ("code" in o ? o.code : "created")))],
         ["internal_error"],
@@ -389,17 +472,15 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
 
   it("bounds a statement by tasks and by rows, so large templates make several", async () => {
     const c = client();
-    const h = holdNext();
-    const first = broker.submit({ ...ONE, context: { blocker: true } });
-    await within(h.reached, 10_000, "no create statement started");
-    // more than the queue bound wait behind the held statement
+    const { holds, firsts } = await holdBoth({ context: { blocker: 1 } }, { context: { blocker: 2 } });
+    // more than the queue bound wait behind the held statements
     const SMALL = CREATE_QUEUE_BOUND + 100;
     const WIDES = 20;
     const small = Array.from({ length: SMALL }, (_, n) => c.submit(ONE, { n }));
     const wide = Array.from({ length: WIDES }, (_, n) => c.submit(WIDE, { n }));
     await received(c);
-    h.release();
-    await first;
+    for (const h of holds) h.release();
+    await Promise.all(firsts);
     const out = await Promise.all([...small, ...wide]);
     assert.ok(out.every((o) => o.created));
     assert.equal(new Set(out.map((o) => o.task.task_id)).size, SMALL + WIDES);
@@ -407,7 +488,7 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
       out.slice(SMALL).every((o) => o.task.steps?.length === WIDE_STEPS),
       "each wide task has every step",
     );
-    const after = statements.slice(1);
+    const after = statements.slice(2);
     assert.equal(
       after.reduce((n, s) => n + s.requests.length, 0),
       SMALL + WIDES,
