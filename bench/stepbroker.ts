@@ -64,11 +64,15 @@ function percentile(sorted: number[], p: number): number {
 /**
  * BENCH_POOL_CPU_PROF=<dir> profiles the pool process as `node --cpu-prof`
  * does the broker (this process): the pool's profile lands in <dir> when it
- * exits after its SIGTERM drain.
+ * exits after its SIGTERM drain. BENCH_POOL_NODE_FLAGS (space-separated) gives
+ * the pool process Node/V8 flags, to measure one (`--single-threaded-gc`,
+ * `--max-semi-space-size=64`) on both processes: the broker's go before
+ * `--import tsx` on this process's command line (NODE_OPTIONS refuses most V8 flags).
  */
 function poolNodeFlags(): string[] {
   const dir = process.env.BENCH_POOL_CPU_PROF ?? "";
-  return dir === "" ? [] : ["--cpu-prof", "--cpu-prof-dir", dir];
+  const flags = (process.env.BENCH_POOL_NODE_FLAGS ?? "").split(" ").filter((f) => f !== "");
+  return [...flags, ...(dir === "" ? [] : ["--cpu-prof", "--cpu-prof-dir", dir])];
 }
 
 export async function measureStepbroker(opts: {

@@ -40,34 +40,62 @@ const SIGNATURE_BUF = Buffer.from(SIGNATURE);
 const VERSIONED_SIGNATURE = new RegExp(`^${PROTOCOL_NAME}/[0-9]+$`);
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
+/** What one pass over a JSON text's bytes tells before it is parsed. */
+export interface JsonScan {
+  /** The offset of the first `{` or `[` that opens level `maxDepth + 1`, or -1. */
+  tooDeepAt: number;
+  /**
+   * Whether a number outside strings has an exponent or a run of more than
+   * 300 digits: only such a number can parse to Infinity (`1e999`), which
+   * jsonb cannot store. False proves every number parses finite.
+   */
+  mayOverflow: boolean;
+}
+
+/** Digits in a row past which a JSON number may be too large for a double (10^308 has 309). */
+const LONG_DIGIT_RUN = 300;
+
 /**
- * The offset of the first `{` or `[` that opens level `maxDepth + 1` of a JSON
- * text, or -1. Brackets inside strings do not count; a string is skipped with
+ * One pass over a JSON text's bytes: how deep it nests, stopping at the first
+ * `{` or `[` that opens level `maxDepth + 1`, and whether any number could
+ * overflow. Brackets inside strings do not count; a string is skipped with
  * indexOf to its closing quote (a quote after an odd run of backslashes is
  * escaped). Stops at the first excess, so a body nested 100,000 deep costs
  * maxDepth + 1 bytes of scanning and no parse at all.
  */
-export function jsonTooDeepAt(buf: Uint8Array, maxDepth: number): number {
+export function scanJson(buf: Uint8Array, maxDepth: number): JsonScan {
   let depth = 0;
+  let digits = 0;
+  let mayOverflow = false;
   const n = buf.length;
   for (let i = 0; i < n; i++) {
     const b = buf[i]!;
+    if (b >= 0x30 && b <= 0x39) {
+      if (++digits > LONG_DIGIT_RUN) mayOverflow = true;
+      continue;
+    }
+    // an exponent follows a digit; the `e` of true and false follows a letter
+    if ((b === 0x65 || b === 0x45) && digits > 0) mayOverflow = true;
+    digits = 0;
     if (b === 0x22) {
       let j = i;
       for (;;) {
         j = buf.indexOf(0x22, j + 1);
-        if (j < 0) return -1; // unterminated: JSON.parse says so
+        if (j < 0) return { tooDeepAt: -1, mayOverflow }; // unterminated: JSON.parse says so
         let k = j - 1;
         while (buf[k] === 0x5c) k--;
         if ((j - 1 - k) % 2 === 0) break;
       }
       i = j;
     } else if (b === 0x7b || b === 0x5b) {
-      if (++depth > maxDepth) return i;
+      if (++depth > maxDepth) return { tooDeepAt: i, mayOverflow };
     } else if (b === 0x7d || b === 0x5d) depth--;
   }
-  return -1;
+  return { tooDeepAt: -1, mayOverflow };
 }
+
+/** The bytes of a JSON `\u` escape: the only way a JSON text can hold U+0000 or a lone surrogate. */
+const UNICODE_ESCAPE = Buffer.from("\\u");
 
 function tooDeep(encoding: Encoding, at: number, extra: { command?: string }): BodyDecoding {
   return {
@@ -122,9 +150,13 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
       fault: fault("undecodable_body", "The body is not a JSON object or a MessagePack map", extra),
     };
   // Depth first, over the bytes: parsers recurse, and deep input costs them stack, memory and time.
+  // Whether the parsed value needs the walk for values jsonb cannot store (see below).
+  let mayBeUnstorable = true;
   if (encoding === Encodings.JSON) {
-    const at = jsonTooDeepAt(buf, MAX_DEPTH);
-    if (at >= 0) return tooDeep(encoding, at, extra);
+    const scan = scanJson(buf, MAX_DEPTH);
+    if (scan.tooDeepAt >= 0) return tooDeep(encoding, scan.tooDeepAt, extra);
+    mayBeUnstorable =
+      scan.mayOverflow || Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength).includes(UNICODE_ESCAPE);
   } else {
     const scan = scanMsgpack(buf, MAX_DEPTH);
     if (scan?.problem === "too_deep") return tooDeep(encoding, scan.at, extra);
@@ -155,7 +187,12 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   if (!value || typeof value !== "object" || Array.isArray(value)) {
     return { ok: false, fault: fault("undecodable_body", "The body is not an object", extra) };
   }
-  const problem = valueProblem(value, MAX_DEPTH);
+  // Parsed JSON is plain objects, arrays, strings, booleans, null and numbers, nested no deeper
+  // than the scan allowed. Raw U+0000 is not JSON and a raw surrogate is not UTF-8 (the fatal
+  // decoder refused it), so a string can hold either only through a \u escape, and a number can be
+  // Infinity only with an exponent or hundreds of digits: without those bytes there is nothing
+  // for the walk to find, and most bodies (ids, names, small numbers) have none.
+  const problem = mayBeUnstorable ? valueProblem(value, MAX_DEPTH) : undefined;
   if (problem) {
     const where = pointer(problem.path);
     const attemptId = resultAttemptId(value, problem.path);

@@ -12,12 +12,22 @@ import {
   BrokerCommands,
   COMMAND_NAMES,
   ERROR_CODES,
+  MAX_DEPTH,
   MAX_MESSAGE_BYTES,
   PoolCommands,
   SIGNATURE,
   type CommandName,
 } from "../../protocol/constants";
-import { decodeMessage, encodeBody, encodeMessage, sniffEncoding, type Decoded } from "../../protocol/codec";
+import {
+  decodeBody,
+  decodeMessage,
+  encodeBody,
+  encodeMessage,
+  scanJson,
+  sniffEncoding,
+  type Decoded,
+} from "../../protocol/codec";
+import { valueProblem } from "../../protocol/storableValues";
 import { firstInvalidUtf8String } from "../../protocol/msgpackStrings";
 import { validateBody } from "../../protocol/validateBody";
 
@@ -567,6 +577,87 @@ describe("protocol codec", () => {
         assert.equal(decoded.ok ? "ok" : decoded.fault.code, "undecodable_body");
       }
     });
+  });
+});
+
+describe("JSON bodies the storable-value walk may skip", () => {
+  // decodeBody walks a parsed JSON body for values jsonb cannot store only when its bytes hold a
+  // \u escape or a number with an exponent or hundreds of digits: these prove that every way a
+  // JSON text can carry such a value still gets its fault.
+  const refused: [string, string, string][] = [
+    ["an exponent past a double's range", '{"a":1e999}', "undecodable_body"],
+    ["a negative one with a signed exponent", '{"a":[1,-1E+400]}', "undecodable_body"],
+    ["309 digits with no exponent", `{"a":${"9".repeat(309)}}`, "undecodable_body"],
+    ["U+0000 in a string", '{"a":"x\\u0000"}', "unstorable_value"],
+    ["U+0000 in a key", '{"k\\u0000":1}', "unstorable_value"],
+    ["a lone high surrogate", '{"a":"\\ud800"}', "unstorable_value"],
+    ["a lone low surrogate in an array", '{"a":["\\uDC00"]}', "unstorable_value"],
+  ];
+  for (const [what, text, code] of refused)
+    it(`refuses ${what}: ${code}`, () => {
+      const out = decodeBody(Buffer.from(text));
+      assert.equal(out.ok ? "ok" : out.fault.code, code);
+    });
+
+  it("accepts what only looks like those: escapes and exponents inside strings, paired surrogates, true and false", () => {
+    const text = '{"a":"1e999 \\\\u0000","b":"\\ud83d\\ude00","c":[true,false,null,0.5,1e5,123]}';
+    const out = decodeBody(Buffer.from(text));
+    assert.ok(out.ok, out.ok ? "" : out.fault.message);
+    assert.deepEqual(out.value, JSON.parse(text));
+  });
+
+  it("says a number may overflow only when one has an exponent or more than 300 digits in a row", () => {
+    const flag = (t: string) => scanJson(Buffer.from(t), MAX_DEPTH).mayOverflow;
+    assert.equal(flag('{"id":"866e-1e5","t":true,"f":false,"n":[1,2.5,-3]}'), false);
+    assert.equal(flag(`{"n":${"1".repeat(300)}}`), false);
+    assert.equal(flag(`{"n":${"1".repeat(301)}}`), true);
+    assert.equal(flag('{"n":2e1}'), true);
+    assert.equal(flag('{"n":2.0E-1}'), true);
+  });
+
+  it("judges 5,000 random JSON bodies as the walk over JSON.parse's value does (seed 0x16)", () => {
+    const rnd = prng(0x16);
+    const leaves = [
+      "1",
+      "-0.5E-3",
+      "1e400",
+      "-1e308",
+      "9".repeat(310),
+      "12345678901234567890",
+      "true",
+      "false",
+      "null",
+      '"e"',
+      '"1e999"',
+      '"\\u0000"',
+      '"\\\\u0000"',
+      '"\\ud800"',
+      '"\\ud83d\\ude00"',
+      '"\\udfff x"',
+      '"é"',
+    ];
+    const keys = leaves.filter((l) => l.startsWith('"'));
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+    const value = (depth: number): string => {
+      const r = rnd();
+      if (depth > 3 || r < 0.5) return pick(leaves);
+      // a key is a string leaf with its index added, so no two keys of an object are the same
+      const items = Array.from({ length: Math.floor(rnd() * 4) }, (_, i) =>
+        r < 0.75 ? value(depth + 1) : `${pick(keys).slice(0, -1)} ${i}":${value(depth + 1)}`,
+      );
+      return r < 0.75 ? `[${items.join(",")}]` : `{${items.join(",")}}`;
+    };
+    const seen = new Map<string, number>();
+    for (let i = 0; i < 5000; i++) {
+      const text = `{"v":${value(1)}}`;
+      const expected = valueProblem(JSON.parse(text), MAX_DEPTH)?.code ?? "ok";
+      const out = decodeBody(Buffer.from(text));
+      assert.equal(out.ok ? "ok" : out.fault.code, expected, text);
+      seen.set(expected, (seen.get(expected) ?? 0) + 1);
+    }
+    // the bodies cover every outcome, each many times
+    for (const code of ["ok", "undecodable_body", "unstorable_value"])
+      assert.ok((seen.get(code) ?? 0) > 500, `${code}: ${seen.get(code)}`);
   });
 });
 
