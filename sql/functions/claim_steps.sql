@@ -14,11 +14,6 @@ create or replace function claim_steps(
   p_avoid uuid[] default null
 ) returns setof claimed_step
 language plpgsql volatile
--- Its plans are cached for the connection from its first call, when a new schema's tables may hold
--- a few rows without statistics; planned then, the probes by key below became sequential scans of
--- steps and tasks, kept as the tables grew. Every statement here reaches rows by key or walks an
--- index (pick_ready_steps), so a sequential scan is never the plan wanted.
-set enable_seqscan = off
 as $$
 declare
   v_ids uuid[];
