@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then.
 create or replace function complete_results(
   p_results jsonb,
   p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
@@ -13,6 +13,15 @@ language plpgsql volatile
 -- against 7.1 / 7.7 ms, and the function's own time at one result 3.5 against 4.6 ms
 -- (bench/childLatency.ts --statements).
 set plan_cache_mode = force_generic_plan
+-- Those generic plans are made on the connection's first call, when a new schema's tables hold a
+-- few rows and have no statistics yet, and are kept while the tables grow: made then, they read
+-- steps and tasks whole (sequential scans and hash joins, every probe below among them, the
+-- claimed children's STEP fields and finalize_tasks() too, which run under this setting). Every
+-- statement here reaches rows by key, so a sequential scan is never the plan wanted. Measured
+-- (bench/childLatency.ts --tasks 100 --statements, three interleaved pairs, load average 10-12
+-- on 2 cores): the call 6.1 / 6.6 / 6.1 ms against 5.6 / 4.7 / 4.3 ms, its main statement
+-- 2.3 / 2.9 / 2.2 ms against 1.8 / 1.6 / 1.6 ms.
+set enable_seqscan = off
 as $$
 declare
   -- the batch's attempt ids, in its order, under the name the statements below use

@@ -119,3 +119,71 @@ describe("hot-path plans on tables never analyzed", function () {
     assert.doesNotMatch(plans, /Bitmap Index Scan on steps_ready|Seq Scan on steps\b/, plans);
   });
 });
+
+describe("completion plans made while a new schema's tables are small", function () {
+  this.timeout(60_000);
+  const t = useStateManager("plans_small");
+
+  it("stores a parent's result and claims its children by key, never reading steps or tasks whole", async function () {
+    const admin = adminDatabaseUrl();
+    if (admin === undefined) {
+      console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
+      this.skip();
+    }
+    await t.sm.registerTemplate({
+      namespace: "p",
+      name: "diamond",
+      version: "1",
+      steps: [
+        { name: "a", handler: "h" },
+        { name: "b", handler: "h", depends_on: ["a"] },
+        { name: "c", handler: "h", depends_on: ["a"] },
+        { name: "d", handler: "h", depends_on: ["b", "c"] },
+      ],
+    });
+    // A few dozen rows, as in the first seconds of a new deployment: the plans complete_results
+    // keeps for the connection are made on this first call.
+    await t.sm.createTasks(
+      Array.from({ length: 20 }, (_, n) => ({ namespace: "p", name: "diamond", context: { n } })),
+    );
+    const roots = (await t.sql<{ id: string }>("select id from steps where name = 'a' order by id")).map(
+      (r) => r.id,
+    );
+    const own = new pg.Client(connectionConfig(admin, t.schema));
+    await own.connect();
+    const notices: string[] = [];
+    // only the plans of complete_results' statements (the claim before it is another function's)
+    own.on("notice", (n: { message?: string; where?: string }) => {
+      if (`${n.message ?? ""}\n${n.where ?? ""}`.includes("complete_results")) notices.push(n.message ?? "");
+    });
+    try {
+      await own.query("load 'auto_explain'");
+      await own.query(
+        "set auto_explain.log_min_duration = 0; set auto_explain.log_nested_statements = on; set client_min_messages = log",
+      );
+      const q = loadQueries();
+      const claimed = await own.query<{ attempt_id: string }>(q.claim_steps.text, [
+        "b",
+        ["h"],
+        1,
+        roots.slice(0, 1),
+        "pool",
+        null,
+      ]);
+      assert.equal(claimed.rowCount, 1);
+      const stored = await own.query<{ kind: string }>(q.complete_attempts.text, [
+        JSON.stringify([{ attempt_id: claimed.rows[0]!.attempt_id, status: "complete", output: { a: 1 } }]),
+        "b",
+        "pool",
+        ["h"],
+        5,
+      ]);
+      assert.deepEqual(stored.rows.map((r) => r.kind).sort(), ["claimed", "claimed", "stored"]);
+    } finally {
+      await own.end();
+    }
+    const plans = notices.filter((n) => n.includes("plan:")).join("\n---\n");
+    assert.match(plans, /complete_results/, "auto_explain showed the statements inside complete_results");
+    assert.doesNotMatch(plans, /Seq Scan on (steps|tasks)\b/, plans);
+  });
+});
