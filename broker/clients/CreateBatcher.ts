@@ -21,7 +21,9 @@
  *
  * A statement holds at most CREATE_BATCH_TASKS tasks and CREATE_BATCH_ROWS
  * rows (tasks, steps and edges), so a large template cannot make a giant
- * statement; a single task over the row bound goes alone.
+ * statement; a single task over the row bound goes alone. Each statement
+ * takes the oldest waiting request and then every later one that fits, so a
+ * large task holds up the small ones behind it for one statement at most.
  *
  * Back-pressure is the replies: a client's SUBMIT is answered only once its
  * task is committed, so a client with a window of outstanding SUBMITs goes
@@ -64,6 +66,8 @@ export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "
 
 export class CreateBatcher {
   private queue: PendingCreate[] = [];
+  /** Requests whose template was found, oldest first, that no statement has taken yet. */
+  private ready: Ready[] = [];
   private running = false;
   /** Views being read after a commit: idle() waits for them too, since their replies are still to come. */
   private readonly reading = new Set<Promise<void>>();
@@ -108,14 +112,19 @@ export class CreateBatcher {
   private async flushLoop(): Promise<void> {
     this.running = true;
     try {
-      while (this.queue.length > 0) {
-        const items = this.queue.splice(0, CREATE_BATCH_TASKS);
+      while (this.queue.length > 0 || this.ready.length > 0) {
+        // What arrived during the last statement joins what still waits before the next one is
+        // formed, so a small request can go past a large one that did not fit beside it.
+        if (this.queue.length > 0 && this.ready.length < CREATE_BATCH_TASKS)
+          await this.prepare(this.queue.splice(0, CREATE_BATCH_TASKS - this.ready.length));
+        const part = this.nextStatement();
+        if (part.length === 0) continue;
         try {
-          await this.flush(items);
+          await this.insertIsolating(part);
         } catch (e) {
-          // flush answers every request itself; this is a bug's last line of defence
+          // insertIsolating answers every request itself; this is a bug's last line of defence
           const err = coerceError(e);
-          for (const item of items) item.reject(err);
+          for (const r of part) r.item.reject(err);
         }
       }
     } finally {
@@ -124,25 +133,44 @@ export class CreateBatcher {
     }
   }
 
-  private async flush(items: PendingCreate[]): Promise<void> {
-    const prepared: PreparedCreate[] = await this.state.prepareCreates(items.map((i) => i.request));
-    let part: Ready[] = [];
-    let rows = 0;
-    for (let i = 0; i < items.length; i++) {
-      const p = prepared[i]!;
-      if ("error" in p) {
-        items[i]!.reject(p.error);
-        continue;
-      }
-      if (part.length > 0 && rows + p.rows > CREATE_BATCH_ROWS) {
-        await this.insertIsolating(part);
-        part = [];
-        rows = 0;
-      }
-      part.push({ item: items[i]!, prepared: p });
-      rows += p.rows;
+  /** Finds the templates of `items`: a request refused on its own is answered now, the others wait in `ready`. */
+  private async prepare(items: PendingCreate[]): Promise<void> {
+    let prepared: PreparedCreate[];
+    try {
+      prepared = await this.state.prepareCreates(items.map((i) => i.request));
+    } catch (e) {
+      const err = coerceError(e);
+      for (const item of items) item.reject(err);
+      return;
     }
-    if (part.length > 0) await this.insertIsolating(part);
+    items.forEach((item, i) => {
+      const p = prepared[i]!;
+      if ("error" in p) item.reject(p.error);
+      else this.ready.push({ item, prepared: p });
+    });
+  }
+
+  /**
+   * The oldest waiting request, and every later one that still fits beside
+   * it, in arrival order. A task of a template at the edge limit fills most
+   * of a statement: taken in strict order, the small SUBMITs behind ten of
+   * them would wait for ten statements; this way they wait for at most the
+   * one being written when they arrived and share the next. The oldest is
+   * always taken, so nothing is passed over for ever.
+   */
+  private nextStatement(): Ready[] {
+    const part: Ready[] = [];
+    const rest: Ready[] = [];
+    let rows = 0;
+    for (const r of this.ready) {
+      const fits = part.length < CREATE_BATCH_TASKS && rows + r.prepared.rows <= CREATE_BATCH_ROWS;
+      if (part.length === 0 || fits) {
+        part.push(r);
+        rows += r.prepared.rows;
+      } else rest.push(r);
+    }
+    this.ready = rest;
+    return part;
   }
 
   /**
