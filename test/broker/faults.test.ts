@@ -245,7 +245,11 @@ describe("broker faults (in-process broker, pools over tcp://127.0.0.1)", functi
       await eventually("the step to be in flight at the first pool", () =>
         stack.broker.listPools().find((p) => p.pool_id === doomed.poolId && p.in_flight === 1),
       );
-      const healthy = await nodePool("pd_work=echo");
+      // In this process (see the silent pool below): a second pool process, starved right after its
+      // WELCOME on a loaded machine, was purged too and made a third attempt; it also cost a spawn.
+      const healthy = await inProcessPool((p) =>
+        p.handle("pd_work", (step: Step) => ({ step: { attempt: step.attempt } })),
+      );
       await doomed.kill9();
 
       const done = await stack.waitForTask(task.task_id);
