@@ -21,15 +21,18 @@
  *
  * A statement holds at most CREATE_BATCH_TASKS tasks and CREATE_BATCH_ROWS
  * rows (tasks, steps and edges), so a large template cannot make a giant
- * statement; a single task over the row bound goes alone.
+ * statement; a single task over the row bound goes alone. Each statement
+ * takes the oldest waiting request and then every later one that fits, so a
+ * large task holds up the small ones behind it for one statement at most.
  *
  * Two statements may be in flight (CREATE_IN_FLIGHT), each on its own pooled
  * connection: a SUBMIT that arrives while one runs goes out at once in the
- * second rather than waiting for the first to commit. Requests are taken in
- * arrival order, except that one whose idempotency key is held by a
- * statement in flight waits in the queue until that statement is over: two
- * statements racing for one key on two connections could let the later
- * request's win, and the first must. Both statements insert new rows only
+ * second rather than waiting for the first to commit. A request whose
+ * idempotency key is held by a statement in flight, or by an earlier request
+ * still waiting, waits until that one has gone: two statements racing for
+ * one key on two connections could let the later request's win, and the
+ * first must. Templates are looked up for one group of requests at a time,
+ * so requests wait in arrival order. Both statements insert new rows only
  * (fresh task ids; a key is the only thing two could share), so they do not
  * wait on each other otherwise.
  *
@@ -79,7 +82,12 @@ interface Ready {
 export type CreateState = Pick<StatePort, "prepareCreates" | "insertCreates" | "getTasks">;
 
 export class CreateBatcher {
+  /** Requests whose templates are still to be looked up, oldest first. */
   private queue: PendingCreate[] = [];
+  /** Requests whose template was found, oldest first, that no statement has taken yet. */
+  private ready: Ready[] = [];
+  /** The template lookup running, if any: one at a time, so `ready` stays in arrival order. */
+  private preparing: Promise<void> | undefined;
   /** Flush loops running, each with at most one statement in flight. */
   private running = 0;
   /** Idempotency keys of the requests in the statements in flight, with how many hold each. */
@@ -113,12 +121,18 @@ export class CreateBatcher {
 
   /** Resolves when every queued request has been answered. */
   idle(): Promise<void> {
-    if (this.running === 0 && this.queue.length === 0 && this.reading.size === 0) return Promise.resolve();
+    if (this.isIdle()) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
+  private isIdle(): boolean {
+    return (
+      this.running === 0 && this.queue.length === 0 && this.ready.length === 0 && this.reading.size === 0
+    );
+  }
+
   private wakeIfIdle(): void {
-    if (this.running > 0 || this.queue.length > 0 || this.reading.size > 0) return;
+    if (!this.isIdle()) return;
     const w = this.idleWaiters;
     this.idleWaiters = [];
     for (const f of w) f();
@@ -127,15 +141,20 @@ export class CreateBatcher {
   private async flushLoop(): Promise<void> {
     this.running++;
     try {
-      for (let items = this.take(); items.length > 0; items = this.take()) {
+      for (;;) {
+        await this.prepareWaiting();
+        // Empty while requests still wait: their keys are held by the other loop's statement,
+        // and that loop takes them once it is over.
+        const part = this.take();
+        if (part.length === 0) break;
         try {
-          await this.flush(items);
+          await this.insertIsolating(part);
         } catch (e) {
-          // flush answers every request itself; this is a bug's last line of defence
+          // insertIsolating answers every request itself; this is a bug's last line of defence
           const err = coerceError(e);
-          for (const item of items) item.reject(err);
+          for (const r of part) r.item.reject(err);
         } finally {
-          this.release(items);
+          this.release(part);
         }
       }
     } finally {
@@ -144,66 +163,88 @@ export class CreateBatcher {
     }
   }
 
-  /**
-   * The next statement's requests, in arrival order, leaving queued those
-   * whose idempotency key a statement in flight holds (they go once it is
-   * over, in their order); their keys are held until `release`.
-   */
-  private take(): PendingCreate[] {
-    if (this.keysInFlight.size === 0) {
-      const items = this.queue.splice(0, CREATE_BATCH_TASKS);
-      this.hold(items);
-      return items;
+  /** Looks up the templates of what arrived meanwhile, up to a statement's worth waiting, one group at a time. */
+  private async prepareWaiting(): Promise<void> {
+    while (this.queue.length > 0 && this.ready.length < CREATE_BATCH_TASKS) {
+      if (this.preparing === undefined) {
+        const items = this.queue.splice(0, CREATE_BATCH_TASKS - this.ready.length);
+        this.preparing = this.prepare(items).finally(() => (this.preparing = undefined));
+      }
+      await this.preparing;
     }
-    const items: PendingCreate[] = [];
-    const left: PendingCreate[] = [];
-    for (const item of this.queue) {
-      const key = item.request.idempotencyKey;
-      if (items.length < CREATE_BATCH_TASKS && (key === undefined || !this.keysInFlight.has(key)))
-        items.push(item);
-      else left.push(item);
-    }
-    this.queue = left;
-    this.hold(items);
-    return items;
+    if (this.preparing !== undefined) await this.preparing;
   }
 
-  private hold(items: PendingCreate[]): void {
-    for (const { request } of items) {
+  /** Finds the templates of `items`: a request refused on its own is answered now, the others wait in `ready`. */
+  private async prepare(items: PendingCreate[]): Promise<void> {
+    let prepared: PreparedCreate[];
+    try {
+      prepared = await this.state.prepareCreates(items.map((i) => i.request));
+    } catch (e) {
+      const err = coerceError(e);
+      for (const item of items) item.reject(err);
+      return;
+    }
+    items.forEach((item, i) => {
+      const p = prepared[i]!;
+      if ("error" in p) item.reject(p.error);
+      else this.ready.push({ item, prepared: p });
+    });
+  }
+
+  /**
+   * The next statement: the oldest waiting request that may go, and every
+   * later one that still fits beside it, in arrival order. A task of a
+   * template at the edge limit fills most of a statement: taken in strict
+   * order, the small SUBMITs behind ten of them would wait for ten
+   * statements; this way they wait for at most the one being written when
+   * they arrived. A request may go unless its idempotency key is held by a
+   * statement in flight or by an earlier request left waiting. Their keys are
+   * held until `release`.
+   */
+  private take(): Ready[] {
+    const part: Ready[] = [];
+    const rest: Ready[] = [];
+    const passed = new Set<string>();
+    let rows = 0;
+    for (const r of this.ready) {
+      const key = r.item.request.idempotencyKey;
+      const free = key === undefined || (!this.keysInFlight.has(key) && !passed.has(key));
+      const fits =
+        part.length === 0 ||
+        (part.length < CREATE_BATCH_TASKS && rows + r.prepared.rows <= CREATE_BATCH_ROWS);
+      if (free && fits) {
+        part.push(r);
+        rows += r.prepared.rows;
+      } else {
+        rest.push(r);
+        if (key !== undefined) passed.add(key);
+      }
+    }
+    this.ready = rest;
+    this.hold(part);
+    return part;
+  }
+
+  private hold(items: Ready[]): void {
+    for (const {
+      item: { request },
+    } of items) {
       const key = request.idempotencyKey;
       if (key !== undefined) this.keysInFlight.set(key, (this.keysInFlight.get(key) ?? 0) + 1);
     }
   }
 
-  private release(items: PendingCreate[]): void {
-    for (const { request } of items) {
+  private release(items: Ready[]): void {
+    for (const {
+      item: { request },
+    } of items) {
       const key = request.idempotencyKey;
       if (key === undefined) continue;
       const n = this.keysInFlight.get(key)! - 1;
       if (n === 0) this.keysInFlight.delete(key);
       else this.keysInFlight.set(key, n);
     }
-  }
-
-  private async flush(items: PendingCreate[]): Promise<void> {
-    const prepared: PreparedCreate[] = await this.state.prepareCreates(items.map((i) => i.request));
-    let part: Ready[] = [];
-    let rows = 0;
-    for (let i = 0; i < items.length; i++) {
-      const p = prepared[i]!;
-      if ("error" in p) {
-        items[i]!.reject(p.error);
-        continue;
-      }
-      if (part.length > 0 && rows + p.rows > CREATE_BATCH_ROWS) {
-        await this.insertIsolating(part);
-        part = [];
-        rows = 0;
-      }
-      part.push({ item: items[i]!, prepared: p });
-      rows += p.rows;
-    }
-    if (part.length > 0) await this.insertIsolating(part);
   }
 
   /**
