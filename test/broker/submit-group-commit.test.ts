@@ -470,6 +470,50 @@ describe("SUBMITs share create statements (group commit) over tcp://127.0.0.1", 
     assert.deepEqual(after.task.context, { after: "failure" });
   });
 
+  it("lets a small request past a large one that did not fit, but never past an earlier request with its key", async () => {
+    const c = client();
+    const { holds, firsts } = await holdBoth({ context: { blocker: 1 } }, { context: { blocker: 2 } });
+    // CREATE_BATCH_ROWS / (1 + WIDE_STEPS) wide tasks fill a statement; the next wide one and
+    // the keyed wide one wait for the statement after. A small task may go past them, but a
+    // small task with the keyed one's key must not: it would be created first and win the key.
+    const fill = Math.floor(CREATE_BATCH_ROWS / (1 + WIDE_STEPS));
+    const wide = Array.from({ length: fill + 1 }, (_, n) => c.submit(WIDE, { n }));
+    const keyedWide = c.submit(WIDE, { keyed: "wide" }, { idempotencyKey: "gc-passed" });
+    const keyedSmall = c.submit(ONE, { keyed: "small" }, { idempotencyKey: "gc-passed" });
+    const small = c.submit(ONE, { small: true });
+    await received(c);
+    for (const h of holds) h.release();
+    await Promise.all(firsts);
+    const [wides, first, second, plain] = await Promise.all([
+      Promise.all(wide),
+      keyedWide,
+      keyedSmall,
+      small,
+    ]);
+    assert.ok(wides.every((o) => o.created));
+    assert.equal(first.created, true, "the first request with the key created the task");
+    assert.deepEqual(first.task.context, { keyed: "wide" });
+    assert.equal(second.created, false);
+    assert.equal(
+      second.task.task_id,
+      first.task.task_id,
+      "the later request with the key gets the first's task",
+    );
+    assert.equal(plain.created, true);
+    const contexts = statements.slice(2).map((st) => st.requests.map((r) => r.context));
+    const firstStatement = contexts[0] ?? [];
+    assert.equal(
+      firstStatement.length,
+      fill + 1,
+      "the statement took the wide tasks that fit, and the small one",
+    );
+    assert.deepEqual(firstStatement.at(-1), { small: true }, "the small task without a key went past");
+    assert.ok(
+      !firstStatement.some((ctx) => (ctx as { keyed?: string }).keyed !== undefined),
+      "neither keyed request went in it",
+    );
+  });
+
   it("bounds a statement by tasks and by rows, so large templates make several", async () => {
     const c = client();
     const { holds, firsts } = await holdBoth({ context: { blocker: 1 } }, { context: { blocker: 2 } });
