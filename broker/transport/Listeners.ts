@@ -167,6 +167,10 @@ export class Listeners {
       heartbeatInterval: this.opts.heartbeatMs,
       heartbeatTimeout: this.opts.heartbeatMs * this.opts.heartbeatLiveness,
       linger: 0,
+      // Connections the kernel holds for accept, past libzmq's default of 100: when many pools
+      // (re)connect at once, say after a broker restart, the kernel drops the handshakes past the
+      // backlog and each waits for a TCP retransmit, a second or more. Capped by net.core.somaxconn.
+      backlog: 1024,
       ...(curve
         ? {
             curveServer: true,
