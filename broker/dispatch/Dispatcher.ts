@@ -211,17 +211,25 @@ export class Dispatcher {
   /**
    * Steps whose last attempt timed out at this pool, for handlers another
    * pool has credit for now: this pool's claim skips them, so their retries
-   * go to that pool rather than back to one that may never return them.
+   * go to that pool rather than back to one that may never return them. And,
+   * at an unproven pool, steps lost at another unproven pool while a proven
+   * pool serves their handler (LostProbes).
    */
   private retriesForOthers(pool: PoolRecord): string[] {
-    if (pool.timedOutSteps.size === 0) return [];
     const { pools } = this.ctx;
+    const lost: string[] = [];
+    if (pool.stored === 0 && pools.lostProbes.size > 0) {
+      const proven = new Set<string>();
+      for (const other of pools.all()) if (other.stored > 0) for (const h of other.handlers) proven.add(h);
+      lost.push(...pools.lostProbes.of(proven));
+    }
+    if (pool.timedOutSteps.size === 0) return lost;
     const elsewhere = new Set<string>();
     for (const other of pools.all()) {
       if (other === pool || pools.credit(other) === 0) continue;
       for (const h of other.handlers) elsewhere.add(h);
     }
-    const avoid: string[] = [];
+    const avoid = lost;
     for (const [stepId, handler] of pool.timedOutSteps) if (elsewhere.has(handler)) avoid.push(stepId);
     return avoid;
   }

@@ -10,6 +10,7 @@
  */
 import type { Encoding, HelloBody, PoolView, Sdk } from "../../protocol";
 import type { AdoptedAttempt } from "../state/types";
+import { LostProbes } from "./LostProbes";
 
 /**
  * What the broker remembers of one attempt it sent to a pool: the attempt as
@@ -131,6 +132,8 @@ export class PoolRegistry {
   private unprovenHeld = 0;
   /** Registered pools that have had results stored. */
   private proven = 0;
+  /** Steps last lost at an unproven pool: written here, when such a pool is forgotten. */
+  readonly lostProbes = new LostProbes();
   /** pool id -> what its last session earned, so that a reconnect with that session keeps it. */
   private readonly earned = new Map<string, { sessionHash: string; window: number; stored: number }>();
 
@@ -199,8 +202,10 @@ export class PoolRegistry {
     const pool = this.pools.get(key);
     if (!pool) return [];
     this.pools.delete(key);
-    if (pool.stored === 0) this.unprovenHeld -= pool.inFlight.size + pool.reserved;
-    else this.proven--;
+    if (pool.stored === 0) {
+      this.unprovenHeld -= pool.inFlight.size + pool.reserved;
+      for (const f of pool.inFlight.values()) this.lostProbes.remember(f.stepId, f.handler);
+    } else this.proven--;
     if (pool.sessionHash !== undefined && pool.stored > 0) {
       this.earned.delete(pool.poolId);
       this.earned.set(pool.poolId, {
@@ -354,6 +359,7 @@ export class PoolRegistry {
     const flight = pool?.inFlight.get(attemptId);
     if (!pool || !flight) return undefined;
     if (this.counts(pool)) this.unprovenHeld--;
+    else if (pool.stored > 0) this.lostProbes.forget(flight.stepId); // a proven pool ran it
     pool.inFlight.delete(attemptId);
     return { pool, flight };
   }

@@ -325,6 +325,90 @@ describe("pools that take each other's work, or swallow it", function () {
     await assertVictimResultStored(victim, victim.id, step);
   });
 
+  it("keeps a step lost at an unproven pool from the next unproven pool while a proven pool serves its handler", async function () {
+    this.timeout(30_000);
+    const handler = `hostile_${++counter}`;
+    await stack.registerTemplate({
+      namespace: "hostile",
+      name: handler,
+      version: "1",
+      // Two attempts: a retry spent at a second unproven pool would fail the task.
+      steps: [
+        {
+          name: "only",
+          handler,
+          timeout_ms: 600_000,
+          retry: { max_attempts: 2, backoff: { initial_ms: 10 } },
+        },
+      ],
+    });
+    const submit = async (n: number) =>
+      (await stack.broker.submit({ namespace: "hostile", name: handler, context: { n } })).task.task_id;
+    const stepIn = (m: Incoming) => (m.body.steps as Step[])[0]!;
+
+    // A proven pool (it has had a result stored) of one slot, then busy with a step it sits on.
+    const proven = peer(`proven-${counter}-${randomBytes(3).toString("hex")}`);
+    await proven.hello([handler], { capacity: 1, heartbeatMs: RAW_HEARTBEAT_MS });
+    await submit(0);
+    const warm = stepIn(await proven.take("STEP"));
+    await proven.send("RESULT", {
+      results: [{ attempt_id: warm.attempt_id, status: "complete", output: {} }],
+    });
+    await proven.take("ACK");
+    await submit(1);
+    const busy = stepIn(await proven.take("STEP"));
+
+    // A silent unproven pool takes the next step as its probe and is purged for its silence.
+    const silentPool = peer(`silent-${counter}-${randomBytes(3).toString("hex")}`);
+    await silentPool.hello([handler], { capacity: 4 });
+    const taskId = await submit(2);
+    const probe = stepIn(await silentPool.take("STEP"));
+    assert.equal(probe.task_id, taskId);
+    // A second unproven pool, alive, with credit for a probe when the step comes back.
+    const second = peer(`unproven-${counter}-${randomBytes(3).toString("hex")}`);
+    await second.hello([handler], { capacity: 4, heartbeatMs: RAW_HEARTBEAT_MS });
+    await eventually(
+      "the silent pool purged",
+      () => (stack.broker.listPools().some((p) => p.pool_id === silentPool.id) ? undefined : true),
+      15_000,
+    );
+    // Dispatch rounds (each kick, and the poll) go by while the step is ready again.
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.equal(
+      stack.broker.listPools().find((p) => p.pool_id === second.id)?.in_flight,
+      0,
+      "the second unproven pool was not given the step lost at the first",
+    );
+    assert.equal(
+      await second.take("STEP", 50).then(
+        () => true,
+        () => false,
+      ),
+      false,
+      "nor did it receive a STEP",
+    );
+
+    // Once the proven pool is free again it runs the retry.
+    await proven.send("RESULT", {
+      results: [{ attempt_id: busy.attempt_id, status: "complete", output: {} }],
+    });
+    await proven.take("ACK");
+    const retry = stepIn(await proven.take("STEP", 10_000));
+    assert.equal(retry.task_id, taskId);
+    await proven.send("RESULT", {
+      results: [{ attempt_id: retry.attempt_id, status: "complete", output: {} }],
+    });
+    assert.equal((await stack.waitForTask(taskId)).state, "complete");
+    const attempts = await stack.sm.getAttempts(taskId);
+    assert.deepEqual(
+      attempts.map((a) => [a.outcome, a.poolId]),
+      [
+        ["lost", silentPool.id],
+        ["complete", proven.id],
+      ],
+    );
+  });
+
   describe("a swarm of silent pools", () => {
     const SILENT = 2000;
     const TASKS = 300;
