@@ -23,6 +23,7 @@ import type { ClaimedStep, CompletionResult } from "../../broker/state/types";
 import type { JsonValue } from "../../broker/state/types";
 import { useStateManager } from "../support/db";
 import { claim, createScenario } from "../support/scenario";
+import { eventually } from "../support/stack";
 
 type LogLine = { level: number; msg: string; failures?: number };
 
@@ -153,10 +154,7 @@ describe("the committer isolates a result PostgreSQL refuses", function () {
     committer.add(pending("00000000-0000-4000-8000-000000000001", { a: 1 }));
     committer.add(pending("00000000-0000-4000-8000-000000000002", { a: 2 }));
     // Three tries are a second of retries, later on a loaded machine: waited for, bounded.
-    for (const deadline = Date.now() + 15_000; attempts < 3;) {
-      assert.ok(Date.now() < deadline, `retried (${attempts} attempts in 15 s)`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    await eventually("three tries", () => (attempts >= 3 ? true : undefined), 15_000);
     assert.equal(isDataError(lastError), false, "ECONNREFUSED is not a data error");
     assert.equal(committer.pending, 2, "the results stay queued (the pools keep them until ACK)");
     const errors = lines.filter((l) => l.level >= 50);
@@ -254,8 +252,7 @@ describe("the committer keeps two commits in flight on a real PostgreSQL", funct
       h.committer.add(flying(sa!, { from: "a" }));
       await h.firstStarted;
       h.committer.add(flying(sb!, { from: "b" }));
-      const deadline = Date.now() + 10_000;
-      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      await eventually("the commit not held", () => (h.committed.length > 0 ? true : undefined));
       assert.deepEqual(
         outcomes(h.committed, sb!.attempt_id),
         ["stored"],
@@ -280,8 +277,7 @@ describe("the committer keeps two commits in flight on a real PostgreSQL", funct
       await h.firstStarted;
       // A pool that sent its result again (say, after a reconnect), and another result behind it.
       h.committer.addAll([flying(sa!, { copy: 2 }), flying(sb!, { from: "b" })]);
-      const deadline = Date.now() + 10_000;
-      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      await eventually("the commit not held", () => (h.committed.length > 0 ? true : undefined));
       assert.deepEqual(
         h.commits,
         [[sa!.attempt_id], [sb!.attempt_id]],
@@ -308,8 +304,7 @@ describe("the committer keeps two commits in flight on a real PostgreSQL", funct
       h.committer.add(flying(left!, { side: "left" }));
       await h.firstStarted;
       h.committer.addAll([flying(right!, { side: "right" }), flying(so!, { from: "o" })]);
-      const deadline = Date.now() + 10_000;
-      while (h.committed.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      await eventually("the commit not held", () => (h.committed.length > 0 ? true : undefined));
       assert.deepEqual(
         h.commits,
         [[left!.attempt_id], [so!.attempt_id]],
