@@ -12,6 +12,19 @@ import { adminDatabaseUrl, useStateManager } from "../support/db";
 
 const TABLES = ["steps", "tasks", "step_edges", "step_attempts", "step_transitions", "task_transitions"];
 
+/** Four steps: b and c wait for a, d for both. */
+const DIAMOND = {
+  namespace: "p",
+  name: "diamond",
+  version: "1",
+  steps: [
+    { name: "a", handler: "h" },
+    { name: "b", handler: "h", depends_on: ["a"] },
+    { name: "c", handler: "h", depends_on: ["a"] },
+    { name: "d", handler: "h", depends_on: ["b", "c"] },
+  ],
+};
+
 describe("hot-path plans on tables never analyzed", function () {
   this.timeout(60_000);
   const t = useStateManager("plans");
@@ -50,17 +63,7 @@ describe("hot-path plans on tables never analyzed", function () {
       version: "1",
       steps: [{ name: "w", handler: "h" }],
     });
-    await t.sm.registerTemplate({
-      namespace: "p",
-      name: "diamond",
-      version: "1",
-      steps: [
-        { name: "a", handler: "h" },
-        { name: "b", handler: "h", depends_on: ["a"] },
-        { name: "c", handler: "h", depends_on: ["a"] },
-        { name: "d", handler: "h", depends_on: ["b", "c"] },
-      ],
-    });
+    await t.sm.registerTemplate(DIAMOND);
     const ones = Array.from({ length: 2000 }, (_, n) => ({ namespace: "p", name: "one", context: { n } }));
     const diamonds = Array.from({ length: 6000 }, (_, n) => ({
       namespace: "p",
@@ -130,17 +133,7 @@ describe("completion plans made while a new schema's tables are small", function
       console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
       this.skip();
     }
-    await t.sm.registerTemplate({
-      namespace: "p",
-      name: "diamond",
-      version: "1",
-      steps: [
-        { name: "a", handler: "h" },
-        { name: "b", handler: "h", depends_on: ["a"] },
-        { name: "c", handler: "h", depends_on: ["a"] },
-        { name: "d", handler: "h", depends_on: ["b", "c"] },
-      ],
-    });
+    await t.sm.registerTemplate(DIAMOND);
     // A few dozen rows, as in the first seconds of a new deployment: the plans complete_results
     // keeps for the connection are made on this first call.
     await t.sm.createTasks(
