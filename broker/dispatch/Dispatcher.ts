@@ -201,8 +201,10 @@ export class Dispatcher {
       const spare = new Set<string>();
       for (const p of proven) if (p.readyDrained) for (const h of p.handlers) spare.add(h);
       const unproven = ready.filter((p) => p.stored === 0 && [...p.handlers].some((h) => !spare.has(h)));
-      if (unproven.length > 0)
-        claimed.push(...(await Promise.all(unproven.map((pool) => this.dispatchTo(pool)))));
+      if (unproven.length > 0) {
+        const lost = this.lostWhereProven();
+        claimed.push(...(await Promise.all(unproven.map((pool) => this.dispatchTo(pool, lost)))));
+      }
       // A full round means more work may be waiting.
       if (claimed.some((full) => full)) this.wanted = true;
     }
@@ -211,31 +213,37 @@ export class Dispatcher {
   /**
    * Steps whose last attempt timed out at this pool, for handlers another
    * pool has credit for now: this pool's claim skips them, so their retries
-   * go to that pool rather than back to one that may never return them. And,
-   * at an unproven pool, steps lost at another unproven pool while a proven
-   * pool serves their handler (LostProbes).
+   * go to that pool rather than back to one that may never return them. And
+   * `lost`, for an unproven pool (lostWhereProven).
    */
-  private retriesForOthers(pool: PoolRecord): string[] {
+  private retriesForOthers(pool: PoolRecord, lost: readonly string[]): string[] {
     const { pools } = this.ctx;
-    const lost: string[] = [];
-    if (pool.stored === 0 && pools.lostProbes.size > 0) {
-      const proven = new Set<string>();
-      for (const other of pools.all()) if (other.stored > 0) for (const h of other.handlers) proven.add(h);
-      lost.push(...pools.lostProbes.of(proven));
-    }
-    if (pool.timedOutSteps.size === 0) return lost;
+    if (pool.timedOutSteps.size === 0) return [...lost];
     const elsewhere = new Set<string>();
     for (const other of pools.all()) {
       if (other === pool || pools.credit(other) === 0) continue;
       for (const h of other.handlers) elsewhere.add(h);
     }
-    const avoid = lost;
+    const avoid = [...lost];
     for (const [stepId, handler] of pool.timedOutSteps) if (elsewhere.has(handler)) avoid.push(stepId);
     return avoid;
   }
 
+  /**
+   * Steps lost at an unproven pool whose handler a proven pool serves: no
+   * unproven pool may claim them (LostProbes). Once a round, for all of its
+   * unproven pools.
+   */
+  private lostWhereProven(): string[] {
+    const { pools } = this.ctx;
+    if (pools.lostProbes.size === 0) return [];
+    const proven = new Set<string>();
+    for (const other of pools.all()) if (other.stored > 0) for (const h of other.handlers) proven.add(h);
+    return pools.lostProbes.of(proven);
+  }
+
   /** Claims up to the pool's credit (a probe's, if it was drained) of steps it serves and sends them; true when it filled it. */
-  private async dispatchTo(pool: PoolRecord): Promise<boolean> {
+  private async dispatchTo(pool: PoolRecord, lost: readonly string[] = []): Promise<boolean> {
     const { ctx } = this;
     const free = ctx.pools.credit(pool);
     if (free === 0) return false;
@@ -246,7 +254,7 @@ export class Dispatcher {
     this.claiming.set(pool, (this.claiming.get(pool) ?? 0) + 1);
     const started = performance.now();
     try {
-      const avoid = this.retriesForOthers(pool);
+      const avoid = this.retriesForOthers(pool, lost);
       steps = await ctx.state.claimSteps({
         brokerId: ctx.id,
         poolId: pool.poolId,
