@@ -17,6 +17,7 @@ import { Broker } from "../broker/Broker";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../broker/db/embedded";
 import { EMBEDDED_ROLE } from "../broker/db/embeddedCredentials";
 import { openDatabase } from "../broker/db/openDatabase";
+import { stopOnSignals } from "../broker/db/stopOnSignals";
 import { StateManager } from "../broker/state/StateManager";
 import type { CreateTaskRequest } from "../broker/state/types";
 
@@ -253,16 +254,22 @@ export async function openCachedBenchDatabase(log: (line: string) => void): Prom
   await fs.mkdir(dir, { recursive: true, mode: 0o755 });
   log(`starting the embedded PostgreSQL kept in ${dir} (durable commits, default settings)`);
   const server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata") });
+  const stop = () =>
+    server
+      .stop()
+      .catch((err: unknown) =>
+        log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
+      );
+  // Ctrl-C stops the server; the directory, the point of this one, stays
+  const unhook = stopOnSignals(stop, log);
   await allowCheckpoints(server);
   return {
     url: server.url,
     server,
-    close: () =>
-      server
-        .stop()
-        .catch((err: unknown) =>
-          log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
-        ),
+    close: () => {
+      unhook();
+      return stop();
+    },
   };
 }
 
@@ -281,8 +288,17 @@ export async function openBenchDatabase(
   if (given) return { url: given, close: async () => undefined };
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-bench-"));
   onTempDir?.(dir);
-  const removeDir = () => fs.rm(dir, { recursive: true, force: true });
-  let server: EmbeddedServer;
+  let server: EmbeddedServer | undefined;
+  const close = async (): Promise<void> => {
+    await server
+      ?.stop()
+      .catch((err: unknown) =>
+        log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
+      );
+    await fs.rm(dir, { recursive: true, force: true });
+  };
+  // Ctrl-C on a benchmark stops its server and removes its directory too
+  const unhook = stopOnSignals(close, log);
   try {
     await fs.chmod(dir, 0o755);
     log(
@@ -291,19 +307,16 @@ export async function openBenchDatabase(
     server = await startEmbeddedPostgres({ dataDir: path.join(dir, "pgdata"), postgresFlags });
     await allowCheckpoints(server);
   } catch (err) {
-    await removeDir();
+    unhook();
+    await close();
     throw err;
   }
   return {
     url: server.url,
     server,
     close: async () => {
-      await server
-        .stop()
-        .catch((err: unknown) =>
-          log(`stopping PostgreSQL failed: ${err instanceof Error ? err.message : String(err)}`),
-        );
-      await removeDir();
+      unhook();
+      await close();
     },
   };
 }

@@ -13,13 +13,17 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { type EmbeddedServer, startEmbeddedPostgres } from "../../broker/db/embedded";
+import { stopOnSignals } from "../../broker/db/stopOnSignals";
 
 let server: EmbeddedServer | undefined;
 let tempDir: string | undefined;
+let unhook: (() => void) | undefined;
 
 export async function mochaGlobalSetup(): Promise<void> {
   if (process.env.DATABASE_URL) return;
   tempDir = await fs.mkdtemp(path.join(os.tmpdir(), "stepbroker-test-"));
+  // Ctrl-C on a test run stops its server and removes its directory; mocha runs no teardown then
+  unhook = stopOnSignals(mochaGlobalTeardown);
   // as root the server runs as user postgres, which must be able to enter the directory
   await fs.chmod(tempDir, 0o755);
   server = await startEmbeddedPostgres({
@@ -41,6 +45,8 @@ export async function mochaGlobalSetup(): Promise<void> {
 }
 
 export async function mochaGlobalTeardown(): Promise<void> {
+  unhook?.();
+  unhook = undefined;
   try {
     await server?.stop();
   } finally {
