@@ -22,6 +22,13 @@
  *   dispatch and the lease reaper read instead of partial indexes on
  *   steps.state, so a step's own updates change no indexed column and can be
  *   HOT (fillfactor 70 on steps).
+ * - floor_new_deferred_start: floor_new, but the claim writes only the step's
+ *   lease: its `claimed` transition and the task's start (update and
+ *   `started` transition) are written by the result's statement, stamped with
+ *   the claim's time, as the issue allows (Temporal writes ActivityTaskStarted
+ *   with the activity's end). The claim bumps the step's counter, so the
+ *   missing row's sort_key is known; the task goes pending -> complete in one
+ *   update. One row write fewer per task, and a claim of one statement.
  *
  * Why the HOT shares these report stay well below 100% even where no indexed
  * column changes: a claim updates a batch of steps created together, so most
@@ -37,7 +44,11 @@
  */
 
 export type FloorModelName =
-  "floor_before" | "floor_new" | "floor_new_attempt_at_claim" | "floor_new_ready_queue";
+  | "floor_before"
+  | "floor_new"
+  | "floor_new_attempt_at_claim"
+  | "floor_new_ready_queue"
+  | "floor_new_deferred_start";
 
 export interface FloorModel {
   name: FloorModelName;
@@ -262,6 +273,8 @@ interface NewModelShape {
   attemptAtClaim: boolean;
   /** Dispatch and the reaper read step_queue; steps has no partial index on state. */
   readyQueue: boolean;
+  /** The claim's transitions and the task's start are written by the result's statement. */
+  deferredStart?: boolean;
 }
 
 function newDdl(shape: NewModelShape): string {
@@ -396,45 +409,46 @@ function newClaim(shape: NewModelShape): string {
   limit $1
   for update skip locked
 )`;
-  return `
-with ${picked},
-claimed as (
+  const ctes = [
+    picked,
+    `claimed as (
   update steps s
   set state = 'in_progress', attempts = s.attempts + 1, history_seq = s.history_seq + 1,
       lease_attempt_id = new_id(), lease_broker_id = 'bench', lease_pool_id = 'bench', lease_started_at = now(),
       lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
   from picked p where s.id = p.id
   returning s.id, s.task_id, s.lease_attempt_id, s.attempts, s.history_seq, s.lease_expires_at
-),${
-    shape.readyQueue
-      ? `
-leased as (
+)`,
+  ];
+  if (shape.readyQueue)
+    ctes.push(`leased as (
   update step_queue q set lease_expires_at = c.lease_expires_at from claimed c where q.step_id = c.id
-),`
-      : ""
-  }${
-    shape.attemptAtClaim
-      ? `
-attempt_rows as (
+)`);
+  if (shape.attemptAtClaim)
+    ctes.push(`attempt_rows as (
   insert into step_attempts (attempt_id, step_id, task_id, attempt, broker_id, pool_id, started_at)
   select c.lease_attempt_id, c.id, c.task_id, c.attempts, 'bench', 'bench', now() from claimed c
-),`
-      : ""
-  }
-step_history as (
+)`);
+  // deferred: the result's statement writes these, from the lease
+  if (!shape.deferredStart)
+    ctes.push(
+      `step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, sort_key)
   select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id, c.history_seq from claimed c
-),
-started as (
+)`,
+      `started as (
   update tasks t set state = 'in_progress', history_seq = t.history_seq + 1
   from (select distinct task_id from claimed) c
   where t.id = c.task_id and t.state = 'pending'
   returning t.id, t.history_seq
-),
-task_history as (
+)`,
+      `task_history as (
   insert into task_transitions (task_id, from_state, to_state, event, sort_key)
   select s.id, 'pending', 'in_progress', 'started', s.history_seq from started s
-)
+)`,
+    );
+  return `
+with ${ctes.join(",\n")}
 select array_agg(c.id) as step_ids, array_agg(c.lease_attempt_id) as attempt_ids from claimed c`;
 }
 
@@ -478,6 +492,28 @@ attempt_rows as (
   from stored st
 ),`
   }
+${
+  shape.deferredStart
+    ? `
+step_history as (
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, sort_key, created_at)
+  select st.id, st.task_id, 'ready', 'in_progress', 'claimed', st.attempt_id, st.history_seq - 1, st.lease_started_at
+  from stored st
+  union all
+  select st.id, st.task_id, 'in_progress', 'complete', 'completed', st.attempt_id, st.history_seq, now() from stored st
+),
+ended as (
+  update tasks t set state = 'complete', finished_at = now(), history_seq = t.history_seq + 2
+  from stored st where t.id = st.task_id
+  returning t.id, t.history_seq, st.lease_started_at
+),
+task_history as (
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key, created_at)
+  select e.id, 'pending', 'in_progress', 'started', e.history_seq - 1, e.lease_started_at from ended e
+  union all
+  select e.id, 'in_progress', 'complete', 'completed', e.history_seq, now() from ended e
+)`
+    : `
 step_history as (
   insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, sort_key)
   select st.id, st.task_id, 'in_progress', 'complete', 'completed', st.attempt_id, st.history_seq from stored st
@@ -490,7 +526,8 @@ ended as (
 task_history as (
   insert into task_transitions (task_id, from_state, to_state, event, sort_key)
   select e.id, 'in_progress', 'complete', 'completed', e.history_seq from ended e
-)
+)`
+}
 select count(*)::int as stored from stored`;
 }
 
@@ -530,5 +567,10 @@ export const floorModels: readonly FloorModel[] = [
     "floor_new_ready_queue",
     "0013 plus a step_queue table for dispatch; steps without partial indexes, fillfactor 70",
     { attemptAtClaim: false, readyQueue: true },
+  ),
+  newModel(
+    "floor_new_deferred_start",
+    "0013 with the claimed transition and the task's start written by the result's statement",
+    { attemptAtClaim: false, readyQueue: false, deferredStart: true },
   ),
 ];
