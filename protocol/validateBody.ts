@@ -39,16 +39,18 @@ export type Validation<C extends CommandName> =
   { ok: true; body: BodyOf<C> } | { ok: false; fault: ProtocolFault };
 
 /**
- * The free-form values a SUBMIT or RESULT brings in, by path: the broker
- * sends them on deeper than they arrived (in STEP and REPLY), so each gets
- * MAX_VALUE_DEPTH levels of its own.
+ * The free-form values a SUBMIT or RESULT brings in: the broker sends them on
+ * deeper than they arrived (in STEP and REPLY), so each gets MAX_VALUE_DEPTH
+ * levels of its own. A loop rather than a generator of (path, value) pairs:
+ * this runs for every result, and the three paths each result's pairs built
+ * were only needed for the rare fault.
  */
-function* carriedValues(command: CommandName, body: unknown): Generator<[string, unknown, string?]> {
+function valueDepthFault(command: CommandName, body: unknown): ProtocolFault | undefined {
   if (command === "SUBMIT") {
-    yield ["/context", (body as { context?: unknown }).context];
-    return;
+    const context = (body as { context?: unknown }).context;
+    return tooDeep(context) ? depthFault(command, "/context") : undefined;
   }
-  if (command !== "RESULT") return;
+  if (command !== "RESULT") return undefined;
   const results = (
     body as {
       results: { attempt_id: string; output?: unknown; usage?: unknown; error?: { details?: unknown } }[];
@@ -56,22 +58,23 @@ function* carriedValues(command: CommandName, body: unknown): Generator<[string,
   ).results;
   for (let i = 0; i < results.length; i++) {
     const r = results[i]!;
-    yield [`/results/${i}/output`, r.output, r.attempt_id];
-    yield [`/results/${i}/usage`, r.usage, r.attempt_id];
-    yield [`/results/${i}/error/details`, r.error?.details, r.attempt_id];
-  }
-}
-
-function valueDepthFault(command: CommandName, body: unknown): ProtocolFault | undefined {
-  for (const [path, value, attemptId] of carriedValues(command, body)) {
-    if (depthOf(value, MAX_VALUE_DEPTH) > MAX_VALUE_DEPTH)
-      return fault("too_deep", `${command} body: ${path} nests deeper than ${MAX_VALUE_DEPTH} levels`, {
-        command,
-        instancePath: path,
-        ...(attemptId ? { attemptId } : {}),
-      });
+    if (tooDeep(r.output)) return depthFault(command, `/results/${i}/output`, r.attempt_id);
+    if (tooDeep(r.usage)) return depthFault(command, `/results/${i}/usage`, r.attempt_id);
+    if (tooDeep(r.error?.details)) return depthFault(command, `/results/${i}/error/details`, r.attempt_id);
   }
   return undefined;
+}
+
+function tooDeep(value: unknown): boolean {
+  return value !== null && typeof value === "object" && depthOf(value, MAX_VALUE_DEPTH) > MAX_VALUE_DEPTH;
+}
+
+function depthFault(command: CommandName, path: string, attemptId?: string): ProtocolFault {
+  return fault("too_deep", `${command} body: ${path} nests deeper than ${MAX_VALUE_DEPTH} levels`, {
+    command,
+    instancePath: path,
+    ...(attemptId ? { attemptId } : {}),
+  });
 }
 
 export function validateBody<C extends CommandName>(command: C, body: unknown): Validation<C> {

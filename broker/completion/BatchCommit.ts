@@ -16,6 +16,7 @@ import type { Dispatcher } from "../dispatch/Dispatcher";
 import { NO_TRACES } from "../metrics/TraceSink";
 import type { PoolRecord, Reservation } from "../pools/PoolRegistry";
 import type { CompletionResult } from "../StatePort";
+import type { AttemptOutcome } from "../state/types";
 import { isDataError } from "../db/errors";
 import { UNSTORABLE_RESULT, type CommitReport, type PendingResult, type RefusedResult } from "./Committer";
 
@@ -98,16 +99,27 @@ export class BatchCommit {
       // A dispatch round that found this credit set aside may have left work behind.
       if (batch.claimed.length < credit) ctx.kick(pool);
     }
-    const outcomes = new Map(batch.outcomes.map((o) => [o.attemptId, o.outcome]));
-    const retried = new Set(batch.outcomes.filter((o) => o.state === "ready").map((o) => o.attemptId));
+    // Outcomes come one per result in the order given (CompletionResult), so each item's is the one
+    // at its own index; a map of them (one pair array and entry per result, per batch) is built
+    // only should the two ever disagree.
+    const { outcomes } = batch;
+    let byAttempt: Map<string, AttemptOutcome> | undefined;
+    const outcomeOf = (item: PendingResult, k: number): AttemptOutcome | undefined => {
+      const o = outcomes[k];
+      if (o !== undefined && o.attemptId === item.result.attemptId) return o;
+      byAttempt ??= new Map(outcomes.map((x) => [x.attemptId, x]));
+      return byAttempt.get(item.result.attemptId);
+    };
     ctx.metrics.commitBatch(items.length, ms);
     const now = Date.now();
     const acks = new Map<string, { identity: Buffer; acks: { attempt_id: string; outcome: AckOutcome }[] }>();
     // Pools whose slow-start window grew: that credit is new, and no result will ask for it.
     const grown = new Set<PoolRecord>();
-    for (const item of items) {
+    for (let k = 0; k < items.length; k++) {
+      const item = items[k]!;
       item.parked?.settle();
-      const outcome = outcomes.get(item.result.attemptId) ?? "unknown";
+      const judged = outcomeOf(item, k);
+      const outcome = judged?.outcome ?? "unknown";
       let entry = acks.get(item.poolKey);
       if (!entry) acks.set(item.poolKey, (entry = { identity: item.identity, acks: [] }));
       entry.acks.push({ attempt_id: item.result.attemptId, outcome });
@@ -118,7 +130,7 @@ export class BatchCommit {
         ctx.pools.noteStored(pool);
       }
       if (outcome === "stored") {
-        this.countOutcome(item, pool?.poolId, retried.has(item.result.attemptId));
+        this.countOutcome(item, pool?.poolId, judged?.state === "ready");
         this.traceOutcome(item, pool?.poolId, now);
       }
       this.logOutcome(item, outcome, pool?.poolId);

@@ -19,6 +19,9 @@ import type {
   PoolSessionOutcome,
 } from "./types";
 
+/** The statuses' JSON, not stringified again for every result. */
+const STATUS_JSON: Readonly<Record<string, string>> = { complete: '"complete"', error: '"error"' };
+
 export class Attempts {
   constructor(private readonly sql: StateSql) {}
 
@@ -80,20 +83,30 @@ export class Attempts {
     // by concatenation: each output is stringified once, which its byte count needs anyway, and
     // nothing is escaped a second time, as eight array literals of JSON texts made the driver do.
     const attemptIds: string[] = [];
+    let lastPoolId: string | undefined;
+    let lastPoolJson = "";
     let json = "[";
     for (const i of valid) {
       const r = results[i] as AttemptResult;
       const attemptId = r.attemptId.toLowerCase();
       attemptIds.push(attemptId);
       // a well-formed uuid (checked above) needs no escaping
-      json += `${json.length > 1 ? "," : ""}{"attempt_id":"${attemptId}","status":${JSON.stringify(r.status)}`;
+      json += `${json.length > 1 ? "," : ""}{"attempt_id":"${attemptId}","status":${STATUS_JSON[r.status] ?? JSON.stringify(r.status)}`;
       if (r.status === "complete") {
-        const output = JSON.stringify(r.output) ?? "null";
-        json += `,"output":${output},"output_bytes":${Buffer.byteLength(output)}`;
+        // null (no output) is the common case, and its text and byte count are known
+        const output = r.output === null ? "null" : (JSON.stringify(r.output) ?? "null");
+        json += `,"output":${output},"output_bytes":${output === "null" ? 4 : Buffer.byteLength(output)}`;
       } else if (r.status === "error") json += `,"error":${JSON.stringify(r.error)}`;
       if (typeof r.durationMs === "number" && Number.isFinite(r.durationMs))
         json += `,"duration_ms":${r.durationMs}`;
-      if (r.poolId !== undefined && r.poolId !== null) json += `,"pool_id":${JSON.stringify(r.poolId)}`;
+      if (r.poolId !== undefined && r.poolId !== null) {
+        // a batch's results mostly come from one pool: its id is escaped once
+        if (r.poolId !== lastPoolId) {
+          lastPoolId = r.poolId;
+          lastPoolJson = JSON.stringify(r.poolId);
+        }
+        json += `,"pool_id":${lastPoolJson}`;
+      }
       if (r.usage !== undefined) json += `,"usage":${JSON.stringify(r.usage)}`;
       json += "}";
     }

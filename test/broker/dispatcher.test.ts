@@ -455,6 +455,37 @@ describe("dispatch and credit, against a state port answered by hand", function 
     assert.equal(h.ctx.pools.credit(pool), 16);
   });
 
+  it("ACKs each result with its own outcome, in the order the state port gives them or in another", async () => {
+    const h = harness();
+    const pool = h.hello("p1", 16);
+    const steps = [step(), step(), step(), step(), step(), step()];
+    await dispatch(h, pool, steps);
+    const ids = steps.map((s) => s.attempt_id);
+    const kinds = ["stored", "stale", "duplicate"] as const;
+    // One batch answered in the order given (CompletionResult's promise), one in reverse.
+    for (const [batch, order] of [
+      [ids.slice(0, 3), (o: unknown[]) => o],
+      [ids.slice(3), (o: unknown[]) => [...o].reverse()],
+    ] as const) {
+      const before = h.state.completions.length;
+      const acksBefore = h.sentTo("p1", "ACK").length;
+      h.intake.accept(pool, complete(batch));
+      await until(() => h.state.completions.length > before, "the commit");
+      const commit = h.state.completions[before]!;
+      const outcomes = commit.results.map((r, i) => ({ attemptId: r.attemptId, outcome: kinds[i]! }));
+      commit.answer.resolve({ ...stored(commit.results), outcomes: order(outcomes) as typeof outcomes });
+      await until(() => h.sentTo("p1", "ACK").length > acksBefore, "the ACK");
+      const ack = h.sentTo("p1", "ACK")[acksBefore]!.body as {
+        acks: { attempt_id: string; outcome: string }[];
+      };
+      assert.deepEqual(
+        ack.acks,
+        batch.map((attempt_id, i) => ({ attempt_id, outcome: kinds[i] })),
+      );
+    }
+    assert.equal(pool.stored, 2, "one stored result a batch");
+  });
+
   it("a reservation handle gives its credit back on its first settle() only", () => {
     const h = harness();
     const pool = h.hello("p1", 16);

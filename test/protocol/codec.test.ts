@@ -14,6 +14,7 @@ import {
   ERROR_CODES,
   MAX_DEPTH,
   MAX_MESSAGE_BYTES,
+  MAX_VALUE_DEPTH,
   PoolCommands,
   SIGNATURE,
   type CommandName,
@@ -678,5 +679,81 @@ describe("schema_violation messages", () => {
     assert.equal(out.fault.code, "schema_violation");
     assert.equal(out.fault.instancePath, "");
     assert.match(out.fault.message, /must NOT have additional properties: "lables" is not a field here/);
+  });
+});
+
+describe("the depth limit of the values a body carries on", () => {
+  // MAX_VALUE_DEPTH levels of the value's own, the value itself being level 1.
+  const nest = (levels: number): unknown => (levels <= 1 ? { leaf: true } : { n: nest(levels - 1) });
+  const id = (i: number): string => `00000000-0000-4000-8000-${String(i).padStart(12, "0")}`;
+  const complete = (i: number, output: unknown) => ({ attempt_id: id(i), status: "complete", output });
+  const failed = (i: number, details: unknown) => ({
+    attempt_id: id(i),
+    status: "error",
+    error: { type: "Deep", message: "details nest", retryable: false, details },
+  });
+
+  it(`accepts each carried value at ${MAX_VALUE_DEPTH} levels`, () => {
+    const body = { results: [complete(0, nest(MAX_VALUE_DEPTH)), failed(1, nest(MAX_VALUE_DEPTH))] };
+    const out = validateBody("RESULT", body);
+    assert.ok(out.ok, out.ok ? "" : out.fault.message);
+    const submit = validateBody("SUBMIT", {
+      request_id: "1",
+      template: { namespace: "shop", name: "order" },
+      context: nest(MAX_VALUE_DEPTH),
+    });
+    assert.ok(submit.ok, submit.ok ? "" : submit.fault.message);
+  });
+
+  const CASES = [
+    {
+      title: "a later result's output",
+      results: [complete(0, null), complete(1, nest(MAX_VALUE_DEPTH + 1))],
+      path: "/results/1/output",
+      at: 1,
+    },
+    {
+      title: "an error's details",
+      results: [failed(0, nest(MAX_VALUE_DEPTH + 1))],
+      path: "/results/0/error/details",
+      at: 0,
+    },
+    {
+      title: "the first of two deep results",
+      results: [
+        complete(0, null),
+        failed(1, nest(MAX_VALUE_DEPTH + 1)),
+        complete(2, nest(MAX_VALUE_DEPTH + 1)),
+      ],
+      path: "/results/1/error/details",
+      at: 1,
+    },
+  ];
+  for (const c of CASES) {
+    it(`refuses ${c.title} at ${MAX_VALUE_DEPTH + 1} levels with too_deep, naming its path and attempt`, () => {
+      const out = validateBody("RESULT", { results: c.results });
+      assert.equal(out.ok, false);
+      if (out.ok) return;
+      assert.equal(out.fault.code, "too_deep");
+      assert.equal(out.fault.instancePath, c.path);
+      assert.equal(out.fault.attemptId, id(c.at));
+      assert.ok(
+        out.fault.message.startsWith(`RESULT body: ${c.path} nests deeper than ${MAX_VALUE_DEPTH} levels.`),
+        out.fault.message,
+      );
+    });
+  }
+
+  it("refuses a SUBMIT context one level too deep, with no attempt to name", () => {
+    const out = validateBody("SUBMIT", {
+      request_id: "1",
+      template: { namespace: "shop", name: "order" },
+      context: nest(MAX_VALUE_DEPTH + 1),
+    });
+    assert.equal(out.ok, false);
+    if (out.ok) return;
+    assert.equal(out.fault.code, "too_deep");
+    assert.equal(out.fault.instancePath, "/context");
+    assert.equal(out.fault.attemptId, undefined);
   });
 });
