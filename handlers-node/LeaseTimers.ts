@@ -101,13 +101,25 @@ export class LeaseTimers<T extends Leased> {
         due.push(item as T);
       }
     }
-    // After the lists are settled: an expiry may arm or clear other leases.
-    for (const item of due) this.onExpired(item);
     let next = Number.POSITIVE_INFINITY;
     for (const [ms, lane] of this.lanes) {
       if (lane.head === undefined) this.lanes.delete(ms);
       else next = Math.min(next, lane.head.leaseDue);
     }
     if (next < this.timerDue) this.schedule(next);
+    // After the lists and the timer are settled: an expiry may arm or clear other leases
+    // (arm() moves the timer earlier itself). One that throws does not keep the others from
+    // expiring; the first error then leaves this callback as it would have left its own timer's.
+    let failed = false;
+    let failure: unknown;
+    for (const item of due) {
+      try {
+        this.onExpired(item);
+      } catch (e) {
+        if (!failed) failure = e;
+        failed = true;
+      }
+    }
+    if (failed) throw failure;
   }
 }
