@@ -41,6 +41,7 @@ import {
 } from "../protocol";
 import { BrokerLink, type LinkOwner } from "./BrokerLink";
 import { StepAbortedError, toWireError, type AbortCode } from "./errors";
+import { LeaseTimers, type LeaseLane, type Leased } from "./LeaseTimers";
 import type {
   CloseOptions,
   Handler,
@@ -70,12 +71,16 @@ type AttemptPhase = (typeof AttemptPhases)[keyof typeof AttemptPhases];
  * first, pino's child() next). An abort before the handler reads `signal` is
  * kept, so the signal it then gets is already aborted with that reason.
  */
-class Attempt {
+class Attempt implements Leased {
   phase: AttemptPhase = AttemptPhases.QUEUED;
   /** Left `attempts` while running (cancelled, handed back): its outcome is dropped. */
   released = false;
   startedAt = 0;
-  leaseTimer: NodeJS.Timeout | undefined = undefined;
+  // its place among the pool's leases (LeaseTimers)
+  leaseDue = 0;
+  leasePrev: Leased | undefined = undefined;
+  leaseNext: Leased | undefined = undefined;
+  leaseLane: LeaseLane | undefined = undefined;
   result: ResultItem | undefined = undefined;
   private controller: AbortController | undefined;
   private abortReason: StepAbortedError | undefined;
@@ -124,6 +129,41 @@ class Attempt {
   }
 }
 
+type ProgressReporter = (a: Attempt, fraction: number | undefined, message: string | undefined) => void;
+
+/**
+ * The `ctx` a handler gets. Its members are getters on the class, so making
+ * one per step is a plain allocation: an object literal with accessors and a
+ * bound progress() per step cost more than the rest of starting a step. A
+ * handler that never reads `signal` or `log` costs neither (see Attempt);
+ * `progress` is bound on first read, so it may be passed around or
+ * destructured as before.
+ */
+class AttemptContext implements StepContext {
+  readonly #attempt: Attempt;
+  readonly #report: ProgressReporter;
+  #progress: StepContext["progress"] | undefined;
+
+  constructor(attempt: Attempt, report: ProgressReporter) {
+    this.#attempt = attempt;
+    this.#report = report;
+  }
+
+  get signal(): AbortSignal {
+    return this.#attempt.signal;
+  }
+
+  get log(): Logger {
+    return this.#attempt.log;
+  }
+
+  get progress(): StepContext["progress"] {
+    const a = this.#attempt;
+    const report = this.#report;
+    return (this.#progress ??= (fraction?: number, message?: string) => report(a, fraction, message));
+  }
+}
+
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
 /** setTimeout's largest delay; longer leases are clamped to it. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -160,6 +200,10 @@ export class HandlerPool {
   private readonly queue: Attempt[] = [];
   /** Released attempts whose handlers still run (HEARTBEAT `cancelling`): each still holds a slot. */
   private readonly lingering = new Set<Attempt>();
+  private readonly leases = new LeaseTimers<Attempt>((a) => this.onLeaseExpired(a));
+  /** progress() for every attempt's context: one function per pool, not one per step. */
+  private readonly reportProgress: ProgressReporter = (a, fraction, message) =>
+    this.progress(a, fraction, message);
   /** Handlers executing now, released ones included: what `capacity` bounds. */
   private busy = 0;
   private readonly opts: HandlerPoolOptions;
@@ -340,7 +384,7 @@ export class HandlerPool {
       await Promise.all(this.links.map((l) => (l.welcomed ? l.whenSent(GOODBYE_SEND_WAIT_MS) : undefined)));
     }
     for (const link of this.links) link.close(link.welcomed ? GOODBYE_LINGER_MS : 0);
-    for (const a of this.attempts.values()) this.clearLease(a);
+    this.leases.clearAll();
     this.attempts.clear();
     this.queue.length = 0;
     this.setState(PoolStates.CLOSED);
@@ -411,19 +455,15 @@ export class HandlerPool {
   }
 
   private clearLease(a: Attempt): void {
-    if (a.leaseTimer) clearTimeout(a.leaseTimer);
-    a.leaseTimer = undefined;
+    this.leases.clear(a);
   }
 
   /** The local lease: `timeout_ms` from receipt, renewed by progress(). The broker's runs from dispatch, a little earlier. */
   private armLease(a: Attempt): void {
-    this.clearLease(a);
-    const ms = Math.min(a.dispatch.timeout_ms, MAX_TIMER_MS);
-    a.leaseTimer = setTimeout(() => this.onLeaseExpired(a), ms);
+    this.leases.arm(a, Math.min(a.dispatch.timeout_ms, MAX_TIMER_MS));
   }
 
   private onLeaseExpired(a: Attempt): void {
-    a.leaseTimer = undefined;
     const { step_name: name, timeout_ms: ms } = a.dispatch;
     if (a.phase === AttemptPhases.QUEUED) {
       // Never started: the broker has timed it out by now; running it would only produce a stale result.
@@ -714,17 +754,7 @@ export class HandlerPool {
   }
 
   private contextFor(a: Attempt): StepContext {
-    // getters, so a handler that never reads `signal` or `log` costs neither (see Attempt)
-    return {
-      get signal() {
-        return a.signal;
-      },
-      get log() {
-        return a.log;
-      },
-      // bound, not an arrow: tsx names every arrow it makes with a defineProperty, once per step here
-      progress: this.progress.bind(this, a),
-    };
+    return new AttemptContext(a, this.reportProgress);
   }
 
   private progress(a: Attempt, fraction: number | undefined, message: string | undefined): void {
