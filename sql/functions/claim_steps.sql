@@ -14,14 +14,17 @@
 -- One statement since issue 16. Until then the STEP fields were read by a statement of their own,
 -- `steps join tasks` by `= any(v_ids)` and `= any(v_task_ids)`: from a connection's sixth call its
 -- generic plan (10 rows guessed a side) was a nested loop with the tasks side materialized and the
--- join as a Join Filter, every claimed step compared with every task, 1,967,136 rows removed to
--- claim 1,984 steps (auto_explain during bench/run.ts). That read cost more than the claim's
--- writes: 2,446 ms of claim_steps()' 7,059 ms in PostgreSQL over 20,000 one-step tasks. Now the
--- step's fields come from the UPDATE's RETURNING and each task is one primary-key probe.
--- Measured (one-step, 20,000 tasks, two interleaved pairs, PostgreSQL CPU per step from /proc):
--- 295 / 293.5 us before, 248.5 / 235.5 us after; in pg_stat_statements the claim's nested
--- statements summed 7,000 / 10,000 ms before against 6,480 / 7,160 ms after for the one
--- statement (a loaded machine: wall times inside PostgreSQL, which CPU waits inflate).
+-- join as a Join Filter, every claimed step compared with every task: 1,967,136 rows removed to
+-- claim 1,984 steps (auto_explain on the broker's connections, bench/stepbroker.ts one-step run).
+-- That read alone, no write, took 2,446 ms of claim_steps()' 7,059 ms in PostgreSQL over 20,000
+-- one-step tasks (122 us a row). Now the step's fields come from the UPDATE's RETURNING and each
+-- task is one primary-key probe.
+-- Measured on a loaded 2-core machine (load average 4 to 9), two interleaved pairs each, PostgreSQL
+-- CPU per step from /proc: one-step tasks (20,000) 295 / 293.5 us before, 248.5 / 235.5 after;
+-- diamonds (5,000 tasks, 20,000 steps) 327 / 354.5 before, 291.5 / 303 after; bench/run.ts one-step
+-- row 329 / 301 before, 233 / 259.5 after. In pg_stat_statements (one-step) the claim's three
+-- statements took 6,998 / 10,047 ms against 6,480 / 7,160 ms for the one statement (wall time
+-- inside PostgreSQL, inflated by waits for CPU); its WAL is the same, 1.9 kB a step.
 create or replace function claim_steps(
   p_broker_id text, p_handlers text[], p_most integer, p_step_ids uuid[], p_pool_id text,
   p_avoid uuid[] default null
