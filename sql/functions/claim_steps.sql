@@ -1,24 +1,40 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
 -- plpgsql, not sql: its statement plans are cached for the session on every server version.
 --
 -- Plan shape (this is the hot path): big tables are only ever reached by primary-key or partial-index
--- probes for the rows at hand: `= any(array(...))`, or as the inner side of UPDATE ... FROM a small CTE.
--- No two CTEs are joined to each other (a nested loop over CTE scans would be quadratic).
+-- probes for the rows at hand: `= any(array(...))`, a LATERAL ... LIMIT 1 probe per row, or as the
+-- inner side of UPDATE ... FROM a small CTE. No two CTEs are joined to each other (a nested loop over
+-- CTE scans would be quadratic).
+--
+-- One statement since issue 16. Until then the STEP fields were read by a statement of their own,
+-- `steps join tasks` by `= any(v_ids)` and `= any(v_task_ids)`: from a connection's sixth call its
+-- generic plan (10 rows guessed a side) was a nested loop with the tasks side materialized and the
+-- join as a Join Filter, every claimed step compared with every task: 1,967,136 rows removed to
+-- claim 1,984 steps (auto_explain on the broker's connections, bench/stepbroker.ts one-step run).
+-- That read alone, no write, took 2,446 ms of claim_steps()' 7,059 ms in PostgreSQL over 20,000
+-- one-step tasks (122 us a row). Now the step's fields come from the UPDATE's RETURNING and each
+-- task is one primary-key probe.
+-- Measured on a loaded 2-core machine (load average 4 to 9), two interleaved pairs each, PostgreSQL
+-- CPU per step from /proc: one-step tasks (20,000) 295 / 293.5 us before, 248.5 / 235.5 after;
+-- diamonds (5,000 tasks, 20,000 steps) 327 / 354.5 before, 291.5 / 303 after; bench/run.ts one-step
+-- row 329 / 301 before, 233 / 259.5 after. In pg_stat_statements (one-step) the claim's three
+-- statements took 6,998 / 10,047 ms against 6,480 / 7,160 ms for the one statement (wall time
+-- inside PostgreSQL, inflated by waits for CPU); its WAL is the same, 1.9 kB a step.
 create or replace function claim_steps(
   p_broker_id text, p_handlers text[], p_most integer, p_step_ids uuid[], p_pool_id text,
   p_avoid uuid[] default null
 ) returns setof claimed_step
 language plpgsql volatile
 as $$
-declare
-  v_ids uuid[];
-  v_task_ids uuid[];
 begin
+  -- One statement: the claim, its history, the task start and the STEP fields. Every CTE runs once
+  -- (a data-modifying CTE always does, to completion), whether or not the select reads it.
+  return query
   with picked as (
     -- any ready step: walk the ready index in priority order (see pick_ready_steps.sql)
     select p.id from pick_ready_steps(p_handlers, p_most, p_avoid) as p(id)
@@ -49,7 +65,9 @@ begin
         lease_started_at = now(),
         lease_expires_at = now() + s.timeout_ms * interval '1 millisecond'
     where s.id = any(array(select p.id from picked p))
-    returning s.id, s.task_id, s.attempts, s.lease_attempt_id, s.history_seq
+    -- the STEP's own fields come from the new row version: no second probe of steps
+    returning s.id, s.task_id, s.attempts, s.lease_attempt_id, s.history_seq, s.name, s.handler,
+              s.max_attempts, s.timeout_ms, s.config, s.lease_expires_at, s.priority, s.run_at, s.position
   ),
   -- The attempt's row is written when it ends (0013); the claim writes its transition.
   step_history as (
@@ -57,36 +75,28 @@ begin
     select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id,
            jsonb_build_object('broker_id', p_broker_id, 'attempt', c.attempts), c.history_seq
     from claimed c
-  )
-  select array_agg(c.id), array_agg(distinct c.task_id)
-  into v_ids, v_task_ids
-  from claimed c;
-  if v_ids is null then
-    return;
-  end if;
-
+  ),
   -- SKIP LOCKED here too: a claim never waits, so claims cannot deadlock on task rows.
-  -- Whoever holds a pending task's lock is another claim starting it, or a cancel.
-  with started as (
+  -- Whoever holds a pending task's lock is another claim starting it, or a cancel. (A task row
+  -- that changed since this statement's snapshot is re-read at its latest version by the lock.)
+  started as (
     update tasks t set state = 'in_progress', history_seq = t.history_seq + 1
     where t.id = any(array(
       select t2.id from tasks t2
-      where t2.id = any(v_task_ids) and t2.state = 'pending'
+      where t2.id = any(array(select distinct c.task_id from claimed c)) and t2.state = 'pending'
       order by t2.id
       for update skip locked
     ))
     returning t.id, t.history_seq
+  ),
+  task_history as (
+    insert into task_transitions (task_id, from_state, to_state, event, sort_key)
+    select st.id, 'pending', 'in_progress', 'started', st.history_seq
+    from started st
   )
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
-  select s.id, 'pending', 'in_progress', 'started', s.history_seq
-  from started s;
-
-  -- One probe of the task row per claimed step gives both its template and its context (a correlated
-  -- subquery each probed it twice); the template table is a handful of rows.
-  return query
   select c.task_id, c.id as step_id, c.lease_attempt_id as attempt_id, c.name as step_name, c.handler,
          c.attempts as attempt, c.max_attempts, c.timeout_ms,
-         jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version) as template,
+         t.template,
          t.context,
          c.config,
          -- read with a snapshot taken after the pick (see step_inputs.sql); a root step has no
@@ -103,12 +113,21 @@ begin
               else (select count(*)::int from step_edges e where e.parent_id = c.id) end as children,
          -- the task's trace context, for the attempt's (PROTOCOL.md, Trace context)
          t.traceparent, t.tracestate
-  from steps c
-  join tasks t on t.id = c.task_id
-  join task_templates tt on tt.id = t.template_id
-  -- both sides by key: with only the join condition, the planner hashed a read of the whole tasks table
-  where c.id = any(v_ids) and t.id = any(v_task_ids)
-  -- in dispatch order (a join does not keep the order the steps were picked in)
+  from claimed c
+  -- One primary-key probe of the task (and of its template) per claimed step. LIMIT keeps the
+  -- subquery from being flattened into a join: as a join, the generic plan (estimated 10 rows a
+  -- side) was a nested loop comparing every claimed step with every task read (Join Filter),
+  -- 2 million comparisons for a claim of 2,000. Task rows are read as this statement's snapshot
+  -- has them: the columns read here never change, and every claimed step's task is in it.
+  cross join lateral (
+    select t.context, t.step_count, t.traceparent, t.tracestate,
+           (select jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version)
+            from task_templates tt where tt.id = t.template_id) as template
+    from tasks t
+    where t.id = c.task_id
+    limit 1
+  ) t
+  -- in dispatch order (the update returns rows in the order it found them)
   order by c.priority desc, c.run_at, c.task_id, c.position;
 end
 $$;

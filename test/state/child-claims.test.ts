@@ -212,6 +212,8 @@ describe("children claimed with their parent's result", () => {
         b,
         `the delayed pick claimed child b (claimed: ${JSON.stringify(claimed.map((c) => [c.task_id, c.step_name]))}, root of ${root.task_id})`,
       );
+      // its inputs are read after the pick too, in the same statement as the claim: the parent's output is there
+      assert.deepEqual(b.inputs, { a: { from: "a" } });
       const history = await t.sql<{ from_state: string | null; to_state: string; event: string }>(
         `select from_state, to_state, event from step_transitions where step_id = $1 order by sort_key`,
         [b.step_id],
