@@ -68,6 +68,9 @@ begin
              as delay_ms
     from firsts f
     join steps s on s.lease_attempt_id = f.attempt_id
+    -- the batch's own leases, by key: with the join condition alone the generic plan read every
+    -- leased step (a bitmap scan of steps_leased_attempt, hashed), each in-flight step once per commit
+    where s.lease_attempt_id = any(p_attempt_ids)
   ),
   -- Only the lease holder stores (a lease implies in_progress, by a CHECK). The condition is
   -- re-checked on the current row version, so a lease lost meanwhile stores nothing.
@@ -84,6 +87,8 @@ begin
         lease_expires_at = null
     from decided d
     where s.id = d.step_id and s.lease_attempt_id = d.attempt_id
+      -- the same: the batch's steps by primary key, not every leased step
+      and s.id = any(array(select d2.step_id from decided d2))
     returning s.id, s.task_id, s.handler, s.state, s.run_at, s.attempts, s.history_seq, d.attempt_id, d.status,
               d.error, d.duration_ms, d.pool_id, d.usage, d.output_bytes, d.lease_broker_id, d.lease_pool_id,
               d.lease_started_at

@@ -250,5 +250,13 @@ describe("completion plans made while a new schema's tables are small", function
     const plans = notices.filter((n) => n.includes("plan:")).join("\n---\n");
     assert.match(plans, /complete_results/, "auto_explain showed the statements inside complete_results");
     assert.doesNotMatch(plans, /Seq Scan on (steps|tasks)\b/, plans);
+    // the batch's leases are found by key, never by reading every leased step (the partial index
+    // whole, by a bitmap or by a walk with no condition), nor by comparing rows in a Join Filter
+    assert.doesNotMatch(plans, /Join Filter|Recheck Cond: \(lease_attempt_id IS NOT NULL\)/, plans);
+    assert.doesNotMatch(
+      plans,
+      /Index (Only )?Scan using steps_leased_attempt on \w+ \w+ +\([^)]*\)\n(?! +Index Cond)/,
+      plans,
+    );
   });
 });
