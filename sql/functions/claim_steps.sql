@@ -1,5 +1,5 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
--- The contract is sql/queries/claim_steps.sql's; also called by complete_results() for children claimed with their parent's result.
+-- The contract is sql/queries/claim_steps.sql's (its only caller); complete_results() claims children itself and returns their STEP fields in this row type.
 -- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in

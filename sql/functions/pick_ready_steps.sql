@@ -1,5 +1,5 @@
 -- pick_ready_steps: Locks and returns up to `most` ready step ids whose handler is in `handlers`, highest priority then longest ready, skipping locked rows and the steps in `avoid`.
--- (handlers text[], most int, avoid uuid[] default null) -> setof uuid. Called by claim_steps() and complete_results(); its own settings force the ordered walk of steps_ready.
+-- (handlers text[], most int, avoid uuid[] default null) -> setof uuid. Called by claim_steps(); its own settings force the ordered walk of steps_ready.
 -- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0004; its signature changed in 0010.
 --
 -- 0004_ordered_ready_walk: dispatch walks the ready index in order, whatever the planner's statistics say.
