@@ -34,6 +34,20 @@ const DIAMOND = {
   ],
 };
 
+/** Loads auto_explain on `client`, or skips the test where this role may not. */
+async function loadAutoExplain(client: pg.ClientBase, test: Mocha.Context): Promise<void> {
+  try {
+    await client.query("load 'auto_explain'");
+  } catch (err) {
+    // The test run's embedded server gives a superuser URL; a DATABASE_URL of a role that may not load modules cannot.
+    if ((err as { code?: string }).code === "42501") {
+      console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
+      test.skip();
+    }
+    throw new Error("auto_explain is needed to see the plans inside claim_steps", { cause: err });
+  }
+}
+
 describe("hot-path plans on tables never analyzed", function () {
   this.timeout(60_000);
   const t = useStateManager("plans");
@@ -95,16 +109,7 @@ describe("hot-path plans on tables never analyzed", function () {
   });
 
   it("claims by walking the ready index in order, never reading and sorting the whole queue", async function () {
-    try {
-      await client.query("load 'auto_explain'");
-    } catch (err) {
-      // The test run's embedded server gives a superuser URL; a DATABASE_URL of a role that may not load modules cannot.
-      if ((err as { code?: string }).code === "42501") {
-        console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
-        this.skip();
-      }
-      throw new Error("auto_explain is needed to see the plans inside claim_steps", { cause: err });
-    }
+    await loadAutoExplain(client, this);
     const notices: string[] = [];
     const onNotice = (n: { message?: string }): void => void notices.push(n.message ?? "");
     client.on("notice", onNotice);
@@ -132,15 +137,7 @@ describe("hot-path plans on tables never analyzed", function () {
   });
 
   it("reaches each claimed step's task by key once its plans are the session's generic ones", async function () {
-    try {
-      await client.query("load 'auto_explain'");
-    } catch (err) {
-      if ((err as { code?: string }).code === "42501") {
-        console.warn("      (skipped: this database role may not load auto_explain, which shows the plans)");
-        this.skip();
-      }
-      throw new Error("auto_explain is needed to see the plans inside claim_steps", { cause: err });
-    }
+    await loadAutoExplain(client, this);
     const notices: string[] = [];
     const onNotice = (n: { message?: string }): void => void notices.push(n.message ?? "");
     try {
