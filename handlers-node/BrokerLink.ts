@@ -23,6 +23,7 @@ import {
   BrokerCommands,
   Encodings,
   HARD_LIMIT_FACTOR,
+  ID_PATTERN,
   MAX_BATCH,
   MAX_MESSAGE_BYTES,
   coerceError,
@@ -63,7 +64,6 @@ const LEGAL_MOVES: Record<LinkState, readonly LinkState[]> = {
 };
 
 const ITEM_PATH = /^\/(?:steps|acks|cancels)\/(\d+)(?:\/|$)/;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /**
  * For a schema violation inside one STEP/ACK/CANCEL item, that item's
@@ -78,7 +78,7 @@ function attemptIdAt(frames: Buffer[], instancePath: string | undefined): { atte
   const list = Object.values(decoded.value)[0];
   const item: unknown = Array.isArray(list) ? list[Number(m[1])] : undefined;
   const id = item && typeof item === "object" ? (item as { attempt_id?: unknown }).attempt_id : undefined;
-  return typeof id === "string" && UUID.test(id) ? { attempt_id: id } : {};
+  return typeof id === "string" && ID_PATTERN.test(id) ? { attempt_id: id } : {};
 }
 
 const BROKER_ACCEPT: ReadonlySet<string> = new Set(Object.values(BrokerCommands));

@@ -26,6 +26,7 @@ import {
   HEARTBEAT_INTERVAL_MS,
   HEARTBEAT_LIVENESS,
   MAX_VALUE_DEPTH,
+  NAME_PATTERN,
   StepErrorTypes,
   coerceError,
   pointer,
@@ -164,7 +165,6 @@ class AttemptContext implements StepContext {
   }
 }
 
-const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
 /** setTimeout's largest delay; longer leases are clamped to it. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** HEARTBEAT `cancelling` carries at most this many ids (heartbeat.json maxItems). */

@@ -10,6 +10,7 @@ import { Packr, Unpackr } from "msgpackr";
 import {
   COMMAND_SCHEMAS,
   Encodings,
+  ID_PATTERN,
   MAX_DEPTH,
   MAX_MESSAGE_BYTES,
   PROTOCOL_NAME,
@@ -220,15 +221,13 @@ export function decodeBody(buf: Uint8Array, command?: string): BodyDecoding {
   return { ok: true, value: value as Record<string, unknown>, encoding };
 }
 
-const ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
 /** For a fault inside /results/N/..., that result's attempt_id when it is a well-formed id, so the ERROR can name it. */
 function resultAttemptId(body: object, path: readonly string[]): string | undefined {
   if (path[0] !== "results" || path.length < 2) return undefined;
   const results = (body as { results?: unknown }).results;
   const item: unknown = Array.isArray(results) ? results[Number(path[1])] : undefined;
   const id = item && typeof item === "object" ? (item as { attempt_id?: unknown }).attempt_id : undefined;
-  return typeof id === "string" && ID.test(id) ? id : undefined;
+  return typeof id === "string" && ID_PATTERN.test(id) ? id : undefined;
 }
 
 export interface DecodeOptions {

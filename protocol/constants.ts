@@ -192,6 +192,11 @@ export const MAX_DEPTH = 64;
  * a body: every body that carries them stays within MAX_DEPTH.
  */
 export const MAX_VALUE_DEPTH = 56;
+
+/** common.json $defs/id: a task, step or attempt id, a UUID in lowercase. */
+export const ID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+/** common.json $defs/name: a handler, step, namespace or template name. */
+export const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
 /** A peer that sends this many bad messages in a row (ERRORs included, see PROTOCOL.md) is disconnected. */
 
 export const MAX_CONSECUTIVE_ERRORS = 10;

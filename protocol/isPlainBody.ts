@@ -15,16 +15,11 @@
  * the slower path. test/protocol/isPlainBody.test.ts holds both to that
  * against every vector and a set of near misses.
  */
-import type { CommandName } from "./constants";
+import { ID_PATTERN as ID, NAME_PATTERN as NAME, type CommandName } from "./constants";
+import { TRACEPARENT } from "./traceContext";
 
-/** common.json $defs/id. */
-const ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-/** `^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$` (common.json $defs/name). */
-const NAME = /^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$/;
 /** `^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$` (common.json $defs/version). */
 const VERSION = /^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$/;
-/** common.json $defs/traceparent. */
-const TRACEPARENT = /^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$/;
 /** common.json $defs/tracestate's pattern; its maxLength (512) is checked beside it. */
 const TRACESTATE = /^[ -~]*$/;
 /** The keys of a StepDispatch that step.json requires: 12 of them, plus the optional `trace`. */

@@ -5,7 +5,7 @@
  * tried by a hand-written check (isPlainBody) that is cheaper still.
  */
 import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
-import { COMMAND_SCHEMAS, MAX_VALUE_DEPTH, type CommandName } from "./constants";
+import { COMMAND_SCHEMAS, ID_PATTERN, MAX_VALUE_DEPTH, type CommandName } from "./constants";
 import { fault, type ProtocolFault } from "./errors";
 import { isPlainBody } from "./isPlainBody";
 import { loadSchemaFiles, SCHEMA_ID_PREFIX } from "./schemaFiles";
@@ -113,8 +113,6 @@ export interface SalvagedResults {
   refused: ProtocolFault[];
 }
 
-const ATTEMPT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
 /**
  * A RESULT whose body failed validation because of some of its items is
  * judged item by item, so one bad item does not hold back the others: each
@@ -143,7 +141,7 @@ export function salvageResults(body: unknown): SalvagedResults | undefined {
       ...one.fault,
       message: one.fault.message.replace(/\/results\/0(?=\/| )/, `/results/${i}`),
       ...(one.fault.instancePath !== undefined ? { instancePath: rename(one.fault.instancePath) ?? "" } : {}),
-      ...(typeof attemptId === "string" && ATTEMPT_ID.test(attemptId) ? { attemptId } : {}),
+      ...(typeof attemptId === "string" && ID_PATTERN.test(attemptId) ? { attemptId } : {}),
     });
   });
   return { results, refused };

@@ -9,13 +9,16 @@ import {
   COMMAND_SCHEMAS,
   Encodings,
   ERROR_CODES,
+  ID_PATTERN,
+  NAME_PATTERN,
   ResultStatuses,
   StepStates,
   TaskStates,
 } from "../../protocol/constants";
+import { TRACEPARENT } from "../../protocol/traceContext";
 
 const common = loadSchemaFiles().find((f) => f.file === "common.json")!.schema as unknown as {
-  $defs: Record<string, { enum?: string[] }>;
+  $defs: Record<string, { enum?: string[]; pattern?: string }>;
 };
 const byFile = new Map(loadSchemaFiles().map((f) => [f.file, f.schema as Record<string, unknown>]));
 
@@ -29,6 +32,13 @@ describe("protocol types and schemas stay in step", () => {
   it("types.generated.ts is what the schemas generate (run `npm run gen:types` after editing a schema)", async () => {
     const committed = readFileSync(join(SCHEMA_DIR, "..", "types.generated.ts"), "utf8");
     assert.equal(committed, await generateTypes());
+  });
+
+  it("the id, name and traceparent patterns the code checks by hand are the schema's", () => {
+    // isPlainBody, salvageResults, the codec and the Node SDK test these without Ajv
+    assert.equal(ID_PATTERN.source, common.$defs.id!.pattern);
+    assert.equal(NAME_PATTERN.source, common.$defs.name!.pattern);
+    assert.equal(TRACEPARENT.source, common.$defs.traceparent!.pattern);
   });
 
   it("the state vocabularies in constants.ts equal the schema enums", () => {
