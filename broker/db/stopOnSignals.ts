@@ -11,7 +11,7 @@
  *
  * One set of hooks serves every registration, so a process with two servers
  * stops both before it exits. A second signal while cleaning up exits at once;
- * so does the end of `boundMs`. Returns a function that withdraws `cleanup`
+ * so does the end of BOUND_MS. Returns a function that withdraws `cleanup`
  * (the hooks go with the last one).
  */
 const SIGNALS = { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 } as const;
