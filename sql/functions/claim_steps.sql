@@ -1,6 +1,6 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's (its only caller); complete_results() claims children itself and returns their STEP fields in this row type.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16; the `claimed` transition written when the attempt ends since 0016.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
@@ -32,7 +32,7 @@ create or replace function claim_steps(
 language plpgsql volatile
 as $$
 begin
-  -- One statement: the claim, its history, the task start and the STEP fields. Every CTE runs once
+  -- One statement: the claim, the task start and its history, and the STEP fields. Every CTE runs once
   -- (a data-modifying CTE always does, to completion), whether or not the select reads it.
   return query
   with picked as (
@@ -69,13 +69,8 @@ begin
     returning s.id, s.task_id, s.attempts, s.lease_attempt_id, s.history_seq, s.name, s.handler,
               s.max_attempts, s.timeout_ms, s.config, s.lease_expires_at, s.priority, s.run_at, s.position
   ),
-  -- The attempt's row is written when it ends (0013); the claim writes its transition.
-  step_history as (
-    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key)
-    select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id,
-           jsonb_build_object('broker_id', p_broker_id, 'attempt', c.attempts), c.history_seq
-    from claimed c
-  ),
+  -- The attempt's row is written when it ends (0013), and so is the step's `claimed` transition
+  -- (0016): the lease holds what it says, and history_seq, bumped above, keeps its sort_key.
   -- SKIP LOCKED here too: a claim never waits, so claims cannot deadlock on task rows.
   -- Whoever holds a pending task's lock is another claim starting it, or a cancel. (A task row
   -- that changed since this statement's snapshot is re-read at its latest version by the lock.)

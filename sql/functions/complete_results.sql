@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16; it writes the ending attempts' `claimed` transitions, and none for the children it claims, since 0016.
 create or replace function complete_results(
   p_results jsonb,
   p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
@@ -26,6 +26,8 @@ as $$
 declare
   -- the batch's attempt ids, in its order, under the name the statements below use
   p_attempt_ids uuid[] := array(select (e ->> 'attempt_id')::uuid from jsonb_array_elements(p_results) e);
+  -- those whose `claimed` transition their claim wrote (leased when 0016 ran; none afterwards)
+  v_logged uuid[] := array(select l.attempt_id from leases_claimed_before_0016 l where l.attempt_id = any(p_attempt_ids));
   v_rows completion_row[];
   v_ending uuid[];
   v_finished text[];
@@ -149,27 +151,33 @@ begin
     returning c.id, c.task_id, c.handler, c.state, c.run_at, c.attempts, c.lease_attempt_id, c.history_seq,
               m.becomes_ready, m.take
   ),
-  -- Each transition carries the history_seq its row's update set (for a claimed child, the
-  -- readying is the one before its claim).
+  -- Each transition carries the history_seq its row's update set. The attempt's `claimed`
+  -- transition is written now that it ends (0016), from its lease: at the sort_key its claim
+  -- reserved (the one before this update's), stamped with the claim's time, naming the broker
+  -- that held the lease at the end (the claim's, unless another broker adopted the attempt).
+  -- A claimed child's claim is likewise left to the end of its attempt: here only its readying,
+  -- the transition before the one its claim reserved.
   history as (
-    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key)
+    insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key,
+                                  created_at)
+    select st.id, st.task_id, 'ready', 'in_progress', 'claimed', st.attempt_id,
+           jsonb_build_object('broker_id', coalesce(st.lease_broker_id, p_broker_id), 'attempt', st.attempts),
+           st.history_seq - 1, st.lease_started_at
+    from stored st
+    where st.attempt_id <> all(v_logged)
+    union all
     select st.id, st.task_id, 'in_progress', st.state,
            case st.state when 'complete' then 'completed' when 'ready' then 'retry_scheduled' else 'failed' end,
            st.attempt_id,
            case when st.state = 'complete' then null
                 else jsonb_build_object('error', st.error::jsonb, 'attempt', st.attempts) end,
-           st.history_seq
+           st.history_seq, now()
     from stored st
     union all
     select rc.id, rc.task_id, 'pending', 'ready', 'parents_finished', null::uuid, null::jsonb,
-           rc.history_seq - case when rc.take then 1 else 0 end
+           rc.history_seq - case when rc.take then 1 else 0 end, now()
     from readied_children rc
     where rc.becomes_ready
-    union all
-    select rc.id, rc.task_id, 'ready', 'in_progress', 'claimed', rc.lease_attempt_id,
-           jsonb_build_object('broker_id', p_broker_id, 'attempt', rc.attempts), rc.history_seq
-    from readied_children rc
-    where rc.take
   ),
   -- A task of one step (tasks.step_count, 0014) ends with that step: a complete result says all
   -- that finalize_tasks() would find by reading the task's steps, so it is not asked. The row is

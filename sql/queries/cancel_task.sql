@@ -23,9 +23,20 @@ attempts_ended as (
   from cancelled c
   where c.lease_attempt_id is not null
 ),
+-- A running attempt's `claimed` transition, from its lease, at the sort_key its claim reserved
+-- (0016; not for a lease whose claim wrote it, leased before 0016), then each step's cancel.
 step_history as (
-  insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, sort_key)
-  select c.id, c.task_id, c.from_state, 'cancelled', 'cancelled', c.lease_attempt_id, c.history_seq
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key,
+                                created_at)
+  select c.id, c.task_id, 'ready', 'in_progress', 'claimed', c.lease_attempt_id,
+         jsonb_build_object('broker_id', c.lease_broker_id, 'attempt', c.attempts), c.history_seq - 1,
+         c.lease_started_at
+  from cancelled c
+  where c.lease_attempt_id is not null
+    and not exists (select 1 from leases_claimed_before_0016 l where l.attempt_id = c.lease_attempt_id)
+  union all
+  select c.id, c.task_id, c.from_state, 'cancelled', 'cancelled', c.lease_attempt_id, null::jsonb, c.history_seq,
+         now()
   from cancelled c
 ),
 task_ended as (

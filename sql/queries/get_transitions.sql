@@ -1,5 +1,5 @@
 -- Reads the transition history of one task and of each of its steps, oldest first, for the dashboard and `stepbroker history`.
--- $1 uuid task id. Returns one row per transition; step_id and step_name are null on the task's own rows.
+-- $1 uuid task id. Returns one row per transition, a running attempt's claim among them; step_id and step_name are null on the task's own rows.
 select x.step_id, x.step_name, x.from_state, x.to_state, x.event, x.attempt_id, x.metadata, x.created_at
 from (
   select null::uuid as step_id, null::text as step_name, null::int as position, tr.from_state, tr.to_state,
@@ -12,6 +12,14 @@ from (
   from steps s
   join step_transitions tr on tr.step_id = s.id
   where s.task_id = $1::uuid
+  union all
+  -- a running attempt's claim, from its lease: its transition is written when the attempt ends
+  -- (migration 0016), unless its claim wrote it (leased before 0016)
+  select s.id, s.name, s.position, 'ready', 'in_progress', 'claimed', s.lease_attempt_id,
+         jsonb_build_object('broker_id', s.lease_broker_id, 'attempt', s.attempts), s.lease_started_at, s.history_seq
+  from steps s
+  where s.task_id = $1::uuid and s.lease_attempt_id is not null
+    and not exists (select 1 from leases_claimed_before_0016 l where l.attempt_id = s.lease_attempt_id)
 ) x
 -- rows written in one transaction share created_at: the task's own first, then by step, each step's in order
 order by x.created_at, x.position nulls first, x.sort_key

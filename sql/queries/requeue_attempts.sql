@@ -50,10 +50,18 @@ attempt_rows as (
          jsonb_build_object('type', $2::text, 'message', rq.message, 'retryable', true)
   from requeued rq
 ),
+-- The attempt's `claimed` transition, from its lease, at the sort_key its claim reserved (0016;
+-- not for a lease whose claim wrote it, leased before 0016), and the step's move off the lease.
 history as (
-  insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key)
+  insert into step_transitions (step_id, task_id, from_state, to_state, event, attempt_id, metadata, sort_key,
+                                created_at)
+  select rq.id, rq.task_id, 'ready', 'in_progress', 'claimed', rq.attempt_id,
+         jsonb_build_object('broker_id', rq.broker_id, 'attempt', rq.attempts), rq.history_seq - 1, rq.started_at
+  from requeued rq
+  where not exists (select 1 from leases_claimed_before_0016 l where l.attempt_id = rq.attempt_id)
+  union all
   select rq.id, rq.task_id, 'in_progress', rq.state, $7::text, rq.attempt_id,
-         jsonb_build_object('reason', $6::text, 'counted', $3::boolean), rq.history_seq
+         jsonb_build_object('reason', $6::text, 'counted', $3::boolean), rq.history_seq, now()
   from requeued rq
 )
 select rq.attempt_id, rq.id as step_id, rq.task_id, rq.handler, rq.state, rq.run_at, rq.broker_id, rq.pool_id

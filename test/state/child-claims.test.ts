@@ -83,9 +83,37 @@ describe("children claimed with their parent's result", () => {
        where s.id = $1 order by tr.sort_key`,
       [out.claimed[0]!.step_id],
     );
+    // the claim's own transition is written when the attempt ends (0016); until then the history
+    // read shows it from the lease
     assert.deepEqual(
       history.map((h) => `${h.to_state}:${h.event}`),
-      ["pending:created", "ready:parents_finished", "in_progress:claimed"],
+      ["pending:created", "ready:parents_finished"],
+    );
+    const shown = (await t.sm.getTransitions(out.claimed[0]!.task_id)).filter(
+      (tr) => tr.stepId === out.claimed[0]!.step_id,
+    );
+    assert.deepEqual(
+      shown.map((tr) => [tr.to, tr.event, tr.attemptId, tr.metadata]),
+      [
+        ["pending", "created", null, null],
+        ["ready", "parents_finished", null, null],
+        ["in_progress", "claimed", out.claimed[0]!.attempt_id, { broker_id: "b1", attempt: 1 }],
+      ],
+    );
+    await assertInvariants(t);
+    await t.sm.completeAttempts([{ attemptId: out.claimed[0]!.attempt_id, status: "complete", output: 1 }]);
+    const ended = await t.sql<{ to_state: string; event: string; attempt_id: string | null }>(
+      `select to_state, event, attempt_id from step_transitions where step_id = $1 order by sort_key`,
+      [out.claimed[0]!.step_id],
+    );
+    assert.deepEqual(
+      ended.map((h) => [h.to_state, h.event, h.attempt_id]),
+      [
+        ["pending", "created", null],
+        ["ready", "parents_finished", null],
+        ["in_progress", "claimed", out.claimed[0]!.attempt_id],
+        ["complete", "completed", out.claimed[0]!.attempt_id],
+      ],
     );
     await assertInvariants(t);
   });
@@ -170,7 +198,7 @@ describe("children claimed with their parent's result", () => {
     await assertInvariants(t);
   });
 
-  it("writes the claim's transition for a child readied after the claim's statement began", async function () {
+  it("writes the claim's transition, at the attempt's end, for a child readied after the claim's statement began", async function () {
     this.timeout(20_000);
     const root = await rootClaimed();
     // A pick that waits before it looks: the claim's statement takes its snapshot, then the
@@ -218,9 +246,19 @@ describe("children claimed with their parent's result", () => {
         `select from_state, to_state, event from step_transitions where step_id = $1 order by sort_key`,
         [b.step_id],
       );
+      // the claim's transition comes with the attempt's end (0016)
       assert.deepEqual(
         history.map((h) => `${h.from_state ?? ""}>${h.to_state}`),
-        [">pending", "pending>ready", "ready>in_progress"],
+        [">pending", "pending>ready"],
+      );
+      await t.sm.completeAttempts([{ attemptId: b.attempt_id, status: "complete", output: 2 }]);
+      const ended = await t.sql<{ from_state: string | null; to_state: string; event: string }>(
+        `select from_state, to_state, event from step_transitions where step_id = $1 order by sort_key`,
+        [b.step_id],
+      );
+      assert.deepEqual(
+        ended.map((h) => `${h.from_state ?? ""}>${h.to_state}`),
+        [">pending", "pending>ready", "ready>in_progress", "in_progress>complete"],
       );
     } finally {
       holder.release();

@@ -15,18 +15,29 @@ export type SchemaQuery = Pick<TestState, "sql">;
  * when it has ended. Holds at every commit, so it may run while work is in flight.
  */
 export async function assertInvariants(t: SchemaQuery): Promise<void> {
-  // the latest transition is the one whose sort_key is the row's history_seq, and it names the current state
-  for (const [table, history, key] of [
-    ["steps", "step_transitions", "step_id"],
-    ["tasks", "task_transitions", "task_id"],
+  // the latest transition is the one whose sort_key is the row's history_seq, and it names the current
+  // state; but a running attempt's `claimed` transition is written when it ends (0016): its step's
+  // history ends one before, in `ready` (unless it was leased before 0016, when its claim wrote it)
+  for (const [table, history, key, deferred] of [
+    [
+      "steps",
+      "step_transitions",
+      "step_id",
+      `r.lease_attempt_id is not null
+       and not exists (select 1 from leases_claimed_before_0016 l where l.attempt_id = r.lease_attempt_id)`,
+    ],
+    ["tasks", "task_transitions", "task_id", "false"],
   ] as const) {
     const drift = await t.sql<{ id: string; state: string; history_seq: number; last: number | null }>(`
       select r.id, r.state, r.history_seq, max(tr.sort_key) as last,
-             max(tr.to_state) filter (where tr.sort_key = r.history_seq) as to_state
-      from ${table} r left join ${history} tr on tr.${key} = r.id
-      group by r.id, r.state, r.history_seq
-      having max(tr.sort_key) is distinct from r.history_seq
-          or max(tr.to_state) filter (where tr.sort_key = r.history_seq) is distinct from r.state`);
+             max(tr.to_state) filter (where tr.sort_key = r.history_seq - d.behind) as to_state
+      from ${table} r
+      cross join lateral (select case when ${deferred} then 1 else 0 end as behind) d
+      left join ${history} tr on tr.${key} = r.id
+      group by r.id, r.state, r.history_seq, d.behind
+      having max(tr.sort_key) is distinct from r.history_seq - d.behind
+          or max(tr.to_state) filter (where tr.sort_key = r.history_seq - d.behind)
+             is distinct from case when d.behind = 1 then 'ready' else r.state end`);
     assert.deepEqual(drift, [], `${table}: state and latest transition (sort_key = history_seq) disagree`);
   }
   // sort keys run 1..n without gaps, and each transition starts where the previous one ended
@@ -52,7 +63,8 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
   const noOutput = await t.sql(`select id from steps where state = 'complete' and not has_output`);
   assert.deepEqual(noOutput, []);
   // an attempt is one row, written when it ends: none for the attempt a lease still holds, and one
-  // for every other attempt that was claimed (each claim writes a 'claimed' transition naming it)
+  // for every other attempt that was claimed (whatever ends it writes the 'claimed' transition
+  // naming it, and its claim did before 0016)
   const rowWhileLeased = await t.sql<{ attempt_id: string }>(`
     select a.attempt_id from step_attempts a join steps s on s.lease_attempt_id = a.attempt_id`);
   assert.deepEqual(rowWhileLeased, [], "a running attempt (its step's lease) already has its row");
@@ -61,6 +73,14 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
     where tr.event = 'claimed' and tr.attempt_id is distinct from s.lease_attempt_id
       and not exists (select 1 from step_attempts a where a.attempt_id = tr.attempt_id)`);
   assert.deepEqual(missing, [], "a claimed attempt that ended without its row");
+  // and the other way: every ended attempt's claim is in its step's history, once
+  const unclaimed = await t.sql<{ attempt_id: string; claims: number }>(`
+    select a.attempt_id, count(tr.*)::int as claims
+    from step_attempts a
+    left join step_transitions tr on tr.step_id = a.step_id and tr.attempt_id = a.attempt_id and tr.event = 'claimed'
+    group by a.attempt_id
+    having count(tr.*) <> 1`);
+  assert.deepEqual(unclaimed, [], "an ended attempt whose claim is not in its step's history exactly once");
   const duplicated = await t.sql<{ attempt_id: string }>(`
     select attempt_id from step_attempts group by attempt_id having count(*) > 1`);
   assert.deepEqual(duplicated, [], "an attempt with more than one row");
