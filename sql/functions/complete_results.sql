@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16; it writes the ending attempts' `claimed` transitions, and none for the children it claims, since 0016.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16; it writes the ending attempts' `claimed` transitions, and none for the children it claims, and an ending task's `started`, since 0016.
 create or replace function complete_results(
   p_results jsonb,
   p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
@@ -204,11 +204,16 @@ begin
     set state = 'complete', finished_at = now(), history_seq = t.history_seq + 1, error = null
     where t.id = any(array(select st.task_id from stored st where st.state = 'complete'))
       and t.step_count = 1 and t.state = 'in_progress'
-    returning t.id, t.history_seq
+    returning t.id, t.history_seq, t.started_at
   ),
+  -- its `started` first, if its claim left it to be written here (0016: see finalize_tasks)
   task_history as (
-    insert into task_transitions (task_id, from_state, to_state, event, sort_key)
-    select e.id, 'in_progress', 'complete', 'completed', e.history_seq
+    insert into task_transitions (task_id, from_state, to_state, event, sort_key, created_at)
+    select e.id, 'pending', 'in_progress', 'started', 2, e.started_at
+    from ended e
+    where e.history_seq = 3 and e.started_at is not null
+    union all
+    select e.id, 'in_progress', 'complete', 'completed', e.history_seq, now()
     from ended e
   )
   select coalesce((

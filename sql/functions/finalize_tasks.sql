@@ -1,6 +1,6 @@
 -- finalize_tasks: Ends each given task none of whose steps can still run: complete, or error naming the failed steps. Call with the tasks locked.
 -- (p_task_ids uuid[]) -> table (task_id uuid, state text, error jsonb), one row per task it ended; NOTIFYs events_<schema> with kind finished.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005; insert-only history since 0013; one pass over the steps since 0014.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0005; insert-only history since 0013; one pass over the steps since 0014; writes the task's `started` transition its claim left since 0016.
 --
 -- Ends each given task none of whose steps can still run: complete when every step is complete or
 -- resolved_manually, else error naming the steps that failed. Call with the tasks locked.
@@ -39,12 +39,20 @@ as $$
         end
     from summary su
     where t.id = su.id
-    returning t.id, t.state, t.error, t.history_seq, su.from_state
+    returning t.id, t.state, t.error, t.history_seq, t.started_at, su.from_state
   ),
+  -- The claim that started a task left its `started` transition to be written with the next one
+  -- (0016), from started_at: a task starts at most once, from its first state, so `started` is
+  -- its second transition, and it is missing when this update made history_seq 3 from a row the
+  -- claim stamped (a task started before 0016 has started_at null, and its `started` row).
   history as (
-    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key)
+    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, created_at)
+    select e.id, 'pending', 'in_progress', 'started', null, 2, e.started_at
+    from ended e
+    where e.history_seq = 3 and e.started_at is not null
+    union all
     select e.id, e.from_state, e.state, case e.state when 'complete' then 'completed' else 'failed' end,
-           e.error, e.history_seq
+           e.error, e.history_seq, now()
     from ended e
     returning task_id, to_state, metadata
   ),
@@ -58,11 +66,12 @@ as $$
                      '{"kind":"finished","tasks":['
                      || string_agg('{"task_id":"' || c.task_id || '","state":"' || c.to_state || '"}', ',')
                      || ']}')
-    from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk from history h) c
+    from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk
+          from history h where h.to_state <> 'in_progress') c
     group by c.chunk
   )
   -- The count makes the notified CTE run (a plain select CTE runs only when referenced).
   select h.task_id, h.to_state as state, h.metadata as error
   from history h
-  where (select count(*) from notified) >= 0
+  where h.to_state <> 'in_progress' and (select count(*) from notified) >= 0
 $$;

@@ -1,4 +1,4 @@
--- 0016_claim_history_written_when_the_attempt_ends: a step's `claimed` transition is written by the statement that ends its attempt, stamped with the claim's time.
+-- 0016_claim_history_written_when_the_attempt_ends: a step's `claimed` transition, and its task's `started`, are written by the statements that end them, stamped with the claim's time.
 -- Runs once, in a transaction under an advisory lock, with search_path set to the target schema. Never edit it once released.
 --
 -- Until now a claim wrote, for every step it leased, the lease (an update of the step) and the
@@ -22,3 +22,12 @@ create table leases_claimed_before_0016 (
 
 insert into leases_claimed_before_0016 (attempt_id)
 select s.lease_attempt_id from steps s where s.lease_attempt_id is not null;
+
+-- The same for a task: the claim that starts it updates its row (state, history_seq) and no
+-- longer writes its `started` transition. It stamps the row's new started_at instead, and the
+-- statement that writes the task's next transition (its end: complete_results, finalize_tasks,
+-- cancel_task) writes `started` first, from started_at. A task starts at most once and only from
+-- its first state, so `started` is always its second transition: it is missing exactly when
+-- started_at is set and history_seq is 2. Tasks started before 0016 have started_at null, and
+-- their `started` transition is there.
+alter table tasks add column started_at timestamptz;

@@ -44,11 +44,16 @@ task_ended as (
   set state = 'cancelled', finished_at = now(), history_seq = t.history_seq + 1
   from (select id, state from tasks where id = $1::uuid) old
   where t.id = old.id and old.state in ('pending', 'in_progress')
-  returning t.id, t.history_seq, old.state as from_state
+  returning t.id, t.history_seq, t.started_at, old.state as from_state
 ),
+-- its `started` first, if its claim left it to be written here (0016: see finalize_tasks.sql)
 task_history as (
-  insert into task_transitions (task_id, from_state, to_state, event, sort_key)
-  select te.id, te.from_state, 'cancelled', 'cancelled', te.history_seq
+  insert into task_transitions (task_id, from_state, to_state, event, sort_key, created_at)
+  select te.id, 'pending', 'in_progress', 'started', 2, te.started_at
+  from task_ended te
+  where te.history_seq = 3 and te.started_at is not null
+  union all
+  select te.id, te.from_state, 'cancelled', 'cancelled', te.history_seq, now()
   from task_ended te
 )
 select c.lease_attempt_id as attempt_id, c.lease_broker_id as broker_id from cancelled c where c.lease_attempt_id is not null

@@ -1,5 +1,5 @@
 -- Reads the transition history of one task and of each of its steps, oldest first, for the dashboard and `stepbroker history`.
--- $1 uuid task id. Returns one row per transition, a running attempt's claim among them; step_id and step_name are null on the task's own rows.
+-- $1 uuid task id. Returns one row per transition, a running task's start and attempt's claim among them; step_id and step_name are null on the task's own rows.
 select x.step_id, x.step_name, x.from_state, x.to_state, x.event, x.attempt_id, x.metadata, x.created_at
 from (
   select null::uuid as step_id, null::text as step_name, null::int as position, tr.from_state, tr.to_state,
@@ -12,6 +12,12 @@ from (
   from steps s
   join step_transitions tr on tr.step_id = s.id
   where s.task_id = $1::uuid
+  union all
+  -- a running task's start, from the row: its transition is written with its next one (0016)
+  select null::uuid, null::text, null::int, 'pending', 'in_progress', 'started', null::uuid, null::jsonb,
+         t.started_at, 2
+  from tasks t
+  where t.id = $1::uuid and t.history_seq = 2 and t.started_at is not null
   union all
   -- a running attempt's claim, from its lease: its transition is written when the attempt ends
   -- (migration 0016), unless its claim wrote it (leased before 0016)

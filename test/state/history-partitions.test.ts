@@ -68,7 +68,8 @@ async function migratedDaysAgo(t: TestState, days: number): Promise<void> {
 async function backdate(t: TestState, taskId: string, days: number): Promise<void> {
   const by = `${days} days`;
   await t.sql(
-    `update tasks set created_at = created_at - $2::interval, finished_at = finished_at - $2::interval where id = $1`,
+    `update tasks set created_at = created_at - $2::interval, started_at = started_at - $2::interval,
+            finished_at = finished_at - $2::interval where id = $1`,
     [taskId, by],
   );
   await t.sql(

@@ -39,10 +39,31 @@ describe("dispatch and leases", () => {
       `select from_state, to_state, event from task_transitions where task_id = $1 order by sort_key`,
       [low.task_id],
     );
-    assert.deepEqual(history, [
-      { from_state: null, to_state: "pending", event: "created" },
-      { from_state: "pending", to_state: "in_progress", event: "started" },
-    ]);
+    // the start's own transition is written with the task's next one (0016); until then the history
+    // read shows it from the task row
+    assert.deepEqual(history, [{ from_state: null, to_state: "pending", event: "created" }]);
+    const shown = await t.sm.getTransitions(low.task_id);
+    assert.deepEqual(
+      shown.filter((tr) => tr.stepId === null).map((tr) => [tr.from, tr.to, tr.event]),
+      [
+        [null, "pending", "created"],
+        ["pending", "in_progress", "started"],
+      ],
+    );
+    await t.sm.completeAttempts([{ attemptId: second.attempt_id, status: "complete", output: 1 }]);
+    const ended = await t.sql<{ to_state: string; event: string; sort_key: number }>(
+      `select to_state, event, sort_key from task_transitions where task_id = $1 order by sort_key`,
+      [low.task_id],
+    );
+    assert.deepEqual(
+      ended.map((h) => [h.sort_key, h.to_state, h.event]),
+      [
+        [1, "pending", "created"],
+        [2, "in_progress", "started"],
+        [3, "complete", "completed"],
+      ],
+    );
+    await assertInvariants(t);
   });
 
   it("extends the leases of attempts that hold them and reports those that do not", async () => {

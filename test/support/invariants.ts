@@ -16,17 +16,19 @@ export type SchemaQuery = Pick<TestState, "sql">;
  */
 export async function assertInvariants(t: SchemaQuery): Promise<void> {
   // the latest transition is the one whose sort_key is the row's history_seq, and it names the current
-  // state; but a running attempt's `claimed` transition is written when it ends (0016): its step's
-  // history ends one before, in `ready` (unless it was leased before 0016, when its claim wrote it)
-  for (const [table, history, key, deferred] of [
+  // state; but what a claim begins is written when it ends (0016): a running attempt's `claimed`
+  // transition (its step's history ends one before, in `ready`, unless it was leased before 0016,
+  // when its claim wrote it), and a running task's `started` (its history ends in `pending`)
+  for (const [table, history, key, deferred, before] of [
     [
       "steps",
       "step_transitions",
       "step_id",
       `r.lease_attempt_id is not null
        and not exists (select 1 from leases_claimed_before_0016 l where l.attempt_id = r.lease_attempt_id)`,
+      "ready",
     ],
-    ["tasks", "task_transitions", "task_id", "false"],
+    ["tasks", "task_transitions", "task_id", "r.started_at is not null and r.history_seq = 2", "pending"],
   ] as const) {
     const drift = await t.sql<{ id: string; state: string; history_seq: number; last: number | null }>(`
       select r.id, r.state, r.history_seq, max(tr.sort_key) as last,
@@ -37,9 +39,14 @@ export async function assertInvariants(t: SchemaQuery): Promise<void> {
       group by r.id, r.state, r.history_seq, d.behind
       having max(tr.sort_key) is distinct from r.history_seq - d.behind
           or max(tr.to_state) filter (where tr.sort_key = r.history_seq - d.behind)
-             is distinct from case when d.behind = 1 then 'ready' else r.state end`);
+             is distinct from case when d.behind = 1 then '${before}' else r.state end`);
     assert.deepEqual(drift, [], `${table}: state and latest transition (sort_key = history_seq) disagree`);
   }
+  // a task's start is its second transition, stamped with the claim's time when the claim left it
+  const starts = await t.sql<{ task_id: string }>(`
+    select tr.task_id from task_transitions tr join tasks r on r.id = tr.task_id
+    where tr.event = 'started' and (tr.sort_key <> 2 or (r.started_at is not null and tr.created_at <> r.started_at))`);
+  assert.deepEqual(starts, [], "a task's started transition is not its second, or not at its start");
   // sort keys run 1..n without gaps, and each transition starts where the previous one ended
   for (const [table, key] of [
     ["step_transitions", "step_id"],
