@@ -1,6 +1,6 @@
 -- complete_results: Stores a batch of results in one call: the contract is sql/queries/complete_attempts.sql's (the only caller).
 -- Returns rows of kind stored | known | readied | claimed | ended; see that file for the parameters and the rows.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16; the claimed children's inputs and child counts read once for the batch since then too.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0008; insert-only history and the attempt on the lease since 0013; a one-step task ends without finalize_tasks() since 0014 (tasks.step_count); its results one jsonb parameter since 0015; no sequential scans in its plans since then; the one-step task's end, the list of tasks for finalize_tasks() and the NOTIFY payloads made by the statement that stores the results since issue 16; the claimed children's inputs read without step_inputs() since then too.
 create or replace function complete_results(
   p_results jsonb,
   p_broker_id text, p_claim_pool_id text, p_claim_handlers text[], p_claim_most int
@@ -247,44 +247,38 @@ begin
   -- 3. The children claimed above (the pool the broker named serves them, and it set that much of
   --    the pool's credit aside): the fields of their STEP, as claim_steps() returns them. A
   --    statement of its own, so it sees the parents' outputs stored above.
-  --    Their parents' outputs and their own children's counts are read once for all of them, by
-  --    key (step_edges by child_id, then steps by id; step_edges by parent_id), and joined to the
-  --    children by id: until issue 16 each child called step_inputs() (volatile, so an executor
-  --    start of its own per row) and ran a count subquery. Measured on the statement alone,
-  --    prepared with this function's settings (generic plan, no sequential scans), over 1,500
-  --    children claimed by commits of 500 diamonds' roots and joins, backend CPU from
-  --    /proc/<pid>/schedstat, three rounds: 79 to 89 us a claimed child before, 47 to 49 after.
-  --    Most of what is left (about 30 us) is building the STEP's jsonb (to_jsonb of the row, with
-  --    its template, context, config and inputs nested in it); as separate columns the same
-  --    fields cost about 30 us a child in all, but that changes completion_row.
+  --    Their parents' outputs are read in this statement, a subquery per child by key (step_edges
+  --    by child_id, then steps by id), not by step_inputs(): a volatile function call is an
+  --    executor start of its own for each row. Measured on the statement alone, prepared with this
+  --    function's settings (generic plan, no sequential scans), backend CPU from
+  --    /proc/<pid>/schedstat, three rounds: over 1,500 children claimed by commits of 500 diamonds'
+  --    roots and joins, 79 to 89 us a claimed child with step_inputs(), 50 to 59 now; and in the
+  --    lone diamond's commits (bench/childLatency.ts --statements, one or two children a call)
+  --    0.28 to 0.35 ms a call before, 0.19 to 0.21 now. Reading all the children's parents in one
+  --    grouped pass joined to the children by hash was 47 to 49 us a child in the large batch, but
+  --    0.49 to 0.54 ms a call at one or two children (hash tables and aggregates set up each call),
+  --    so it lost where the latency target is. Most of what is left (about 30 us a child) is
+  --    building the STEP's jsonb (to_jsonb of the row, its template, context, config and inputs
+  --    nested in it): returned as separate columns the same fields cost about 30 us a child in
+  --    all, but that changes completion_row and its readers.
   if v_claimed then
     v_claimed_ids := array(select r.step_id from unnest(v_rows) r where r.kind = 'claimed');
     return query
-    with inputs as (
-      select e.child_id, jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)) as inputs
-      from step_edges e
-      join steps p on p.id = e.parent_id
-      where e.child_id = any(v_claimed_ids)
-      group by e.child_id
-    ),
-    waiting as (
-      select e.parent_id, count(*)::int as n
-      from step_edges e
-      where e.parent_id = any(v_claimed_ids)
-      group by e.parent_id
-    )
     select 'claimed'::text, c.lease_attempt_id, null::text, c.id, c.task_id, c.state, c.handler,
            null::timestamptz, null::jsonb,
            to_jsonb(row(c.task_id, c.id, c.lease_attempt_id, c.name, c.handler, c.attempts, c.max_attempts,
                         c.timeout_ms,
                         jsonb_build_object('namespace', tt.namespace, 'name', tt.name, 'version', tt.version),
-                        t.context, c.config, coalesce(i.inputs, '{}'::jsonb), c.lease_expires_at,
-                        coalesce(w.n, 0), t.traceparent, t.tracestate)::claimed_step)
+                        t.context, c.config,
+                        (select coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                         from step_edges e join steps p on p.id = e.parent_id
+                         where e.child_id = c.id),
+                        c.lease_expires_at,
+                        (select count(*)::int from step_edges e where e.parent_id = c.id),
+                        t.traceparent, t.tracestate)::claimed_step)
     from steps c
     join tasks t on t.id = c.task_id
     join task_templates tt on tt.id = t.template_id
-    left join inputs i on i.child_id = c.id
-    left join waiting w on w.parent_id = c.id
     where c.id = any(v_claimed_ids)
     order by c.priority desc, c.task_id, c.position;
   end if;
