@@ -30,7 +30,6 @@ declare
   v_ending uuid[];
   v_finished text[];
   v_claimed boolean;
-  v_claimed_ids uuid[];
 begin
   -- 1. Lock the tasks of the attempts, in id order (no deadlock between batches), so that
   --    finalizing below sees every concurrent change to their steps.
@@ -249,20 +248,21 @@ begin
   --    statement of its own, so it sees the parents' outputs stored above.
   --    Their parents' outputs are read in this statement, a subquery per child by key (step_edges
   --    by child_id, then steps by id), not by step_inputs(): a volatile function call is an
-  --    executor start of its own for each row. Measured on the statement alone, prepared with this
-  --    function's settings (generic plan, no sequential scans), backend CPU from
-  --    /proc/<pid>/schedstat, three rounds: over 1,500 children claimed by commits of 500 diamonds'
-  --    roots and joins, 79 to 89 us a claimed child with step_inputs(), 50 to 59 now; and in the
-  --    lone diamond's commits (bench/childLatency.ts --statements, one or two children a call)
-  --    0.28 to 0.35 ms a call before, 0.19 to 0.21 now. Reading all the children's parents in one
-  --    grouped pass joined to the children by hash was 47 to 49 us a child in the large batch, but
-  --    0.49 to 0.54 ms a call at one or two children (hash tables and aggregates set up each call),
-  --    so it lost where the latency target is. Most of what is left (about 30 us a child) is
-  --    building the STEP's jsonb (to_jsonb of the row, its template, context, config and inputs
-  --    nested in it): returned as separate columns the same fields cost about 30 us a child in
-  --    all, but that changes completion_row and its readers.
+  --    executor start of its own for each row. Measured, backend CPU from /proc/<pid>/schedstat,
+  --    the statement alone prepared with this function's settings (generic plan, no sequential
+  --    scans), three rounds: 1,500 children claimed by commits of 500 diamonds' roots and joins,
+  --    79 to 89 us a claimed child with step_inputs(), 50 to 59 now. The lone diamond's commits
+  --    (bench/childLatency.ts --statements, one or two children a call): 0.28 to 0.35 ms a call
+  --    before, 0.19 to 0.21 now. Bench runs of 6,000 diamonds (pg_stat_statements, wall time in
+  --    PostgreSQL on a loaded machine, two interleaved pairs): 166 and 295 us a claimed child
+  --    before, 107 and 126 now. One grouped pass over all the children's parents, hash-joined to
+  --    the children, was 47 to 49 us a child in the large batch but 0.49 to 0.54 ms a call at one
+  --    or two children (its hash tables and aggregates set up on every call), so it lost where
+  --    the latency target is. Most of what is left (about 30 us a child) is building the STEP's
+  --    jsonb (to_jsonb of the row, its template, context, config and inputs nested in it); as
+  --    separate columns the same fields cost about 30 us a child in all, but that changes
+  --    completion_row and its readers.
   if v_claimed then
-    v_claimed_ids := array(select r.step_id from unnest(v_rows) r where r.kind = 'claimed');
     return query
     select 'claimed'::text, c.lease_attempt_id, null::text, c.id, c.task_id, c.state, c.handler,
            null::timestamptz, null::jsonb,
@@ -279,7 +279,7 @@ begin
     from steps c
     join tasks t on t.id = c.task_id
     join task_templates tt on tt.id = t.template_id
-    where c.id = any(v_claimed_ids)
+    where c.id = any(array(select r.step_id from unnest(v_rows) r where r.kind = 'claimed'))
     order by c.priority desc, c.task_id, c.position;
   end if;
 
