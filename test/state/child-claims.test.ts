@@ -198,6 +198,120 @@ describe("children claimed with their parent's result", () => {
     await assertInvariants(t);
   });
 
+  it("gives a child claimed with its last parent's result the STEP fields claim_steps gives it", async () => {
+    // two parents (one with an output, one without), a child with a child of its own, a step config,
+    // a timeout, retries and a trace context: every STEP field of the claimed child has a value to get wrong
+    await t.sm.registerTemplate({
+      namespace: "claims",
+      name: "join",
+      version: "1",
+      steps: [
+        { name: "p1", handler: "h" },
+        { name: "p2", handler: "h" },
+        {
+          name: "j",
+          handler: "h",
+          depends_on: ["p1", "p2"],
+          config: { mode: "join", n: [1, 2] },
+          timeout_ms: 45_000,
+          retry: { max_attempts: 4 },
+        },
+        { name: "after", handler: "h", depends_on: ["j"] },
+      ],
+    });
+    const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const claimJoin = async (withCommit: boolean, together: boolean): Promise<ClaimedStep> => {
+      const { task } = await t.sm.createTask({
+        namespace: "claims",
+        name: "join",
+        context: { order: 7, tags: ["x"] },
+        traceparent,
+        tracestate: "vendor=1",
+      });
+      const idOf = (name: string): string => task.steps!.find((s) => s.name === name)!.step_id;
+      const parents = await t.sm.claimSteps({
+        brokerId: "b1",
+        poolId: "pool-1",
+        handlers: ["h"],
+        limit: 10,
+        stepIds: [idOf("p1"), idOf("p2")],
+      });
+      const attemptOf = (name: string): string => parents.find((p) => p.step_name === name)!.attempt_id;
+      const claim = withCommit ? { brokerId: "b1", poolId: "pool-1", handlers: ["h"], limit: 5 } : undefined;
+      const p1 = {
+        attemptId: attemptOf("p1"),
+        status: "complete" as const,
+        output: { rows: [1, { deep: true }] },
+      };
+      const p2 = { attemptId: attemptOf("p2"), status: "complete" as const, output: null };
+      let out;
+      if (together) out = await t.sm.completeAttempts([p1, p2], claim);
+      else {
+        // the first parent's output is stored by an earlier call, the second's by the claiming one
+        const first = await t.sm.completeAttempts([p1], claim);
+        assert.deepEqual(first.claimed, [], "the child waits for its second parent");
+        out = await t.sm.completeAttempts([p2], claim);
+      }
+      if (withCommit) {
+        assert.deepEqual(out.readied, []);
+        assert.equal(out.claimed.length, 1);
+        return out.claimed[0]!;
+      }
+      assert.deepEqual(
+        out.readied.map((r) => r.stepId),
+        [idOf("j")],
+      );
+      const [claimed] = await t.sm.claimSteps({
+        brokerId: "b1",
+        poolId: "pool-1",
+        handlers: ["h"],
+        limit: 5,
+        stepIds: [idOf("j")],
+      });
+      assert.ok(claimed);
+      return claimed;
+    };
+    const byClaim = await claimJoin(false, true);
+    // the fields that differ from task to task, and the lease, which runs from each claim's own now()
+    const same = (c: ClaimedStep): Partial<ClaimedStep> => {
+      const { task_id: _t, step_id: _s, attempt_id: _a, lease_expires_at: _l, ...rest } = c;
+      return rest;
+    };
+    assert.deepEqual(same(byClaim), {
+      step_name: "j",
+      handler: "h",
+      attempt: 1,
+      max_attempts: 4,
+      timeout_ms: 45_000,
+      template: { namespace: "claims", name: "join", version: "1" },
+      context: { order: 7, tags: ["x"] },
+      config: { mode: "join", n: [1, 2] },
+      inputs: { p1: { rows: [1, { deep: true }] }, p2: null },
+      children: 1,
+      traceparent,
+      tracestate: "vendor=1",
+    });
+    for (const together of [true, false]) {
+      const before = Date.now();
+      const byCommit = await claimJoin(true, together);
+      assert.deepEqual(
+        same(byCommit),
+        same(byClaim),
+        `parents' results ${together ? "in one call" : "in two calls"}`,
+      );
+      // the lease is written as claim_steps writes it (toISOString) and runs timeout_ms from the claim
+      assert.match(byCommit.lease_expires_at, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+      assert.ok(Date.parse(byCommit.lease_expires_at) >= before + 45_000 - 1_000, byCommit.lease_expires_at);
+      const [row] = await t.sql<{ lease_attempt_id: string; lease_expires_at: Date }>(
+        "select lease_attempt_id, lease_expires_at from steps where id = $1",
+        [byCommit.step_id],
+      );
+      assert.equal(row?.lease_attempt_id, byCommit.attempt_id);
+      assert.equal(row?.lease_expires_at.toISOString(), byCommit.lease_expires_at);
+    }
+    await assertInvariants(t);
+  });
+
   it("writes the claim's transition, at the attempt's end, for a child readied after the claim's statement began", async function () {
     this.timeout(20_000);
     const root = await rootClaimed();
