@@ -1,6 +1,6 @@
 -- claim_steps: Claims up to p_most ready steps whose handler is in p_handlers (among p_step_ids when given, never those in p_avoid) for one pool, one attempt each under a lease.
 -- The contract is sql/queries/claim_steps.sql's (its only caller); complete_results() claims children itself and returns their STEP fields in this row type.
--- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16; the `claimed` and `started` transitions written when what they begin ends since 0016.
+-- Live definition: applied after the numbered migrations whenever this file changes (broker/db/migrate.ts); last defined by a migration in 0006; its signature changed in 0010; its row type (claimed_step) grew in 0012; insert-only history and the attempt on the lease since 0013; one statement since issue 16; the `claimed` and `started` transitions written when what they begin ends since 0016; the inputs read in the statement unless its snapshot shows a parent unfinished since then.
 --
 -- Claims up to p_most ready steps (highest priority, then longest ready) whose handler is in
 -- p_handlers, among p_step_ids only when given; see sql/queries/claim_steps.sql for the contract.
@@ -93,13 +93,20 @@ begin
          t.template,
          t.context,
          c.config,
-         -- read with a snapshot taken after the pick (see step_inputs.sql); a root step has no
-         -- inputs, and a volatile function call costs an executor start per row (measured: about
-         -- 40 us of a claim's 250 us per step, on one-step tasks), so it is called only for steps
-         -- with parents (edges never change once created)
-         case when t.step_count is distinct from 1 and exists (select 1 from step_edges e where e.child_id = c.id)
-              then step_inputs(c.id)
-              else '{}'::jsonb end as inputs,
+         -- The parents' outputs, read by key in this statement when its snapshot already shows
+         -- every parent finished (their outputs are then final); step_inputs() reads them with a
+         -- snapshot of its own, taken after the pick, only when it does not: a child readied by a
+         -- result that committed after this statement began (see step_inputs.sql). A volatile
+         -- function call costs an executor start per row: about 40 us of a claim's 250 us per
+         -- step, measured on one-step tasks (which have no parents, and skip the probe), and
+         -- about 45 us a child claimed here in diamond runs (pg_stat_statements).
+         case when t.step_count = 1 then '{}'::jsonb
+              else (select case when bool_and(p.state in ('complete', 'resolved_manually')) is distinct from false
+                                then coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                                else step_inputs(c.id) end
+                    from step_edges e join steps p on p.id = e.parent_id
+                    where e.child_id = c.id)
+         end as inputs,
          c.lease_expires_at,
          -- steps waiting on this one: the broker sets credit aside for them when the result comes
          -- (the step of a one-step task has none: tasks.step_count, 0014, spares the probe)
