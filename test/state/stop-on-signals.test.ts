@@ -19,8 +19,11 @@ async function running(pid: number): Promise<boolean> {
   return stat !== "" && !stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z");
 }
 
-/** Runs `script` (which prints "ready <data dir>" once its server runs), sends `signal`, and checks what is left. */
-async function interrupted(script: string, signal: NodeJS.Signals): Promise<void> {
+/**
+ * Runs `script` (which prints "ready <data dir>" once its server runs), then sends `signal`, or
+ * closes the pipe the script writes its output to, and checks what is left.
+ */
+async function interrupted(script: string, signal: NodeJS.Signals | "EPIPE"): Promise<void> {
   const env = { ...process.env };
   delete env.DATABASE_URL; // so the child starts a server of its own
   delete env.DATABASE_ADMIN_URL;
@@ -47,13 +50,16 @@ async function interrupted(script: string, signal: NodeJS.Signals): Promise<void
     });
     postmaster = Number((await fs.readFile(path.join(dataDir, "postmaster.pid"), "utf8")).split("\n")[0]);
     assert.ok(await running(postmaster), "the server runs before the signal");
-    child.kill(signal);
+    if (signal === "EPIPE") child.stdout!.destroy();
+    else child.kill(signal);
     const [code] = (await Promise.race([
       exited,
       new Promise((_, reject) => setTimeout(() => reject(new Error(`no exit 30 s after ${signal}`)), 30_000)),
     ])) as [number | null];
-    assert.equal(code, 128 + (signal === "SIGINT" ? 2 : 15), `exits as the signal would have: ${stderr}`);
-    assert.ok(stderr.includes(`${signal}: stopping the embedded PostgreSQL before exiting`), stderr);
+    const number = { SIGINT: 2, SIGTERM: 15, EPIPE: 13 }[signal as string];
+    assert.equal(code, 128 + number!, `exits as the signal would have (SIGPIPE for EPIPE): ${stderr}`);
+    const name = signal === "EPIPE" ? "EPIPE on standard output" : signal;
+    assert.ok(stderr.includes(`${name}: stopping the embedded PostgreSQL before exiting`), stderr);
     assert.equal(await running(postmaster), false, "its server was stopped");
     assert.equal(
       existsSync(path.dirname(dataDir)),
@@ -93,6 +99,16 @@ describe("a throwaway embedded PostgreSQL on Ctrl-C", function () {
        console.log("ready " + db.server.dataDir);
        setInterval(() => {}, 1000);`,
       "SIGTERM",
+    );
+  });
+
+  it("a benchmark's whose output is piped to a reader that stops reading (EPIPE)", async () => {
+    await interrupted(
+      `import { openBenchDatabase } from "./bench/harness.ts";
+       const db = await openBenchDatabase((l) => process.stderr.write(l + "\\n"));
+       console.log("ready " + db.server.dataDir);
+       setInterval(() => console.log("still writing"), 50);`,
+      "EPIPE",
     );
   });
 });
