@@ -44,15 +44,18 @@ as $$
   -- The claim that started a task left its `started` transition to be written with the next one
   -- (0016), from started_at: a task starts at most once, from its first state, so `started` is
   -- its second transition, and it is missing when this update made history_seq 3 from a row the
-  -- claim stamped (a task started before 0016 has started_at null, and its `started` row).
-  history as (
-    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key, created_at)
-    select e.id, 'pending', 'in_progress', 'started', null, 2, e.started_at
+  -- claim stamped (a task started before 0016 has started_at null, and its `started` row). An
+  -- insert of its own, so that `history` returns the ends alone. (A data-modifying CTE always runs.)
+  start_history as (
+    insert into task_transitions (task_id, from_state, to_state, event, sort_key, created_at)
+    select e.id, 'pending', 'in_progress', 'started', 2, e.started_at
     from ended e
     where e.history_seq = 3 and e.started_at is not null
-    union all
+  ),
+  history as (
+    insert into task_transitions (task_id, from_state, to_state, event, metadata, sort_key)
     select e.id, e.from_state, e.state, case e.state when 'complete' then 'completed' else 'failed' end,
-           e.error, e.history_seq, now()
+           e.error, e.history_seq
     from ended e
     returning task_id, to_state, metadata
   ),
@@ -66,12 +69,11 @@ as $$
                      '{"kind":"finished","tasks":['
                      || string_agg('{"task_id":"' || c.task_id || '","state":"' || c.to_state || '"}', ',')
                      || ']}')
-    from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk
-          from history h where h.to_state <> 'in_progress') c
+    from (select h.task_id, h.to_state, (row_number() over (order by h.task_id) - 1) / 100 as chunk from history h) c
     group by c.chunk
   )
   -- The count makes the notified CTE run (a plain select CTE runs only when referenced).
   select h.task_id, h.to_state as state, h.metadata as error
   from history h
-  where h.to_state <> 'in_progress' and (select count(*) from notified) >= 0
+  where (select count(*) from notified) >= 0
 $$;
